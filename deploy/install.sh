@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one install script shared by the Dockerfile, CI (.ci/run) and `make setup`.
+#
+# Usage: deploy/install.sh [--dev] VENV_DIR
+#   Creates (or reuses) a virtual environment at VENV_DIR and installs, in this order:
+#   1. torch==$TORCH_VERSION (default 2.13.0), from $TORCH_INDEX_URL when set
+#      (e.g. https://download.pytorch.org/whl/cpu or .../cu128 for a CUDA build);
+#   2. the pinned lock file: requirements.txt (runtime) or, with --dev, requirements-dev.txt;
+#   3. the project itself, without dependencies (editable with --dev).
+# Environment: PYTHON (interpreter used to create the venv, default python3.11 or python3),
+#   TORCH_VERSION, TORCH_INDEX_URL, PIP_NO_CACHE_DIR etc. are passed through to pip.
+set -euo pipefail
+
+usage() { echo "usage: $0 [--dev] VENV_DIR" >&2; exit 2; }
+
+dev=0
+venv=""
+for arg in "$@"; do
+    case "$arg" in
+        --dev) dev=1 ;;
+        -h|--help) usage ;;
+        -*) echo "install.sh: unknown option: $arg" >&2; usage ;;
+        *) [[ -z "$venv" ]] || usage; venv="$arg" ;;
+    esac
+done
+[[ -n "$venv" ]] || usage
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+torch_version="${TORCH_VERSION:-2.13.0}"
+
+if [[ ! -x "$venv/bin/python" ]]; then
+    echo "install.sh: creating venv $venv with $python"
+    "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+
+torch_args=()
+if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+    torch_args+=(--index-url "$TORCH_INDEX_URL")
+fi
+echo "install.sh: torch==$torch_version ${TORCH_INDEX_URL:+from $TORCH_INDEX_URL}"
+"${pip[@]}" install "${torch_args[@]}" "torch==$torch_version"
+
+if (( dev )); then
+    lock="$root/requirements-dev.txt"
+else
+    lock="$root/requirements.txt"
+fi
+echo "install.sh: pinned dependencies from ${lock#"$root"/}"
+"${pip[@]}" install -r "$lock"
+
+echo "install.sh: the project"
+if (( dev )); then
+    "${pip[@]}" install --no-deps -e "$root"
+else
+    "${pip[@]}" install --no-deps "$root"
+fi
+"$venv/bin/python" -c "import torch; print('install.sh: done, torch', torch.__version__)"

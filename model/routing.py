@@ -1,0 +1,105 @@
+"""Routers: the MetaRouter gate of layer 1, the entropy SpectralRouter, the three-operator router, RBF."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .config import ChiarConfig
+
+
+class MetaRouter(nn.Module):
+    """g_t = sigmoid(w . m_t + b) with m_t the causal running mean of the sequence's embeddings.
+
+    Per sequence and causal (deviation from the paper's batch mean): a request's output must not
+    depend on its batch neighbours or on future tokens.
+    """
+
+    def __init__(self, d_model: int, bias_init: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_model))
+        self.bias = nn.Parameter(torch.tensor(float(bias_init)))
+
+    def gate_from_mean(self, running_mean: Tensor) -> Tensor:
+        return torch.sigmoid(running_mean @ self.weight.to(running_mean.dtype) + self.bias.to(running_mean.dtype))
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        """embeddings [B, T, d] -> gate [B, T]."""
+        steps = torch.arange(1, embeddings.shape[1] + 1, device=embeddings.device, dtype=embeddings.dtype)
+        return self.gate_from_mean(embeddings.cumsum(dim=1) / steps[:, None])
+
+
+class SpectralRouter(nn.Module):
+    """Token -> attention if H >= tau, else DCT mixing; soft share sigmoid((H - tau) / T)."""
+
+    def __init__(self, threshold: float, temperature: float, learnable: bool) -> None:
+        super().__init__()
+        self.threshold = nn.Parameter(torch.tensor(float(threshold)), requires_grad=learnable)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learnable)
+
+    def soft_share(self, entropy: Tensor) -> Tensor:
+        """Probability-like attention share per token."""
+        tau = self.threshold.to(entropy.dtype)
+        return torch.sigmoid((entropy - tau) / self.log_temperature.exp().to(entropy.dtype))
+
+    def hard_attention(self, entropy: Tensor) -> Tensor:
+        return entropy >= self.threshold.to(entropy.dtype)
+
+
+# Operator order of the three-operator router's logits.
+THREE_WAY_ORDER = ("dct", "rbf", "attn")
+
+
+class ThreeWayRouter(nn.Module):
+    """Learnable DCT / RBF / attention router initialised to the entropy bands of the paper's v1.
+
+    logits = W u + [(p33 - H) / T, 0, (H - p67) / T] with W = 0 at init, so argmax is exactly
+    H < p33 -> DCT, p33 <= H < p67 -> RBF, H >= p67 -> attention; W and the band edges learn.
+    """
+
+    def __init__(self, d_model: int, band: tuple[float, float], temperature: float, learnable: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, 3)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.band = nn.Parameter(torch.tensor([float(band[0]), float(band[1])]), requires_grad=learnable)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learnable)
+        for p in self.proj.parameters():
+            p.requires_grad_(learnable)
+
+    def logits(self, u: Tensor, entropy: Tensor) -> Tensor:
+        """u [..., d], entropy [...] -> [..., 3] in THREE_WAY_ORDER."""
+        band = self.band.to(entropy.dtype)
+        temperature = self.log_temperature.exp().to(entropy.dtype)
+        prior = torch.stack([(band[0] - entropy) / temperature, torch.zeros_like(entropy), (entropy - band[1]) / temperature], -1)
+        return self.proj(u).to(entropy.dtype) + prior
+
+
+class RBFLayer(nn.Module):
+    """Token-local radial-basis-function layer: y = sum_j exp(-||x - c_j||^2 / (2 s_j^2)) v_j."""
+
+    def __init__(self, d_model: int, n_centers: int) -> None:
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(n_centers, d_model))
+        self.log_scale = nn.Parameter(torch.full((n_centers,), 0.5 * math.log(d_model)))
+        self.values = nn.Parameter(torch.randn(n_centers, d_model) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        sq_dist = (x.square().sum(-1, keepdim=True) - 2 * x @ self.centers.T + self.centers.square().sum(-1)).clamp_min(0)
+        weights = torch.exp(-sq_dist / (2 * torch.exp(2 * self.log_scale)))
+        return weights @ self.values
+
+
+def make_router(config: ChiarConfig, layer: int) -> nn.Module:
+    """Router for routing layer `layer` (0-based among routing layers)."""
+    learnable = config.routing in ("soft", "ste")
+    if config.three_operators:
+        if config.bands is not None:
+            band = tuple(config.bands[layer])
+        else:
+            tau = config.resolved_thresholds()[layer]
+            band = (tau - 0.05, tau + 0.05)
+        return ThreeWayRouter(config.d_model, band, config.temperature, learnable)  # type: ignore[arg-type]
+    return SpectralRouter(config.resolved_thresholds()[layer], config.temperature, learnable)

@@ -1,0 +1,286 @@
+"""Request and response models (pydantic); range checks here, context-length checks in the routes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP = 8
+MAX_SEED = 2**63 - 1
+
+Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus mass in (0, 1]")]
+TopK = Annotated[int, Field(ge=1, description="sample among the k most likely tokens")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same seed -> same text, alone or under load")]
+
+
+def _utf8(value: str, empty_ok: bool = False) -> str:
+    if not value and not empty_ok:
+        raise ValueError("must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid Unicode text (unpaired surrogate at character {exc.start})") from None
+    return value
+
+
+def _stop_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    if len(items) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings, got {len(items)}")
+    for item in items:
+        _utf8(item)
+    return items
+
+
+# ---------------------------------------------------------------- native generate
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="text to continue (a BOS token is prepended)")
+    max_new_tokens: int = Field(64, ge=1, description="tokens to generate; prompt + these must fit the context")
+    temperature: Temperature = 1.0
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings (cut from the text)")
+    stream: bool = Field(False, description="server-sent events, one per token batch")
+    return_routing: bool = Field(False, description="per-token per-layer operator, entropy and MetaRouter gate")
+    ignore_eos: bool = Field(False, description="keep generating past the EOS token")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return _utf8(v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        return _stop_list(v)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timing(BaseModel):
+    queue_seconds: float
+    time_to_first_token_seconds: float | None
+    total_seconds: float
+
+
+class Flops(BaseModel):
+    executed: float = Field(description="FLOPs this request's share of the forwards executed")
+    dense: float = Field(description="what the full-attention baseline of equal size would spend")
+    ratio: float
+
+
+class Routing(BaseModel):
+    operator_names: list[str]
+    tokens: list[str] = Field(description="token pieces that went through the model (prompt with BOS, then generated)")
+    token_ids: list[int]
+    prompt_tokens: int
+    operator: list[list[int]] = Field(description="[token][layer] operator id (index into operator_names)")
+    entropy: list[list[float | None]] = Field(description="[token][layer] spectral entropy (null where not computed)")
+    gate: list[float | None] = Field(description="MetaRouter gate per token (null without MetaRouter)")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["length", "stop", "eos"]
+    usage: Usage
+    timing: Timing
+    flops: Flops
+    routing: Routing | None = None
+
+
+# ---------------------------------------------------------------- perplexity
+class PerplexityRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | list[str] = Field(description="one text or a list of texts")
+    stride: int | None = Field(None, ge=1, description="sliding-window stride in tokens (default: half the context)")
+    return_logprobs: bool = Field(False, description="per-token log-probabilities")
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must not be an empty list")
+            for i, item in enumerate(v):
+                try:
+                    _utf8(item)
+                except ValueError as exc:
+                    raise ValueError(f"item {i} {exc}") from None
+            return v
+        return _utf8(v)
+
+
+class RoutingCounts(BaseModel):
+    operator_names: list[str]
+    per_layer: list[list[int]] = Field(description="[layer][operator] tokens, each input position counted once")
+    attention_share: float | None = Field(description="share of routing-layer tokens sent to attention")
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    id: int
+    logprob: float
+
+
+class PerplexityResult(BaseModel):
+    index: int
+    tokens: int = Field(description="predicted tokens (the text's tokens; BOS is context only)")
+    words: int
+    bytes: int
+    nll: float = Field(description="summed negative log-likelihood (nats)")
+    mean_nll: float
+    perplexity: float
+    word_perplexity: float | None
+    bits_per_byte: float | None
+    windows: int
+    logprobs: list[TokenLogprob] | None = None
+    routing: RoutingCounts
+
+
+class PerplexityResponse(BaseModel):
+    model: str
+    window: int
+    stride: int
+    results: list[PerplexityResult]
+    usage: Usage
+    timing: Timing
+
+
+# ---------------------------------------------------------------- tokenize
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    add_bos: bool = True
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return _utf8(v, empty_ok=True)
+
+
+class TokenizeResponse(BaseModel):
+    token_ids: list[int]
+    tokens: list[str]
+    count: int
+    max_context: int
+
+
+# ---------------------------------------------------------------- OpenAI completions
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI /v1/completions; unknown fields are ignored, unsupported ones rejected."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK | None = None
+    n: int = Field(1, ge=1, le=8)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        return _stop_list(v)
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 0, 0.0):
+            raise ValueError("is not supported (only 0)")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError("is not supported (only 1)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("is not supported")
+        return v
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "chiar"
+    max_model_len: int
+    arch: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def drop_none(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None}
