@@ -331,13 +331,13 @@ class ChiarLM(nn.Module):
             if block.kind == "route":
                 router = block.router
                 if isinstance(router, SpectralRouter):
-                    taus.append(float(router.threshold))
+                    taus.append(float(router.threshold.detach()))
                 else:
-                    taus.append(float(router.band.mean()))
+                    taus.append(float(router.band.detach().mean()))
         return taus
 
     def routing_bands(self) -> list[list[float]] | None:
-        bands = [block.router.band.tolist() for block in self.blocks if block.kind == "route" and isinstance(block.router, ThreeWayRouter)]
+        bands = [block.router.band.detach().tolist() for block in self.blocks if block.kind == "route" and isinstance(block.router, ThreeWayRouter)]
         return bands or None
 
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -1,0 +1,55 @@
+"""Helpers for model tests: tiny float64 models with thresholds that split tokens between operators."""
+
+from __future__ import annotations
+
+import torch
+
+from model import ChiarConfig, ChiarLM
+from model.routing import SpectralRouter, ThreeWayRouter
+
+
+def tiny_config(**overrides: object) -> ChiarConfig:
+    base = dict(vocab_size=61, d_model=16, n_layers=4, n_heads=2, d_ff=24, max_seq_len=64, metarouter_bias_init=0.0)
+    base.update(overrides)
+    return ChiarConfig(**base)  # type: ignore[arg-type]
+
+
+def _between(values: torch.Tensor, q: float) -> float:
+    """A threshold strictly between two observed values, so no token sits exactly on it."""
+    ordered = values.flatten().unique()  # sorted, duplicates removed (per-token layers repeat values)
+    if ordered.numel() == 1:
+        return float(ordered[0]) + 1e-3
+    k = min(max(int(q * ordered.numel()), 1), ordered.numel() - 1)
+    return float((ordered[k - 1] + ordered[k]) / 2)
+
+
+def make_model(config: ChiarConfig, seed: int = 0, probe: torch.Tensor | None = None) -> ChiarLM:
+    """A float64 model whose routers split `probe` tokens roughly in half at every routing layer,
+    and whose MetaRouter gate is open for some tokens and closed for others."""
+    torch.manual_seed(seed)
+    model = ChiarLM(config).double().eval()
+    if config.arch != "chiar":
+        return model
+    if model.metarouter is not None:
+        model.metarouter.weight.data.normal_(0, 3.0)
+    if probe is None:
+        probe = torch.randint(0, config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for layer, block in enumerate(model.blocks):
+            if block.kind != "route":
+                continue
+            entropy = model(probe, hard=True).routing.entropy[..., layer]
+            if isinstance(block.router, SpectralRouter):
+                block.router.threshold.data.fill_(_between(entropy, 0.5))
+            else:
+                assert isinstance(block.router, ThreeWayRouter)
+                block.router.band.data = torch.tensor([_between(entropy, 0.33), _between(entropy, 0.67)], dtype=torch.float64)
+    return model
+
+
+def right_padded_batch(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(0, vocab, (len(lengths), width), generator=gen)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask

@@ -1,0 +1,106 @@
+import itertools
+
+import torch
+
+from model import ChiarConfig, ChiarLM
+from model.routing import SpectralRouter
+from tests.model.helpers import make_model, tiny_config
+
+
+def test_flops_equal_hand_count() -> None:
+    # d=8, d_ff=12, V=32, 3 layers (gate, route, attn), one sequence of 4 tokens, no MetaRouter.
+    config = ChiarConfig(vocab_size=32, d_model=8, n_layers=3, n_heads=2, d_ff=12, max_seq_len=16, metarouter=False)
+    model = ChiarLM(config).double().eval()
+    router = model.blocks[1].router
+    assert isinstance(router, SpectralRouter)
+    ids = torch.tensor([[3, 1, 4, 1]])
+    with torch.no_grad():
+        router.threshold.fill_(-1.0)  # every token attends in the routing layer
+    out = model.infer(ids)
+    d, f, v, n = 8, 12, 32, 4
+    pairs = 4 * 5 // 2
+    ffn = 6 * d * f * n
+    gate = 2 * (2 * d * d * n) + d * n  # DCT + IDCT + filter on every token (no MetaRouter)
+    route = (2 * d * d * n + 5 * d * n) + (8 * d * d * n + 4 * d * pairs)  # DCT + entropy, attention on all
+    attn = 8 * d * d * n + 4 * d * pairs
+    head = 2 * d * v * n
+    assert out.flops.executed == gate + route + attn + 3 * ffn + head
+    assert out.flops.dense == 3 * (8 * d * d * n + 4 * d * pairs + ffn) + head
+    assert out.flops.per_layer[1]["attention"] == 8 * d * d * n + 4 * d * pairs
+    with torch.no_grad():
+        router.threshold.fill_(2.0)  # no token attends: DCT + IDCT + filter instead
+    out = model.infer(ids)
+    route = (2 * d * d * n + 5 * d * n) + (2 * d * d * n + d * n)
+    assert out.flops.executed == gate + route + attn + 3 * ffn + head
+    assert out.flops.per_layer[1]["attention"] == 0
+
+
+def test_executed_flops_fall_with_fewer_attention_tokens() -> None:
+    model = make_model(tiny_config(n_layers=5), seed=4)
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(0))
+    executed = []
+    for tau in (0.0, 0.5, 0.9, 1.1):
+        with torch.no_grad():
+            for block in model.blocks[1:-1]:
+                block.router.threshold.fill_(tau)
+        out = model.infer(ids)
+        executed.append((out.routing.attention_share(slice(1, -1)), out.flops.executed))
+    shares = [s for s, _ in executed]
+    assert shares[0] == 1.0 and shares[-1] == 0.0
+    assert all(a[1] > b[1] for a, b in itertools.pairwise(executed) if a[0] > b[0])
+    assert executed[-1][1] < executed[0][1]
+
+
+def test_decode_flops_count_cache_reads() -> None:
+    model = make_model(tiny_config(arch="baseline", n_layers=3), seed=0)
+    out = model.generate(torch.randint(0, 61, (1, 5)), 3)
+    d, f = 16, 24
+    # decode steps at positions 5 and 6 attend over 6 and 7 keys in each of 3 layers
+    expected = sum(3 * (8 * d * d + 4 * d * keys + 6 * d * f) for keys in (6, 7)) + 2 * (2 * d * 61)
+    assert out.decode_flops.executed == expected == out.decode_flops.dense
+
+
+def test_parameter_parity() -> None:
+    for three in (False, True):
+        for metarouter in (False, True):
+            ops = ("dct", "rbf", "attn") if three else ("dct", "attn")
+            chiar = ChiarLM(tiny_config(metarouter=metarouter, operators=ops))
+            baseline = ChiarLM(tiny_config(arch="baseline"))
+            d, layers, k = 16, 4, chiar.config.rbf_centers
+            routing_layers = layers - 2
+            per_router = 2 + (3 * d + 3 + 2 * k * d + k if three else 0)  # tau (or band) + temperature (+ 3-way proj, RBF)
+            if three:
+                per_router = 3 * d + 3 + 2 + 1 + (2 * k * d + k)  # proj + band(2) + temperature + RBF
+            extras = d + (d + 1 if metarouter else 0) + routing_layers * (d + per_router)
+            assert chiar.num_parameters() == baseline.num_parameters() - 4 * d * d + extras
+
+
+def test_kv_cache_holds_only_routed_tokens() -> None:
+    model = make_model(tiny_config(n_layers=4), seed=5)
+    ids = torch.randint(0, 61, (1, 30), generator=torch.Generator().manual_seed(5))
+    out, state = model.prefill(ids)
+    counts = out.routing.counts
+    assert state.layers[0] is None  # L1 has no attention, so no cache
+    for layer in (1, 2):
+        assert int(state.layers[layer].lengths[0]) == int(counts[layer, 3])
+    assert int(state.layers[3].lengths[0]) == 30
+    baseline = make_model(tiny_config(arch="baseline"), seed=5)
+    _, base_state = baseline.prefill(ids)
+    assert int(state.kv_cache_bytes()[0]) < int(base_state.kv_cache_bytes()[0])
+
+
+def test_decode_state_select_and_concat() -> None:
+    model = make_model(tiny_config(), seed=6)
+    a_ids = torch.randint(0, 61, (1, 7))
+    b_ids = torch.randint(0, 61, (1, 12))
+    _, a_state = model.prefill(a_ids)
+    out_b, b_state = model.prefill(b_ids)
+    joined = type(a_state).concat([a_state, b_state])
+    tokens = torch.tensor([5, int(out_b.logits[0, -1].argmax())])
+    step = model.decode_step(tokens, joined)
+    alone = model.decode_step(tokens[1:], b_state)
+    torch.testing.assert_close(step.logits[1], alone.logits[0], rtol=0, atol=1e-10)
+    kept = joined.select([1])
+    again = model.decode_step(torch.tensor([3]), kept)
+    ref = model.infer(torch.cat([b_ids, tokens[1:].view(1, 1), torch.tensor([[3]])], 1))
+    torch.testing.assert_close(again.logits[0, 0], ref.logits[0, -1], rtol=0, atol=1e-10)
