@@ -35,12 +35,15 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
+# An extra index (not a replacement): its local-version builds (2.13.0+cpu, +cu128) rank above
+# PyPI's plain 2.13.0, while torch's dependencies still resolve from the default index.
 torch_args=()
 if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
-    torch_args+=(--index-url "$TORCH_INDEX_URL")
+    torch_args+=(--extra-index-url "$TORCH_INDEX_URL")
 fi
 echo "install.sh: torch==$torch_version ${TORCH_INDEX_URL:+from $TORCH_INDEX_URL}"
-"${pip[@]}" install "${torch_args[@]}" "torch==$torch_version"
+# Constrained by the runtime lock, so torch's own dependencies get the pinned versions too.
+"${pip[@]}" install "${torch_args[@]}" -c "$root/requirements.txt" "torch==$torch_version"
 
 if (( dev )); then
     lock="$root/requirements-dev.txt"

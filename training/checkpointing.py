@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from model import ChiarConfig, ChiarLM, CheckpointError, ConfigError, load_checkpoint, save_checkpoint
+from model import CheckpointError, ChiarConfig, ChiarLM, ConfigError, load_checkpoint, save_checkpoint
 from training.errors import TrainingError
 
 STATE_JSON = "training_state.json"
@@ -77,20 +77,31 @@ def atomic_directory(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_stale(directory: Path) -> None:
-    """Remove staging leftovers of killed runs; restore a directory caught mid-replacement."""
+def clean_stale(directory: Path, name: str | None = None) -> None:
+    """Remove staging leftovers of killed runs (ours and save_checkpoint's); restore a directory
+    caught mid-replacement. With `name`, only leftovers of that entry are touched."""
     if not directory.is_dir():
         return
     for p in directory.iterdir():
-        if p.name.startswith(_TMP):
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(_OLD):
-            name = p.name[len(_OLD) :].rsplit("-", 1)[0]
-            target = directory / name
-            if target.exists():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.rename(p, target)
+        n = p.name
+        if not n.startswith("."):
+            continue
+        if n.startswith(_TMP):
+            kind, target = "tmp", n[len(_TMP) :].rsplit("-", 1)[0]
+        elif n.startswith(_OLD):
+            kind, target = "old", n[len(_OLD) :].rsplit("-", 1)[0]
+        elif ".tmp-" in n:
+            kind, target = "tmp", n[1:].rsplit(".tmp-", 1)[0]
+        elif ".old-" in n:
+            kind, target = "old", n[1:].rsplit(".old-", 1)[0]
+        else:
+            continue
+        if name is not None and target != name:
+            continue
+        if kind == "old" and not (directory / target).exists():
+            os.rename(p, directory / target)
+        else:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- state <-> tensors + JSON
@@ -178,7 +189,7 @@ def copy_checkpoint(src: Path, dst: Path, names: tuple[str, ...] = ("config.json
         staging.mkdir()
         for name in names:
             if (src / name).exists():
-                shutil.copy2(src / name, staging / name)
+                shutil.copyfile(src / name, staging / name)
 
 
 def read_checkpoint_config(path: Path, where: str = "resume") -> ChiarConfig:

@@ -9,14 +9,21 @@ bits per byte = NLL / (ln 2 * UTF-8 bytes).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
-from training.data import EvalText
+from training.calibrate import load_frozen
+from training.config import EvalConfig
+from training.data import EvalText, load_documents
+from training.distributed import resolve_device
+from training.errors import TrainingError
+from training.paths import check_path_usable
 
 _PATHS = ("reference", "hard", "infer")
 
@@ -125,3 +132,58 @@ def evaluate_texts(
     finally:
         model.train(was_training)
     return results
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """The `eval` command: every source through every forward path of one checkpoint."""
+    device = resolve_device(cfg.device)
+    if cfg.output:
+        check_path_usable(Path(cfg.output).parent, "output")
+    texts = [
+        EvalText(src.name, "".join(load_documents(src, f"data[{i}] ({src.name})")))
+        for i, src in enumerate(cfg.data)
+    ]
+    model, tokenizer = load_frozen(cfg.checkpoint, device)
+    max_len = model.config.max_seq_len
+    seq_len = cfg.seq_len or max_len
+    if seq_len > max_len:
+        raise TrainingError(f"seq_len: {seq_len} exceeds the checkpoint's max_seq_len ({max_len})")
+    stride = cfg.stride or max(seq_len // 2, 1)
+    if stride > seq_len:
+        raise TrainingError(f"stride: {stride} exceeds seq_len ({seq_len})")
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    results = {
+        path: evaluate_texts(model, tokenizer, texts, seq_len, stride, cfg.batch_size, path, device, amp)
+        for path in cfg.paths
+    }
+    report = {
+        "checkpoint": str(cfg.checkpoint), "arch": model.config.arch, "params": model.num_parameters(),
+        "seq_len": seq_len, "stride": stride, "device": str(device), "results": results,
+    }
+    if cfg.output:
+        out = Path(cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(out)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain table of an eval report."""
+    lines = [
+        f"checkpoint {report['checkpoint']} ({report['arch']}, {report['params']:,} parameters), "
+        f"window {report['seq_len']}, stride {report['stride']}",
+        f"{'path':<10} {'source':<20} {'token PPL':>10} {'word PPL':>10} {'bits/byte':>10} {'attn share':>10} {'gate':>6}",
+    ]
+    for path, sets in report["results"].items():
+        for name, m in sets.items():
+            share = m["attention_share"]
+            routed = share[1:-1] if report["arch"] == "chiar" and len(share) > 2 else share
+            mean_share = sum(routed) / max(len(routed), 1)
+            gate = "-" if m["gate"] is None else f"{m['gate']:.2f}"
+            lines.append(
+                f"{path:<10} {name:<20} {m['token_ppl']:>10.2f} {m['word_ppl']:>10.2f} {m['bits_per_byte']:>10.4f} "
+                f"{mean_share:>10.3f} {gate:>6}"
+            )
+    return "\n".join(lines)
