@@ -6,7 +6,8 @@ CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup test lint serve bench bench-model bench-server loadtest demo-checkpoints clean
+.PHONY: setup test lint serve bench bench-model bench-server loadtest loadtest-stress dashboard lock demo-checkpoints clean
+LOADTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
@@ -32,7 +33,16 @@ bench-server: setup
 	$(PY) -m server.bench --write BENCHMARKS.md
 
 loadtest: setup
-	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT)
+	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) $(LOADTEST_ARGS)
+
+loadtest-stress: setup
+	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) --scenario stress $(LOADTEST_ARGS)
+
+dashboard: setup
+	$(PY) deploy/grafana/build_dashboard.py
+
+lock: setup
+	$(PY) deploy/freeze_requirements.py
 
 demo-checkpoints: setup
 	bash training/demo_checkpoints.sh

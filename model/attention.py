@@ -124,8 +124,10 @@ class CausalSelfAttention(nn.Module):
         cache.append(seq_idx, k, v)
         lengths = cache.lengths[seq_idx]
         span = int(lengths.max())
-        keys = cache.keys[seq_idx, :, :span]
-        values = cache.values[seq_idx, :, :span]
+        if seq_idx.numel() == cache.lengths.numel():  # every sequence attends: a view, no copy of the cache
+            keys, values = cache.keys[:, :, :span], cache.values[:, :, :span]
+        else:
+            keys, values = cache.keys[seq_idx, :, :span], cache.values[seq_idx, :, :span]
         mask = (torch.arange(span, device=u_sel.device) < lengths.unsqueeze(1)).view(-1, 1, 1, span)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.out(self._merge_heads(y)[:, 0])

@@ -1,0 +1,266 @@
+"""`make bench-model`: CHIAR hard-gated inference vs the full-attention baseline vs HF Llama, side by side.
+
+Random weights at the benchmark size (d=256, L=8, 8 heads, d_ff=1024, vocab 8192); CHIAR thresholds
+are set layer by layer to the median entropy of the benchmark input, so ~50% of tokens attend in
+every routing layer. Medians of repeated runs; ratios come from the same process and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .attention import PackedTokens
+from .chiar import ChiarLM
+from .config import ChiarConfig
+from .routing import SpectralRouter
+from .spectral import dct, entropy_from_coefficients
+
+SIZE = dict(vocab_size=8192, d_model=256, n_layers=8, n_heads=8, d_ff=1024, max_seq_len=2048 + 64)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibrate_to_median(model: ChiarLM, ids: torch.Tensor) -> None:
+    """Put each routing layer's threshold at the median entropy it sees (layer by layer)."""
+    with torch.inference_mode():
+        for layer, block in enumerate(model.blocks):
+            if block.kind == "route" and isinstance(block.router, SpectralRouter):
+                entropy = model.infer(ids).routing.entropy[..., layer]
+                block.router.threshold.fill_(float(entropy.nanmedian()))
+
+
+def build_models(seq: int, seed: int = 0) -> tuple[ChiarLM, ChiarLM, torch.nn.Module | None]:
+    torch.manual_seed(seed)
+    chiar = ChiarLM(ChiarConfig(**SIZE, arch="chiar", routing="threshold")).eval()
+    torch.manual_seed(seed)
+    baseline = ChiarLM(ChiarConfig(**SIZE, arch="baseline")).eval()
+    calibrate_to_median(chiar, torch.randint(0, SIZE["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(1)))
+    return chiar, baseline, build_hf_llama()
+
+
+def build_hf_llama() -> torch.nn.Module | None:
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    config = LlamaConfig(
+        vocab_size=SIZE["vocab_size"], hidden_size=SIZE["d_model"], intermediate_size=SIZE["d_ff"],
+        num_hidden_layers=SIZE["n_layers"], num_attention_heads=SIZE["n_heads"], num_key_value_heads=SIZE["n_heads"],
+        max_position_embeddings=SIZE["max_seq_len"], tie_word_embeddings=True, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def scoring_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, seqs: list[int], batches: list[int],
+                 repeats: int) -> list[dict]:
+    rows = []
+    for seq in seqs:
+        for batch in batches:
+            ids = torch.randint(0, SIZE["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seq + batch))
+            with torch.inference_mode():
+                out = chiar.infer(ids)
+                base_out = baseline.infer(ids)
+                t_chiar = median_seconds(lambda ids=ids: chiar.infer(ids), repeats)
+                t_base = median_seconds(lambda ids=ids: baseline.infer(ids), repeats)
+                t_hf = median_seconds(lambda ids=ids: hf(ids).logits, repeats) if hf is not None else float("nan")
+            tokens = batch * seq
+            rows.append(dict(
+                seq=seq, batch=batch, chiar=tokens / t_chiar, baseline=tokens / t_base, hf=tokens / t_hf,
+                share=out.routing.attention_share(slice(1, -1)), flops_ratio=out.flops.executed / base_out.flops.executed,
+            ))
+            print(f"score seq={seq} batch={batch}: chiar {tokens / t_chiar:,.0f} tok/s, baseline {tokens / t_base:,.0f}, "
+                  f"hf {tokens / t_hf:,.0f}; attention share {rows[-1]['share']:.2f}, FLOPs ratio {rows[-1]['flops_ratio']:.3f}", flush=True)
+    return rows
+
+
+def decode_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, context: int, batches: list[int],
+                steps: int) -> list[dict]:
+    rows = []
+    for batch in batches:
+        ids = torch.randint(0, SIZE["vocab_size"], (batch, context), generator=torch.Generator().manual_seed(batch))
+        result: dict = dict(batch=batch, context=context)
+        for name, model in (("chiar", chiar), ("baseline", baseline)):
+            with torch.inference_mode():
+                _, state = model.prefill(ids)
+                kv_bytes = float(state.kv_cache_bytes().float().mean())
+                tokens = torch.zeros(batch, dtype=torch.long)
+                model.decode_step(tokens, state)  # warm-up
+                start = time.perf_counter()
+                for _ in range(steps):
+                    tokens = model.decode_step(tokens, state).logits[:, 0].argmax(-1)
+                elapsed = time.perf_counter() - start
+            result[name] = batch * steps / elapsed
+            result[f"{name}_kv"] = kv_bytes
+        result["hf"], result["hf_kv"] = _hf_decode(hf, ids, steps) if hf is not None else (float("nan"), float("nan"))
+        rows.append(result)
+        print(f"decode batch={batch} ctx={context}: chiar {result['chiar']:,.1f} tok/s, baseline {result['baseline']:,.1f}, "
+              f"hf {result['hf']:,.1f}; KV bytes/seq chiar {result['chiar_kv']:,.0f} baseline {result['baseline_kv']:,.0f}", flush=True)
+    return rows
+
+
+def _hf_decode(hf: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    with torch.inference_mode():
+        out = hf(ids, use_cache=True)
+        past = out.past_key_values
+        tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = hf(tokens, past_key_values=past, use_cache=True)  # warm-up step
+        past = out.past_key_values
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = hf(tokens, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        elapsed = time.perf_counter() - start
+    d, layers = SIZE["d_model"], SIZE["n_layers"]
+    kv_bytes = 2 * layers * d * ids.shape[1] * 4  # K and V, fp32, every layer, every token
+    return ids.shape[0] * steps / elapsed, float(kv_bytes)
+
+
+def routing_overhead(chiar: ChiarLM, seq: int, batch: int, repeats: int) -> dict:
+    """Cost of routing in one routing layer (DCT, entropy, compaction, scatter) vs the attention it saves."""
+    block = next(b for b in chiar.blocks if b.kind == "route")
+    attention = block.attention
+    d = SIZE["d_model"]
+    u = torch.randn(batch * seq, d)
+    batch_idx = torch.arange(batch).repeat_interleave(seq)
+    positions = torch.arange(seq).repeat(batch)
+    with torch.inference_mode():
+        entropy = entropy_from_coefficients(dct(u))
+        tau = float(entropy.median())
+
+        def route() -> None:
+            coefficients = dct(u)
+            h = entropy_from_coefficients(coefficients)
+            sel = (h >= tau).nonzero().squeeze(1)
+            packed = PackedTokens.build(batch_idx[sel], batch)
+            y = torch.empty_like(u)
+            y[sel] = packed.unpack(packed.pack(u[sel]))  # the gather into [B, M] and the scatter back
+
+        sel = (entropy >= tau).nonzero().squeeze(1)
+        full = PackedTokens.build(batch_idx, batch)
+        half = PackedTokens.build(batch_idx[sel], batch)
+        t_route = median_seconds(route, repeats)
+        t_full = median_seconds(lambda: attention.forward_packed(u, positions, full), repeats)
+        t_half = median_seconds(lambda: attention.forward_packed(u[sel], positions[sel], half), repeats)
+        t_dct = median_seconds(lambda: block.dct_mix(u[(entropy < tau).nonzero().squeeze(1)]), repeats)
+    return dict(seq=seq, batch=batch, overhead_ms=t_route * 1e3, attention_full_ms=t_full * 1e3,
+                attention_half_ms=t_half * 1e3, dct_mix_ms=t_dct * 1e3)
+
+
+def machine_line() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return (f"{platform.node()}: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            f"Python {platform.python_version()}; date {dt.date.today().isoformat()}; commit {commit}; no GPU (CPU numbers only)")
+
+
+def render(score: list[dict], decode: list[dict], overhead: list[dict]) -> str:
+    lines = [
+        "## Model: CHIAR hard-gated inference vs baseline vs HF Llama (`make bench-model`)",
+        "",
+        f"Machine: {machine_line()}.",
+        "Size: d=256, L=8, 8 heads, d_ff=1024, vocab 8192, fp32, random weights; CHIAR thresholds at the",
+        "median entropy of each routing layer (~50% attention routing). Medians of repeated runs.",
+        "",
+        "### Scoring (prefill / perplexity) tokens/s",
+        "",
+        "| seq | batch | CHIAR | baseline | HF Llama | CHIAR / baseline | baseline / HF | attention share (routing layers) | executed FLOPs CHIAR / baseline |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in score:
+        lines.append(f"| {r['seq']} | {r['batch']} | {r['chiar']:,.0f} | {r['baseline']:,.0f} | {r['hf']:,.0f} | "
+                     f"{r['chiar'] / r['baseline']:.2f}x | {r['baseline'] / r['hf']:.2f}x | {r['share']:.2f} | {r['flops_ratio']:.3f} |")
+    lines += [
+        "",
+        "### Decode tokens/s and KV cache",
+        "",
+        "| context | batch | CHIAR | baseline | HF Llama | CHIAR / baseline | baseline / HF | KV bytes/seq CHIAR | KV bytes/seq baseline | KV ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in decode:
+        lines.append(f"| {r['context']} | {r['batch']} | {r['chiar']:,.1f} | {r['baseline']:,.1f} | {r['hf']:,.1f} | "
+                     f"{r['chiar'] / r['baseline']:.2f}x | {r['baseline'] / r['hf']:.2f}x | {r['chiar_kv']:,.0f} | "
+                     f"{r['baseline_kv']:,.0f} | {r['chiar_kv'] / r['baseline_kv']:.3f} |")
+    lines += [
+        "",
+        "### Routing overhead in one routing layer (ms)",
+        "",
+        "DCT + entropy + compaction + scatter, against the attention it saves (full attention minus attention on",
+        "the routed half) and the DCT mixing the other half then needs.",
+        "",
+        "| seq | batch | routing overhead | attention, all tokens | attention, routed half | saved by routing | DCT mix of the other half | net saving |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in overhead:
+        saved = r["attention_full_ms"] - r["attention_half_ms"]
+        net = saved - r["overhead_ms"] - r["dct_mix_ms"]
+        lines.append(f"| {r['seq']} | {r['batch']} | {r['overhead_ms']:.2f} | {r['attention_full_ms']:.2f} | "
+                     f"{r['attention_half_ms']:.2f} | {saved:.2f} | {r['dct_mix_ms']:.2f} | {net:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace (or append) the section between this benchmark's markers, keeping the others."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery number here was measured by `make bench` and written by it.\n"
+    block = f"{start}\n{body}{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--write", type=Path, help="write the tables into this markdown file")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--context", type=int, default=1024)
+    args = parser.parse_args()
+    chiar, baseline, hf = build_models(max(args.seqs))
+    print(f"params: CHIAR {chiar.num_parameters():,}, baseline {baseline.num_parameters():,}"
+          + (f", HF Llama {sum(p.numel() for p in hf.parameters()):,}" if hf is not None else ""), flush=True)
+    score = scoring_rows(chiar, baseline, hf, args.seqs, args.batches, args.repeats)
+    decode = decode_rows(chiar, baseline, hf, args.context, args.batches, args.decode_steps)
+    overhead = [routing_overhead(chiar, seq, 1, args.repeats) for seq in args.seqs]
+    overhead.append(routing_overhead(chiar, max(args.seqs), max(args.batches), args.repeats))
+    body = render(score, decode, overhead)
+    print(body)
+    if args.write:
+        write_section(args.write, "bench-model", body)
+
+
+if __name__ == "__main__":
+    main()
