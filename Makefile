@@ -6,7 +6,7 @@ CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup test lint serve bench bench-model bench-server loadtest loadtest-stress dashboard lock demo-checkpoints clean
+.PHONY: setup test lint serve bench bench-model bench-server loadtest loadtest-sweep loadtest-stress dashboard lock demo-checkpoints clean
 LOADTEST_ARGS ?=
 
 setup: $(VENV)/.installed
@@ -34,6 +34,9 @@ bench-server: setup
 
 loadtest: setup
 	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) $(LOADTEST_ARGS)
+
+loadtest-sweep: setup
+	$(PY) -m loadtests.sweep --checkpoint checkpoints/chiar-small --checkpoint checkpoints/baseline-small --write BENCHMARKS.md
 
 loadtest-stress: setup
 	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) --scenario stress $(LOADTEST_ARGS)

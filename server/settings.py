@@ -48,7 +48,7 @@ class Settings:
     max_tokens_per_step: int = field(default=4096, metadata={"parse": int, "help": "token budget of one engine step (prefill + scoring + decode, padded)"})
     queue_size: int = field(default=64, metadata={"parse": int, "help": "most sequences waiting; beyond it requests get 503 + Retry-After"})
     request_timeout: float = field(default=120.0, metadata={"parse": float, "help": "seconds from arrival to the last token before a request is cancelled"})
-    api_key: str | None = field(default=None, metadata={"parse": _opt(str), "help": "require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)"})
+    api_key: str | None = field(default=None, metadata={"parse": lambda text: text or None, "help": "require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)"})
     cors_origins: list[str] = field(default_factory=list, metadata={"parse": _to_list, "help": "comma-separated allowed CORS origins"})
     max_body_bytes: int = field(default=1_048_576, metadata={"parse": int, "help": "largest request body; larger ones get 413"})
     max_prompts: int = field(default=16, metadata={"parse": int, "help": "most prompts/texts in one request"})

@@ -220,13 +220,18 @@ def check_compatible(saved: ChiarConfig, wanted: ChiarConfig, path: Path) -> Non
         raise TrainingError(f"resume: checkpoint {path} does not match the model config: " + ", ".join(diffs))
 
 
+def check_resumable(path: Path, wanted: ChiarConfig) -> None:
+    """A same-architecture checkpoint directory that carries training state, or a TrainingError."""
+    check_compatible(read_checkpoint_config(path), wanted, path)
+    if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
+        raise TrainingError(f"resume: {path} is a model checkpoint without training state ({STATE_JSON}); cannot resume from it")
+
+
 def load_training_checkpoint(path: Path, model: ChiarLM, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNG from `path` into live objects; return the JSON state."""
     path = Path(path)
-    check_compatible(read_checkpoint_config(path), model.config, path)
+    check_resumable(path, model.config)
     state_json, state_file = path / STATE_JSON, path / STATE_TENSORS
-    if not state_json.exists() or not state_file.exists():
-        raise TrainingError(f"resume: {path} is a model checkpoint without training state ({STATE_JSON}); cannot resume from it")
     try:
         meta = json.loads(state_json.read_text(encoding="utf-8"))
         tensors = load_file(str(state_file))

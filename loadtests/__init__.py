@@ -1,0 +1,1 @@
+"""Load tests for the CHIAR-Former server: locustfile, headless runner, server process helpers."""

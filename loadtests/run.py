@@ -1,0 +1,294 @@
+"""Headless load-test runner (`make loadtest`): server on loopback, locust, summary.
+
+    python -m loadtests.run [--checkpoint DIR] [--users 16] [--spawn-rate 4] [--run-time 60s]
+                            [--scenario mixed|stress] [--out DIR] [--host URL]
+
+Starts `python -m server` on 127.0.0.1 (unless --host names a running one), scrapes /metrics,
+runs locust headless with loadtests/locustfile.py, scrapes /metrics again, stops the server and
+writes into --out: locust's CSV stats (locust_stats.csv, ...), its HTML report (report.html),
+server.log, and summary.md / summary.json (requests/s, p50/p95/p99 per endpoint, failures,
+generated tokens/s, attention/DCT routing share before and after).
+
+The stress scenario shrinks the server's queue, removes think time and counts a 503 with
+Retry-After as shed load; it then checks that no other 5xx occurred, no request took longer
+than the configured timeout, the server's RSS stayed bounded and a normal request right after
+the load succeeds within a second. The exit status is non-zero when locust saw failures or a
+check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from loadtests.metrics_snapshot import Snapshot, parse
+from loadtests.server_process import ROOT, ServerProcess, http_get
+
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "chiar-small"
+STRESS_SERVER_ENV = {"CHIAR_QUEUE_SIZE": "4", "CHIAR_MAX_BATCH_SIZE": "4", "CHIAR_REQUEST_TIMEOUT": "20"}
+
+
+@dataclass
+class Endpoint:
+    """One row of locust's stats."""
+
+    name: str
+    requests: int
+    failures: int
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass
+class Summary:
+    """What a run produced; written as summary.json and summary.md."""
+
+    scenario: str
+    users: int
+    spawn_rate: float
+    run_time: str
+    wall_seconds: float
+    locust_exit_code: int
+    endpoints: list[Endpoint]
+    total: Endpoint
+    generated_tokens: float
+    generated_tokens_per_s: float
+    prompt_tokens: float
+    routing_share_before: dict[str, float] | None
+    routing_share_after: dict[str, float] | None
+    routing_share_during: dict[str, float] | None
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Zero failures and every check passed."""
+        return (self.locust_exit_code == 0 and self.total.failures == 0
+                and all(c["ok"] for c in self.checks.values()))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint the server loads")
+    p.add_argument("--host", default=None, help="target an already running server instead of starting one")
+    p.add_argument("--users", type=int, default=None, help="concurrent users (default 16, stress 48)")
+    p.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default 4, stress 48)")
+    p.add_argument("--run-time", default="60s", help="locust run time, e.g. 60s, 2m")
+    p.add_argument("--scenario", choices=("mixed", "stress"), default="mixed")
+    p.add_argument("--wait", default=None, help="think time 'MIN,MAX' seconds (default 0.5,2; stress 0,0)")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra CHIAR_* setting for the started server (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/loadtest/<time>)")
+    p.add_argument("--max-rss-growth-mb", type=float, default=512.0, help="stress check: allowed RSS growth")
+    p.add_argument("--user-classes", nargs="*", default=[], help="locust user classes to run (default all)")
+    args = p.parse_args(argv)
+    stress = args.scenario == "stress"
+    args.users = args.users or (48 if stress else 16)
+    args.spawn_rate = args.spawn_rate or (48.0 if stress else 4.0)
+    args.wait = args.wait or ("0,0" if stress else "0.5,2")
+    args.out = args.out or ROOT / "runs" / "loadtest" / time.strftime("%Y%m%d-%H%M%S")
+    return args
+
+
+def scrape(url: str) -> Snapshot:
+    """Parse GET url/metrics."""
+    status, body = http_get(url + "/metrics", timeout=10)
+    if status != 200:
+        raise RuntimeError(f"GET /metrics answered {status}")
+    return parse(body.decode())
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's resident set size every ``interval`` seconds until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.samples.append(self.proc.memory_info().rss / 2**20)
+            except psutil.Error:
+                return
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> list[float]:
+        """Stop sampling; returns the samples in MiB."""
+        self._stop_event.set()
+        self.join(5)
+        return self.samples
+
+
+def run_locust(args: argparse.Namespace, url: str, env: dict[str, str]) -> int:
+    """Run locust headless as a subprocess; returns its exit code."""
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+           "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.run_time,
+           "--host", url, "--csv", str(args.out / "locust"), "--html", str(args.out / "report.html"),
+           "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING", *args.user_classes]
+    with (args.out / "locust.log").open("wb") as log:
+        return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                              check=False).returncode
+
+
+def read_stats(path: Path) -> tuple[list[Endpoint], Endpoint]:
+    """Per-endpoint rows and the aggregated row of locust's *_stats.csv."""
+    rows: list[Endpoint] = []
+    total = None
+    with path.open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            ep = Endpoint(name=r["Name"], requests=int(r["Request Count"]), failures=int(r["Failure Count"]),
+                          rps=float(r["Requests/s"]), p50_ms=_num(r["50%"]), p95_ms=_num(r["95%"]),
+                          p99_ms=_num(r["99%"]), max_ms=_num(r["Max Response Time"]))
+            if r["Name"] == "Aggregated":
+                total = ep
+            else:
+                rows.append(ep)
+    if total is None:
+        raise RuntimeError(f"{path}: no Aggregated row")
+    return rows, total
+
+
+def _num(text: str) -> float:
+    return float(text) if text not in ("", "N/A") else 0.0
+
+
+def timed_request(url: str) -> tuple[int, float]:
+    """One normal /v1/generate request: (status, seconds)."""
+    data = json.dumps({"prompt": "The city of", "max_new_tokens": 8, "temperature": 0.0}).encode()
+    req = urllib.request.Request(url + "/v1/generate", data=data, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    return status, time.perf_counter() - start
+
+
+def stress_checks(summary: Summary, url: str, server_env: dict[str, str], rss: list[float],
+                  max_growth_mb: float, during: Snapshot) -> dict[str, dict[str, Any]]:
+    """The stress scenario's pass/fail checks (the load has already stopped)."""
+    status, seconds = timed_request(url)
+    shed = sum(e.requests for e in summary.endpoints if e.name.endswith("[503 shed]"))
+    timeout_ms = float(server_env.get("CHIAR_REQUEST_TIMEOUT", "120")) * 1000
+    slowest = max((e.max_ms for e in summary.endpoints), default=0.0)
+    growth = (max(rss) - rss[0]) if rss else float("nan")
+    return {
+        "excess_shed_with_503": {"ok": shed > 0, "detail": f"{shed} requests answered 503 + Retry-After"},
+        "no_other_errors": {"ok": summary.total.failures == 0,
+                            "detail": f"{summary.total.failures} failures (other statuses or bad content)"},
+        "server_counts_agree": {
+            "ok": during.errors.get("overloaded", 0) == shed and not during.errors.get("internal", 0),
+            "detail": f"server counted {during.errors.get('overloaded', 0):.0f} overloaded and "
+                      f"{during.errors.get('internal', 0):.0f} internal errors"},
+        "no_wait_beyond_timeout": {"ok": slowest <= timeout_ms + 1000,
+                                   "detail": f"slowest request {slowest:.0f} ms, timeout {timeout_ms:.0f} ms"},
+        "rss_bounded": {"ok": bool(rss) and growth <= max_growth_mb,
+                        "detail": f"RSS {rss[0] if rss else 0:.0f} -> peak {max(rss, default=0):.0f} MiB "
+                                  f"(growth {growth:.0f}, bound {max_growth_mb:.0f})"},
+        "recovers_within_1s": {"ok": status == 200 and seconds < 1.0,
+                               "detail": f"normal request after the load: HTTP {status} in {seconds * 1000:.0f} ms"},
+    }
+
+
+def markdown(s: Summary) -> str:
+    """summary.md text."""
+    lines = [f"# Load test: {s.scenario}", "",
+             f"{s.users} users, spawn rate {s.spawn_rate}/s, run time {s.run_time} ({s.wall_seconds:.1f} s wall), "
+             f"locust exit code {s.locust_exit_code}.", "",
+             "| endpoint | requests | failures | req/s | p50 ms | p95 ms | p99 ms | max ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in [*s.endpoints, s.total]:
+        lines.append(f"| {e.name} | {e.requests} | {e.failures} | {e.rps:.2f} | {e.p50_ms:.0f} | {e.p95_ms:.0f} "
+                     f"| {e.p99_ms:.0f} | {e.max_ms:.0f} |")
+    lines += ["", f"Generated tokens: {s.generated_tokens:.0f} ({s.generated_tokens_per_s:.1f} tokens/s); "
+                  f"prompt/scored tokens: {s.prompt_tokens:.0f}.", ""]
+    for label, share in (("before", s.routing_share_before), ("after", s.routing_share_after),
+                         ("during the run", s.routing_share_during)):
+        text = ", ".join(f"{op} {v:.1%}" for op, v in share.items() if v) if share else "no routing-layer tokens"
+        lines.append(f"- Routing share in routing layers {label}: {text}")
+    if s.rss_mb:
+        lines.append(f"- Server RSS: {s.rss_mb}")
+    if s.checks:
+        lines += ["", "| check | result | detail |", "|---|---|---|"]
+        lines += [f"| {k} | {'ok' if v['ok'] else 'FAILED'} | {v['detail']} |" for k, v in s.checks.items()]
+    lines += ["", f"Result: {'PASS' if s.ok else 'FAIL'}", ""]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> Summary:
+    """Do one run; writes the outputs and returns the summary."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    stress = args.scenario == "stress"
+    server_env = {**(STRESS_SERVER_ENV if stress else {}), **dict(kv.split("=", 1) for kv in args.server_env)}
+    locust_env = {"CHIAR_LOADTEST_WAIT": args.wait, "CHIAR_LOADTEST_SHED": "1" if stress else ""}
+    server = None
+    if args.host:
+        url = args.host.rstrip("/")
+    else:
+        server = ServerProcess(args.checkpoint, env=server_env, log_path=args.out / "server.log").start()
+        url = server.url
+    sampler = RssSampler(server.pid) if server else None
+    try:
+        before = scrape(url)
+        if sampler:
+            sampler.start()
+        start = time.monotonic()
+        code = run_locust(args, url, locust_env)
+        wall = time.monotonic() - start
+        rss = sampler.stop() if sampler else []
+        after = scrape(url)
+        endpoints, total = read_stats(args.out / "locust_stats.csv")
+        during = after.minus(before)
+        summary = Summary(
+            scenario=args.scenario, users=args.users, spawn_rate=args.spawn_rate, run_time=args.run_time,
+            wall_seconds=wall, locust_exit_code=code, endpoints=endpoints, total=total,
+            generated_tokens=during.generation_tokens, generated_tokens_per_s=during.generation_tokens / wall,
+            prompt_tokens=during.prompt_tokens, routing_share_before=before.routing_share(),
+            routing_share_after=after.routing_share(), routing_share_during=during.routing_share(),
+            rss_mb={"start": rss[0], "peak": max(rss), "end": rss[-1]} if rss else {})
+        if stress:
+            summary.checks = stress_checks(summary, url, server_env, rss, args.max_rss_growth_mb, during)
+    finally:
+        if sampler and sampler.is_alive():
+            sampler.stop()
+        if server:
+            server.stop()
+    (args.out / "summary.json").write_text(json.dumps({**asdict(summary), "ok": summary.ok}, indent=2) + "\n")
+    (args.out / "summary.md").write_text(markdown(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit status 0 only for a clean run."""
+    args = parse_args(argv)
+    summary = run(args)
+    print(markdown(summary))
+    print(f"outputs in {args.out}")
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`python -m server --checkpoint DIR [--host H --port P ...]`: load, warm up, serve; SIGTERM drains."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from server.settings import Settings, SettingsError
+
+log = logging.getLogger("server")
+
+
+def draining_server(config: Any, engine: Any) -> Any:
+    """A uvicorn.Server that, on SIGTERM/SIGINT, stops admitting at once (503 on open connections); uvicorn
+    then closes the listening socket, waits for in-flight requests (up to the drain timeout) and the
+    lifespan shuts the engine down."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.begin_drain()
+            super().handle_exit(sig, frame)
+            # a drained shutdown is a clean exit (status 0), not death by the signal uvicorn would re-raise
+            self._captured_signals.clear()
+
+    return DrainingServer(config)
+
+
+def resolve_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(f"--device / CHIAR_DEVICE: {name!r} requested but CUDA is not available")
+    return device
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_sources(argv)
+        device = resolve_device(settings.device)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    import torch  # heavy imports only once the settings are known to be valid
+    import uvicorn
+
+    from model import CheckpointError, load_checkpoint
+    from server.app import create_app
+    from server.engine import Engine
+    from server.metrics import Metrics
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        model, tokenizer = load_checkpoint(settings.checkpoint, device=device,
+                                           dtype=None if settings.dtype == "auto" else dtypes[settings.dtype])
+    except CheckpointError as exc:
+        print(f"error: cannot load checkpoint: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, RuntimeError) as exc:  # anything else a broken checkpoint can raise
+        print(f"error: cannot load checkpoint {settings.checkpoint}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    model.eval()
+    metrics = Metrics(model.config.n_layers, device.type)
+    metrics.model_info.labels(model.config.arch, str(model.num_parameters()), settings.served_model_name).set(1)
+    engine = Engine(model, tokenizer, settings, metrics)
+    app = create_app(settings, engine, tokenizer, metrics)
+    log.info("serving %s (%s, %d parameters) on %s as %r", settings.checkpoint, model.config.arch, model.num_parameters(),
+             device, settings.served_model_name)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_timeout), lifespan="on", access_log=False)
+    server = draining_server(config, engine)
+    server.run()
+    if engine.fatal is not None:
+        print(f"error: engine failed: {engine.fatal}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

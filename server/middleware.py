@@ -1,0 +1,135 @@
+"""Pure ASGI middleware: request metrics, bearer auth, body-size limit and UTF-8 check."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import error_bytes
+from server.metrics import Metrics
+
+ENDPOINTS = ("/v1/generate", "/v1/perplexity", "/v1/completions", "/v1/models", "/v1/tokenize",
+             "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json")
+PUBLIC = {"/health", "/ready", "/metrics", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+
+
+def endpoint_label(path: str) -> str:
+    """Bounded label values: known routes, 'static' or 'other'."""
+    if path in ENDPOINTS:
+        return path
+    return "static" if path.startswith("/static/") else "other"
+
+
+async def send_error(send: Send, status: int, message: str, type_: str, param: str | None, code: str,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = error_bytes(message, type_, param, code)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestMetrics:
+    """chiar_request_duration_seconds{endpoint,status}; streamed responses count until their last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.request_duration.labels(endpoint_label(scope["path"]), str(status[0])).observe(time.perf_counter() - start)
+
+
+class BearerAuth:
+    """With an API key, everything but the public paths needs `Authorization: Bearer KEY` (constant-time compare)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.digest is None or scope["type"] != "http" or scope["path"] in PUBLIC or scope["path"].startswith("/static/") \
+                or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        given = hashlib.sha256(token.strip()).digest()
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given, self.digest):
+            await self.app(scope, receive, send)
+            return
+        message = "missing API key (send 'Authorization: Bearer KEY')" if not header else "invalid API key"
+        await send_error(send, 401, message, "authentication_error", None, "invalid_api_key",
+                         [(b"www-authenticate", b'Bearer realm="chiar"')])
+
+
+class BodyLimit:
+    """Buffer request bodies up to `limit` bytes (413 beyond) and reject non-UTF-8 JSON (400)."""
+
+    def __init__(self, app: ASGIApp, limit: int, on_error: Callable[[str, str], None]) -> None:
+        self.app = app
+        self.limit = limit
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        label = endpoint_label(scope["path"])
+        too_large = f"body: request body exceeds the limit of {self.limit} bytes"
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            self.on_error(label, "validation")
+            await send_error(send, 413, too_large, "invalid_request_error", "body", "body_too_large")
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                self.on_error(label, "validation")
+                await send_error(send, 413, too_large, "invalid_request_error", "body", "body_too_large")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if b"json" in headers.get(b"content-type", b"application/json"):
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self.on_error(label, "validation")
+                await send_error(send, 400, f"body: not valid UTF-8 (byte {exc.start})", "invalid_request_error", "body", "invalid_utf8")
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,80 @@
+"""Settings precedence/validation and incremental detokenization with stop strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from server.settings import Settings, SettingsError
+from server.textstream import TextStream, TokenStrings
+
+
+def test_settings_precedence_and_parsing() -> None:
+    env = {"CHIAR_CHECKPOINT": "/ckpt", "CHIAR_PORT": "9000", "CHIAR_MAX_BATCH_SIZE": "4", "CHIAR_CORS_ORIGINS": "http://a, http://b",
+           "CHIAR_API_KEY": "k", "CHIAR_REQUEST_TIMEOUT": "2.5", "CHIAR_WARMUP": "false"}
+    s = Settings.from_sources(["--port", "9100"], environ=env)
+    assert s.checkpoint == Path("/ckpt") and s.port == 9100 and s.max_batch_size == 4
+    assert s.cors_origins == ["http://a", "http://b"] and s.api_key == "k" and s.request_timeout == 2.5 and s.warmup is False
+    assert s.served_model_name == "ckpt"
+    defaults = Settings.from_sources(["--checkpoint", "/x/chiar-small"], environ={})
+    assert defaults.host == "127.0.0.1" and defaults.api_key is None and defaults.served_model_name == "chiar-small"
+
+
+@pytest.mark.parametrize(("argv", "env", "needle"), [
+    ([], {}, "--checkpoint"),
+    (["--checkpoint", "c", "--port", "70000"], {}, "--port"),
+    (["--checkpoint", "c"], {"CHIAR_DEVICE": "tpu"}, "CHIAR_DEVICE"),
+    (["--checkpoint", "c", "--dtype", "int3"], {}, "--dtype"),
+    (["--checkpoint", "c", "--max-tokens-per-step", "0"], {}, "--max-tokens-per-step"),
+    (["--checkpoint", "c"], {"CHIAR_REQUEST_TIMEOUT": "soon"}, "CHIAR_REQUEST_TIMEOUT"),
+    (["--checkpoint", "c", "--api-key", "  "], {}, "--api-key"),
+])
+def test_settings_errors_name_the_setting(argv: list[str], env: dict[str, str], needle: str) -> None:
+    with pytest.raises(SettingsError, match=needle):
+        Settings.from_sources(argv, environ=env)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+
+
+def stream_all(tokenizer: Tokenizer, ids: list[int], stop: list[str] | None = None) -> tuple[list[str], TextStream]:
+    ts = TextStream(tokenizer, stop)
+    deltas = []
+    for i in ids:
+        deltas.append(ts.push(i))
+        if ts.stopped:
+            break
+    deltas.append(ts.finish())
+    return deltas, ts
+
+
+def test_textstream_reassembles_multibyte_characters(tokenizer: Tokenizer) -> None:
+    text = "Café – naïve 東京 ok"
+    ids = tokenizer.encode(text).ids
+    deltas, ts = stream_all(tokenizer, ids)
+    assert "".join(deltas) == text == ts.text
+    assert all("\ufffd" not in d for d in deltas)  # never a half character
+
+
+def test_textstream_stop_strings_are_held_back_and_cut(tokenizer: Tokenizer) -> None:
+    text = "The end of the story. THE END and more"
+    ids = tokenizer.encode(text).ids
+    deltas, ts = stream_all(tokenizer, ids, stop=["THE END"])
+    assert ts.stopped and "".join(deltas) == "The end of the story. " == ts.text
+    deltas, ts = stream_all(tokenizer, ids, stop=["never", "story"])
+    assert "".join(deltas) == "The end of the "
+    deltas, ts = stream_all(tokenizer, ids, stop=["THE ENDING"])  # a prefix that never completes is released
+    assert not ts.stopped and "".join(deltas) == text
+
+
+def test_token_strings(tokenizer: Tokenizer) -> None:
+    names = TokenStrings(tokenizer)
+    assert names(2) == "<eos>"
+    ids = tokenizer.encode(" the").ids
+    assert "".join(names(i) for i in ids) == " the"
+    partial = next(i for i in range(3, tokenizer.get_vocab_size()) if names(i).startswith("bytes:"))
+    assert names(partial).startswith("bytes:\\x")

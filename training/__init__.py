@@ -1,0 +1,1 @@
+"""Training module: text -> tokenizer -> CHIAR/baseline checkpoints (python -m training)."""
