@@ -1,0 +1,402 @@
+"""`make bench-server`: the HTTP server under load, CHIAR vs baseline vs a sequential HF Llama loop.
+
+For each checkpoint a real `python -m server` process on loopback serves closed-loop clients
+(1, 8, 32 by default; each sends its requests back to back): streamed /v1/generate (TTFT from
+the first SSE token event) and /v1/perplexity. Reported per level: requests/s, tokens/s,
+latency and TTFT p50/p95/p99. The reference is a sequential loop over HuggingFace transformers'
+`LlamaForCausalLM.generate` of the same size (random weights), on the same prompts. The routing
+overhead (DCT + entropy of the routing layers) is timed separately, in process.
+
+    python -m server.bench [--chiar DIR] [--baseline DIR] [--clients 1 8 32] [--write BENCHMARKS.md]
+
+Without checkpoints (default: checkpoints/chiar-small, checkpoints/baseline-small) it builds
+random-weight ones of chiar-small's size, CHIAR thresholds at each routing layer's median entropy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION = "bench-server"
+RANDOM_SIZE = dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, d_ff=768, max_seq_len=256)
+
+
+# ------------------------------------------------------------------------ checkpoints
+def random_checkpoints(root: Path) -> tuple[Path, Path]:
+    """CHIAR + baseline of equal size with random weights and a BPE tokenizer trained on WikiText-2 valid."""
+    import torch
+
+    from model import ChiarConfig, ChiarLM, save_checkpoint
+    from training.tokenizer import train_tokenizer
+
+    text = (REPO / "data" / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
+    tokenizer = train_tokenizer([text], vocab_size=RANDOM_SIZE["vocab_size"])
+    config = ChiarConfig(**{**RANDOM_SIZE, "vocab_size": tokenizer.get_vocab_size()})
+    ids = torch.tensor([[config.bos_token_id, *tokenizer.encode(text[:20000]).ids[: config.max_seq_len - 1]]])
+    torch.manual_seed(0)
+    probe = ChiarLM(config).eval()
+    thresholds = [float(t) for t in probe.infer(ids).routing.entropy[0, :, 1:-1].nanmedian(dim=0).values]
+    torch.manual_seed(0)
+    chiar = ChiarLM(config.replace(thresholds=thresholds)).eval()
+    torch.manual_seed(0)
+    baseline = ChiarLM(config.replace(arch="baseline")).eval()
+    return save_checkpoint(chiar, tokenizer, root / "chiar-random"), save_checkpoint(baseline, tokenizer, root / "baseline-random")
+
+
+# ------------------------------------------------------------------------ server process
+class Server:
+    def __init__(self, checkpoint: Path, log: Path, threads: int | None) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "CHIAR_QUEUE_SIZE": "1024", "CHIAR_MAX_BATCH_SIZE": "32"}
+        if threads:
+            env["CHIAR_THREADS"] = str(threads)
+        self.log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--log-level", "warning"], cwd=REPO, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server not ready after 180 s; see {log}")
+            time.sleep(0.2)
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=10).text
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+# ------------------------------------------------------------------------ load
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def generate_once(client: httpx.AsyncClient, prompt: str, max_new_tokens: int, seed: int) -> dict[str, float]:
+    body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0.8, "seed": seed, "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with client.stream("POST", "/v1/generate", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"generate: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("type") == "token":
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                tokens += len(event["token_ids"])
+            elif "error" in event:
+                raise RuntimeError(f"generate: {event['error']}")
+    return {"latency": time.perf_counter() - start, "ttft": ttft or float("nan"), "tokens": tokens}
+
+
+async def perplexity_once(client: httpx.AsyncClient, text: str) -> dict[str, float]:
+    start = time.perf_counter()
+    r = await client.post("/v1/perplexity", json={"text": text})
+    if r.status_code != 200:
+        raise RuntimeError(f"perplexity: HTTP {r.status_code}: {r.text[:300]}")
+    return {"latency": time.perf_counter() - start, "ttft": float("nan"), "tokens": r.json()["results"][0]["tokens"]}
+
+
+async def closed_loop(url: str, clients: int, per_client: int, make: Any) -> dict[str, Any]:
+    """`clients` concurrent workers, each sending `per_client` requests back to back."""
+    results: list[dict[str, float]] = []
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker(w: int) -> None:
+            for i in range(per_client):
+                results.append(await make(client, w * per_client + i))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+        wall = time.perf_counter() - start
+    return summarise(results, wall, clients)
+
+
+def summarise(results: list[dict[str, float]], wall: float, clients: int) -> dict[str, Any]:
+    lat = [r["latency"] for r in results]
+    ttft = [r["ttft"] for r in results if r["ttft"] == r["ttft"]]
+    return {"clients": clients, "requests": len(results), "wall_s": wall, "req_per_s": len(results) / wall,
+            "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+            **{f"lat_p{q}": percentile(lat, q / 100) * 1000 for q in (50, 95, 99)},
+            **{f"ttft_p{q}": percentile(ttft, q / 100) * 1000 for q in (50, 95, 99)}}
+
+
+def bench_server(name: str, checkpoint: Path, prompts: list[str], texts: list[str], args: argparse.Namespace, log_dir: Path) -> list[dict]:
+    server = Server(checkpoint, log_dir / f"{name}.log", args.threads)
+    rows = []
+    try:
+        for clients in args.clients:
+            per_client = max(args.min_requests // clients, args.requests_per_client)
+
+            async def gen(client: httpx.AsyncClient, i: int) -> dict[str, float]:
+                return await generate_once(client, prompts[i % len(prompts)], args.max_new_tokens, seed=i)
+
+            async def ppl(client: httpx.AsyncClient, i: int) -> dict[str, float]:
+                return await perplexity_once(client, texts[i % len(texts)])
+
+            for workload, make in (("generate", gen), ("perplexity", ppl)):
+                row = {"model": name, "workload": workload, **asyncio.run(closed_loop(server.url, clients, per_client, make))}
+                rows.append(row)
+                print(f"{name:>9} {workload:>10} c={clients:<3} {row['req_per_s']:7.2f} req/s {row['tokens_per_s']:9.1f} tok/s "
+                      f"p50 {row['lat_p50']:8.1f} ms p95 {row['lat_p95']:8.1f} ms ttft p50 {row['ttft_p50']:7.1f} ms", flush=True)
+        flops = [line for line in server.metrics().splitlines() if line.startswith("chiar_flops_total")]
+        rows.append({"model": name, "workload": "flops", "lines": flops})
+    finally:
+        server.stop()
+    return rows
+
+
+# ------------------------------------------------------------------------ HF reference and routing overhead
+def hf_sequential(checkpoint: Path, prompts: list[str], max_new_tokens: int, n: int, threads: int | None) -> dict[str, Any] | None:
+    import torch
+
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        print("transformers is not installed: skipping the HF reference", flush=True)
+        return None
+    from model import load_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_checkpoint(checkpoint)
+    cfg = model.config
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+                                      max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
+                                      bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)).eval()
+    results = []
+    with torch.inference_mode():
+        ids = torch.tensor([[cfg.bos_token_id, *tokenizer.encode(prompts[0]).ids]])
+        hf.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+        start_all = time.perf_counter()
+        for i in range(n):
+            ids = torch.tensor([[cfg.bos_token_id, *tokenizer.encode(prompts[i % len(prompts)]).ids]])
+            start = time.perf_counter()
+            hf(ids)  # prefill alone: the TTFT a sequential server would give
+            ttft = time.perf_counter() - start
+            start = time.perf_counter()
+            out = hf.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+            results.append({"latency": time.perf_counter() - start, "ttft": ttft, "tokens": out.shape[1] - ids.shape[1]})
+        wall = time.perf_counter() - start_all - sum(r["ttft"] for r in results)
+    row = {"model": "HF Llama", "workload": "generate", **summarise(results, wall, 1)}
+    row["params"] = sum(p.numel() for p in hf.parameters())
+    return row
+
+
+def routing_overhead(checkpoint: Path, batch: int, seq: int, repeats: int = 5) -> dict[str, float]:
+    """Prefill time vs the routing work alone (spectral entropy, DCT included, in each routing layer) on the same tokens."""
+    import torch
+
+    from model import load_checkpoint, spectral_entropy
+
+    model, _ = load_checkpoint(checkpoint)
+    cfg = model.config
+    seq = min(seq, cfg.max_seq_len)
+    ids = torch.randint(3, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch * seq, cfg.d_model)
+
+    def timed(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000
+
+    with torch.inference_mode():
+        prefill = timed(lambda: model.infer(ids))
+        routing = timed(lambda: [spectral_entropy(x) for _ in range(cfg.n_routing_layers)])
+    return {"batch": batch, "seq": seq, "prefill_ms": prefill, "routing_ms": routing, "layers": cfg.n_routing_layers}
+
+
+# ------------------------------------------------------------------------ report
+def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argparse.Namespace, names: dict[str, Path], plot: Path | None) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "uncommitted"
+    import torch
+
+    lines = ["## Server under load (`make bench-server`)", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), torch {torch.__version__}, "
+             f"{args.threads or torch.get_num_threads()} torch threads per process; {dt.date.today().isoformat()}, commit {commit}.",
+             "Checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in names.items()) + ".",
+             f"Closed-loop clients on loopback; generate = streamed `/v1/generate`, {args.max_new_tokens} new tokens "
+             "(temperature 0.8, seeded, EOS ignored); perplexity = `/v1/perplexity` on WikiText-2 test paragraphs. "
+             "Latency and TTFT in ms.", "",
+             "| model | workload | clients | requests | req/s | tokens/s | latency p50 | p95 | p99 | TTFT p50 | p95 | p99 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    table = [r for r in rows if r["workload"] != "flops"] + ([hf] if hf else [])
+    for r in table:
+        lines.append(f"| {r['model']} | {r['workload']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['lat_p50']:.1f} | {r['lat_p95']:.1f} | {r['lat_p99']:.1f} | {fmt(r['ttft_p50'])} | {fmt(r['ttft_p95'])} | {fmt(r['ttft_p99'])} |")
+    lines.append("")
+
+    def pick(model: str, workload: str, clients: int) -> dict | None:
+        return next((r for r in rows if r["model"] == model and r["workload"] == workload and r.get("clients") == clients), None)
+
+    c8 = 8 if 8 in args.clients else max(args.clients)
+    chiar, base = pick("CHIAR", "generate", c8), pick("baseline", "generate", c8)
+    checks = []
+    if chiar and hf:
+        ratio = chiar["tokens_per_s"] / hf["tokens_per_s"]
+        checks.append(f"- generated tokens/s at {c8} clients vs the sequential HF loop: **{ratio:.2f}x** (target >= 3x: {'met' if ratio >= 3 else 'not met'})")
+    if chiar and base:
+        ratio = chiar["tokens_per_s"] / base["tokens_per_s"]
+        checks.append(f"- CHIAR vs baseline generated tokens/s at {c8} clients: **{ratio:.2f}x** (target >= 1.2x: {'met' if ratio >= 1.2 else 'not met'})")
+        pc, pb = pick("CHIAR", "perplexity", c8), pick("baseline", "perplexity", c8)
+        if pc and pb:
+            checks.append(f"- CHIAR vs baseline scored tokens/s (perplexity) at {c8} clients: **{pc['tokens_per_s'] / pb['tokens_per_s']:.2f}x**")
+    if chiar:
+        checks.append(f"- TTFT p50 at {c8} clients: **{chiar['ttft_p50']:.1f} ms** (target < 100 ms: {'met' if chiar['ttft_p50'] < 100 else 'not met'})")
+    for r in rows:
+        if r["workload"] == "flops":
+            values = {line.split('"')[1]: float(line.split()[-1]) for line in r["lines"]}
+            if values.get("dense_equivalent"):
+                checks.append(f"- {r['model']}: executed / dense-equivalent FLOPs over the run = {values['executed'] / values['dense_equivalent']:.3f}")
+    if overhead:
+        checks.append(f"- routing overhead (DCT + entropy, {overhead['layers']} routing layers, batch {overhead['batch']} x {overhead['seq']} tokens): "
+                      f"{overhead['routing_ms']:.2f} ms of a {overhead['prefill_ms']:.2f} ms CHIAR prefill "
+                      f"({100 * overhead['routing_ms'] / overhead['prefill_ms']:.0f}%)")
+    lines += ["Targets (measured, not asserted):", "", *checks, ""]
+    if plot is not None:
+        lines += [f"![latency vs concurrency]({os.path.relpath(plot, args.write.parent if args.write else REPO)})", ""]
+    return "\n".join(lines)
+
+
+def fmt(value: float) -> str:
+    return "-" if value != value else f"{value:.1f}"
+
+
+def make_plot(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for model, style, colour in (("CHIAR", "-o", "tab:blue"), ("baseline", "--s", "tab:red")):
+        for ax, workload, key, title in ((axes[0], "generate", "lat", "generate latency"), (axes[1], "generate", "ttft", "time to first token"),
+                                         (axes[2], "perplexity", "lat", "perplexity latency")):
+            data = [r for r in rows if r["model"] == model and r["workload"] == workload]
+            if not data:
+                continue
+            xs = [r["clients"] for r in data]
+            for q, alpha in ((50, 1.0), (95, 0.6), (99, 0.3)):
+                ax.plot(xs, [r[f"{key}_p{q}"] for r in data], style, color=colour, alpha=alpha, label=f"{model} p{q}")
+            ax.set_title(title)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel("ms")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_section(path: Path, body: str) -> None:
+    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body}{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def workload_text(n_prompts: int) -> tuple[list[str], list[str]]:
+    paragraphs = [p.strip() for p in (REPO / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split("\n") if len(p.strip()) > 400]
+    prompts = [" ".join(p.split()[:24]) for p in paragraphs[:n_prompts]]
+    texts = [" ".join(p.split()[:150]) for p in paragraphs[:n_prompts]]
+    return prompts, texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chiar", type=Path, default=REPO / "checkpoints" / "chiar-small")
+    p.add_argument("--baseline", type=Path, default=REPO / "checkpoints" / "baseline-small")
+    p.add_argument("--random", action="store_true", help="use random-weight checkpoints of chiar-small's size even if trained ones exist")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--min-requests", type=int, default=16, help="at least this many requests per level")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--hf-requests", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (server and HF loop); default: torch's choice")
+    p.add_argument("--write", type=Path, default=None, help="markdown file to update (BENCHMARKS.md)")
+    p.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "bench_server_latency.png")
+    p.add_argument("--json", type=Path, default=None, help="also dump raw rows as JSON")
+    args = p.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
+    if args.random or not (args.chiar / "config.json").is_file() or not (args.baseline / "config.json").is_file():
+        print("building random-weight checkpoints of chiar-small's size ...", flush=True)
+        args.chiar, args.baseline = random_checkpoints(tmp)
+    names = {"CHIAR": args.chiar, "baseline": args.baseline}
+    prompts, texts = workload_text(64)
+    rows: list[dict] = []
+    for name, path in names.items():
+        rows += bench_server(name, path, prompts, texts, args, tmp)
+    hf = hf_sequential(args.chiar, prompts, args.max_new_tokens, args.hf_requests, args.threads)
+    if hf:
+        print(f"HF Llama sequential: {hf['tokens_per_s']:.1f} tok/s, p50 {hf['lat_p50']:.1f} ms", flush=True)
+    overhead = routing_overhead(args.chiar, batch=8, seq=256)
+    plot = make_plot(rows, args.plot) if args.write else None
+    body = render(rows, hf, overhead, args, {k: v.relative_to(REPO) if v.is_relative_to(REPO) else v for k, v in names.items()}, plot)
+    print(body)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "hf": hf, "overhead": overhead}, indent=2))
+    if args.write:
+        write_section(args.write, body)
+        print(f"wrote {args.write}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Paper-reproduction experiments (EXPERIMENTS.md): ablation, routing collapse, mixed data, efficiency, figures."""
