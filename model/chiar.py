@@ -86,6 +86,14 @@ class _InferContext:
         self.collect_kv = collect_kv
         self.kv: list[LayerKV | None] = [None] * n_layers
         self.flops = fl.FlopCount.empty(n_layers)
+        self.tokens_per_seq = torch.bincount(batch_idx, minlength=batch_size).double()
+        self.seq_executed = torch.zeros(batch_size, dtype=torch.float64, device=batch_idx.device)
+
+    def charge(self, layer: int, operator: str, per_token: float, sel: Tensor | None = None) -> None:
+        """Book per_token FLOPs for each flat token in sel (all tokens when None), in total and per sequence."""
+        counts = self.tokens_per_seq if sel is None else torch.bincount(self.batch_idx[sel], minlength=self.batch_size).double()
+        self.seq_executed += per_token * counts
+        self.flops.add(layer, operator, per_token * float(counts.sum()))
 
     def attend(self, layer: int, attention: CausalSelfAttention, u_sel: Tensor, sel: Tensor) -> Tensor:
         """Attention for the flat tokens `sel` only; records K/V and the FLOPs actually spent."""
@@ -94,14 +102,20 @@ class _InferContext:
             cache = self.state.layers[layer]
             assert cache is not None
             out = attention.forward_decode(u_sel, self.positions[sel], sel, cache)
-            pairs = int(cache.lengths[sel].sum())
+            counts = torch.zeros(self.batch_size, dtype=torch.float64, device=sel.device)
+            counts[sel] = 1.0
+            pairs = torch.zeros_like(counts)
+            pairs[sel] = cache.lengths[sel].double()
         else:
             packed = PackedTokens.build(self.batch_idx[sel], self.batch_size)
             out, kv = attention.forward_packed(u_sel, self.positions[sel], packed)
             if self.collect_kv:
                 self.kv[layer] = kv
-            pairs = fl.causal_pairs(packed.counts.tolist())
-        self.flops.add(layer, "attention", fl.attention_flops(d, sel.numel(), pairs))
+            counts = packed.counts.double()
+            pairs = counts * (counts + 1) / 2
+        per_seq = fl.attention_flops(d, 1, 0) * counts + fl.attention_flops(d, 0, 1) * pairs
+        self.seq_executed += per_seq
+        self.flops.add(layer, "attention", float(per_seq.sum()))
         return out
 
     def no_attention(self, layer: int, attention: CausalSelfAttention, like: Tensor) -> None:
@@ -237,19 +251,19 @@ class Block(nn.Module):
                 is_open = torch.ones(n, dtype=torch.bool, device=u.device)
             else:
                 is_open = gate >= 0.5
-                ctx.flops.add(layer, "router", 3.0 * d * n)  # running mean + gate dot product
+                ctx.charge(layer, "router", 3.0 * d)  # running mean + gate dot product
             sel = is_open.nonzero().squeeze(1)
             if sel.numel():  # the DCT runs only where the gate is open
                 y[sel] = self.dct_mix(u[sel])
-                ctx.flops.add(layer, "dct", 2 * fl.transform_flops(d, sel.numel()) + d * sel.numel())
+                ctx.charge(layer, "dct", 2 * fl.transform_flops(d, 1) + d, sel)
             operator = torch.where(is_open, DCT, IDENTITY).to(torch.int8)
         else:
             coefficients = dct(u.to(spectral_dtype(u.dtype)))
             entropy = entropy_from_coefficients(coefficients, cfg.entropy_eps)
-            ctx.flops.add(layer, "router", fl.transform_flops(d, n) + fl.entropy_flops(d, n))
+            ctx.charge(layer, "router", fl.transform_flops(d, 1) + fl.entropy_flops(d, 1))
             if isinstance(self.router, ThreeWayRouter):
                 choice = self.router.logits(u, entropy).argmax(-1)
-                ctx.flops.add(layer, "router", 6.0 * d * n)
+                ctx.charge(layer, "router", 6.0 * d)
                 operator = torch.tensor(_THREE_WAY_IDS, dtype=torch.int8, device=u.device)[choice]
             else:
                 operator = torch.where(self.router.hard_attention(entropy), ATTENTION, DCT).to(torch.int8)
@@ -257,11 +271,11 @@ class Block(nn.Module):
             dct_sel = (operator == DCT).nonzero().squeeze(1)
             if dct_sel.numel():  # inverse transform and filter only for DCT-routed tokens
                 y[dct_sel] = self.dct_mix.from_coefficients(coefficients[dct_sel], u.dtype)
-                ctx.flops.add(layer, "dct", fl.transform_flops(d, dct_sel.numel()) + d * dct_sel.numel())
+                ctx.charge(layer, "dct", fl.transform_flops(d, 1) + d, dct_sel)
             rbf_sel = (operator == RBF).nonzero().squeeze(1)
             if rbf_sel.numel():
                 y[rbf_sel] = self.rbf(u[rbf_sel])
-                ctx.flops.add(layer, "rbf", fl.rbf_flops(d, cfg.rbf_centers, rbf_sel.numel()))
+                ctx.charge(layer, "rbf", fl.rbf_flops(d, cfg.rbf_centers, 1), rbf_sel)
             attn_sel = (operator == ATTENTION).nonzero().squeeze(1)
             if attn_sel.numel():
                 y[attn_sel] = ctx.attend(layer, self.attention, u[attn_sel], attn_sel)
@@ -269,7 +283,7 @@ class Block(nn.Module):
                 ctx.no_attention(layer, self.attention, u)
         x = x + y
         x = x + self.ffn(self.ffn_norm(x))
-        ctx.flops.add(layer, "ffn", fl.ffn_flops(d, cfg.d_ff, n))
+        ctx.charge(layer, "ffn", fl.ffn_flops(d, cfg.d_ff, 1))
         return x, operator, entropy
 
 
@@ -372,6 +386,17 @@ class ChiarLM(nn.Module):
         counts = torch.stack([torch.bincount(op[op >= 0].long(), minlength=4) for op in operator.permute(2, 0, 1)])
         return RoutingInfo(operator, entropy, gate, counts)
 
+    def _finish_flops(self, ctx: _InferContext, logits_per_seq: Tensor, tokens_per_seq: Tensor, pairs_per_seq: Tensor) -> None:
+        """LM head and the dense-baseline equivalent, in total and per sequence."""
+        cfg = self.config
+        head = fl.lm_head_flops(cfg.d_model, cfg.vocab_size, 1)
+        ctx.flops.lm_head = head * float(logits_per_seq.sum())
+        self._dense_flops(ctx.flops, int(tokens_per_seq.sum()), int(pairs_per_seq.sum()))
+        dense_layer = fl.attention_flops(cfg.d_model, 1, 0) * tokens_per_seq + fl.attention_flops(cfg.d_model, 0, 1) * pairs_per_seq
+        dense_layer = dense_layer + fl.ffn_flops(cfg.d_model, cfg.d_ff, 1) * tokens_per_seq
+        ctx.flops.per_sequence_executed = (ctx.seq_executed + head * logits_per_seq).tolist()
+        ctx.flops.per_sequence_dense = (cfg.n_layers * dense_layer + head * logits_per_seq).tolist()
+
     def _dense_flops(self, flops: fl.FlopCount, n_tokens: int, pairs: int) -> None:
         """Dense-baseline-equivalent: full attention + FFN in every layer, and the LM head."""
         cfg = self.config
@@ -414,7 +439,7 @@ class ChiarLM(nn.Module):
             block.reference_flops(flops, layer, n_tokens, pairs)
         if self.metarouter is not None:
             flops.add(0, "router", 3.0 * cfg.d_model * n_tokens)
-        flops.lm_head = 2.0 * cfg.d_model * cfg.vocab_size * n_tokens
+        flops.lm_head = fl.lm_head_flops(cfg.d_model, cfg.vocab_size, n_tokens)
         self._dense_flops(flops, n_tokens, pairs)
         return ModelOutput(logits, routing, flops, loss, aux_loss)
 
@@ -449,13 +474,11 @@ class ChiarLM(nn.Module):
         if all_logits:
             logits = x.new_zeros((batch, seq, cfg.vocab_size))
             logits[batch_idx, positions] = self.lm_head(self.final_norm(x))
-            n_head = x.shape[0]
         else:
             last = torch.cumsum(lengths, 0) - 1  # flat index of each sequence's last token
             logits = self.lm_head(self.final_norm(x[last])).unsqueeze(1)
-            n_head = batch
-        ctx.flops.lm_head = 2.0 * cfg.d_model * cfg.vocab_size * n_head
-        self._dense_flops(ctx.flops, x.shape[0], fl.causal_pairs(lengths.tolist()))
+        tokens = lengths.double()
+        self._finish_flops(ctx, tokens if all_logits else torch.ones_like(tokens), tokens, tokens * (tokens + 1) / 2)
         op_full = torch.full((batch, seq, cfg.n_layers), PAD, dtype=torch.int8, device=x.device)
         op_full[batch_idx, positions] = operator
         ent_full = torch.full((batch, seq, cfg.n_layers), float("nan"), dtype=entropy.dtype, device=x.device)
@@ -499,8 +522,8 @@ class ChiarLM(nn.Module):
         x, operator, entropy = self._run_blocks(x, gate, ctx)
         state.lengths += 1
         logits = self.lm_head(self.final_norm(x)).unsqueeze(1)
-        ctx.flops.lm_head = 2.0 * cfg.d_model * cfg.vocab_size * batch
-        self._dense_flops(ctx.flops, batch, int(state.lengths.sum()))
+        ones = torch.ones(batch, dtype=torch.float64, device=x.device)
+        self._finish_flops(ctx, ones, ones, state.lengths.double())
         valid = torch.ones(batch, 1, dtype=torch.bool, device=x.device)
         gate_out = gate.unsqueeze(1) if gate is not None else torch.full((batch, 1), float("nan"), device=x.device)
         routing = self._routing_info(operator.unsqueeze(1), entropy.unsqueeze(1), gate_out, valid)

@@ -40,6 +40,10 @@ def rbf_flops(d: int, n_centers: int, tokens: int) -> float:
     return 4.0 * d * n_centers * tokens
 
 
+def lm_head_flops(d: int, vocab_size: int, tokens: float) -> float:
+    return 2.0 * d * vocab_size * tokens
+
+
 @dataclass
 class FlopCount:
     """Executed and dense-baseline-equivalent FLOPs, with a per-layer, per-operator breakdown."""
@@ -47,6 +51,9 @@ class FlopCount:
     per_layer: list[dict[str, float]] = field(default_factory=list)
     dense_per_layer: list[float] = field(default_factory=list)
     lm_head: float = 0.0
+    # Inference path only: each sequence's own share (exact, independent of its batch neighbours).
+    per_sequence_executed: list[float] = field(default_factory=list)
+    per_sequence_dense: list[float] = field(default_factory=list)
 
     @staticmethod
     def empty(n_layers: int) -> FlopCount:
@@ -73,7 +80,12 @@ class FlopCount:
                 mine[key] += value
         self.dense_per_layer = [a + b for a, b in zip(self.dense_per_layer, other.dense_per_layer)]
         self.lm_head += other.lm_head
+        if self.per_sequence_executed and len(self.per_sequence_executed) == len(other.per_sequence_executed):
+            self.per_sequence_executed = [a + b for a, b in zip(self.per_sequence_executed, other.per_sequence_executed)]
+            self.per_sequence_dense = [a + b for a, b in zip(self.per_sequence_dense, other.per_sequence_dense)]
         return self
 
     def to_dict(self) -> dict[str, object]:
-        return {"executed": self.executed, "dense": self.dense, "ratio": self.ratio, "per_layer": self.per_layer, "lm_head": self.lm_head}
+        return {"executed": self.executed, "dense": self.dense, "ratio": self.ratio, "per_layer": self.per_layer,
+                "lm_head": self.lm_head, "per_sequence_executed": self.per_sequence_executed,
+                "per_sequence_dense": self.per_sequence_dense}

@@ -367,15 +367,13 @@ class Engine:
         self._record_forward("prefill", seconds, len(jobs), out, gate)
         if self._record:
             self.metrics.prompt_tokens.inc(sum(lens))
-        total = sum(lens)
         if all_logits:
             last = torch.stack([out.logits[b, lens[b] - 1] for b in range(len(jobs))]).float()
         else:
             last = out.logits[:, 0].float()
         for b, job in enumerate(jobs):
-            share = lens[b] / total
-            job.flops[0] += out.flops.executed * share
-            job.flops[1] += out.flops.dense * share
+            job.flops[0] += out.flops.per_sequence_executed[b]
+            job.flops[1] += out.flops.per_sequence_dense[b]
             job.stream = TextStream(self.tokenizer, job.params.stop)
             job.generator = make_generator(job.params.seed)
             if job.params.return_routing:
@@ -402,7 +400,6 @@ class Engine:
         gate = out.routing.gate[:, 0] if out.routing.gate is not None else None
         self._record_forward("decode", seconds, len(jobs), out, gate)
         logits = out.logits[:, 0].float()
-        share = 1.0 / len(jobs)
         ops = ent = gates = None
         if any(job.params.return_routing for job in jobs):
             ops = out.routing.operator[:, 0].tolist()
@@ -411,8 +408,8 @@ class Engine:
         next_tokens = self._sample(jobs, logits)
         keep = []
         for b, job in enumerate(jobs):
-            job.flops[0] += out.flops.executed * share
-            job.flops[1] += out.flops.dense * share
+            job.flops[0] += out.flops.per_sequence_executed[b]
+            job.flops[1] += out.flops.per_sequence_dense[b]
             if job.routing is not None and ops is not None:
                 job.routing["operator"].append(ops[b])
                 job.routing["entropy"].append(ent[b])

@@ -104,3 +104,25 @@ def test_decode_state_select_and_concat() -> None:
     again = model.decode_step(torch.tensor([3]), kept)
     ref = model.infer(torch.cat([b_ids, tokens[1:].view(1, 1), torch.tensor([[3]])], 1))
     torch.testing.assert_close(again.logits[0, 0], ref.logits[0, -1], rtol=0, atol=1e-10)
+
+
+def test_per_sequence_flops_sum_to_total_and_ignore_batch_neighbours() -> None:
+    model = make_model(tiny_config(n_layers=5), seed=8)
+    lengths = [9, 4, 13]
+    width = max(lengths)
+    ids = torch.randint(0, 61, (3, width), generator=torch.Generator().manual_seed(8))
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    for all_logits in (True, False):
+        out, state = model.prefill(ids * mask, mask, all_logits=all_logits)
+        assert sum(out.flops.per_sequence_executed) == out.flops.executed
+        assert sum(out.flops.per_sequence_dense) == out.flops.dense
+        step = model.decode_step(torch.tensor([1, 2, 3]), state)
+        assert abs(sum(step.flops.per_sequence_executed) - step.flops.executed) < 1e-6 * step.flops.executed
+        assert abs(sum(step.flops.per_sequence_dense) - step.flops.dense) < 1e-6 * step.flops.dense
+        for b, length in enumerate(lengths):
+            alone, alone_state = model.prefill(ids[b:b + 1, :length], all_logits=all_logits)
+            assert alone.flops.per_sequence_executed == [out.flops.per_sequence_executed[b]] == [alone.flops.executed]
+            assert alone.flops.per_sequence_dense == [out.flops.per_sequence_dense[b]] == [alone.flops.dense]
+            alone_step = model.decode_step(torch.tensor([b + 1]), alone_state)
+            assert alone_step.flops.per_sequence_executed == [step.flops.per_sequence_executed[b]]
+            assert alone_step.flops.per_sequence_dense == [step.flops.per_sequence_dense[b]]

@@ -286,23 +286,28 @@ def test_same_seed_same_text_alone_and_under_load(server: ServerProcess) -> None
     targets = [{"prompt": PROMPT, "max_new_tokens": 40, "temperature": 0.9, "seed": 1234, "ignore_eos": True},
                {"prompt": "In 1990 the band", "max_new_tokens": 25, "temperature": 0, "ignore_eos": True}]
     with httpx.Client(base_url=server.url, timeout=120) as c:
-        alone = [c.post("/v1/generate", json=t).json()["token_ids"] for t in targets]
+        alone_bodies = [c.post("/v1/generate", json=t).json() for t in targets]
+        alone = [b["token_ids"] for b in alone_bodies]
+        alone_flops = [b["flops"] for b in alone_bodies]
         before = c.get("/metrics").text
 
-    def one(i: int) -> tuple[int, list[int]]:
+    def one(i: int) -> tuple[int, list[int], dict]:
         body = targets[i % 2] if i % 5 == 2 else {
             "prompt": f"Noise prompt number {i} " * (1 + i % 4), "max_new_tokens": 10 + 7 * (i % 5),
             "temperature": 1.0, "seed": i, "ignore_eos": True}
         r = httpx.post(server.url + "/v1/generate", json=body, timeout=120)
         assert r.status_code == 200, r.text
-        return i, r.json()["token_ids"]
+        return i, r.json()["token_ids"], r.json()["flops"]
 
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(one, range(24)))
     checked = 0
-    for i, tokens in results:
+    for i, tokens, flops in results:
         if i % 5 == 2:
             assert tokens == alone[i % 2], f"request {i} changed under load"
+            # a request's FLOPs are its own, whoever shares the batch
+            assert flops["executed"] == pytest.approx(alone_flops[i % 2]["executed"], rel=1e-12)
+            assert flops["dense"] == pytest.approx(alone_flops[i % 2]["dense"], rel=1e-12)
             checked += 1
     assert checked >= 4
     # the load really was batched: some decode steps ran with more than one sequence

@@ -1,0 +1,168 @@
+"""Mixed-dataset training (paper Sec. 5.4): WikiText-2 + tiny Shakespeare + ListOps vs WikiText-2 alone.
+
+Both models are the ablation's `threshold_reg` CHIAR recipe (same size, tokenizer, calibrated
+thresholds, steps and seed); the single-source model *is* the ablation row (reused when cached).
+The mixed model samples each micro-batch from one source by weight (WikiText-2 0.5, Shakespeare
+0.25, ListOps 0.25). Reported: per-source token PPL (training-mode and hard-gated inference path)
+on each source's held-out tail, ListOps final-answer accuracy (argmax over the ten digits after
+``=``), and the MetaRouter gate per source: its trajectory over training (from the training log)
+and, at the end, its mean and the share of tokens whose hard gate opens (g >= 0.5).
+
+    python -m training.experiments.mixed --size cpu [--publish]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.calibrate import load_frozen
+from training.experiments.common import (
+    Context,
+    add_common_args,
+    best_checkpoint,
+    ensure_trained,
+    eval_texts,
+    log,
+    read_train_log,
+    resolve,
+    routing_profile,
+    score,
+    test_source,
+    wiki_sources,
+    write_result,
+)
+from training.experiments.recipes import calibration, chiar_config, chiar_variant
+from training.plots import plot_gate_by_source
+
+ROUTING = "threshold_reg"
+
+
+def mixed_sources(ctx: Context) -> list[dict[str, Any]]:
+    s = ctx.size
+    shakespeare: dict[str, Any] = {"name": "shakespeare", "corpus": "tinyshakespeare", "weight": 0.25, "holdout": 0.05}
+    if s.train_max_bytes:
+        shakespeare["max_bytes"] = s.train_max_bytes
+    listops = {"name": "listops", "weight": 0.25, "holdout": 0.05,
+               "listops": {"num_examples": s.listops_examples, "seed": 0, "max_depth": 3, "max_args": 5,
+                           "max_length": s.listops_max_length}}
+    wiki = {**wiki_sources(s)[0], "weight": 0.5}
+    return [wiki, shakespeare, listops]
+
+
+@torch.no_grad()
+def listops_accuracy(model: Any, tok: Any, text: str, limit: int, seq_len: int, device: torch.device,
+                     path: str = "infer") -> dict[str, Any]:
+    """Final-answer accuracy on held-out `expr = d` lines: argmax over the ten digit continuations."""
+    digits = []
+    for d in range(10):
+        ids = tok.encode(f"[MAX 1 ] = {d}", add_special_tokens=False).ids
+        digits.append(ids[-1])
+    examples = []
+    for line in text.splitlines():
+        expr, sep, ans = line.rpartition(" = ")
+        if not sep or not ans.strip().isdigit():
+            continue
+        prefix = [1, *tok.encode(expr + " =", add_special_tokens=False).ids]
+        full = [1, *tok.encode(line, add_special_tokens=False).ids]
+        if len(full) != len(prefix) + 1 or full[:-1] != prefix or full[-1] != digits[int(ans)] or len(prefix) > seq_len:
+            continue  # answer not a single digit token after this prefix (tokenizer merge): skip, counted below
+        examples.append((prefix, int(ans)))
+        if len(examples) >= limit:
+            break
+    if not examples:
+        return {"accuracy": None, "examples": 0}
+    correct = 0
+    preds: list[int] = []
+    for start in range(0, len(examples), 16):
+        group = examples[start : start + 16]
+        width = max(len(p) for p, _ in group)
+        inp = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for r, (p, _) in enumerate(group):
+            inp[r, : len(p)] = torch.tensor(p)
+            mask[r, : len(p)] = 1
+        inp, mask = inp.to(device), mask.to(device)
+        out = model.infer(inp, attention_mask=mask) if path == "infer" else model(inp, attention_mask=mask)
+        last = mask.sum(1) - 1
+        logits = out.logits[torch.arange(len(group), device=device), last][:, digits]
+        pred = logits.argmax(-1).cpu().tolist()
+        preds.extend(pred)
+        correct += sum(int(p == a) for p, (_, a) in zip(pred, group))
+    answers = [a for _, a in examples]
+    majority = Counter(answers).most_common(1)[0]
+    return {"accuracy": correct / len(examples), "examples": len(examples),
+            "majority_class": majority[0], "majority_accuracy": majority[1] / len(examples),
+            "predicted_distribution": dict(Counter(preds))}
+
+
+def _model_report(ctx: Context, label: str, cfg: dict[str, Any], texts: list[Any]) -> dict[str, Any]:
+    ckpt = best_checkpoint(Path(cfg["out_dir"]))
+    log(f"score {label} ({ckpt})")
+    scores = score(ckpt, texts, ctx.size.seq_len, ("reference", "infer"), ctx.device)
+    device = resolve(ctx.device)
+    model, tok = load_frozen(str(ckpt), device)
+    report: dict[str, Any] = {"checkpoint": str(ckpt), "ppl": {}, "gate": {}}
+    for path, sets in scores.items():
+        report["ppl"][path] = {name: m["token_ppl"] for name, m in sets.items()}
+    windows = 16 if ctx.size.name != "tiny" else 2
+    for t in texts:
+        ids = [1, *tok.encode(t.text, add_special_tokens=False).ids]
+        prof = routing_profile(model, ids, ctx.size.seq_len, "infer", windows, device=device)
+        g = prof["gate"][~np.isnan(prof["gate"])]
+        attn = prof["counts"][1:-1].double()
+        report["gate"][t.name] = {"mean": float(g.mean()), "open_share": float((g >= 0.5).mean()),
+                                  "attention_share_routing_layers": float(attn[:, 3].sum() / attn.sum().clamp(min=1))}
+    listops = next(t for t in texts if t.name == "listops")
+    report["listops_accuracy"] = {
+        path: listops_accuracy(model, tok, listops.text, ctx.size.listops_eval, ctx.size.seq_len, device, path)
+        for path in ("reference", "infer")
+    }
+    return report
+
+
+def run(ctx: Context) -> tuple[dict[str, Any], list[Path]]:
+    seed = ctx.seeds[0]
+    single_cfg, _ = chiar_variant(ctx, seed, ROUTING)
+    cal = calibration(ctx, seed)
+    mixed_cfg = chiar_config(ctx, seed, ROUTING, cal["thresholds"], name=f"mixed-{ROUTING}-s{seed}",
+                             data=mixed_sources(ctx), best_source="wikitext2")
+    ensure_trained(mixed_cfg)
+    # every held-out tail of the mixed sources, plus WikiText-2 test, scores both models
+    texts = eval_texts(mixed_cfg, [test_source(ctx.size)])
+    result: dict[str, Any] = {"routing": ROUTING, "weights": {s["name"]: s["weight"] for s in mixed_cfg["data"]},
+                              "single": _model_report(ctx, "single", single_cfg, texts),
+                              "mixed": _model_report(ctx, "mixed", mixed_cfg, texts)}
+    train_recs, _ = read_train_log(Path(mixed_cfg["out_dir"]))
+    result["gate_trajectory"] = {
+        "mixed": [[r["step"], r["gate_by_source"]] for r in train_recs],
+        "single": [[r["step"], r["gate_by_source"]] for r in read_train_log(Path(single_cfg["out_dir"]))[0]],
+    }
+    result["sources_per_step"] = dict(Counter(s for r in train_recs for s in r["sources"]))
+    figures = []
+    fig = plot_gate_by_source(mixed_cfg["out_dir"], "mixed", ctx.root / "mixed_gate_by_source.png")
+    if fig is not None:
+        figures.append(fig)
+    result["mixed_config"] = copy.deepcopy(mixed_cfg)
+    print(json.dumps({k: result[k]["ppl"] for k in ("single", "mixed")}, indent=1))
+    return result, figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    ctx = Context.from_args(parser.parse_args(argv))
+    result, figures = run(ctx)
+    write_result(ctx, "mixed", result, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
