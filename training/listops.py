@@ -42,18 +42,23 @@ def apply_operator(op: str, values: list[int]) -> int:
     raise ValueError(f"unknown ListOps operator {op!r}")
 
 
-def _tree(rng: random.Random, depth: int, max_depth: int, max_args: int, leaf_prob: float) -> tuple[list[str], int, int]:
-    """Symbols, value and nesting depth of a random operator node at `depth` (root = 1)."""
+def _tree(
+    rng: random.Random, depth: int, max_depth: int, max_args: int, leaf_prob: float, budget: int
+) -> tuple[list[str], int, int]:
+    """Symbols, value and nesting depth of a random operator node at `depth` (root = 1), at most
+    `budget` symbols long (budget >= 4: "[OP", two digits, "]")."""
     op = rng.choice(OPERATORS)
-    n_args = rng.randint(2, max_args)
+    n_args = rng.randint(2, max(2, min(max_args, budget - 2)))
+    spare = budget - 2 - n_args  # symbols left beyond one per argument
     symbols, values, sub_depth = ["[" + op], [], 0
     for _ in range(n_args):
-        if depth >= max_depth or rng.random() < leaf_prob:
+        if depth >= max_depth or spare < 3 or rng.random() < leaf_prob:
             digit = rng.randint(0, 9)
             symbols.append(str(digit))
             values.append(digit)
         else:
-            sub, value, d = _tree(rng, depth + 1, max_depth, max_args, leaf_prob)
+            sub, value, d = _tree(rng, depth + 1, max_depth, max_args, leaf_prob, spare + 1)
+            spare -= len(sub) - 1
             symbols.extend(sub)
             values.append(value)
             sub_depth = max(sub_depth, d)
@@ -65,15 +70,18 @@ def generate_example(
     seed: int, index: int, max_depth: int = 4, max_args: int = 5, min_length: int = 1, max_length: int = 200,
     leaf_prob: float = 0.3,
 ) -> ListOpsExample:
-    """Example `index` of the set seeded by `seed`; resampled until its length is in range."""
+    """Example `index` of the set seeded by `seed`. Trees grow within max_length; ones shorter than
+    min_length are redrawn."""
+    if max_length < 4:
+        raise ValueError(f"max_length: must be >= 4 (the shortest expression, e.g. [MAX 1 2 ]), got {max_length}")
     rng = random.Random(f"listops:{seed}:{index}")
     for _ in range(_MAX_TRIES):
-        symbols, value, depth = _tree(rng, 1, max_depth, max_args, leaf_prob)
-        if min_length <= len(symbols) <= max_length:
+        symbols, value, depth = _tree(rng, 1, max_depth, max_args, leaf_prob, max_length)
+        if len(symbols) >= min_length:
             return ListOpsExample(" ".join(symbols), value, depth, len(symbols))
     raise ValueError(
-        f"listops: no expression with length in [{min_length}, {max_length}] after {_MAX_TRIES} tries "
-        f"(max_depth={max_depth}, max_args={max_args}); widen min_length/max_length"
+        f"min_length: no expression of at least {min_length} symbols in {_MAX_TRIES} tries "
+        f"(max_depth={max_depth}, max_args={max_args}, leaf_prob={leaf_prob}); lower min_length or leaf_prob"
     )
 
 

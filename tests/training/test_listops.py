@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,12 +59,19 @@ def test_answers_depth_and_length_are_right(seed: int, index: int, max_depth: in
     assert ex == generate_example(seed, index, max_depth=max_depth, max_args=max_args, max_length=10_000, leaf_prob=leaf_prob)
 
 
-@settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 1000), lo=st.integers(1, 40), span=st.integers(0, 60))
-def test_length_knob_is_respected(seed: int, lo: int, span: int) -> None:
-    hi = max(lo, 4) + span
-    for ex in generate_listops(10, seed=seed, max_depth=5, min_length=max(lo, 4), max_length=hi, leaf_prob=0.3):
-        assert max(lo, 4) <= ex.length <= hi
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 1000), lo=st.integers(1, 30), span=st.integers(10, 300), depth=st.integers(2, 8))
+def test_length_knob_is_respected(seed: int, lo: int, span: int, depth: int) -> None:
+    hi = lo + span
+    for ex in generate_listops(10, seed=seed, max_depth=depth, min_length=lo, max_length=hi, leaf_prob=0.3):
+        assert lo <= ex.length <= hi
+
+
+def test_impossible_length_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="min_length"):
+        generate_example(0, 0, max_depth=1, max_args=2, min_length=50, max_length=60)
+    with pytest.raises(ValueError, match="max_length"):
+        generate_example(0, 0, max_length=3)
 
 
 def test_seeded_sets_are_deterministic_and_prefix_stable() -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from training.experiments.common import (
-    ROUTING_MODES,
     Context,
     add_common_args,
     best_checkpoint,
@@ -48,14 +47,14 @@ def _row(ctx: Context, cfg: dict[str, Any], done: dict[str, Any], paths: tuple[s
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    per_seed: dict[str, list[dict[str, Any]]] = {"baseline": [], **{m: [] for m in ROUTING_MODES}}
+    per_seed: dict[str, list[dict[str, Any]]] = {"baseline": [], **{m: [] for m in ctx.modes}}
     calibrations = {}
     for seed in ctx.seeds:
         cfg, done, _ = baseline(ctx, seed)
         log(f"score baseline seed {seed}")
         per_seed["baseline"].append(_row(ctx, cfg, done, ("reference",)))
         calibrations[seed] = calibration(ctx, seed)
-        for mode in ROUTING_MODES:
+        for mode in ctx.modes:
             cfg, done = chiar_variant(ctx, seed, mode)
             log(f"score {mode} seed {seed}")
             per_seed[mode].append(_row(ctx, cfg, done, ("reference", "infer")))

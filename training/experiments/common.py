@@ -65,14 +65,14 @@ SIZES: dict[str, Size] = {
     "tiny": Size(
         "tiny", {"d_model": 32, "n_layers": 4, "n_heads": 2, "d_ff": 64, "max_seq_len": 32},
         vocab_size=300, seq_len=32, batch_size=4, max_steps=4, warmup_steps=1, lr=3e-3, eval_every=2,
-        val_max_bytes=3_000, test_max_bytes=3_000, collapse_bytes=2_500, collapse_epochs=2,
+        val_max_bytes=1_500, test_max_bytes=1_500, collapse_bytes=2_500, collapse_epochs=2,
         listops_examples=300, listops_max_length=24, listops_eval=10, train_max_bytes=30_000, speed_batches=1,
     ),
     # ~1M parameters: what 2 shared CPU cores train in the 40-minute budget of all experiments together
     "cpu": Size(
         "cpu", {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 384, "max_seq_len": 128},
         vocab_size=2048, seq_len=128, batch_size=8, max_steps=200, warmup_steps=20, lr=2e-3, eval_every=50,
-        val_max_bytes=30_000, test_max_bytes=60_000, collapse_bytes=160_000, collapse_epochs=4,
+        val_max_bytes=20_000, test_max_bytes=50_000, collapse_bytes=160_000, collapse_epochs=4,
         listops_examples=6000, listops_max_length=60, listops_eval=200,
     ),
     # ~16M parameters (the paper's ablation size); for a GPU
@@ -91,6 +91,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=str(ROOT), help="output root (runs/experiments)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--modes", nargs="+", choices=ROUTING_MODES, default=list(ROUTING_MODES),
+                        help="CHIAR routing modes of the ablation rows (default: all four)")
     parser.add_argument("--publish", action="store_true",
                         help="also copy the results JSON to training/experiments/results/ and figures to docs/figures/")
 
@@ -105,6 +107,7 @@ class Context:
     device: str
     threads: int | None
     publish: bool
+    modes: tuple[str, ...] = ROUTING_MODES
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Context:
@@ -113,7 +116,8 @@ class Context:
         root.mkdir(parents=True, exist_ok=True)
         if args.threads:
             torch.set_num_threads(args.threads)
-        return cls(size, list(args.seeds), root, args.device, args.threads, args.publish)
+        modes = tuple(m for m in ROUTING_MODES if m in args.modes)
+        return cls(size, list(args.seeds), root, args.device, args.threads, args.publish, modes)
 
     def run_dir(self, name: str) -> Path:
         return self.root / name
@@ -324,7 +328,7 @@ def finite(x: float) -> float | None:
 # ---------------------------------------------------------------------------- output
 def write_result(ctx: Context, name: str, result: dict[str, Any], figures: list[Path] = ()) -> Path:
     """Write runs/experiments/<size>/<name>.json; with --publish also copy it (and figures) to the repo."""
-    result = {"experiment": name, "size": ctx.size.name, "seeds": ctx.seeds, "hardware": hardware(),
+    result = {"experiment": name, "size": ctx.size.name, "seeds": ctx.seeds, "modes": list(ctx.modes), "hardware": hardware(),
               "model_size": ctx.size.model, "recipe": _recipe(ctx.size), **result}
     out = ctx.root / f"{name}.json"
     out.write_text(json.dumps(result, indent=1, default=_json_default) + "\n", encoding="utf-8")

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from training.calibrate import load_frozen
+from training.config import SourceConfig
 from training.data import load_documents
 from training.experiments.common import (
-    ROUTING_MODES,
     Context,
     add_common_args,
     best_checkpoint,
@@ -34,7 +34,6 @@ from training.experiments.common import (
     write_result,
 )
 from training.experiments.recipes import baseline, chiar_variant
-from training.config import SourceConfig
 
 PAPER = "400M: CHIAR 37% fewer FLOPs than the baseline (test PPL 27.51 vs 23.58); routing layers: 62.5% fewer attention FLOPs at ~50% routing"
 
@@ -68,7 +67,7 @@ def tokens_per_s(model: Any, batch: torch.Tensor, path: str, repeats: int, devic
 def run(ctx: Context) -> dict[str, Any]:
     seed = ctx.seeds[0]
     rows: list[tuple[str, Path]] = [("baseline", baseline(ctx, seed)[2])]
-    for mode in ROUTING_MODES:
+    for mode in ctx.modes:
         cfg, _ = chiar_variant(ctx, seed, mode)
         rows.append((mode, best_checkpoint(Path(cfg["out_dir"]))))
     device = resolve(ctx.device)

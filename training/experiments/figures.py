@@ -27,7 +27,6 @@ from training.calibrate import load_frozen
 from training.config import SourceConfig
 from training.data import load_documents
 from training.experiments.common import (
-    ROUTING_MODES,
     Context,
     add_common_args,
     best_checkpoint,
@@ -52,7 +51,7 @@ def paragraph(text: str, min_words: int = 40) -> str:
     return " ".join(text.split()[:min_words])
 
 
-def entropy_histograms(base: dict[str, Any], chiar: dict[str, Any], cal: dict[str, Any], out: Path) -> Path:
+def entropy_histograms(base: dict[str, Any], chiar: dict[str, Any], cal: dict[str, Any], out: Path, label: str) -> Path:
     layers = cal["layers"]
     fig, axes = plt.subplots(1, len(layers), figsize=(3.3 * len(layers), 2.8), squeeze=False)
     for ax, lay in zip(axes[0], layers):
@@ -63,7 +62,7 @@ def entropy_histograms(base: dict[str, Any], chiar: dict[str, Any], cal: dict[st
         lo = float(min(b.min(), c.min()))
         bins = np.linspace(lo, 1.0, 50)
         ax.hist(b, bins=bins, alpha=0.55, color="#888888", density=True, label="frozen baseline")
-        ax.hist(c, bins=bins, alpha=0.55, color="#c0504d", density=True, label=f"CHIAR {HEATMAP_MODEL}")
+        ax.hist(c, bins=bins, alpha=0.55, color="#c0504d", density=True, label=f"CHIAR {label}")
         ax.axvline(lay["threshold"], color="black", lw=1.2, label="tau (calibrated)")
         for p in (lay["p33"], lay["p67"]):
             ax.axvline(p, color="black", lw=0.7, ls=":")
@@ -103,14 +102,15 @@ def run(ctx: Context) -> tuple[dict[str, Any], list[Path]]:
     base_ckpt = baseline(ctx, seed)[2]
     cal = calibration(ctx, seed)
     ckpts = {}
-    for mode in ROUTING_MODES:
+    for mode in ctx.modes:
         cfg, _ = chiar_variant(ctx, seed, mode)
         ckpts[mode] = best_checkpoint(Path(cfg["out_dir"]))
+    heat_mode = HEATMAP_MODEL if HEATMAP_MODEL in ckpts else ctx.modes[-1]
     text = "".join(load_documents(SourceConfig(**test_source(ctx.size)), "test"))
     para = paragraph(text, 40 if ctx.size.name != "tiny" else 5)
     figures = []
     max_tokens = 64 if ctx.size.name != "tiny" else 16
-    heat = plot_routing_heatmap(str(ckpts[HEATMAP_MODEL]), para, ctx.root / "routing_heatmap.png", "infer", max_tokens)
+    heat = plot_routing_heatmap(str(ckpts[heat_mode]), para, ctx.root / "routing_heatmap.png", "infer", max_tokens)
     figures.append(heat)
 
     windows = 16 if ctx.size.name != "tiny" else 2
@@ -126,18 +126,18 @@ def run(ctx: Context) -> tuple[dict[str, Any], list[Path]]:
             c = profiles[name]["counts"].double()
             shares[name] = [round(float(v), 4) for v in c[:, 3] / c.sum(-1).clamp(min=1)]
         log(f"profiled {name}")
-    figures.append(entropy_histograms(profiles["baseline"], profiles[HEATMAP_MODEL], cal,
-                                      ctx.root / "entropy_histograms.png"))
+    figures.append(entropy_histograms(profiles["baseline"], profiles[heat_mode], cal,
+                                      ctx.root / "entropy_histograms.png", heat_mode))
     figures.append(attention_share_bars(shares, ctx.root / "attention_share_per_layer.png"))
     ent = {}
-    for name in ("baseline", HEATMAP_MODEL):
+    for name in ("baseline", heat_mode):
         e = profiles[name]["entropy"]
         ent[name] = [{"layer": lay["layer"], "mean": float(np.nanmean(e[:, lay["layer"]])),
                       "share_above_tau": float(np.nanmean(e[:, lay["layer"]] >= lay["threshold"]))}
                      for lay in cal["layers"]]
     with torch.no_grad():
         trained_tau = {m: load_frozen(str(c), torch.device("cpu"))[0].routing_thresholds() for m, c in ckpts.items()}
-    result = {"heatmap_text": para, "heatmap_model": HEATMAP_MODEL, "attention_share_infer": shares,
+    result = {"heatmap_text": para, "heatmap_model": heat_mode, "attention_share_infer": shares,
               "entropy": ent, "calibration": cal["layers"], "thresholds_after_training": trained_tau,
               "figures": [str(f) for f in figures]}
     return result, figures

@@ -58,49 +58,71 @@ def mixed_sources(ctx: Context) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
+def _logprobs(model: Any, rows: list[list[int]], device: torch.device, path: str) -> list[torch.Tensor]:
+    """Log-softmax over the vocabulary at every position of each (right-padded) row."""
+    width = max(len(r) for r in rows)
+    inp = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        inp[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    inp, mask = inp.to(device), mask.to(device)
+    out = model.infer(inp, attention_mask=mask) if path == "infer" else model(inp, attention_mask=mask)
+    logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+    return [logp[i, : len(r)] for i, r in enumerate(rows)]
+
+
+@torch.no_grad()
 def listops_accuracy(model: Any, tok: Any, text: str, limit: int, seq_len: int, device: torch.device,
                      path: str = "infer") -> dict[str, Any]:
-    """Final-answer accuracy on held-out `expr = d` lines: argmax over the ten digit continuations."""
-    digits = []
-    for d in range(10):
-        ids = tok.encode(f"[MAX 1 ] = {d}", add_special_tokens=False).ids
-        digits.append(ids[-1])
-    examples = []
+    """Final-answer accuracy on held-out `expr = d` lines.
+
+    The prediction is the digit d whose continuation `" d"` after `"expr ="` has the highest
+    log-probability (one forward per example when every digit is a single token, else the ten
+    continuations are scored).
+    """
+    examples: list[tuple[list[int], list[list[int]], int]] = []
     for line in text.splitlines():
         expr, sep, ans = line.rpartition(" = ")
         if not sep or not ans.strip().isdigit():
             continue
         prefix = [1, *tok.encode(expr + " =", add_special_tokens=False).ids]
-        full = [1, *tok.encode(line, add_special_tokens=False).ids]
-        if len(full) != len(prefix) + 1 or full[:-1] != prefix or full[-1] != digits[int(ans)] or len(prefix) > seq_len:
-            continue  # answer not a single digit token after this prefix (tokenizer merge): skip, counted below
-        examples.append((prefix, int(ans)))
+        conts = []
+        for d in range(10):
+            full = [1, *tok.encode(f"{expr} = {d}", add_special_tokens=False).ids]
+            if full[: len(prefix)] != prefix:
+                break
+            conts.append(full[len(prefix) :])
+        if len(conts) != 10 or len(prefix) + max(map(len, conts)) > seq_len:
+            continue
+        examples.append((prefix, conts, int(ans)))
         if len(examples) >= limit:
             break
     if not examples:
         return {"accuracy": None, "examples": 0}
-    correct = 0
     preds: list[int] = []
-    for start in range(0, len(examples), 16):
-        group = examples[start : start + 16]
-        width = max(len(p) for p, _ in group)
-        inp = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for r, (p, _) in enumerate(group):
-            inp[r, : len(p)] = torch.tensor(p)
-            mask[r, : len(p)] = 1
-        inp, mask = inp.to(device), mask.to(device)
-        out = model.infer(inp, attention_mask=mask) if path == "infer" else model(inp, attention_mask=mask)
-        last = mask.sum(1) - 1
-        logits = out.logits[torch.arange(len(group), device=device), last][:, digits]
-        pred = logits.argmax(-1).cpu().tolist()
-        preds.extend(pred)
-        correct += sum(int(p == a) for p, (_, a) in zip(pred, group))
-    answers = [a for _, a in examples]
+    single = all(len(c) == 1 for _, conts, _ in examples for c in conts)
+    for start in range(0, len(examples), 16 if single else 2):
+        group = examples[start : start + (16 if single else 2)]
+        if single:
+            rows = [p for p, _, _ in group]
+            for (_, conts, _), lp in zip(group, _logprobs(model, rows, device, path)):
+                preds.append(int(torch.stack([lp[-1, c[0]] for c in conts]).argmax()))
+        else:
+            rows = [p + c for p, conts, _ in group for c in conts]
+            lps = _logprobs(model, rows, device, path)
+            for k, (p, conts, _) in enumerate(group):
+                totals = []
+                for d, c in enumerate(conts):
+                    lp = lps[k * 10 + d]
+                    totals.append(sum(float(lp[len(p) - 1 + j, t]) for j, t in enumerate(c)))
+                preds.append(int(np.argmax(totals)))
+    answers = [a for _, _, a in examples]
+    correct = sum(int(p == a) for p, a in zip(preds, answers))
     majority = Counter(answers).most_common(1)[0]
-    return {"accuracy": correct / len(examples), "examples": len(examples),
+    return {"accuracy": correct / len(examples), "examples": len(examples), "single_token_digits": single,
             "majority_class": majority[0], "majority_accuracy": majority[1] / len(examples),
-            "predicted_distribution": dict(Counter(preds))}
+            "predicted_distribution": dict(sorted(Counter(preds).items()))}
 
 
 def _model_report(ctx: Context, label: str, cfg: dict[str, Any], texts: list[Any]) -> dict[str, Any]:

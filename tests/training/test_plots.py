@@ -1,0 +1,44 @@
+"""`plot` writes real, non-empty PNG figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.training.helpers import tiny_train_config, write_config
+from training.__main__ import main
+from training.config import TrainConfig, parse_config
+from training.loop import train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_are_non_empty_pngs(
+    tmp_path: Path, corpus_dir: Path, baseline_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = tiny_train_config(tmp_path / "chiar", corpus_dir, export_dir=str(tmp_path / "chiar-ckpt"), max_steps=4, eval_every=2)
+    raw["model"].update(arch="chiar", routing="soft")
+    train(parse_config(TrainConfig, raw))
+    cfg = {
+        "out_dir": str(tmp_path / "plots"),
+        "runs": [str(baseline_run["run"]), str(tmp_path / "chiar")],
+        "labels": ["base", "chiar"],
+        "heatmap": {"checkpoint": str(tmp_path / "chiar-ckpt"), "text": "The game began in 2011 . [MAX 2 9 ] = 9", "max_tokens": 24},
+    }
+    assert main(["plot", "--config", str(write_config(tmp_path / "plot.yaml", cfg))]) == 0
+    written = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert written == [
+        "base-attention_share.png", "chiar-attention_share.png", "chiar-gate_by_source.png", "routing_heatmap.png", "val_ppl.png",
+    ]  # no gate figure for the baseline (it has no MetaRouter)
+    for name in written:
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    assert capsys.readouterr().out.count("wrote ") == 5
+
+
+def test_plot_of_a_missing_run_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = {"out_dir": str(tmp_path / "plots"), "runs": [str(tmp_path / "nope")]}
+    assert main(["plot", "--config", str(write_config(tmp_path / "plot.yaml", cfg))]) == 2
+    assert "log.jsonl not found" in capsys.readouterr().err
+    assert not (tmp_path / "plots").exists()
