@@ -65,8 +65,8 @@ SIZES: dict[str, Size] = {
     "tiny": Size(
         "tiny", {"d_model": 32, "n_layers": 4, "n_heads": 2, "d_ff": 64, "max_seq_len": 32},
         vocab_size=300, seq_len=32, batch_size=4, max_steps=4, warmup_steps=1, lr=3e-3, eval_every=2,
-        val_max_bytes=1_500, test_max_bytes=1_500, collapse_bytes=2_500, collapse_epochs=2,
-        listops_examples=300, listops_max_length=24, listops_eval=10, train_max_bytes=30_000, speed_batches=1,
+        val_max_bytes=1_500, test_max_bytes=1_500, collapse_bytes=1_500, collapse_epochs=2,
+        listops_examples=300, listops_max_length=12, listops_eval=10, train_max_bytes=15_000, speed_batches=1,
     ),
     # ~1M parameters: what 2 shared CPU cores train in the 40-minute budget of all experiments together
     "cpu": Size(
