@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from loadtests.run import ROOT, parse_args, run
 from loadtests.server_process import ServerProcess
+from model.bench import machine_line, write_section
 
-START, END = "<!-- loadtest-sweep:start -->", "<!-- loadtest-sweep:end -->"
+SECTION = "loadtest-sweep"
 
 
 def sweep(checkpoints: list[Path], users: list[int], run_time: str, out: Path) -> list[dict[str, Any]]:
@@ -45,11 +43,8 @@ def sweep(checkpoints: list[Path], users: list[int], run_time: str, out: Path) -
 
 def table(rows: list[dict[str, Any]], run_time: str) -> str:
     """Markdown section with machine, date and commit."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip() or "uncommitted"
-    lines = [START, "## Server load: latency and throughput vs concurrency", "",
-             f"Machine: {platform.processor() or platform.machine()}, {platform.system()}; date "
-             f"{time.strftime('%Y-%m-%d')}; commit {commit}. Locust mixed traffic (loadtests/locustfile.py) without "
+    lines = ["## Server load: latency and throughput vs concurrency", "",
+             f"Machine: {machine_line()}. Locust mixed traffic (loadtests/locustfile.py) without "
              f"think time, {run_time} per row, CPU. Plot: sweep.png.", "",
              "| checkpoint | users | req/s | generated tokens/s | /v1/generate p50 ms | p99 ms | all p50 ms | all p99 ms "
              "| failures | attention share |",
@@ -59,7 +54,7 @@ def table(rows: list[dict[str, Any]], run_time: str) -> str:
         lines.append(f"| {r['checkpoint']} | {r['users']} | {r['rps']:.2f} | {r['tokens_per_s']:.1f} "
                      f"| {r['generate_p50_ms']:.0f} | {r['generate_p99_ms']:.0f} | {r['all_p50_ms']:.0f} "
                      f"| {r['all_p99_ms']:.0f} | {r['failures']} | {share} |")
-    return "\n".join([*lines, "", END, ""])
+    return "\n".join([*lines, ""])
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -87,17 +82,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the marked section of path, or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m loadtests.sweep", description=__doc__.split("\n\n")[0])
@@ -114,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "sweep.md").write_text(section)
     plot(rows, args.out / "sweep.png")
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, SECTION, section)
         plot(rows, args.write.parent / "sweep.png")
     print(section)
     return 0 if all(r["failures"] == 0 for r in rows) else 1

@@ -167,6 +167,7 @@ def routing_overhead(chiar: ChiarLM, seq: int, batch: int, repeats: int) -> dict
 
 
 def machine_line() -> str:
+    """Machine, date and commit for every benchmark table."""
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -179,8 +180,9 @@ def machine_line() -> str:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    device = f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU (CPU numbers only)"
     return (f"{platform.node()}: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"Python {platform.python_version()}; date {dt.date.today().isoformat()}; commit {commit}; no GPU (CPU numbers only)")
+            f"Python {platform.python_version()}; date {dt.date.today().isoformat()}; commit {commit}; {device}")
 
 
 def render(score: list[dict], decode: list[dict], overhead: list[dict]) -> str:

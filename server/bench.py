@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -32,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from model.bench import machine_line, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "bench-server"
@@ -256,12 +256,8 @@ def routing_overhead(checkpoint: Path, batch: int, seq: int, repeats: int = 5) -
 
 # ------------------------------------------------------------------------ report
 def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argparse.Namespace, names: dict[str, Path], plot: Path | None) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "uncommitted"
-    import torch
-
     lines = ["## Server under load (`make bench-server`)", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), torch {torch.__version__}, "
-             f"{args.threads or torch.get_num_threads()} torch threads per process; {dt.date.today().isoformat()}, commit {commit}.",
+             f"Machine: {machine_line()}; {args.threads or 'default'} torch threads per server process.",
              "Checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in names.items()) + ".",
              f"Closed-loop clients on loopback; generate = streamed `/v1/generate`, {args.max_new_tokens} new tokens "
              "(temperature 0.8, seeded, EOS ignored); perplexity = `/v1/perplexity` on WikiText-2 test paragraphs. "
@@ -340,17 +336,6 @@ def make_plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def write_section(path: Path, body: str) -> None:
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def workload_text(n_prompts: int) -> tuple[list[str], list[str]]:
     paragraphs = [p.strip() for p in (REPO / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split("\n") if len(p.strip()) > 400]
     prompts = [" ".join(p.split()[:24]) for p in paragraphs[:n_prompts]]
@@ -393,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "hf": hf, "overhead": overhead}, indent=2))
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, SECTION, body)
         print(f"wrote {args.write}", flush=True)
     return 0
 
