@@ -64,13 +64,22 @@ class PackedTokens:
         max_count = int(counts.max()) if batch_idx.numel() else 0
         return PackedTokens(batch_idx, slot_idx, counts, max_count)
 
+    @property
+    def dense(self) -> bool:
+        """Every sequence has max_count tokens: packing is a reshape (no padding, no routing)."""
+        return self.batch_idx.numel() == self.counts.numel() * self.max_count
+
     def pack(self, values: Tensor) -> Tensor:
         """[n, *rest] -> [B, M, *rest] with zeros in empty slots."""
+        if self.dense:
+            return values.view(self.counts.numel(), self.max_count, *values.shape[1:])
         packed = values.new_zeros((self.counts.numel(), self.max_count, *values.shape[1:]))
         packed[self.batch_idx, self.slot_idx] = values
         return packed
 
     def unpack(self, packed: Tensor) -> Tensor:
+        if self.dense:
+            return packed.reshape(self.batch_idx.numel(), *packed.shape[2:])
         return packed[self.batch_idx, self.slot_idx]
 
 
@@ -107,15 +116,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward_packed(self, u_sel: Tensor, positions_sel: Tensor, packed: PackedTokens) -> tuple[Tensor, LayerKV]:
         """Hard-gated path: u_sel [n, d] are the routed tokens only (row-major); returns [n, d] and their K/V."""
-        qkv = self.qkv(u_sel)
-        if packed.counts.numel() == 1:  # one sequence: packing is a reshape
-            q, k, v = self._split_heads(qkv.unsqueeze(0), positions_sel.unsqueeze(0))
-        else:
-            q, k, v = self._split_heads(packed.pack(qkv), packed.pack(positions_sel))
+        q, k, v = self._split_heads(packed.pack(self.qkv(u_sel)), packed.pack(positions_sel))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = self._merge_heads(y)
-        y = y[0] if packed.counts.numel() == 1 else packed.unpack(y)
-        return self.out(y), LayerKV(k, v, packed.counts.clone())
+        return self.out(packed.unpack(self._merge_heads(y))), LayerKV(k, v, packed.counts.clone())
 
     def forward_decode(self, u_sel: Tensor, positions_sel: Tensor, seq_idx: Tensor, cache: LayerKV) -> Tensor:
         """One new token for each sequence in seq_idx: append its K/V to the cache, attend over the cache."""

@@ -471,7 +471,9 @@ class ChiarLM(nn.Module):
         ctx = _InferContext(batch_idx, positions, batch, cfg.n_layers, None, collect_kv)
         x, operator, entropy = self._run_blocks(x, gate, ctx)
         lengths = valid.sum(1)
-        if all_logits:
+        if all_logits and x.shape[0] == batch * seq:  # no padding: flat order is [B, T] order
+            logits = self.lm_head(self.final_norm(x)).view(batch, seq, cfg.vocab_size)
+        elif all_logits:
             logits = x.new_zeros((batch, seq, cfg.vocab_size))
             logits[batch_idx, positions] = self.lm_head(self.final_norm(x))
         else:

@@ -1,10 +1,18 @@
-"""Shared fixtures (add yours; never remove others')."""
+"""Shared fixtures for the whole suite."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite's models are tiny: one intra-op thread is faster than two fighting over 2 cores with
+# the servers and trainers the tests start (they inherit this through the environment).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402  (after OMP_NUM_THREADS on purpose)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 
