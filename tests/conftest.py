@@ -10,7 +10,7 @@ import pytest
 # The suite's models are tiny: one intra-op thread is faster than two fighting over 2 cores with
 # the servers and trainers the tests start (they inherit this through the environment).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import torch  # noqa: E402  (after OMP_NUM_THREADS on purpose)
+import torch  # after OMP_NUM_THREADS on purpose
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
