@@ -95,3 +95,20 @@ def test_figures_written(results: tuple[Path, dict[str, Any]]) -> None:
     for name in ("routing_heatmap.png", "entropy_histograms.png", "attention_share_per_layer.png"):
         assert (root / name).stat().st_size > 1000
     assert len(fig["entropy"]["baseline"]) == 2 and len(fig["attention_share_infer"]["threshold_reg"]) == 4
+
+
+@pytest.mark.parametrize("size", ["cpu", "gpu"])
+def test_full_size_configs_are_valid(size: str, tmp_path: Path) -> None:
+    """The CPU and GPU recipes (not trained here) are valid train configs of the documented size."""
+    from model import ChiarConfig, ChiarLM
+    from training.experiments.common import SIZES, Context, train_config
+    from training.experiments.recipes import baseline_config
+
+    ctx = Context(SIZES[size], [0], tmp_path, "cpu", None, False)
+    base = parse_config(TrainConfig, baseline_config(ctx, 0))
+    n_routing = base.model.n_layers - 2
+    chiar = parse_config(TrainConfig, train_config(ctx, "x", 0, {"arch": "chiar", "routing": "threshold_reg",
+                                                                  "thresholds": [0.85] * n_routing}))
+    assert base.seq_len <= base.model.max_seq_len and chiar.model.arch == "chiar"
+    params = ChiarLM(ChiarConfig.from_dict({**chiar.model.to_dict(), "vocab_size": SIZES[size].vocab_size})).num_parameters()
+    assert (0.8e6 < params < 1.5e6) if size == "cpu" else (14e6 < params < 20e6)

@@ -72,7 +72,7 @@ SIZES: dict[str, Size] = {
     "cpu": Size(
         "cpu", {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 384, "max_seq_len": 128},
         vocab_size=2048, seq_len=128, batch_size=8, max_steps=200, warmup_steps=20, lr=2e-3, eval_every=50,
-        val_max_bytes=20_000, test_max_bytes=50_000, collapse_bytes=160_000, collapse_epochs=4,
+        val_max_bytes=20_000, test_max_bytes=50_000, collapse_bytes=100_000, collapse_epochs=10,
         listops_examples=6000, listops_max_length=60, listops_eval=200,
     ),
     # ~16M parameters (the paper's ablation size); for a GPU

@@ -13,6 +13,7 @@ routing layer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def collapse_config(ctx: Context, seed: int) -> tuple[dict[str, Any], int]:
     """The three-operator train config and its steps per epoch."""
     cal = calibration(ctx, seed)
     data = [{"name": "wikitext2", "corpus": "wikitext2-valid", "holdout": 0.05, "max_bytes": ctx.size.collapse_bytes}]
-    cfg = chiar_config(ctx, seed, "soft", cal["thresholds"], cal["bands"], name=f"three-operator-s{seed}",
+    cfg = chiar_config(ctx, seed, "soft", cal["thresholds"], cal["bands"], name=f"three-operator-s{seed}-e{ctx.size.collapse_epochs}",
                        operators=("dct", "rbf", "attn"), data=data)
     _, _, ckpt = baseline(ctx, seed)
     _, tok = load_frozen(str(ckpt), torch.device("cpu"))
@@ -64,7 +65,7 @@ def _ids(tok: Any, text: str) -> list[int]:
     return [1, *tok.encode(text, add_special_tokens=False).ids]
 
 
-def run(ctx: Context) -> tuple[dict[str, Any], list[Path]]:
+def run(ctx: Context, suffix: str = "") -> tuple[dict[str, Any], list[Path]]:
     seed = ctx.seeds[0]
     cfg, spe = collapse_config(ctx, seed)
     ensure_trained(cfg)
@@ -100,7 +101,7 @@ def run(ctx: Context) -> tuple[dict[str, Any], list[Path]]:
     collapsed = next((e["epoch"] for e in epochs
                       if all(layer["rbf"] < COLLAPSE_SHARE for layer in e["validation_reference"][1:-1])), None)
     train_recs, eval_recs = read_train_log(run_dir)
-    fig = plot_shares(epochs, ctx.root / "collapse_operator_share.png")
+    fig = plot_shares(epochs, ctx.root / f"collapse_operator_share{suffix}.png")
     result = {
         "run": str(run_dir), "steps_per_epoch": spe, "epochs": epochs,
         "collapse_threshold": COLLAPSE_SHARE, "rbf_collapsed_at_epoch": collapsed,
@@ -139,9 +140,14 @@ def plot_shares(epochs: list[dict[str, Any]], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    ctx = Context.from_args(parser.parse_args(argv))
-    result, figures = run(ctx)
-    write_result(ctx, "routing_collapse", result, figures)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the subset (default: the size's)")
+    args = parser.parse_args(argv)
+    ctx = Context.from_args(args)
+    if args.epochs is not None:
+        ctx.size = dataclasses.replace(ctx.size, collapse_epochs=args.epochs)
+    suffix = "" if args.epochs is None else f"-{args.epochs}epochs"
+    result, figures = run(ctx, suffix)
+    write_result(ctx, f"routing_collapse{suffix}", result, figures)
     return 0
 
 
