@@ -5,7 +5,7 @@
 
 Starts `python -m server` on 127.0.0.1 (unless --host names a running one), scrapes /metrics,
 runs locust headless with loadtests/locustfile.py, scrapes /metrics again, stops the server and
-writes into --out: locust's CSV stats (locust_stats.csv, ...), its HTML report (report.html),
+writes into --out: locust's final JSON stats (locust_final.json) and CSVs (locust_stats.csv, ...), its HTML report (report.html),
 server.log, and summary.md / summary.json (requests/s, p50/p95/p99 per endpoint, failures,
 generated tokens/s, attention/DCT routing share before and after).
 
@@ -19,7 +19,6 @@ check failed.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -145,32 +144,48 @@ def run_locust(args: argparse.Namespace, url: str, env: dict[str, str]) -> int:
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
            "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.run_time,
            "--host", url, "--csv", str(args.out / "locust"), "--html", str(args.out / "report.html"),
-           "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING", *args.user_classes]
+           "--json-file", str(args.out / "locust_final"), "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING", *args.user_classes]
     with (args.out / "locust.log").open("wb") as log:
         return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                               check=False).returncode
 
 
 def read_stats(path: Path) -> tuple[list[Endpoint], Endpoint]:
-    """Per-endpoint rows and the aggregated row of locust's *_stats.csv."""
-    rows: list[Endpoint] = []
-    total = None
-    with path.open(newline="") as fh:
-        for r in csv.DictReader(fh):
-            ep = Endpoint(name=r["Name"], requests=int(r["Request Count"]), failures=int(r["Failure Count"]),
-                          rps=float(r["Requests/s"]), p50_ms=_num(r["50%"]), p95_ms=_num(r["95%"]),
-                          p99_ms=_num(r["99%"]), max_ms=_num(r["Max Response Time"]))
-            if r["Name"] == "Aggregated":
-                total = ep
-            else:
-                rows.append(ep)
-    if total is None:
-        raise RuntimeError(f"{path}: no Aggregated row")
-    return rows, total
+    """Per-endpoint rows and the aggregate from locust's final JSON stats (`--json-file`).
+
+    The CSV is written before users finish their last task during `--stop-timeout`, so its counts can
+    lag the final ones (and the server's own counters); the JSON holds the final stats.
+    """
+    entries = json.loads(path.read_text())
+    if not isinstance(entries, list):
+        raise RuntimeError(f"{path}: not locust's JSON stats")
+    if not entries:
+        raise RuntimeError(f"{path}: no requests were made")
+    # req/s over the whole run, as locust's own table reports it
+    duration = max(e["last_request_timestamp"] or 0 for e in entries) - min(e["start_time"] for e in entries)
+    return [_endpoint(e["name"], [e], duration) for e in entries], _endpoint("Aggregated", entries, duration)
 
 
-def _num(text: str) -> float:
-    return float(text) if text not in ("", "N/A") else 0.0
+def _endpoint(name: str, entries: list[dict[str, Any]], duration: float) -> Endpoint:
+    """One row from one or more locust StatsEntry dicts (histograms merged)."""
+    histogram: dict[float, int] = {}
+    for e in entries:
+        for ms, count in e["response_times"].items():
+            histogram[float(ms)] = histogram.get(float(ms), 0) + count
+    requests = sum(e["num_requests"] for e in entries)
+
+    def percentile(q: float) -> float:
+        seen, need = 0, q * sum(histogram.values())
+        for ms in sorted(histogram):
+            seen += histogram[ms]
+            if seen >= need:
+                return ms
+        return float("nan")
+
+    return Endpoint(name=name, requests=requests, failures=sum(e["num_failures"] for e in entries),
+                    rps=requests / duration if duration > 0 else float("nan"), p50_ms=percentile(0.5),
+                    p95_ms=percentile(0.95), p99_ms=percentile(0.99),
+                    max_ms=max((e["max_response_time"] or 0 for e in entries), default=0.0))
 
 
 def timed_request(url: str) -> tuple[int, float]:
@@ -260,7 +275,7 @@ def run(args: argparse.Namespace) -> Summary:
         wall = time.monotonic() - start
         rss = sampler.stop() if sampler else []
         after = scrape(url)
-        endpoints, total = read_stats(args.out / "locust_stats.csv")
+        endpoints, total = read_stats(args.out / "locust_final.json")
         during = after.minus(before)
         summary = Summary(
             scenario=args.scenario, users=args.users, spawn_rate=args.spawn_rate, run_time=args.run_time,

@@ -26,7 +26,7 @@ def test_ci_load_test_has_zero_failures(tiny_checkpoint: Path, tmp_path: Path) -
     assert summary.generated_tokens > 0 and summary.generated_tokens_per_s > 0
     share = summary.routing_share_during
     assert share is not None and 0 < share["attention"] < 1 and abs(sum(share.values()) - 1) < 1e-9
-    for name in ("locust_stats.csv", "locust_failures.csv", "report.html", "summary.md", "summary.json"):
+    for name in ("locust_final.json", "locust_stats.csv", "locust_failures.csv", "report.html", "summary.md", "summary.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "server.log").exists()
     saved = json.loads((tmp_path / "summary.json").read_text())
