@@ -27,6 +27,19 @@ from .spectral import dct, entropy_from_coefficients
 SIZE = dict(vocab_size=8192, d_model=256, n_layers=8, n_heads=8, d_ff=1024, max_seq_len=2048 + 64)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each fn, timed round-robin so drift in machine load hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -79,9 +92,11 @@ def scoring_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, 
             with torch.inference_mode():
                 out = chiar.infer(ids)
                 base_out = baseline.infer(ids)
-                t_chiar = median_seconds(lambda ids=ids: chiar.infer(ids), repeats)
-                t_base = median_seconds(lambda ids=ids: baseline.infer(ids), repeats)
-                t_hf = median_seconds(lambda ids=ids: hf(ids).logits, repeats) if hf is not None else float("nan")
+                fns = {"chiar": lambda ids=ids: chiar.infer(ids), "baseline": lambda ids=ids: baseline.infer(ids)}
+                if hf is not None:
+                    fns["hf"] = lambda ids=ids: hf(ids).logits
+                medians = interleaved_medians(fns, repeats)
+                t_chiar, t_base, t_hf = medians["chiar"], medians["baseline"], medians.get("hf", float("nan"))
             tokens = batch * seq
             rows.append(dict(
                 seq=seq, batch=batch, chiar=tokens / t_chiar, baseline=tokens / t_base, hf=tokens / t_hf,
@@ -247,7 +262,7 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="write the tables into this markdown file")
     parser.add_argument("--seqs", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--context", type=int, default=1024)
     args = parser.parse_args()
