@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from model.bench import machine_line, write_section
+from model.bench import machine_line, median_seconds, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "bench-server"
@@ -240,13 +239,7 @@ def routing_overhead(checkpoint: Path, batch: int, seq: int, repeats: int = 5) -
     x = torch.randn(batch * seq, cfg.d_model)
 
     def timed(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000
+        return median_seconds(fn, repeats) * 1000
 
     with torch.inference_mode():
         prefill = timed(lambda: model.infer(ids))
