@@ -45,7 +45,8 @@ def table(rows: list[dict[str, Any]], run_time: str) -> str:
     """Markdown section with machine, date and commit."""
     lines = ["## Server load: latency and throughput vs concurrency", "",
              f"Machine: {machine_line()}. Locust mixed traffic (loadtests/locustfile.py) without "
-             f"think time, {run_time} per row, CPU. Plot: sweep.png.", "",
+             f"think time, {run_time} per row, CPU.", "",
+             "![latency and throughput vs users](docs/img/loadtest_sweep.png)", "",
              "| checkpoint | users | req/s | generated tokens/s | /v1/generate p50 ms | p99 ms | all p50 ms | all p99 ms "
              "| failures | attention share |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, args.out / "sweep.png")
     if args.write:
         write_section(args.write, SECTION, section)
-        plot(rows, args.write.parent / "sweep.png")
+        (args.write.parent / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        plot(rows, args.write.parent / "docs" / "img" / "loadtest_sweep.png")
     print(section)
     return 0 if all(r["failures"] == 0 for r in rows) else 1
 
