@@ -75,6 +75,13 @@ SIZES: dict[str, Size] = {
         val_max_bytes=20_000, test_max_bytes=50_000, collapse_bytes=100_000, collapse_epochs=10,
         listops_examples=6000, listops_max_length=60, listops_eval=200,
     ),
+    # ~4.5M parameters: the CPU ablation size (~2 min a run on 2 idle cores)
+    "cpu4m": Size(
+        "cpu4m", {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 768, "max_seq_len": 128},
+        vocab_size=4096, seq_len=128, batch_size=8, max_steps=200, warmup_steps=20, lr=1.5e-3, eval_every=50,
+        val_max_bytes=20_000, test_max_bytes=50_000, collapse_bytes=100_000, collapse_epochs=10,
+        listops_examples=6000, listops_max_length=60, listops_eval=200,
+    ),
     # ~16M parameters (the paper's ablation size); for a GPU
     "gpu": Size(
         "gpu", {"d_model": 384, "n_layers": 8, "n_heads": 6, "d_ff": 1024, "max_seq_len": 256},
