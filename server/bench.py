@@ -19,9 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from loadtests.server_process import ServerProcess
 from model.bench import machine_line, median_seconds, write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,47 +55,6 @@ def random_checkpoints(root: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     baseline = ChiarLM(config.replace(arch="baseline")).eval()
     return save_checkpoint(chiar, tokenizer, root / "chiar-random"), save_checkpoint(baseline, tokenizer, root / "baseline-random")
-
-
-# ------------------------------------------------------------------------ server process
-class Server:
-    def __init__(self, checkpoint: Path, log: Path, threads: int | None) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "CHIAR_QUEUE_SIZE": "1024", "CHIAR_MAX_BATCH_SIZE": "32"}
-        if threads:
-            env["CHIAR_THREADS"] = str(threads)
-        self.log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--log-level", "warning"], cwd=REPO, env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server not ready after 180 s; see {log}")
-            time.sleep(0.2)
-
-    def metrics(self) -> str:
-        return httpx.get(self.url + "/metrics", timeout=10).text
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 # ------------------------------------------------------------------------ load
@@ -164,7 +121,10 @@ def summarise(results: list[dict[str, float]], wall: float, clients: int) -> dic
 
 
 def bench_server(name: str, checkpoint: Path, prompts: list[str], texts: list[str], args: argparse.Namespace, log_dir: Path) -> list[dict]:
-    server = Server(checkpoint, log_dir / f"{name}.log", args.threads)
+    env = {"CHIAR_QUEUE_SIZE": "1024", "CHIAR_MAX_BATCH_SIZE": "32", "CHIAR_LOG_LEVEL": "warning"}
+    if args.threads:
+        env["CHIAR_THREADS"] = str(args.threads)
+    server = ServerProcess(checkpoint, env=env, log_path=log_dir / f"{name}.log").start(ready_timeout=180)
     rows = []
     try:
         for clients in args.clients:
@@ -181,7 +141,8 @@ def bench_server(name: str, checkpoint: Path, prompts: list[str], texts: list[st
                 rows.append(row)
                 print(f"{name:>9} {workload:>10} c={clients:<3} {row['req_per_s']:7.2f} req/s {row['tokens_per_s']:9.1f} tok/s "
                       f"p50 {row['lat_p50']:8.1f} ms p95 {row['lat_p95']:8.1f} ms ttft p50 {row['ttft_p50']:7.1f} ms", flush=True)
-        flops = [line for line in server.metrics().splitlines() if line.startswith("chiar_flops_total")]
+        flops = [line for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines()
+                 if line.startswith("chiar_flops_total")]
         rows.append({"model": name, "workload": "flops", "lines": flops})
     finally:
         server.stop()
