@@ -4,9 +4,11 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .chiar import OPERATOR_NAMES, ChiarLM, ModelOutput, RoutingInfo
 from .config import ChiarConfig, ConfigError
 from .flops import FlopCount
-from .generate import GenerateOutput, make_generator, sample_next
+from .generate import GenerateOutput
 from .kv_cache import DecodeState
+from .sampling import SamplingError, make_generator, sample_next, sample_tokens
 from .spectral import dct, idct, spectral_entropy
+from .stopping import FinishReason, StoppingCriteria
 
 __all__ = [
     "OPERATOR_NAMES",
@@ -15,15 +17,19 @@ __all__ = [
     "ChiarLM",
     "ConfigError",
     "DecodeState",
+    "FinishReason",
     "FlopCount",
     "GenerateOutput",
     "ModelOutput",
     "RoutingInfo",
+    "SamplingError",
+    "StoppingCriteria",
     "dct",
     "idct",
     "load_checkpoint",
     "make_generator",
     "sample_next",
+    "sample_tokens",
     "save_checkpoint",
     "spectral_entropy",
 ]

@@ -120,6 +120,18 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(packed.unpack(self._merge_heads(y))), LayerKV(k, v, packed.counts.clone())
 
+    def forward_extend(self, u_sel: Tensor, positions_sel: Tensor, cache: LayerKV) -> tuple[Tensor, int]:
+        """n new tokens of cache row 0 ([n, d], in order): append their K/V, attend causally over
+        the cache; returns [n, d] and the row's cache length before."""
+        q, k, v = self._split_heads(self.qkv(u_sel).unsqueeze(0), positions_sel.unsqueeze(0))  # [1, H, n, hd]
+        start = cache.extend_row(0, k[0], v[0])
+        n = u_sel.shape[0]
+        span = start + n
+        keys, values = cache.keys[:1, :, :span], cache.values[:1, :, :span]
+        mask = torch.arange(span, device=u_sel.device) <= (start + torch.arange(n, device=u_sel.device)).unsqueeze(1)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.view(1, 1, n, span))
+        return self.out(self._merge_heads(y)[0]), start
+
     def forward_decode(self, u_sel: Tensor, positions_sel: Tensor, seq_idx: Tensor, cache: LayerKV) -> Tensor:
         """One new token for each sequence in seq_idx: append its K/V to the cache, attend over the cache."""
         q, k, v = self._split_heads(self.qkv(u_sel).unsqueeze(1), positions_sel.unsqueeze(1))

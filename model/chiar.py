@@ -78,11 +78,12 @@ class _InferContext:
     """Flat-token bookkeeping for one inference call (prefill or a decode step)."""
 
     def __init__(self, batch_idx: Tensor, positions: Tensor, batch_size: int, n_layers: int,
-                 state: DecodeState | None, collect_kv: bool) -> None:
+                 state: DecodeState | None, collect_kv: bool, extend: bool = False) -> None:
         self.batch_idx = batch_idx
         self.positions = positions
         self.batch_size = batch_size
-        self.state = state  # decode: the cache to extend
+        self.state = state  # decode / extend: the cache to extend
+        self.extend = extend  # many new tokens of one sequence (chunked prefill) rather than one per sequence
         self.collect_kv = collect_kv
         self.kv: list[LayerKV | None] = [None] * n_layers
         self.flops = fl.FlopCount.empty(n_layers)
@@ -98,7 +99,15 @@ class _InferContext:
     def attend(self, layer: int, attention: CausalSelfAttention, u_sel: Tensor, sel: Tensor) -> Tensor:
         """Attention for the flat tokens `sel` only; records K/V and the FLOPs actually spent."""
         d = u_sel.shape[-1]
-        if self.state is not None:  # decode: one token per sequence, sel indexes sequences
+        if self.extend:  # chunked prefill: sel indexes new tokens of sequence 0
+            assert self.state is not None
+            cache = self.state.layers[layer]
+            assert cache is not None
+            out, start = attention.forward_extend(u_sel, self.positions[sel], cache)
+            m = float(sel.numel())
+            counts = torch.full((1,), m, dtype=torch.float64, device=sel.device)
+            pairs = torch.full((1,), m * start + m * (m + 1) / 2, dtype=torch.float64, device=sel.device)
+        elif self.state is not None:  # decode: one token per sequence, sel indexes sequences
             cache = self.state.layers[layer]
             assert cache is not None
             out = attention.forward_decode(u_sel, self.positions[sel], sel, cache)
@@ -451,15 +460,15 @@ class ChiarLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                all_logits: bool = False) -> tuple[ModelOutput, DecodeState]:
+                all_logits: bool = False, skip_logits: bool = False) -> tuple[ModelOutput, DecodeState]:
         """`infer` plus the KV cache to continue from. Logits only at each sequence's last token
-        ([B, 1, V]) unless all_logits."""
-        output, state = self._prefill(input_ids, attention_mask, collect_kv=True, all_logits=all_logits)
+        ([B, 1, V]) unless all_logits; none ([B, 0, V]) with skip_logits (a chunk more will follow)."""
+        output, state = self._prefill(input_ids, attention_mask, collect_kv=True, all_logits=all_logits, skip_logits=skip_logits)
         assert state is not None
         return output, state
 
     def _prefill(self, input_ids: Tensor, attention_mask: Tensor | None, collect_kv: bool,
-                 all_logits: bool) -> tuple[ModelOutput, DecodeState | None]:
+                 all_logits: bool, skip_logits: bool = False) -> tuple[ModelOutput, DecodeState | None]:
         cfg = self.config
         valid = self._check_inputs(input_ids, attention_mask)
         batch, seq = input_ids.shape
@@ -471,7 +480,9 @@ class ChiarLM(nn.Module):
         ctx = _InferContext(batch_idx, positions, batch, cfg.n_layers, None, collect_kv)
         x, operator, entropy = self._run_blocks(x, gate, ctx)
         lengths = valid.sum(1)
-        if all_logits and x.shape[0] == batch * seq:  # no padding: flat order is [B, T] order
+        if skip_logits:
+            logits = x.new_zeros((batch, 0, cfg.vocab_size))
+        elif all_logits and x.shape[0] == batch * seq:  # no padding: flat order is [B, T] order
             logits = self.lm_head(self.final_norm(x)).view(batch, seq, cfg.vocab_size)
         elif all_logits:
             logits = x.new_zeros((batch, seq, cfg.vocab_size))
@@ -480,7 +491,8 @@ class ChiarLM(nn.Module):
             last = torch.cumsum(lengths, 0) - 1  # flat index of each sequence's last token
             logits = self.lm_head(self.final_norm(x[last])).unsqueeze(1)
         tokens = lengths.double()
-        self._finish_flops(ctx, tokens if all_logits else torch.ones_like(tokens), tokens, tokens * (tokens + 1) / 2)
+        heads = torch.zeros_like(tokens) if skip_logits else tokens if all_logits else torch.ones_like(tokens)
+        self._finish_flops(ctx, heads, tokens, tokens * (tokens + 1) / 2)
         op_full = torch.full((batch, seq, cfg.n_layers), PAD, dtype=torch.int8, device=x.device)
         op_full[batch_idx, positions] = operator
         ent_full = torch.full((batch, seq, cfg.n_layers), float("nan"), dtype=entropy.dtype, device=x.device)
@@ -516,19 +528,59 @@ class ChiarLM(nn.Module):
         x = self.embed(tokens)
         positions = state.lengths.clone()
         gate = None
-        state.embed_sum += x
+        state.embed_sum.add_(x)
         if self.metarouter is not None:
             gate = self.metarouter.gate_from_mean(state.embed_sum / (positions + 1).unsqueeze(-1).to(x.dtype))
         batch_idx = torch.arange(batch, device=tokens.device)
         ctx = _InferContext(batch_idx, positions, batch, cfg.n_layers, state, collect_kv=False)
         x, operator, entropy = self._run_blocks(x, gate, ctx)
-        state.lengths += 1
+        state.lengths.add_(1)
         logits = self.lm_head(self.final_norm(x)).unsqueeze(1)
         ones = torch.ones(batch, dtype=torch.float64, device=x.device)
         self._finish_flops(ctx, ones, ones, state.lengths.double())
         valid = torch.ones(batch, 1, dtype=torch.bool, device=x.device)
         gate_out = gate.unsqueeze(1) if gate is not None else torch.full((batch, 1), float("nan"), device=x.device)
         routing = self._routing_info(operator.unsqueeze(1), entropy.unsqueeze(1), gate_out, valid)
+        return ModelOutput(logits, routing, ctx.flops)
+
+    @torch.no_grad()
+    def extend(self, tokens: Tensor, state: DecodeState, all_logits: bool = False, skip_logits: bool = False) -> ModelOutput:
+        """Continue the one sequence of `state` by the n tokens `tokens` [n] in one call (chunked
+        prefill); extends the cache in place. Equal to prefilling the whole sequence at once.
+        Returns logits [1, n, V] (all_logits), [1, 1, V] (the last token) or [1, 0, V] (skip_logits)."""
+        cfg = self.config
+        if len(state) != 1:
+            raise ValueError(f"state: extend continues one sequence, got {len(state)}")
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(f"tokens: expected a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+        n = tokens.numel()
+        start = int(state.lengths[0])
+        if start + n > cfg.max_seq_len:
+            raise ValueError(f"tokens: {start} + {n} tokens exceed max_seq_len {cfg.max_seq_len}")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
+            raise ValueError(f"tokens: token ids must lie in [0, {cfg.vocab_size})")
+        x = self.embed(tokens)
+        positions = start + torch.arange(n, device=tokens.device)
+        gate = None
+        if self.metarouter is not None:
+            running = state.embed_sum[0] + x.cumsum(0)
+            gate = self.metarouter.gate_from_mean(running / (positions + 1).unsqueeze(-1).to(x.dtype))
+        state.embed_sum[0].add_(x.sum(0))
+        ctx = _InferContext(torch.zeros(n, dtype=torch.long, device=tokens.device), positions, 1, cfg.n_layers, state,
+                            collect_kv=False, extend=True)
+        x, operator, entropy = self._run_blocks(x, gate, ctx)
+        state.lengths[0] += n
+        if skip_logits:
+            logits = x.new_zeros((1, 0, cfg.vocab_size))
+        else:
+            logits = self.lm_head(self.final_norm(x if all_logits else x[-1:])).unsqueeze(0)
+        tokens_seq = torch.full((1,), float(n), dtype=torch.float64, device=x.device)
+        pairs = torch.full((1,), float(n * start + n * (n + 1) / 2), dtype=torch.float64, device=x.device)
+        heads = torch.zeros_like(tokens_seq) if skip_logits else tokens_seq if all_logits else torch.ones_like(tokens_seq)
+        self._finish_flops(ctx, heads, tokens_seq, pairs)
+        valid = torch.ones(1, n, dtype=torch.bool, device=x.device)
+        gate_out = gate.unsqueeze(0) if gate is not None else torch.full((1, n), float("nan"), device=x.device)
+        routing = self._routing_info(operator.unsqueeze(0), entropy.unsqueeze(0), gate_out, valid)
         return ModelOutput(logits, routing, ctx.flops)
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

@@ -10,6 +10,8 @@ from torch import Tensor
 
 from .chiar import ModelOutput
 from .flops import FlopCount
+from .sampling import make_generator, sample_next
+from .stopping import FinishReason, StoppingCriteria
 
 if TYPE_CHECKING:
     from .chiar import ChiarLM
@@ -18,44 +20,10 @@ if TYPE_CHECKING:
 @dataclass
 class GenerateOutput:
     tokens: list[list[int]]  # new tokens per sequence (a stop token, when hit, included)
-    finish_reasons: list[str]  # "length" | "stop"
+    finish_reasons: list[str]  # FinishReason values: "length" | "stop" (a stop token)
     prompt_output: ModelOutput  # the prefill's output (logits at each prompt's last token)
     decode_flops: FlopCount
     decode_outputs: list[ModelOutput] = field(default_factory=list, repr=False)
-
-
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A private RNG per request: same seed, same samples, whoever shares the batch."""
-    generator = torch.Generator(device="cpu")
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(seed))
-    return generator
-
-
-def sample_next(logits: Tensor, temperature: list[float], top_k: list[int | None], top_p: list[float | None],
-                generators: list[torch.Generator | None]) -> Tensor:
-    """Next token per row of logits [B, V]; temperature 0 is greedy. Each row draws only from its own
-    generator (sampling runs on the CPU in fp32, so results do not depend on the device's kernels)."""
-    tokens = logits.argmax(-1).cpu()
-    for row, temp in enumerate(temperature):
-        if temp <= 0:
-            continue
-        scores = logits[row].float().cpu() / temp
-        k = top_k[row]
-        if k is not None and 0 < k < scores.numel():
-            kth = torch.topk(scores, k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        p = top_p[row]
-        if p is not None and p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            probs = sorted_scores.softmax(-1)
-            # drop a token once the tokens ranked before it already cover p (the first always stays)
-            drop = (probs.cumsum(-1) - probs) >= p
-            scores[order[drop]] = float("-inf")
-        tokens[row] = torch.multinomial(scores.softmax(-1), 1, generator=generators[row]).item()
-    return tokens.to(logits.device)
 
 
 def generate(model: ChiarLM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -78,27 +46,29 @@ def generate(model: ChiarLM, input_ids: Tensor, max_new_tokens: int, temperature
     if len(seeds) != batch:
         raise ValueError(f"seed: expected {batch} seeds, got {len(seeds)}")
     generators: list[torch.Generator | None] = [make_generator(s) for s in seeds]
-    stops = set(stop_token_ids or [])
+    prompt_list = prompt_lengths.tolist()
+    criteria = StoppingCriteria(max_new_tokens, model.config.max_seq_len, None, frozenset(stop_token_ids or []))
 
     prompt_output, state = model.prefill(input_ids, attention_mask)
     logits = prompt_output.logits[:, -1]
     tokens: list[list[int]] = [[] for _ in range(batch)]
-    reasons = ["length"] * batch
+    reasons = [FinishReason.LENGTH.value] * batch
     active = list(range(batch))  # original index of each row still decoding
     decode_flops = FlopCount.empty(model.config.n_layers)
     decode_outputs: list[ModelOutput] = []
-    for step in range(max_new_tokens):
+    while active:
         next_tokens = sample_next(logits, [temperature] * len(active), [top_k] * len(active), [top_p] * len(active),
                                   [generators[b] for b in active])
         keep = []
         for row, b in enumerate(active):
             token = int(next_tokens[row])
             tokens[b].append(token)
-            if token in stops:
-                reasons[b] = "stop"
-            else:
+            reason = criteria.check(token, len(tokens[b]), int(prompt_list[b]) + len(tokens[b]))
+            if reason is None:
                 keep.append(row)
-        if step == max_new_tokens - 1 or not keep:
+            else:
+                reasons[b] = reason.value
+        if not keep:
             break
         if len(keep) < len(active):
             state = state.select(keep)

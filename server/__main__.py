@@ -13,9 +13,10 @@ log = logging.getLogger("server")
 
 
 def draining_server(config: Any, engine: Any) -> Any:
-    """A uvicorn.Server that, on SIGTERM/SIGINT, stops admitting at once (503 on open connections); uvicorn
-    then closes the listening socket, waits for in-flight requests (up to the drain timeout) and the
-    lifespan shuts the engine down."""
+    """A uvicorn.Server that, on SIGTERM/SIGINT, stops admitting at once (503 on open connections) and
+    marks /ready not ready; uvicorn then closes the listening socket and waits for in-flight requests.
+    At the drain timeout the engine answers what is left with 503 / an SSE error event, and the
+    process exits with status 3 (0 when nothing was cut)."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -76,12 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("serving %s (%s, %d parameters) on %s as %r", settings.checkpoint, model.config.arch, model.num_parameters(),
              device, settings.served_model_name)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_timeout), lifespan="on", access_log=False)
+                            # the engine cuts in-flight work at the drain timeout with a 503 / SSE error; uvicorn
+                            # waits a little longer so those answers reach the clients
+                            timeout_graceful_shutdown=int(settings.drain_timeout) + 5, lifespan="on", access_log=False)
     server = draining_server(config, engine)
     server.run()
     if engine.fatal is not None:
         print(f"error: engine failed: {engine.fatal}", file=sys.stderr)
         return 1
+    if engine.cut_requests:
+        print(f"error: the drain timed out and cut {engine.cut_requests} requests (503 / SSE error sent)", file=sys.stderr)
+        return 3
     return 0 if server.started else 1
 
 

@@ -19,7 +19,23 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from tokenizers import Tokenizer
 
-from server.engine import Engine, GenerateJob, GenParams, Job, ScoreJob, Unavailable
+from server.body_timeout import BodyTimeout
+from server.engine import (
+    DoneEvent,
+    Engine,
+    ErrorEvent,
+    Event,
+    GenerateJob,
+    GenerationResult,
+    GenParams,
+    Job,
+    LogprobEntry,
+    PromptEvent,
+    ScoreJob,
+    ScoreResult,
+    TokenEvent,
+    Unavailable,
+)
 from server.errors import APIError, error_body, install_handlers, invalid, overloaded
 from server.metrics import OPERATORS, Metrics
 from server.middleware import BearerAuth, BodyLimit, RequestMetrics, endpoint_label
@@ -99,7 +115,7 @@ class Service:
         except Unavailable as exc:
             raise overloaded(exc.retry_after, str(exc)) from None
 
-    async def events(self, jobs: list[Job], queue: asyncio.Queue, request: Request | None) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, jobs: list[Job], queue: asyncio.Queue, request: Request | None) -> AsyncIterator[Event]:
         """Events of all jobs until each is done; polls for disconnects when `request` is given."""
         remaining = len(jobs)
         loop = asyncio.get_running_loop()
@@ -120,24 +136,23 @@ class Service:
                         raise timeout_error()
                 if event is None:
                     continue
-                if event["type"] == "error":
+                if isinstance(event, ErrorEvent):
                     raise engine_error(event)
-                if event["type"] == "done":
+                if isinstance(event, DoneEvent):
                     remaining -= 1
                 yield event
         finally:
             if remaining:
                 self.engine.cancel(jobs, "cancelled")
 
-    async def collect(self, jobs: list[Job], queue: asyncio.Queue, request: Request) -> list[dict[str, Any]]:
-        results: list[dict[str, Any] | None] = [None] * len(jobs)
-        prompt_events: dict[int, dict[str, Any]] = {}
+    async def collect(self, jobs: list[Job], queue: asyncio.Queue, request: Request) -> list[Any]:
+        """The result of each job, in job order (GenerationResult or ScoreResult)."""
+        position = {job.index: k for k, job in enumerate(jobs)}
+        results: list[Any] = [None] * len(jobs)
         try:
             async for event in self.events(jobs, queue, request):
-                if event["type"] == "done":
-                    results[event["index"]] = event["result"]
-                elif event["type"] == "prompt":
-                    prompt_events[event["index"]] = event
+                if isinstance(event, DoneEvent):
+                    results[position[event.index]] = event.result
         except ClientGone:
             raise APIError(499, "client disconnected", code="client_closed_request", reason="cancelled") from None
         return results  # type: ignore[return-value]
@@ -151,13 +166,14 @@ def timeout_error() -> APIError:
     return APIError(504, "request timed out", code="timeout", type_="timeout_error", reason="timeout")
 
 
-def engine_error(event: dict[str, Any]) -> APIError:
-    reason = event.get("reason", "internal")
-    if reason == "timeout":
+def engine_error(event: ErrorEvent) -> APIError:
+    if event.reason == "timeout":
         return timeout_error()
-    if reason == "cancelled":
+    if event.reason == "cancelled":
         return APIError(499, "request cancelled", code="cancelled", reason="cancelled")
-    return APIError(500, event.get("message", "internal error"), code="internal_error", type_="server_error", reason="internal")
+    if event.reason == "shutdown":
+        return APIError(503, event.message, code="shutdown", type_="server_error", reason="shutdown")
+    return APIError(500, event.message, code="internal_error", type_="server_error", reason="internal")
 
 
 def sse(payload: Any) -> bytes:
@@ -194,10 +210,11 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
 
     @app.get("/ready", tags=["ops"], responses={503: {"description": "loading or warming up"}})
     async def ready() -> JSONResponse:
-        if engine.ready:
+        status = engine.status()
+        if status.ready:
             return JSONResponse({"status": "ready", "model": svc.name})
-        status = "failed" if engine.fatal else ("draining" if engine._draining else "loading")
-        return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "2"})
+        state = "failed" if status.failed else ("draining" if status.draining else "loading")
+        return JSONResponse({"status": state}, status_code=503, headers={"Retry-After": str(status.retry_after)})
 
     @app.get("/metrics", tags=["ops"])
     async def metrics_endpoint() -> Response:
@@ -228,7 +245,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
         svc.submit([job])
         rid = "gen-" + job.id
 
-        def final(result: dict[str, Any]) -> GenerateResponse:
+        def final(result: GenerationResult) -> GenerateResponse:
             return generate_response(svc, rid, ids, result)
 
         if not body.stream:
@@ -237,10 +254,10 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
         async def stream() -> AsyncIterator[bytes]:
             try:
                 async for event in svc.events([job], queue, None):
-                    if event["type"] == "token":
-                        yield sse({"type": "token", "id": rid, "text": event["text"], "token_ids": event["token_ids"]})
-                    elif event["type"] == "done":
-                        yield sse({"type": "done", **final(event["result"]).model_dump()})
+                    if isinstance(event, TokenEvent):
+                        yield sse({"type": "token", "id": rid, "text": event.text, "token_ids": event.token_ids})
+                    elif isinstance(event, DoneEvent):
+                        yield sse({"type": "done", **final(event.result).model_dump()})
                 yield sse("[DONE]")
             except APIError as exc:
                 yield svc.error_for_stream(request.url.path, exc)
@@ -265,15 +282,15 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
         job = ScoreJob(seqs, svc.context, stride, None, queue=queue, loop=asyncio.get_running_loop(), index=0,
                        timeout=settings.request_timeout)
         svc.submit([job])
-        result = (await svc.collect([job], queue, request))[0]
+        result: ScoreResult = (await svc.collect([job], queue, request))[0]
         results = []
         for i, text in enumerate(texts):
-            lps = result["logprobs"][i]
+            lps = result.logprobs[i]
             nll = -sum(lps)
             n = len(lps)
             words = len(text.split())
             n_bytes = len(text.encode("utf-8"))
-            counts = result["counts"][i]
+            counts = result.counts[i]
             routing_layers = [row for layer, row in enumerate(counts) if 0 < layer < len(counts) - 1]
             routed = sum(sum(row) for row in routing_layers)
             results.append(PerplexityResult(
@@ -281,7 +298,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
                 perplexity=safe_exp(nll / n) or float("nan"),
                 word_perplexity=safe_exp(nll / words) if words else None,
                 bits_per_byte=nll / (math.log(2) * n_bytes) if n_bytes else None,
-                windows=result["windows"][i],
+                windows=result.windows[i],
                 logprobs=[TokenLogprob(token=engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
                 if body.return_logprobs else None,
                 routing=RoutingCounts(operator_names=list(OPERATORS), per_layer=counts,
@@ -290,8 +307,8 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
         total = sum(len(s) - 1 for s in seqs)
         return PerplexityResponse(model=svc.name, window=svc.context, stride=stride, results=results,
                                   usage=Usage(prompt_tokens=total, completion_tokens=0, total_tokens=total),
-                                  timing=Timing(queue_seconds=result["queue_seconds"], time_to_first_token_seconds=None,
-                                                total_seconds=result["total_seconds"]))
+                                  timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=None,
+                                                total_seconds=result.total_seconds))
 
     # ---------------------------------------------------------------- OpenAI completions
     @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=False, responses=ERRORS, tags=["openai"])
@@ -307,6 +324,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
 
     # middleware: added last = outermost
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_error=metrics.error)
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout)
     app.add_middleware(BearerAuth, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
@@ -315,20 +333,21 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
     return app
 
 
-def generate_response(svc: Service, rid: str, prompt_ids: list[int], result: dict[str, Any]) -> GenerateResponse:
-    flops = result["flops"]
+def generate_response(svc: Service, rid: str, prompt_ids: list[int], result: GenerationResult) -> GenerateResponse:
     routing = None
-    if result["routing"] is not None:
-        processed = (prompt_ids + result["token_ids"])[: len(result["routing"]["operator"])]
+    if result.routing is not None:
+        trace = result.routing
+        processed = (prompt_ids + result.token_ids)[: len(trace.operator)]
         routing = Routing(operator_names=list(OPERATORS), tokens=[svc.engine.token_str(t) for t in processed], token_ids=processed,
-                          prompt_tokens=len(prompt_ids), **result["routing"])
+                          prompt_tokens=len(prompt_ids), operator=trace.operator, entropy=trace.entropy, gate=trace.gate)
+    dense = result.flops_dense
     return GenerateResponse(
-        id=rid, model=svc.name, text=result["text"], token_ids=result["token_ids"], finish_reason=result["finish_reason"],
-        usage=Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
-                    total_tokens=result["prompt_tokens"] + result["completion_tokens"]),
-        timing=Timing(queue_seconds=result["queue_seconds"], time_to_first_token_seconds=result["ttft_seconds"],
-                      total_seconds=result["total_seconds"]),
-        flops=Flops(executed=flops["executed"], dense=flops["dense"], ratio=flops["executed"] / flops["dense"] if flops["dense"] else 1.0),
+        id=rid, model=svc.name, text=result.text, token_ids=result.token_ids, finish_reason=str(result.finish_reason),
+        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                    total_tokens=result.prompt_tokens + result.completion_tokens),
+        timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=result.ttft_seconds,
+                      total_seconds=result.total_seconds),
+        flops=Flops(executed=result.flops_executed, dense=dense, ratio=result.flops_executed / dense if dense else 1.0),
         routing=routing,
     )
 
@@ -413,62 +432,56 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
     n_choices = len(prompts) * body.n
     prompt_tokens = sum(len(ids) for ids, _, _ in prompts)
 
-    def prompt_lp(i: int, entries: list[dict[str, Any]] | None) -> dict[str, list]:
+    def prompt_lp(i: int, entries: list[LogprobEntry] | None) -> dict[str, list]:
         ids, _, offsets = prompts[i]
         lp: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for k, tok in enumerate(ids[1:]):
             lp["tokens"].append(svc.engine.token_str(tok))
-            lp["token_logprobs"].append(entries[k]["logprob"] if entries else None)
+            lp["token_logprobs"].append(entries[k].logprob if entries else None)
             lp["top_logprobs"].append(_top(svc, entries[k]) if entries else None)
             lp["text_offset"].append(offsets[k])
         return lp
 
-    def completion_lp(entries: list[dict[str, Any]], base: int, texts_before: list[int]) -> dict[str, list]:
-        return {"tokens": [svc.engine.token_str(e["id"]) for e in entries],
-                "token_logprobs": [e["logprob"] for e in entries],
+    def completion_lp(entries: list[LogprobEntry], base: int, texts_before: list[int]) -> dict[str, list]:
+        return {"tokens": [svc.engine.token_str(e.id) for e in entries],
+                "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [_top(svc, e) for e in entries],
                 "text_offset": [base + off for off in texts_before]}
 
-    def choice(index: int, result: dict[str, Any] | None) -> CompletionChoice:
+    def scored_entries(score: ScoreResult, p: int) -> list[LogprobEntry]:
+        return [LogprobEntry(t, lp, score.top[p][k] if score.top else None)
+                for k, (t, lp) in enumerate(zip(prompts[p][0][1:], score.logprobs[p]))]
+
+    def choice(index: int, result: GenerationResult | None, echo_entries: list[LogprobEntry] | None) -> CompletionChoice:
         p = index // body.n
         ptext = prompts[p][1]
-        text = result["text"] if result else ""
+        text = result.text if result else ""
         lp = None
         if body.logprobs is not None:
             merged: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             if body.echo:
-                entries = None
-                if result is not None:
-                    entries = result.get("prompt_logprobs")
-                    if entries is None and "logprobs" in result:  # score job
-                        entries = result["logprobs"]
-                _extend(merged, prompt_lp(p, entries))
-            if result and result.get("token_logprobs"):
+                _extend(merged, prompt_lp(p, echo_entries))
+            if result and result.token_logprobs:
                 base = len(ptext) if body.echo else 0
-                _extend(merged, completion_lp(result["token_logprobs"], base, result.get("offsets") or _offsets(svc, result["token_ids"])))
+                _extend(merged, completion_lp(result.token_logprobs, base, _offsets(svc, result.token_ids)))
             lp = CompletionLogprobs(**merged)
-        finish = None
-        if result is not None:
-            finish = "length" if result.get("finish_reason", "length") == "length" else "stop"
-        else:
-            finish = "length"
+        finish = "length" if result is None or result.finish_reason == "length" else "stop"
         return CompletionChoice(index=index, text=(ptext if body.echo else "") + text, logprobs=lp, finish_reason=finish)
 
     if not body.stream:
-        results: list[dict[str, Any] | None] = [None] * n_choices
+        results: list[GenerationResult | None] = [None] * n_choices
+        echoes: list[list[LogprobEntry] | None] = [None] * n_choices
         if jobs and isinstance(jobs[0], ScoreJob):
-            score = (await svc.collect(jobs, queue, request))[0]
-            for i in range(len(prompts)):
-                r = {"text": "", "finish_reason": "length", "completion_tokens": 0,
-                     "logprobs": [{"id": t, "logprob": lp, "top": (score["top"][i][k] if score["top"] else None)}
-                                  for k, (t, lp) in enumerate(zip(prompts[i][0][1:], score["logprobs"][i]))]}
-                for j in range(body.n):
-                    results[i * body.n + j] = r
+            score: ScoreResult = (await svc.collect(jobs, queue, request))[0]
+            for i in range(n_choices):
+                echoes[i] = scored_entries(score, i // body.n)
         elif jobs:
             for r, job in zip(await svc.collect(jobs, queue, request), jobs):
                 results[job.index] = r
-        completion_tokens = sum(r.get("completion_tokens", 0) for r in results if r)
-        return CompletionResponse(id=rid, created=created, model=svc.name, choices=[choice(i, results[i]) for i in range(n_choices)],
+                echoes[job.index] = r.prompt_logprobs
+        completion_tokens = sum(r.completion_tokens for r in results if r)
+        return CompletionResponse(id=rid, created=created, model=svc.name,
+                                  choices=[choice(i, results[i], echoes[i]) for i in range(n_choices)],
                                   usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                               total_tokens=prompt_tokens + completion_tokens))
 
@@ -482,17 +495,14 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
         completion_tokens = 0
         try:
             if not jobs or isinstance(jobs[0], ScoreJob):  # max_tokens == 0: the echo is the whole answer
-                results = []
+                score: ScoreResult | None = None
                 if jobs:
                     async for event in svc.events(jobs, queue, None):
-                        if event["type"] == "done":
-                            results.append(event["result"])
+                        if isinstance(event, DoneEvent):
+                            score = event.result  # type: ignore[assignment]
                 for i in range(n_choices):
                     p = i // body.n
-                    entries = None
-                    if results:
-                        entries = [{"id": t, "logprob": lp, "top": (results[0]["top"][p][k] if results[0]["top"] else None)}
-                                   for k, (t, lp) in enumerate(zip(prompts[p][0][1:], results[0]["logprobs"][p]))]
+                    entries = scored_entries(score, p) if score is not None else None
                     lp = prompt_lp(p, entries) if body.logprobs is not None and body.echo else None
                     yield chunk(i, prompts[p][1] if body.echo else "", "length", lp)
             else:
@@ -503,21 +513,22 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                         sent_echo.add(i)
                         yield chunk(i, prompts[i // body.n][1], None)
                 async for event in svc.events(jobs, queue, None):
-                    i = event["index"]
-                    if event["type"] == "prompt" and i not in sent_echo:
+                    i = event.index
+                    if isinstance(event, PromptEvent) and i not in sent_echo:
                         sent_echo.add(i)
-                        yield chunk(i, prompts[i // body.n][1], None, prompt_lp(i // body.n, event["logprobs"]))
-                    elif event["type"] == "token":
+                        yield chunk(i, prompts[i // body.n][1], None, prompt_lp(i // body.n, event.logprobs))
+                    elif isinstance(event, TokenEvent):
                         lp = None
-                        if body.logprobs is not None:
+                        if body.logprobs is not None and event.logprobs is not None:
                             base = (len(prompts[i // body.n][1]) if body.echo else 0) + emitted[i]
-                            lp = completion_lp(event["logprobs"], base, [0] * len(event["logprobs"]))
-                        emitted[i] += len(event["text"])
-                        if event["text"] or lp:
-                            yield chunk(i, event["text"], None, lp)
-                    elif event["type"] == "done":
-                        completion_tokens += event["result"]["completion_tokens"]
-                        yield chunk(i, "", "length" if event["result"]["finish_reason"] == "length" else "stop")
+                            lp = completion_lp(event.logprobs, base, [0] * len(event.logprobs))
+                        emitted[i] += len(event.text)
+                        if event.text or lp:
+                            yield chunk(i, event.text, None, lp)
+                    elif isinstance(event, DoneEvent):
+                        result: GenerationResult = event.result  # type: ignore[assignment]
+                        completion_tokens += result.completion_tokens
+                        yield chunk(i, "", "length" if result.finish_reason == "length" else "stop")
             if include_usage:
                 yield sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": [],
                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -537,9 +548,8 @@ def _extend(into: dict[str, list], part: dict[str, list]) -> None:
         into[key].extend(values)
 
 
-def _top(svc: Service, entry: dict[str, Any]) -> dict[str, float]:
-    top = entry.get("top") or {}
-    return {svc.engine.token_str(t): lp for t, lp in top.items()}
+def _top(svc: Service, entry: LogprobEntry) -> dict[str, float]:
+    return {svc.engine.token_str(t): lp for t, lp in (entry.top or {}).items()}
 
 
 def _offsets(svc: Service, token_ids: list[int]) -> list[int]:

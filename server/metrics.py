@@ -14,6 +14,7 @@ PHASES = ("prefill", "decode")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STEP_TOKEN_BUCKETS = (0, 1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 GATE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -83,6 +84,19 @@ class Metrics:
         self.generation_tokens = Counter("chiar_generation_tokens_total", "Tokens generated.", registry=r)
         self.flops = Counter("chiar_flops_total", "FLOPs executed and what the dense baseline would spend.", ["kind"], registry=r)
         self.request_errors = Counter("chiar_request_errors_total", "Failed requests.", ["endpoint", "reason"], registry=r)
+        self.queue_length = Gauge("chiar_queue_length", "Requests waiting for admission, per class.", ["class"], registry=r)
+        self.step_tokens = Histogram("chiar_step_tokens", "Tokens one engine step processed, per kind (decode, prefill, score).",
+                                     ["kind"], buckets=STEP_TOKEN_BUCKETS, registry=r)
+        self.step_seconds = Histogram("chiar_step_seconds", "Engine step time (model calls and output processing).",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.step_budget = Gauge("chiar_step_budget_tokens", "Prefill + scoring tokens the next step may spend.", registry=r)
+        self.steps = Counter("chiar_steps_total", "Engine steps, by whether generation ran and whether scoring ran.",
+                             ["generation", "scoring"], registry=r)
+        self.step_over_budget = Counter("chiar_step_over_budget_total", "Steps whose prefill + scoring tokens exceeded the budget.",
+                                        registry=r)
+        self.max_step_score_tokens = Gauge("chiar_step_score_tokens_max", "Most scoring tokens one step processed while "
+                                           "sequences were decoding (since start).", registry=r)
+        self.kv_cache = Gauge("chiar_kv_cache_bytes", "KV-cache bytes held by running sequences, and the budget.", ["kind"], registry=r)
         self.model_info = Gauge("chiar_model_info", "Served model (value 1).", ["arch", "params", "checkpoint"], registry=r)
         for layer in range(1, n_layers + 1):
             for op in OPERATORS:
@@ -93,6 +107,35 @@ class Metrics:
             self.batch_size.labels(phase)
         for kind in ("executed", "dense_equivalent"):
             self.flops.labels(kind)
+        for cls in ("generate", "score"):
+            self.queue_length.labels(cls)
+        for kind in ("decode", "prefill", "score"):
+            self.step_tokens.labels(kind)
+        for kind in ("used", "limit"):
+            self.kv_cache.labels(kind)
+        self._max_score = 0
+
+    def record_step(self, decode: int, prefill: int, score: int, budget: int, seconds: float, kv_used: int, kv_limit: int) -> None:
+        """One engine step's composition and time."""
+        self.step_tokens.labels("decode").observe(decode)
+        self.step_tokens.labels("prefill").observe(prefill)
+        self.step_tokens.labels("score").observe(score)
+        self.step_seconds.observe(seconds)
+        self.steps.labels(str(decode > 0 or prefill > 0).lower(), str(score > 0).lower()).inc()
+        if prefill + score > budget:
+            self.step_over_budget.inc()
+        if decode and score > self._max_score:
+            self._max_score = score
+            self.max_step_score_tokens.set(score)
+        self.kv_cache.labels("used").set(kv_used)
+        self.kv_cache.labels("limit").set(kv_limit)
+
+    def update_queues(self, waiting_generate: int, waiting_score: int, running: int, budget: int) -> None:
+        self.queue_length.labels("generate").set(waiting_generate)
+        self.queue_length.labels("score").set(waiting_score)
+        self.waiting.set(waiting_generate + waiting_score)
+        self.running.set(running)
+        self.step_budget.set(budget)
 
     def record_forward(self, phase: str, seconds: float, batch: int, counts: torch.Tensor, gate: torch.Tensor | None,
                        executed: float, dense: float) -> None:

@@ -4,13 +4,30 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 8
 MAX_SEED = 2**63 - 1
 
-Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy")]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus mass in (0, 1]")]
+MIN_TEMPERATURE = 1e-4  # below it logits / T overflow float32 for large logits; it is greedy in all but name
+MIN_TOP_P = 1.2e-38  # the smallest normal float32: smaller masses underflow to 0 in the sampler
+
+
+def _temperature(value: float) -> float:
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}; smaller values underflow, got {value!r}")
+    return value
+
+
+def _top_p(value: float) -> float:
+    if value < MIN_TOP_P:
+        raise ValueError(f"must be at least {MIN_TOP_P:g} (smaller values underflow), got {value!r}")
+    return value
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy, else in [1e-4, 2] (OpenAI's range)"),
+                        AfterValidator(_temperature)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus mass in (0, 1]"), AfterValidator(_top_p)]
 TopK = Annotated[int, Field(ge=1, description="sample among the k most likely tokens")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same seed -> same text, alone or under load")]
 

@@ -44,8 +44,10 @@ class Settings:
     port: int = field(default=8000, metadata={"parse": int, "help": "listen port"})
     device: str = field(default="auto", metadata={"parse": str, "help": DEVICES_HELP})
     dtype: str = field(default="auto", metadata={"parse": str, "help": "weights dtype: " + ", ".join(DTYPES) + " (auto: as stored)"})
-    max_batch_size: int = field(default=16, metadata={"parse": int, "help": "most sequences decoded together"})
-    max_tokens_per_step: int = field(default=4096, metadata={"parse": int, "help": "token budget of one engine step (prefill + scoring + decode, padded)"})
+    max_batch_size: int = field(default=0, metadata={"parse": int, "help": "most sequences decoded together (0: from the KV-cache budget, at most 256)"})
+    max_tokens_per_step: int = field(default=4096, metadata={"parse": int, "help": "most prefill + scoring tokens in one engine step"})
+    step_target_ms: float = field(default=50.0, metadata={"parse": float, "help": "target engine step time (bounds the inter-token latency); prefill and scoring chunks are sized from measured throughput to fit it"})
+    kv_cache_mb: float = field(default=512.0, metadata={"parse": float, "help": "KV-cache memory budget in MiB; admission counts each sequence's actual routed cache against it"})
     queue_size: int = field(default=64, metadata={"parse": int, "help": "most sequences waiting; beyond it requests get 503 + Retry-After"})
     request_timeout: float = field(default=120.0, metadata={"parse": float, "help": "seconds from arrival to the last token before a request is cancelled"})
     api_key: str | None = field(default=None, metadata={"parse": lambda text: text or None, "help": "require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)"})
@@ -57,6 +59,8 @@ class Settings:
     drain_timeout: float = field(default=30.0, metadata={"parse": float, "help": "seconds SIGTERM waits for in-flight requests"})
     warmup: bool = field(default=True, metadata={"parse": _to_bool, "help": "run warm-up forwards before /ready turns 200"})
     log_level: str = field(default="info", metadata={"parse": str, "help": "uvicorn log level"})
+    body_timeout: float = field(default=30.0, metadata={"parse": float, "help": "seconds to receive a request body before 408"})
+    fault_inject: str | None = field(default=None, metadata={"parse": _opt(str), "help": "testing only: STAGE:TOKEN_ID makes requests containing that token fail at STAGE (model, sample, score)"})
 
     def validate(self) -> None:
         """Raise SettingsError naming the first invalid setting."""
@@ -72,12 +76,18 @@ class Settings:
             raise bad("device", f"must be {DEVICES_HELP}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_batch_size", "max_tokens_per_step", "max_body_bytes", "max_prompts"):
+        for name in ("max_tokens_per_step", "max_body_bytes", "max_prompts"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_size < 0:
+            raise bad("max_batch_size", f"must be >= 0 (0: automatic), got {self.max_batch_size}")
+        if self.fault_inject is not None:
+            stage, _, token = self.fault_inject.partition(":")
+            if stage not in ("model", "sample", "score") or not token.isdigit():
+                raise bad("fault_inject", f"must be STAGE:TOKEN_ID with STAGE model, sample or score, got {self.fault_inject!r}")
         if self.queue_size < 0:
             raise bad("queue_size", f"must be >= 0, got {self.queue_size}")
-        for name in ("request_timeout", "drain_timeout"):
+        for name in ("request_timeout", "drain_timeout", "step_target_ms", "kv_cache_mb", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be > 0, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:

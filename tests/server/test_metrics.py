@@ -24,6 +24,14 @@ EXPECTED = {  # name -> (type, label names)
     "chiar_flops": ("counter", {"kind"}),
     "chiar_request_errors": ("counter", {"endpoint", "reason"}),
     "chiar_model_info": ("gauge", {"arch", "params", "checkpoint"}),
+    "chiar_queue_length": ("gauge", {"class"}),
+    "chiar_step_tokens": ("histogram", {"kind"}),
+    "chiar_step_seconds": ("histogram", set()),
+    "chiar_step_budget_tokens": ("gauge", set()),
+    "chiar_steps": ("counter", {"generation", "scoring"}),
+    "chiar_step_over_budget": ("counter", set()),
+    "chiar_step_score_tokens_max": ("gauge", set()),
+    "chiar_kv_cache_bytes": ("gauge", {"kind"}),
 }
 
 

@@ -1,0 +1,253 @@
+"""The engine: one thread owns the model and loops schedule() -> run -> update_from_output().
+
+Asyncio handlers submit jobs and read typed events from an asyncio.Queue per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from model import ModelOutput
+from server.engine.output import OutputProcessor
+from server.engine.requests import GenerateJob, Job, Unavailable
+from server.engine.runner import FaultInjector, ModelRunner
+from server.engine.scheduler import PrefillChunk, Scheduler, SchedulerLimits, SchedulerOutput, ScoreChunk, StepStats
+from server.metrics import Metrics
+from server.settings import Settings
+from server.textstream import TokenStrings
+
+log = logging.getLogger("server.engine")
+MAX_AUTO_BATCH = 256
+
+
+@dataclass
+class EngineStatus:
+    ready: bool
+    draining: bool
+    failed: bool
+    waiting_generate: int
+    waiting_score: int
+    running: int
+    scoring: int
+    max_batch_size: int
+    budget_tokens: int
+    kv_used_bytes: int
+    kv_budget_bytes: int
+    retry_after: int
+    cut_requests: int
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> float:
+    """K+V bytes one token adds when it attends in every attention-capable layer."""
+    cfg = model.config
+    layers = sum(1 for block in model.blocks if hasattr(block, "attention"))
+    element = next(model.parameters()).element_size()
+    return float(layers * 2 * cfg.d_model * element)
+
+
+class Engine:
+    """Continuous batching around one ChiarLM: decode first, then budgeted prefill and scoring chunks."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, settings: Settings, metrics: Metrics) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.metrics = metrics
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.token_str = TokenStrings(tokenizer)
+        per_token = kv_bytes_per_token(model)
+        budget = int(settings.kv_cache_mb * 2**20)
+        max_batch = settings.max_batch_size or max(1, min(MAX_AUTO_BATCH, int(budget // (per_token * self.config.max_seq_len))))
+        self.scheduler = Scheduler(SchedulerLimits(
+            max_batch_size=max_batch, queue_size=settings.queue_size, max_step_tokens=settings.max_tokens_per_step,
+            step_target_seconds=settings.step_target_ms / 1000.0, kv_budget_bytes=budget, kv_bytes_per_token=per_token,
+            max_seq_len=self.config.max_seq_len))
+        faults = FaultInjector.parse(settings.fault_inject)
+        self.runner = ModelRunner(model, self.config.pad_token_id, faults, self._record_forward)
+        self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, metrics, faults)
+        self._cv = threading.Condition()
+        self._ready = threading.Event()
+        self._draining = False
+        self._drain_deadline: float | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._record = True
+        self.fatal: BaseException | None = None
+        self.cut_requests = 0
+
+    # ------------------------------------------------------------------ control (any thread)
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._draining and self.fatal is None
+
+    def status(self) -> EngineStatus:
+        with self._cv:
+            s = self.scheduler.status()
+        return EngineStatus(ready=self.ready, draining=self._draining, failed=self.fatal is not None,
+                            waiting_generate=s.waiting_generate, waiting_score=s.waiting_score, running=s.running + s.prefilling,
+                            scoring=s.scoring, max_batch_size=self.scheduler.limits.max_batch_size, budget_tokens=s.budget_tokens,
+                            kv_used_bytes=self.scheduler.kv_used_bytes, kv_budget_bytes=s.kv_budget_bytes,
+                            retry_after=s.retry_after, cut_requests=self.cut_requests)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="chiar-engine", daemon=True)
+        self._thread.start()
+
+    def begin_drain(self) -> None:
+        """Stop admitting; in-flight requests get until the drain timeout, then a 503 / SSE error."""
+        with self._cv:
+            if not self._draining:
+                self._draining = True
+                self._drain_deadline = time.perf_counter() + self.settings.drain_timeout
+            self._cv.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.begin_drain()
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout + 5.0)
+
+    def retry_after(self) -> int:
+        with self._cv:
+            return self.scheduler.retry_after()
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs atomically, or raise Unavailable (503 + Retry-After)."""
+        with self._cv:
+            if self._draining:
+                raise Unavailable("server is shutting down", retry_after=5)
+            if self.fatal is not None or not self._ready.is_set():
+                raise Unavailable("model is not ready yet", retry_after=2)
+            self.scheduler.add(jobs)
+            self._cv.notify_all()
+        self._update_gauges()
+
+    def cancel(self, jobs: list[Job], reason: str = "cancelled") -> None:
+        """Mark jobs cancelled; the engine frees their slots at the next step."""
+        with self._cv:
+            for job in jobs:
+                if not job.done and job.cancel_reason is None:
+                    job.cancel_reason = reason
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ engine thread
+    def _main(self) -> None:
+        try:
+            torch.set_grad_enabled(False)
+            if self.settings.warmup:
+                self._warmup()
+        except BaseException as exc:
+            log.exception("warm-up failed")
+            self.fatal = exc
+            return
+        self._ready.set()
+        log.info("engine ready on %s (batch cap %d)", self.device, self.scheduler.limits.max_batch_size)
+        while True:
+            with self._cv:
+                while not (self.scheduler.has_work or self._stopping):
+                    self._cv.wait()
+                if self._drain_deadline is not None and time.perf_counter() > self._drain_deadline:
+                    self._cut_all()
+                if self._stopping and not self.scheduler.has_work:
+                    break
+                out = self.scheduler.schedule(time.perf_counter())
+            try:
+                self._step(out)
+            except Exception as exc:  # a bug outside the per-request guards: fail what this step touched
+                log.exception("engine step failed")
+                self._fail_step(out, f"internal error: {type(exc).__name__}")
+
+    def _cut_all(self) -> None:
+        """The drain timed out: every in-flight request gets a 'shutdown' error."""
+        jobs = [j for j in self.scheduler.all_jobs() if not j.done]
+        for job in jobs:
+            job.fail("shutdown", "the server shut down before the request finished")
+        self.cut_requests += len(jobs)
+        if jobs:
+            log.error("drain timed out: %d requests cut", len(jobs))
+        self.scheduler.drop(jobs)
+        self.runner.remove([j for j in jobs if isinstance(j, GenerateJob)])
+
+    def _fail_step(self, out: SchedulerOutput, message: str) -> None:
+        jobs: list[Job] = [*out.decode, *(c.job for c in out.prefill), *(c.job for c in out.score)]
+        for job in jobs:
+            job.fail("internal", message)
+        with self._cv:
+            self.scheduler.drop(jobs)
+        self.runner.remove([j for j in jobs if isinstance(j, GenerateJob)])
+
+    def _step(self, out: SchedulerOutput) -> None:
+        t0 = time.perf_counter()
+        for job, reason in out.expired:
+            job.fail(reason, f"request {reason}" + ("" if job.admitted else " while waiting"))
+        self.runner.remove([j for j, _ in out.expired if isinstance(j, GenerateJob)])
+        if self._record:
+            for job in [*(c.job for c in out.prefill), *(c.job for c in out.score)]:
+                if not job.wait_recorded and job.admitted is not None:
+                    job.wait_recorded = True
+                    self.metrics.queue_wait.observe(job.admitted - job.arrival)
+        ro = self.runner.run(bool(out.decode), out.prefill, out.score)
+        for job, message in ro.failed:
+            job.fail("internal", message)
+        ended: list[Job] = [j for j, _ in ro.failed]
+        if ro.decode is not None:
+            ended += self.output.decode(ro.decode)
+        done, going_on = self.output.prefill([c for c in ro.chunks if isinstance(c.chunk, PrefillChunk)])
+        ended += done
+        ended += self.output.score([c for c in ro.chunks if isinstance(c.chunk, ScoreChunk)])
+        self.runner.remove([j for j in ended if isinstance(j, GenerateJob)])
+        self.runner.admit([o for o in going_on if not o.chunk.job.done])
+        kv_used, kv_tokens = self.runner.kv_bytes()
+        stats = StepStats(len(out.decode), ro.decode_seconds, out.prefill_tokens + out.score_tokens, ro.chunk_seconds)
+        with self._cv:
+            self.scheduler.update_from_output(out, stats, ended, [o.chunk.job for o in going_on], kv_used, kv_tokens)
+        if self._record:
+            self.metrics.record_step(len(out.decode), out.prefill_tokens, out.score_tokens, out.budget,
+                                     time.perf_counter() - t0, kv_used, self.scheduler.limits.kv_budget_bytes)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        with self._cv:
+            s = self.scheduler.status()
+        self.metrics.update_queues(s.waiting_generate, s.waiting_score, s.running + s.prefilling + s.scoring, s.budget_tokens)
+
+    def _record_forward(self, phase: str, seconds: float, batch: int, out: ModelOutput, gate: Tensor | None) -> None:
+        if self._record:
+            self.metrics.record_forward(phase, seconds, batch, out.routing.counts, gate, out.flops.executed, out.flops.dense)
+
+    def _warmup(self) -> None:
+        """Each kind of forward once (prefill, extend, decode, add/remove, infer) and first cost estimates."""
+        self._record = False
+        self.output.record = False
+        try:
+            cfg = self.config
+            n = min(64, cfg.max_seq_len - 4)
+            ids = torch.arange(n, device=self.device).remainder(cfg.vocab_size - 1).unsqueeze(0)
+            t0 = time.perf_counter()
+            _, state = self.model.prefill(ids)
+            self.scheduler.cost.chunk_seconds_per_token = (time.perf_counter() - t0) / n
+            self.model.extend(ids[0, :2], state)
+            _, other = self.model.prefill(ids[:, :3])
+            state.add(other)
+            tokens = torch.tensor([3, 4], device=self.device)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                self.model.decode_step(tokens, state)
+            self.scheduler.cost.decode_seconds = (time.perf_counter() - t0) / 3
+            state.remove([0])
+            self.model.infer(ids)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            self._record = True
+            self.output.record = True

@@ -1,0 +1,219 @@
+"""What flows between the routes and the engine: requests (jobs), their events and results.
+
+A route builds jobs, submits them, and reads typed events from one asyncio.Queue per request; the
+engine thread posts them with `Job.post` (thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the scheduler imports this module and stays free of torch
+    import torch
+
+    from model import FinishReason
+
+
+class Unavailable(Exception):
+    """The engine cannot take the request now (queue full, warming up, draining)."""
+
+    def __init__(self, message: str, retry_after: int, reason: str = "overloaded") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+@dataclass
+class GenParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # per generated token: None = none, n = sampled token + top n
+    prompt_logprobs: int | None = None  # same for the prompt tokens (echo)
+    return_routing: bool = False
+
+
+@dataclass
+class LogprobEntry:
+    """One token's log-probability, and the top alternatives when asked (id -> logprob)."""
+
+    id: int
+    logprob: float
+    top: dict[int, float] | None = None
+
+
+@dataclass
+class RoutingTrace:
+    """Per processed token: operator id per layer, entropy per layer (None where not computed), gate."""
+
+    operator: list[list[int]] = field(default_factory=list)
+    entropy: list[list[float | None]] = field(default_factory=list)
+    gate: list[float | None] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    finish_reason: FinishReason
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_seconds: float
+    ttft_seconds: float | None
+    total_seconds: float
+    flops_executed: float
+    flops_dense: float
+    routing: RoutingTrace | None
+    prompt_logprobs: list[LogprobEntry] | None
+    token_logprobs: list[LogprobEntry] | None
+
+
+@dataclass
+class ScoreResult:
+    logprobs: list[list[float]]  # per sequence, one per token after the first
+    top: list[list[dict[int, float] | None]] | None
+    counts: list[list[list[int]]]  # per sequence: [layer][operator] scored tokens
+    windows: list[int]
+    queue_seconds: float
+    total_seconds: float
+
+
+@dataclass
+class PromptEvent:
+    index: int
+    logprobs: list[LogprobEntry]
+
+
+@dataclass
+class TokenEvent:
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[LogprobEntry] | None = None
+
+
+@dataclass
+class DoneEvent:
+    index: int
+    result: GenerationResult | ScoreResult
+
+
+@dataclass
+class ErrorEvent:
+    index: int
+    reason: str  # "timeout" | "cancelled" | "internal" | "shutdown" | "invalid"
+    message: str
+
+
+Event = PromptEvent | TokenEvent | DoneEvent | ErrorEvent
+
+
+class Job:
+    """A unit of work for the engine; events go to an asyncio.Queue on the caller's loop."""
+
+    kind = "job"
+
+    def __init__(self, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop, index: int, timeout: float) -> None:
+        self.id = uuid.uuid4().hex[:16]
+        self.queue = queue
+        self.loop = loop
+        self.index = index
+        self.arrival = time.perf_counter()
+        self.deadline = self.arrival + timeout
+        self.admitted: float | None = None
+        self.wait_recorded = False  # queue wait observed in the metrics
+        self.cancel_reason: str | None = None
+        self.done = False
+
+    def post(self, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone (shutdown)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def fail(self, reason: str, message: str) -> None:
+        if not self.done:
+            self.done = True
+            self.post(ErrorEvent(self.index, reason, message))
+
+    def remaining_tokens(self) -> int:
+        """Input tokens still to process (the scheduler's shortest-remaining-first key)."""
+        raise NotImplementedError
+
+
+class GenerateJob(Job):
+    kind = "generate"
+
+    def __init__(self, prompt_ids: list[int], params: GenParams, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.prefill_state: object = None  # the runner's KV cache while the prompt is prefilled in chunks
+        self.tokens: list[int] = []
+        self.token_logprobs: list[LogprobEntry] = []
+        self.prompt_logprobs: list[LogprobEntry] | None = [] if params.prompt_logprobs is not None else None
+        self.routing: RoutingTrace | None = RoutingTrace() if params.return_routing else None
+        self.flops = [0.0, 0.0]  # executed, dense
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.stream: Any = None  # TextStream, set when the prompt is in the cache
+        self.generator: torch.Generator | None = None
+
+    def remaining_tokens(self) -> int:
+        return len(self.prompt_ids) - self.prefilled
+
+
+@dataclass
+class Window:
+    """One scoring window of a sequence: inputs ids[begin:end], targets ids[begin+1:end+1]."""
+
+    seq: int  # index into the job's sequences
+    begin: int
+    end: int
+    score_from: int  # first target index (into ids) this window scores
+    done: int = 0  # inputs of this window already processed (chunked windows)
+    state: object = None  # the runner's KV cache of a window processed in chunks
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+
+class ScoreJob(Job):
+    """Log-likelihood of each token of each sequence (BOS first), sliding windows beyond the context."""
+
+    kind = "score"
+
+    def __init__(self, seqs: list[list[int]], window: int, stride: int, top_n: int | None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.seqs = seqs
+        self.top_n = top_n
+        self.logprobs = [[0.0] * (len(ids) - 1) for ids in seqs]
+        self.top: list[list[dict[int, float] | None]] | None = [[None] * (len(ids) - 1) for ids in seqs] if top_n else None
+        self.counts: list[Any] = [None] * len(seqs)  # per sequence: [layers, operators] counts (torch)
+        self.n_windows = [0] * len(seqs)
+        self.pending: deque[Window] = deque()
+        for s, ids in enumerate(seqs):
+            last_input = len(ids) - 1  # ids[-1] is only ever a target
+            begin, scored = 0, 0
+            while True:
+                end = min(begin + window, last_input)
+                self.pending.append(Window(s, begin, end, scored + 1))
+                self.n_windows[s] += 1
+                scored = end
+                if end >= last_input:
+                    break
+                begin += stride
+        self.windows_left = len(self.pending)
+
+    def remaining_tokens(self) -> int:
+        return sum(w.length - w.done for w in self.pending)

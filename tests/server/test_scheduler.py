@@ -1,0 +1,119 @@
+"""The scheduler alone (pure Python): budget, lanes, shortest-remaining-first with aging, admission."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.engine.requests import GenerateJob, GenParams, ScoreJob
+from server.engine.scheduler import MIN_CHUNK, Scheduler, SchedulerLimits, StepStats
+from tests.server.conftest import REPO
+
+LOOP = asyncio.new_event_loop()
+
+
+def limits(**kw: float) -> SchedulerLimits:
+    base = dict(max_batch_size=8, queue_size=100, max_step_tokens=4096, step_target_seconds=0.05,
+                kv_budget_bytes=10**9, kv_bytes_per_token=100.0, max_seq_len=1024)
+    base.update(kw)
+    return SchedulerLimits(**base)  # type: ignore[arg-type]
+
+
+def gen(n_prompt: int, new: int = 4, arrival: float = 0.0) -> GenerateJob:
+    job = GenerateJob(list(range(1, n_prompt + 1)), GenParams(max_new_tokens=new), queue=asyncio.Queue(), loop=LOOP,
+                      index=0, timeout=1e9)
+    job.arrival = arrival
+    return job
+
+
+def score(n_tokens: int, window: int = 128, arrival: float = 0.0) -> ScoreJob:
+    job = ScoreJob([list(range(n_tokens))], window, window // 2, None, queue=asyncio.Queue(), loop=LOOP, index=0, timeout=1e9)
+    job.arrival = arrival
+    return job
+
+
+def run_step(s: Scheduler, now: float, seconds_per_token: float = 1e-4):
+    """schedule, pretend the runner ran it, update; prompts that complete start decoding."""
+    out = s.schedule(now)
+    tokens = out.prefill_tokens + out.score_tokens
+    started = [c.job for c in out.prefill if c.last]
+    s.update_from_output(out, StepStats(len(out.decode), 0.01, tokens, tokens * seconds_per_token), [], started, 0, 0)
+    s.drop([job for job in s.scoring if not job.pending])  # the output processor ends scoring jobs with no window left
+    return out
+
+
+def test_scheduler_imports_without_torch() -> None:
+    code = "import sys, server.engine.scheduler; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompts=st.lists(st.integers(1, 900), max_size=6), texts=st.lists(st.integers(2, 3000), max_size=4),
+       target_ms=st.floats(5, 200), per_token=st.floats(1e-5, 1e-3))
+def test_no_step_exceeds_its_budget_and_all_work_finishes(prompts: list[int], texts: list[int], target_ms: float,
+                                                          per_token: float) -> None:
+    s = Scheduler(limits(step_target_seconds=target_ms / 1000))
+    s.add([gen(n) for n in prompts] + [score(n) for n in texts])
+    for step in range(2000):
+        if not (s.waiting or s.prefilling or s.scoring):
+            break
+        out = run_step(s, step * 0.01, per_token)
+        assert out.prefill_tokens + out.score_tokens <= out.budget
+        assert out.budget >= MIN_CHUNK
+        assert all(c.end > c.start for c in [*out.prefill, *out.score])
+    assert not (s.waiting or s.prefilling or s.scoring), "work left over"
+    assert len(s.running) == len(prompts)
+    assert all(job.prefilled == len(job.prompt_ids) for job in s.running)
+
+
+def test_lanes_share_the_budget_when_both_have_work() -> None:
+    s = Scheduler(limits())
+    s.cost.chunk_seconds_per_token = 1e-4  # budget 500 tokens
+    s.add([score(100_000), gen(5000)])
+    out = s.schedule(0.0)
+    assert out.prefill_tokens == out.budget // 2
+    assert out.score_tokens == out.budget - out.budget // 2
+
+
+def test_a_short_request_overtakes_long_ones_and_long_ones_are_not_starved() -> None:
+    s = Scheduler(limits(max_batch_size=100))
+    s.cost.chunk_seconds_per_token = 1e-3  # budget 50 tokens a step, 1000 tokens/s aging
+    longs = [gen(400, arrival=0.0) for _ in range(3)]
+    s.add(longs)
+    run_step(s, 0.0, 1e-3)
+    short = gen(3, arrival=0.01)
+    s.add([short])
+    out = s.schedule(0.02)
+    assert out.prefill[0].job is short  # fewest tokens left goes first
+    # a stream of new short requests cannot hold a long one back for ever: aging lifts it
+    for step in range(3, 400):
+        done = [c.job for c in out.prefill if c.last]  # each request ends with its first token
+        s.update_from_output(out, StepStats(0, 0.0, out.prefill_tokens, out.prefill_tokens * 1e-3), done, done, 0, 0)
+        s.add([gen(3, arrival=step * 0.05)])
+        out = s.schedule(step * 0.05)
+    assert all(job.prefilled == 400 for job in longs)
+
+
+def test_admission_respects_the_batch_cap_and_kv_budget() -> None:
+    s = Scheduler(limits(max_batch_size=2))
+    jobs = [gen(10) for _ in range(4)]
+    s.add(jobs)
+    run_step(s, 0.0)
+    assert len(s.running) == 2 and len(s.waiting) == 2
+    # KV: each request may need (10 + 4) tokens x 100 bytes; a budget for 2.5 requests admits 2
+    s = Scheduler(limits(kv_budget_bytes=int(2.5 * 14 * 100)))
+    s.add([gen(10) for _ in range(4)])
+    run_step(s, 0.0)
+    assert len(s.running) == 2
+
+
+def test_retry_after_follows_the_backlog() -> None:
+    s = Scheduler(limits())
+    s.cost.chunk_seconds_per_token = 1e-3
+    assert s.retry_after() == 1
+    s.add([score(20_000)])
+    assert 35 <= s.retry_after() <= 45  # ~40k window inputs (stride = window / 2) at 1000 tokens/s
