@@ -16,7 +16,7 @@ from torch import Tensor
 
 from model import ModelOutput
 from server.engine.output import OutputProcessor
-from server.engine.requests import GenerateJob, Job, Unavailable
+from server.engine.requests import GenerateJob, Job, Outbox, Unavailable
 from server.engine.runner import FaultInjector, ModelRunner
 from server.engine.scheduler import PrefillChunk, Scheduler, SchedulerLimits, SchedulerOutput, ScoreChunk, StepStats
 from server.metrics import Metrics
@@ -82,6 +82,7 @@ class Engine:
         self._record = True
         self.fatal: BaseException | None = None
         self.cut_requests = 0
+        self.outbox = Outbox()
 
     # ------------------------------------------------------------------ control (any thread)
     @property
@@ -129,6 +130,8 @@ class Engine:
             if self.fatal is not None or not self._ready.is_set():
                 raise Unavailable("model is not ready yet", retry_after=2)
             self.scheduler.add(jobs)
+            for job in jobs:
+                job.outbox = self.outbox
             self._cv.notify_all()
         self._update_gauges()
 
@@ -158,6 +161,7 @@ class Engine:
                     self._cv.wait()
                 if self._drain_deadline is not None and time.perf_counter() > self._drain_deadline:
                     self._cut_all()
+                    self.outbox.flush()
                 if self._stopping and not self.scheduler.has_work:
                     break
                 out = self.scheduler.schedule(time.perf_counter())
@@ -166,6 +170,7 @@ class Engine:
             except Exception as exc:  # a bug outside the per-request guards: fail what this step touched
                 log.exception("engine step failed")
                 self._fail_step(out, f"internal error: {type(exc).__name__}")
+            self.outbox.flush()
 
     def _cut_all(self) -> None:
         """The drain timed out: every in-flight request gets a 'shutdown' error."""

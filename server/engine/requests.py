@@ -118,6 +118,27 @@ class ErrorEvent:
 Event = PromptEvent | TokenEvent | DoneEvent | ErrorEvent
 
 
+class Outbox:
+    """Events of one engine step, handed to each event loop in one call (one wake-up per step, not per token)."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+
+    def put(self, job: Job, event: Event) -> None:
+        self._items.setdefault(job.loop, []).append((job.queue, event))
+
+    def flush(self) -> None:
+        items, self._items = self._items, {}
+        for loop, pairs in items.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone (shutdown)
+                loop.call_soon_threadsafe(_deliver, pairs)
+
+
+def _deliver(pairs: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, event in pairs:
+        queue.put_nowait(event)
+
+
 class Job:
     """A unit of work for the engine; events go to an asyncio.Queue on the caller's loop."""
 
@@ -132,10 +153,14 @@ class Job:
         self.deadline = self.arrival + timeout
         self.admitted: float | None = None
         self.wait_recorded = False  # queue wait observed in the metrics
+        self.outbox: Outbox | None = None  # set by the engine: events leave once per step
         self.cancel_reason: str | None = None
         self.done = False
 
     def post(self, event: Event) -> None:
+        if self.outbox is not None:
+            self.outbox.put(self, event)
+            return
         with contextlib.suppress(RuntimeError):  # the caller's loop is gone (shutdown)
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
