@@ -24,6 +24,50 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return generator
 
 
+TOP_P_CANDIDATES = 1024  # top-p looks at the most likely tokens first; a full sort only when they hold < p
+
+
+def _filtered(sub: Tensor, ks: list[int], ps: list[float], uniform: Tensor) -> Tensor:
+    """Sample rows of scaled logits `sub` [n, V] under top-k / top-p, without sorting the whole vocabulary
+    when the candidates decide it. Returns token ids [n]."""
+    vocab = sub.shape[-1]
+    wanted = [k for k in ks if k < vocab] + ([TOP_P_CANDIDATES] if any(p < 1.0 for p in ps) else [])
+    width = min(vocab, max(wanted))
+    values, order = sub.topk(width, dim=-1)  # sorted, descending
+    k_t = torch.tensor(ks).unsqueeze(1)
+    values = values.masked_fill(torch.arange(width) >= k_t, float("-inf"))
+    # top-p over the top-k distribution, or over the full one when there is no top-k
+    full = (values - sub.logsumexp(-1, keepdim=True)).exp()
+    probs = torch.where(k_t < vocab, values.softmax(-1), full)
+    p_t = torch.tensor(ps, dtype=torch.float32).unsqueeze(1)
+    # drop a token once the tokens ranked before it already cover p; the first always stays
+    drop = (probs.cumsum(-1) - probs) >= p_t
+    drop[:, 0] = False
+    values = values.masked_fill(drop, float("-inf"))
+    short = [i for i, (k, p) in enumerate(zip(ks, ps)) if width < vocab and k >= vocab and p < 1.0 and float(full[i].sum()) < p]
+    picked = _inverse_cdf(values, uniform)
+    tokens = order.gather(1, picked.unsqueeze(1)).squeeze(1)
+    for i in short:  # the candidates hold less than p: sort everything for this row
+        tokens[i] = _filtered_full(sub[i], ps[i], uniform[i])
+    return tokens
+
+
+def _filtered_full(row: Tensor, p: float, uniform: Tensor) -> int:
+    values, order = torch.sort(row, descending=True)
+    probs = values.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= p
+    drop[0] = False
+    picked = _inverse_cdf(values.masked_fill(drop, float("-inf")).unsqueeze(0), uniform.view(1))
+    return int(order[picked[0]])
+
+
+def _inverse_cdf(scores: Tensor, uniform: Tensor) -> Tensor:
+    """Index per row drawn from softmax(scores) by inverting its CDF at `uniform`."""
+    cdf = scores.softmax(-1).cumsum(-1)
+    picked = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+    return picked.clamp(max=scores.shape[-1] - 1)
+
+
 def sample_tokens(logits: Tensor, temperature: list[float], top_k: list[int | None], top_p: list[float | None],
                   generators: list[torch.Generator | None]) -> tuple[list[int], list[int]]:
     """Next token per row of logits [B, V] and the rows that could not be sampled (their token is -1).
@@ -32,39 +76,24 @@ def sample_tokens(logits: Tensor, temperature: list[float], top_k: list[int | No
     inverts the CDF of its (top-k, top-p filtered) distribution, so a row's token does not depend on
     its batch neighbours. Runs on the CPU in fp32 whatever the model's device."""
     scores = logits.detach().float().cpu()
-    finite = torch.isfinite(scores).all(-1)
+    ok = torch.isfinite(scores).all(-1)
     tokens = scores.argmax(-1)
+    vocab = scores.shape[-1]
     rows = [r for r, t in enumerate(temperature) if t > 0]
-    if rows:
-        vocab = scores.shape[-1]
-        temps = torch.tensor([temperature[r] for r in rows], dtype=torch.float32).unsqueeze(1)
-        sub = scores[rows] / temps
-        ks = [top_k[r] if top_k[r] is not None and 0 < top_k[r] < vocab else vocab for r in rows]
-        ps = [top_p[r] if top_p[r] is not None and top_p[r] < 1.0 else 1.0 for r in rows]
-        if any(k < vocab for k in ks) or any(p < 1.0 for p in ps):
-            sub, order = torch.sort(sub, dim=-1, descending=True)
-            ranks = torch.arange(vocab)
-            sub = sub.masked_fill(ranks >= torch.tensor(ks).unsqueeze(1), float("-inf"))
-            probs = sub.softmax(-1)
-            # drop a token once the tokens ranked before it already cover p; the first always stays
-            drop = (probs.cumsum(-1) - probs) >= torch.tensor(ps, dtype=torch.float32).unsqueeze(1)
-            drop[:, 0] = False
-            sub = sub.masked_fill(drop, float("-inf"))
-        else:
-            order = None
-        probs = sub.softmax(-1)
-        cdf = probs.cumsum(-1)
-        uniform = torch.cat([torch.rand(1, generator=generators[r]) for r in rows])
-        total = cdf[:, -1]
-        picked = torch.searchsorted(cdf, (uniform * total).unsqueeze(1)).squeeze(1).clamp(max=vocab - 1)
-        if order is not None:
-            picked = order.gather(1, picked.unsqueeze(1)).squeeze(1)
-        tokens[rows] = picked
-        ok = torch.isfinite(total) & (total > 0)
-        for i, r in enumerate(rows):
-            if not bool(ok[i]):
-                finite[r] = False
-    bad = (~finite).nonzero().squeeze(1).tolist()
+    uniform = {r: torch.rand(1, generator=generators[r]) for r in rows}
+    plain = [r for r in rows if (top_k[r] is None or not 0 < top_k[r] < vocab) and (top_p[r] is None or top_p[r] >= 1.0)]
+    filtered = [r for r in rows if r not in set(plain)]
+    if plain:
+        sub = scores[plain] / torch.tensor([temperature[r] for r in plain]).unsqueeze(1)
+        tokens[plain] = _inverse_cdf(sub, torch.cat([uniform[r] for r in plain]))
+        ok[plain] &= torch.isfinite(sub).all(-1)  # a temperature so small that logits / T overflow
+    if filtered:
+        sub = scores[filtered] / torch.tensor([temperature[r] for r in filtered]).unsqueeze(1)
+        ok[filtered] &= torch.isfinite(sub).all(-1)
+        ks = [top_k[r] if top_k[r] is not None and 0 < top_k[r] < vocab else vocab for r in filtered]
+        ps = [top_p[r] if top_p[r] is not None and top_p[r] < 1.0 else 1.0 for r in filtered]
+        tokens[filtered] = _filtered(sub, ks, ps, torch.cat([uniform[r] for r in filtered]))
+    bad = (~ok).nonzero().squeeze(1).tolist()
     out = tokens.tolist()
     for r in bad:
         out[r] = -1
