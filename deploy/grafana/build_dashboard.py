@@ -123,10 +123,19 @@ def panels() -> list[dict[str, Any]]:
             target(f"sum by (endpoint, status) (rate(chiar_request_duration_seconds_count{{{SEL}}}[{RATE}]))",
                    "{{endpoint}} {{status}}"),
         ], "reqps"),
-        panel("Queue", [
-            target(f"sum(chiar_requests_waiting{{{SEL}}})", "waiting"),
+        panel("Queue per class", [
+            target(f"sum by (class) (chiar_queue_length{{{SEL}}})", "waiting {{class}}"),
             target(f"sum(chiar_requests_running{{{SEL}}})", "running"),
         ], "short"),
+        panel("Step composition (tokens per step)", [
+            target(f"sum by (kind) (rate(chiar_step_tokens_sum{{{SEL}}}[{RATE}]))"
+                   f" / sum by (kind) (rate(chiar_step_tokens_count{{{SEL}}}[{RATE}]))", "{{kind}}"),
+            target(f"avg(chiar_step_budget_tokens{{{SEL}}})", "chunk budget"),
+        ], "short"),
+        panel("Step time", quantiles("chiar_step_seconds", qs=(0.5, 0.95, 0.99)), "s"),
+        panel("KV cache", [
+            target(f"sum by (kind) (chiar_kv_cache_bytes{{{SEL}}})", "{{kind}}"),
+        ], "bytes"),
         panel("Batch size by phase", [
             target(f"sum by (phase) (rate(chiar_batch_size_sum{{{SEL}}}[{RATE}]))"
                    f" / sum by (phase) (rate(chiar_batch_size_count{{{SEL}}}[{RATE}]))", "mean {{phase}}"),
