@@ -35,7 +35,7 @@ from training.checkpointing import (
     save_model_only,
     save_training_checkpoint,
 )
-from training.config import TrainConfig, config_to_dict
+from training.config import TrainConfig
 from training.data import Batch, LoadedSources, MixedBatches, encode_documents, load_sources, shard_batch
 from training.distributed import (
     DistInfo,
@@ -200,7 +200,7 @@ def prepare(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Prepared:
 
     model_config = cfg.model.replace(
         vocab_size=tokenizer.get_vocab_size(),
-        extra={**cfg.model.extra, "training": {k: v for k, v in config_to_dict(cfg).items() if k != "model"}},
+        extra={**cfg.model.extra, "training": {k: v for k, v in cfg.model_dump().items() if k != "model"}},
     )
     for i, name in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(name) is None:
@@ -267,7 +267,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, 
     log.truncate(start_step)  # drop records a killed run wrote after its last checkpoint
     if info.is_main:
         (out_dir / "tokenizer.json").write_text(prep.tokenizer.to_str(), encoding="utf-8")
-        (out_dir / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2), encoding="utf-8")
+        (out_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(), indent=2), encoding="utf-8")
 
     net: torch.nn.Module = model
     if info.enabled:
