@@ -6,7 +6,7 @@ CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup system test test-random lint serve bench bench-model bench-server loadtest loadtest-sweep loadtest-stress dashboard lock demo-checkpoints clean
+.PHONY: setup system test test-random lint serve experiments bench bench-model bench-server loadtest loadtest-sweep loadtest-stress dashboard lock demo-checkpoints clean
 LOADTEST_ARGS ?=
 
 setup: $(VENV)/.installed
@@ -56,6 +56,11 @@ dashboard: setup
 
 lock: setup
 	$(PY) deploy/freeze_requirements.py
+
+# The paper-reproduction experiments (EXPERIMENTS.md); e.g. EXPERIMENT_ARGS="--size tiny --root /tmp/exp".
+EXPERIMENT_ARGS ?= --size cpu --threads 2 --publish
+experiments: setup
+	$(PY) -m experiments.run_all $(EXPERIMENT_ARGS)
 
 demo-checkpoints: setup
 	bash training/demo_checkpoints.sh

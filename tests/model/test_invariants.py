@@ -1,4 +1,4 @@
-"""The invariants DESIGN.md promises, in float64 over random small configs and every routing mode."""
+"""The invariants docs/ARCHITECTURE.md promises (two forward paths), in float64 over random small configs and every routing mode."""
 
 from __future__ import annotations
 
