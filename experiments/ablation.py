@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from experiments.cli import Context, experiment_main, log
+from experiments.cli import Context, experiment_main, log, markdown_table
 from experiments.common import (
     best_checkpoint,
     eval_texts,
@@ -85,12 +85,10 @@ def format_table(table: list[dict[str, Any]]) -> str:
             return "-"
         return f"{ms['mean']:.2f}" + (f" ± {ms['std']:.2f}" if ms.get("std") is not None else "")
 
-    lines = ["| model | params | val PPL | test PPL | test PPL (infer, hard) | hard - train-mode | paper test PPL (16M) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for e in table:
-        lines.append(f"| {e['model']} | {e['params']:,} | {fmt(e['val_ppl'])} | {fmt(e['test_ppl'])} | "
-                     f"{fmt(e.get('test_ppl_infer'))} | {fmt(e.get('hard_gap'))} | {e['paper_test_ppl']} |")
-    return "\n".join(lines)
+    header = ["model", "params", "val PPL", "test PPL", "test PPL (infer, hard)", "hard - train-mode", "paper test PPL (16M)"]
+    rows = [[e["model"], f"{e['params']:,}", fmt(e["val_ppl"]), fmt(e["test_ppl"]), fmt(e.get("test_ppl_infer")),
+             fmt(e.get("hard_gap")), str(e["paper_test_ppl"])] for e in table]
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from experiments.cli import Context, experiment_main, log
+from experiments.cli import Context, experiment_main, log, markdown_table
 from experiments.common import (
     best_checkpoint,
     resolve,
@@ -98,13 +98,11 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| model | params | MFLOP/token (infer, executed) | vs dense baseline | tokens/s infer (median) | tokens/s reference (median) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in table:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['flops_per_token'] / 1e6:.3f} | "
-                     f"{r['executed_vs_baseline']:.3f} | {r['tokens_per_s_infer']['median']:.0f} | "
-                     f"{r['tokens_per_s_reference']['median']:.0f} |")
-    return "\n".join(lines)
+    header = ["model", "params", "MFLOP/token (infer, executed)", "vs dense baseline", "tokens/s infer (median)",
+              "tokens/s reference (median)"]
+    rows = [[r["model"], f"{r['params']:,}", f"{r['flops_per_token'] / 1e6:.3f}", f"{r['executed_vs_baseline']:.3f}",
+             f"{r['tokens_per_s_infer']['median']:.0f}", f"{r['tokens_per_s_reference']['median']:.0f}"] for r in table]
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
