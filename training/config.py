@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -32,8 +32,8 @@ CORPORA = {
     "wikitext2-test": "data/wikitext-2/test.txt",
     "tinyshakespeare": "data/tinyshakespeare/input.txt",
 }
-EVAL_PATHS = ("reference", "hard", "infer")
 EvalPath = Literal["reference", "hard", "infer"]
+EVAL_PATHS: tuple[str, ...] = get_args(EvalPath)
 
 
 # ---------------------------------------------------------------------------- value rules
