@@ -1,12 +1,12 @@
 # CHIAR-Former serving. Quick start: `make serve` (sets up, serves the default model on
-# 127.0.0.1:8000) and `make test` (sets up, ruff + the whole test suite).
+# 127.0.0.1:8000) and `make test` (system tools if missing, sets up, ruff + the whole test suite).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup test lint serve bench bench-model bench-server loadtest loadtest-sweep loadtest-stress dashboard lock demo-checkpoints clean
+.PHONY: setup system test test-random lint serve experiments bench bench-model bench-server loadtest loadtest-sweep loadtest-stress dashboard lock demo-checkpoints clean
 LOADTEST_ARGS ?=
 
 setup: $(VENV)/.installed
@@ -15,11 +15,21 @@ $(VENV)/.installed: pyproject.toml requirements.txt requirements-dev.txt deploy/
 	bash deploy/install.sh --dev $(VENV)
 	touch $@
 
+# Debian packages the tests run (prometheus, promtool, chromium, chromedriver): the script does
+# nothing when they are on PATH, installs them as root, else stops with one line naming them.
+system:
+	@bash deploy/install-system.sh
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+test: system setup lint
 	$(VENV)/bin/pytest -q
+
+# Property tests with a fresh random seed and more examples (profile "random" in tests/conftest.py;
+# `make test` runs them derandomized). A failure prints the seed: rerun with --hypothesis-seed=N.
+test-random: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider --hypothesis-profile=random tests/model tests/training/test_listops.py tests/training/test_data.py
 
 serve: setup
 	$(PY) -m server --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT)
@@ -46,6 +56,11 @@ dashboard: setup
 
 lock: setup
 	$(PY) deploy/freeze_requirements.py
+
+# The paper-reproduction experiments (EXPERIMENTS.md); e.g. EXPERIMENT_ARGS="--size tiny --root /tmp/exp".
+EXPERIMENT_ARGS ?= --size cpu --threads 2 --publish
+experiments: setup
+	$(PY) -m experiments.run_all $(EXPERIMENT_ARGS)
 
 demo-checkpoints: setup
 	bash training/demo_checkpoints.sh

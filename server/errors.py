@@ -1,4 +1,4 @@
-"""API errors and the DESIGN.md error body: {"error": {"message", "type", "param", "code"}}."""
+"""API errors and the one error body of docs/ARCHITECTURE.md (Serving contract): {"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
 

@@ -1,14 +1,18 @@
-"""Server settings: defaults < CHIAR_* environment variables < command-line flags."""
+"""Server settings (pydantic): defaults < CHIAR_* environment variables < command-line flags.
+
+Adding a setting is one line in `Settings`: a type, a default and its help (`description`); the
+flag (`--max-batch-size`) and the variable (`CHIAR_MAX_BATCH_SIZE`) follow from the name.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 DEVICES_HELP = "auto (cuda when available), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -18,82 +22,70 @@ class SettingsError(ValueError):
     """An invalid setting; the message names the flag and the environment variable."""
 
 
-def _to_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
+def _none_word(value: Any) -> Any:
+    """'' and 'none' mean "not set" for optional settings given as text."""
+    return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
 
-def _to_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _comma_list(value: Any) -> Any:
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
-def _opt(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    return lambda text: None if text.strip().lower() in ("", "none") else parse(text)
+def _device(value: str) -> str:
+    if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
+        raise ValueError(f"must be {DEVICES_HELP}, got {value!r}")
+    return value
 
 
-@dataclass
-class Settings:
+def _not_blank(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _fault_spec(value: str | None) -> str | None:
+    if value is not None:
+        stage, _, token = value.partition(":")
+        if stage not in ("model", "sample", "score") or not token.isdigit():
+            raise ValueError(f"must be STAGE:TOKEN_ID with STAGE model, sample or score, got {value!r}")
+    return value
+
+
+NoneWord = BeforeValidator(_none_word)
+Device = Annotated[str, AfterValidator(_device)]
+ApiKey = Annotated[str | None, BeforeValidator(lambda v: v or None), AfterValidator(_not_blank)]
+CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
+
+
+class Settings(BaseModel):
     """Everything `python -m server` can be told; see `Settings.from_sources`."""
 
-    checkpoint: Path | None = field(default=None, metadata={"parse": Path, "help": "checkpoint directory (config.json, model.safetensors, tokenizer.json)"})
-    host: str = field(default="127.0.0.1", metadata={"parse": str, "help": "listen address"})
-    port: int = field(default=8000, metadata={"parse": int, "help": "listen port"})
-    device: str = field(default="auto", metadata={"parse": str, "help": DEVICES_HELP})
-    dtype: str = field(default="auto", metadata={"parse": str, "help": "weights dtype: " + ", ".join(DTYPES) + " (auto: as stored)"})
-    max_batch_size: int = field(default=0, metadata={"parse": int, "help": "most sequences decoded together (0: from the KV-cache budget, at most 256)"})
-    max_tokens_per_step: int = field(default=4096, metadata={"parse": int, "help": "most prefill + scoring tokens in one engine step"})
-    step_target_ms: float = field(default=50.0, metadata={"parse": float, "help": "target engine step time (bounds the inter-token latency); prefill and scoring chunks are sized from measured throughput to fit it"})
-    kv_cache_mb: float = field(default=512.0, metadata={"parse": float, "help": "KV-cache memory budget in MiB; admission counts each sequence's actual routed cache against it"})
-    queue_size: int = field(default=64, metadata={"parse": int, "help": "most sequences waiting; beyond it requests get 503 + Retry-After"})
-    request_timeout: float = field(default=120.0, metadata={"parse": float, "help": "seconds from arrival to the last token before a request is cancelled"})
-    api_key: str | None = field(default=None, metadata={"parse": lambda text: text or None, "help": "require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)"})
-    cors_origins: list[str] = field(default_factory=list, metadata={"parse": _to_list, "help": "comma-separated allowed CORS origins"})
-    max_body_bytes: int = field(default=1_048_576, metadata={"parse": int, "help": "largest request body; larger ones get 413"})
-    max_prompts: int = field(default=16, metadata={"parse": int, "help": "most prompts/texts in one request"})
-    model_name: str | None = field(default=None, metadata={"parse": _opt(str), "help": "model id in the OpenAI API (default: checkpoint directory name)"})
-    threads: int | None = field(default=None, metadata={"parse": _opt(int), "help": "torch intra-op threads (default: torch's choice)"})
-    drain_timeout: float = field(default=30.0, metadata={"parse": float, "help": "seconds SIGTERM waits for in-flight requests"})
-    warmup: bool = field(default=True, metadata={"parse": _to_bool, "help": "run warm-up forwards before /ready turns 200"})
-    log_level: str = field(default="info", metadata={"parse": str, "help": "uvicorn log level"})
-    body_timeout: float = field(default=30.0, metadata={"parse": float, "help": "seconds to receive a request body before 408"})
-    fault_inject: str | None = field(default=None, metadata={"parse": _opt(str), "help": "testing only: STAGE:TOKEN_ID makes requests containing that token fail at STAGE (model, sample, score)"})
+    model_config = ConfigDict(extra="forbid")
 
-    def validate(self) -> None:
-        """Raise SettingsError naming the first invalid setting."""
-
-        def bad(name: str, message: str) -> SettingsError:
-            return SettingsError(f"{flag(name)} / {env_name(name)}: {message}")
-
-        if self.checkpoint is None:
-            raise bad("checkpoint", "is required")
-        if not 0 <= self.port <= 65535:
-            raise bad("port", f"must be in [0, 65535], got {self.port}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise bad("device", f"must be {DEVICES_HELP}, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_tokens_per_step", "max_body_bytes", "max_prompts"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_batch_size < 0:
-            raise bad("max_batch_size", f"must be >= 0 (0: automatic), got {self.max_batch_size}")
-        if self.fault_inject is not None:
-            stage, _, token = self.fault_inject.partition(":")
-            if stage not in ("model", "sample", "score") or not token.isdigit():
-                raise bad("fault_inject", f"must be STAGE:TOKEN_ID with STAGE model, sample or score, got {self.fault_inject!r}")
-        if self.queue_size < 0:
-            raise bad("queue_size", f"must be >= 0, got {self.queue_size}")
-        for name in ("request_timeout", "drain_timeout", "step_target_ms", "kv_cache_mb", "body_timeout"):
-            if not getattr(self, name) > 0:
-                raise bad(name, f"must be > 0, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise bad("threads", f"must be >= 1, got {self.threads}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise bad("api_key", "must not be blank")
+    checkpoint: Path | None = Field(None, description="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(8000, ge=0, le=65535, description="listen port")
+    device: Device = Field("auto", description=DEVICES_HELP)
+    dtype: Literal[DTYPES] = Field("auto", description="weights dtype: " + ", ".join(DTYPES) + " (auto: as stored)")
+    max_batch_size: int = Field(0, ge=0, description="most sequences decoded together (0: from the KV-cache budget, at most 256)")
+    max_tokens_per_step: int = Field(4096, ge=1, description="most prefill + scoring tokens in one engine step")
+    step_target_ms: float = Field(50.0, gt=0, description="target engine step time (bounds the inter-token latency); prefill and "
+                                  "scoring chunks are sized from the measured throughput to fit it")
+    kv_cache_mb: float = Field(512.0, gt=0, description="KV-cache memory budget in MiB; admission counts each sequence's actual routed cache against it")
+    queue_size: int = Field(64, ge=0, description="most sequences waiting; beyond it requests get 503 + Retry-After")
+    request_timeout: float = Field(120.0, gt=0, description="seconds from arrival to the last token before a request is cancelled")
+    api_key: ApiKey = Field(None, description="require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)")
+    cors_origins: CommaList = Field([], description="comma-separated allowed CORS origins")
+    max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body; larger ones get 413")
+    max_prompts: int = Field(16, ge=1, description="most prompts/texts in one request")
+    model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the OpenAI API (default: checkpoint directory name)")
+    threads: Annotated[int | None, NoneWord] = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    drain_timeout: float = Field(30.0, gt=0, description="seconds SIGTERM waits for in-flight requests")
+    warmup: bool = Field(True, description="run warm-up forwards before /ready turns 200")
+    log_level: str = Field("info", description="uvicorn log level")
+    body_timeout: float = Field(30.0, gt=0, description="seconds to receive a request body before 408")
+    fault_inject: Annotated[str | None, NoneWord, AfterValidator(_fault_spec)] = Field(
+        None, description="testing only: STAGE:TOKEN_ID makes requests containing that token fail at STAGE (model, sample, score)")
 
     @property
     def served_model_name(self) -> str:
@@ -104,23 +96,14 @@ class Settings:
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from defaults, then `CHIAR_<NAME>` variables, then flags; validate them."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(env_name(f.name))
-            if raw is not None:
-                values[f.name] = _parse(f, raw, env_name(f.name))
-        parser = argparse.ArgumentParser(prog="python -m server", description="CHIAR-Former inference server")
-        for f in dataclasses.fields(cls):
-            parser.add_argument(flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
-                                help=f"{f.metadata['help']} [env {env_name(f.name)}]")
-        args = parser.parse_args(argv)
-        for f in dataclasses.fields(cls):
-            raw = getattr(args, f.name)
-            if raw is not None:
-                values[f.name] = _parse(f, raw, flag(f.name))
-        settings = cls(**values)
-        settings.validate()
+        raw, given_by = layered(cls, argv, os.environ if environ is None else environ,
+                                prog="python -m server", description="CHIAR-Former inference server")
+        try:
+            settings = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc.errors()[0], raw, given_by)) from None
+        if settings.checkpoint is None:
+            raise SettingsError(f"{flag('checkpoint')} / {env_name('checkpoint')}: is required")
         return settings
 
 
@@ -132,8 +115,42 @@ def env_name(name: str) -> str:
     return "CHIAR_" + name.upper()
 
 
-def _parse(f: dataclasses.Field, raw: str, source: str) -> Any:
-    try:
-        return f.metadata["parse"](raw)
-    except ValueError as exc:
-        raise SettingsError(f"{source}: cannot parse {raw!r}: {exc}") from exc
+def layered(cls: type[BaseModel], argv: Sequence[str] | None, environ: Mapping[str, str], *, prog: str,
+            description: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Raw text per field, `CHIAR_<NAME>` variables overridden by `--name` flags (defaults: absent),
+    and which variable or flag gave each value."""
+    raw: dict[str, str] = {}
+    given_by: dict[str, str] = {}
+    for name in cls.model_fields:
+        if env_name(name) in environ:
+            raw[name], given_by[name] = environ[env_name(name)], env_name(name)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, info in cls.model_fields.items():
+        parser.add_argument(flag(name), dest=name, default=None, metavar=name.upper(),
+                            help=f"{info.description} [env {env_name(name)}]")
+    for name, value in vars(parser.parse_args(argv)).items():
+        if value is not None:
+            raw[name], given_by[name] = value, flag(name)
+    return raw, given_by
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _describe(error: Any, raw: Mapping[str, str], given_by: Mapping[str, str]) -> str:
+    """A pydantic error as SettingsError text: unparsable text names where it came from, an
+    out-of-range value names both the flag and the variable."""
+    name = str(error["loc"][0])
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind.endswith(("_parsing", "_type")):
+        return f"{given_by[name]}: cannot parse {raw[name]!r}: {error['msg']}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        problem = f"must be {_BOUNDS[kind]} {bound}, got {error['input']}"
+    elif kind == "literal_error":
+        problem = f"must be one of {ctx['expected']}, got {error['input']!r}"
+    elif "error" in ctx:
+        problem = str(ctx["error"])
+    else:
+        problem = error["msg"]
+    return f"{flag(name)} / {env_name(name)}: {problem}"

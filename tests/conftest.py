@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 # The suite's models are tiny: one intra-op thread is faster than two fighting over 2 cores with
 # the servers and trainers the tests start (they inherit this through the environment).
@@ -15,6 +16,15 @@ import torch  # after OMP_NUM_THREADS on purpose
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property tests: "ci" (the default) draws the same examples on every run, so CI cannot pass or
+# fail by luck; `make test-random` runs profile "random": a fresh seed (printed on failure) and
+# more examples for the tests that do not fix their own count.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=10,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("random", derandomize=False, deadline=None, max_examples=100, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

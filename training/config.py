@@ -1,21 +1,28 @@
-"""Typed, validated configs for the four commands; YAML/JSON files plus `--set key=value` overrides.
+"""Typed, validated configs for the four commands (pydantic); YAML/JSON files plus `--set key=value`.
 
-Unknown keys are rejected and every error names the dotted field at fault (``data[1].weight: ...``).
-Relative paths in a config are relative to the working directory (the repository root in `make`).
+Types are strict (no true-as-1, no "3"-as-3), unknown keys are rejected, and every error names the
+dotted field at fault (``data[1].weight: must be a positive number, got 0``). Relative paths in a
+config are relative to the working directory (the repository root in `make`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    InstanceOf,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
 from model import ChiarConfig, ConfigError
 from training.errors import TrainingError
@@ -25,62 +32,104 @@ CORPORA = {
     "wikitext2-test": "data/wikitext-2/test.txt",
     "tinyshakespeare": "data/tinyshakespeare/input.txt",
 }
-EVAL_PATHS = ("reference", "hard", "infer")
+EvalPath = Literal["reference", "hard", "infer"]
+EVAL_PATHS: tuple[str, ...] = get_args(EvalPath)
+
+
+# ---------------------------------------------------------------------------- value rules
+def _rule(test: Callable[[Any], bool], message: str) -> AfterValidator:
+    """A check whose failure reads `<field>: <message>, got <value>`."""
+
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise ValueError(f"{message}, got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _is_device(name: str) -> bool:
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
+Positive = Annotated[int, _rule(lambda v: v > 0, "must be positive")]
+NonNegative = Annotated[int, _rule(lambda v: v >= 0, "must be >= 0")]
+PositiveNumber = Annotated[float, _rule(lambda v: v > 0, "must be a positive number")]
+NonNegativeNumber = Annotated[float, _rule(lambda v: v >= 0, "must be >= 0")]
+Fraction = Annotated[float, _rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")]
+Device = Annotated[str, _rule(_is_device, "must be auto, cpu, cuda or cuda:N")]
+NonEmpty = Annotated[str, _rule(bool, "must be a non-empty path")]
+
+
+def _model_section(data: Any) -> ChiarConfig:
+    """The `model:` section; vocab_size comes from the tokenizer, so it may not be set here."""
+    if not isinstance(data, dict):
+        raise ValueError(f"must be a mapping, got {type(data).__name__}")
+    if "vocab_size" in data:
+        raise ConfigError("vocab_size", "set by the tokenizer; set tokenizer.vocab_size instead")
+    try:
+        return ChiarConfig.from_dict({**data, "vocab_size": 8192})  # placeholder, replaced by the tokenizer's size
+    except TypeError as exc:  # pydantic only reports ValueErrors
+        raise ValueError(str(exc)) from exc
+
+
+ModelSection = Annotated[InstanceOf[ChiarConfig], BeforeValidator(_model_section)]
+
+
+class Section(BaseModel):
+    """Strict types, finite numbers, and unknown keys named with the known ones."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise ConfigError(str(key), f"unknown key (known: {', '.join(cls.model_fields)})")
+        return data
 
 
 # ---------------------------------------------------------------------------- sections
-@dataclass
-class ListOpsConfig:
+class ListOpsConfig(Section):
     """Seeded ListOps generator (LRA style): nested MAX/MIN/MED/SM over digits 0-9."""
 
-    num_examples: int = 2000
+    num_examples: Positive = 2000
     seed: int = 0
-    max_depth: int = 4  # nesting depth of operators (1 = a flat list)
-    max_args: int = 5  # arguments per operator (>= 2)
-    min_length: int = 1  # expression length in symbols (brackets, operators, digits)
-    max_length: int = 200
-    leaf_prob: float = 0.3  # chance an argument below the root is a digit rather than a sub-list
+    max_depth: Positive = 4  # nesting depth of operators (1 = a flat list)
+    max_args: Annotated[int, _rule(lambda v: v >= 2, "must be >= 2")] = 5  # arguments per operator
+    min_length: Positive = 1  # expression length in symbols (brackets, operators, digits)
+    max_length: Annotated[int, _rule(lambda v: v >= 4, "must be >= 4 (the shortest expression)")] = 200
+    leaf_prob: Fraction = 0.3  # chance an argument below the root is a digit rather than a sub-list
 
-    def validate(self, where: str) -> None:
-        _positive(self, where, "num_examples", "max_depth", "min_length", "max_length")
-        if self.max_args < 2:
-            raise TrainingError(f"{where}.max_args: must be >= 2, got {self.max_args}")
-        if self.max_length < 4:
-            raise TrainingError(f"{where}.max_length: must be >= 4 (the shortest expression), got {self.max_length}")
+    @model_validator(mode="after")
+    def _check(self) -> ListOpsConfig:
         if self.min_length > self.max_length:
-            raise TrainingError(f"{where}.min_length: must be <= max_length ({self.max_length}), got {self.min_length}")
-        if not 0.0 <= self.leaf_prob < 1.0:
-            raise TrainingError(f"{where}.leaf_prob: must be in [0, 1), got {self.leaf_prob}")
+            raise ConfigError("min_length", f"must be <= max_length ({self.max_length}), got {self.min_length}")
+        return self
 
 
-@dataclass
-class SourceConfig:
+class SourceConfig(Section):
     """One text source: a file or directory (`path`), a shipped corpus (`corpus`) or `listops`."""
 
-    name: str
+    name: Annotated[str, _rule(lambda v: bool(v) and not any(c in v for c in "/\\ \t\n"),
+                               "must be a non-empty name without slashes or spaces")]
     path: str | None = None
     corpus: str | None = None
     listops: ListOpsConfig | None = None
-    weight: float = 1.0  # sampling ratio among training sources (normalised)
-    holdout: float = 0.0  # fraction of the text's tail held out as a validation set of the same name
-    max_bytes: int | None = None  # cut the text (at a line boundary) to at most this many UTF-8 bytes
+    weight: PositiveNumber = 1.0  # sampling ratio among training sources (normalised)
+    holdout: Fraction = 0.0  # fraction of the text's tail held out as a validation set of the same name
+    max_bytes: Positive | None = None  # cut the text (at a line boundary) to at most this many UTF-8 bytes
 
-    def validate(self, where: str) -> None:
-        if not self.name or any(c in self.name for c in "/\\ \t\n"):
-            raise TrainingError(f"{where}.name: must be a non-empty name without slashes or spaces, got {self.name!r}")
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
         given = [k for k in ("path", "corpus", "listops") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise TrainingError(f"{where}: needs exactly one of path, corpus, listops (got {given or 'none'})")
+            raise ValueError(f"needs exactly one of path, corpus, listops (got {given or 'none'})")
         if self.corpus is not None and self.corpus not in CORPORA:
-            raise TrainingError(f"{where}.corpus: must be one of {sorted(CORPORA)}, got {self.corpus!r}")
-        if self.listops is not None:
-            self.listops.validate(f"{where}.listops")
-        if not (math.isfinite(self.weight) and self.weight > 0):
-            raise TrainingError(f"{where}.weight: must be a positive number, got {self.weight}")
-        if not 0.0 <= self.holdout < 1.0:
-            raise TrainingError(f"{where}.holdout: must be in [0, 1), got {self.holdout}")
-        if self.max_bytes is not None and self.max_bytes <= 0:
-            raise TrainingError(f"{where}.max_bytes: must be positive, got {self.max_bytes}")
+            raise ConfigError("corpus", f"must be one of {sorted(CORPORA)}, got {self.corpus!r}")
+        return self
 
     @property
     def file_path(self) -> Path | None:
@@ -91,317 +140,202 @@ class SourceConfig:
         return None
 
 
-@dataclass
-class TokenizerConfig:
+class TokenizerConfig(Section):
     """Reuse `path` (a tokenizer.json or a checkpoint directory) or train one of `vocab_size`."""
 
     path: str | None = None
     vocab_size: int = 8192
 
 
-@dataclass
-class TrainConfig:
+def _unique_names(sources: list[SourceConfig], where: str, taken: set[str], what: str) -> set[str]:
+    for i, src in enumerate(sources):
+        if src.name in taken:
+            raise ConfigError(f"{where}[{i}].name", f"duplicate {what} name {src.name!r}")
+        taken.add(src.name)
+    return taken
+
+
+class TrainConfig(Section):
     """Everything `python -m training train` needs; `model` becomes a ChiarConfig."""
 
-    out_dir: str
-    model: ChiarConfig
+    out_dir: NonEmpty
+    model: ModelSection
     data: list[SourceConfig]
-    eval_data: list[SourceConfig] = field(default_factory=list)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    seq_len: int = 256
-    batch_size: int = 16  # rows per micro-batch, global over all DDP ranks
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 3e-4
+    eval_data: list[SourceConfig] = []
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    seq_len: Positive = 256
+    batch_size: Positive = 16  # rows per micro-batch, global over all DDP ranks
+    grad_accum: Positive = 1
+    max_steps: Positive = 1000
+    lr: PositiveNumber = 3e-4
     min_lr: float = 3e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    warmup_steps: NonNegative = 100
+    weight_decay: NonNegativeNumber = 0.1
+    betas: Annotated[list[float], _rule(lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v),
+                                        "must be two numbers in [0, 1)")] = [0.9, 0.95]
+    adam_eps: PositiveNumber = 1e-8
+    grad_clip: NonNegativeNumber = 1.0  # max global grad norm; 0 disables clipping
+    seed: NonNegative = 0
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    threads: int | None = None  # torch CPU threads (None: torch default)
-    eval_every: int = 100  # 0: only at the end
-    eval_max_bytes: int | None = 100_000  # per validation set during training (None: all)
-    eval_stride: int | None = None  # sliding-window stride (None: seq_len // 2)
-    eval_batch_size: int = 8
-    eval_path: Literal["reference", "hard", "infer"] = "reference"
+    threads: Positive | None = None  # torch CPU threads (None: torch default)
+    eval_every: NonNegative = 100  # 0: only at the end
+    eval_max_bytes: Positive | None = 100_000  # per validation set during training (None: all)
+    eval_stride: Positive | None = None  # sliding-window stride (None: seq_len // 2)
+    eval_batch_size: Positive = 8
+    eval_path: EvalPath = "reference"
     best_source: str | None = None  # validation set whose token PPL picks `best` (None: the first)
-    checkpoint_every: int = 100  # 0: only at the end
-    keep_last: int = 2
-    resume: str = "auto"  # auto (latest checkpoint in out_dir if any) | never | a checkpoint directory
+    checkpoint_every: NonNegative = 100  # 0: only at the end
+    keep_last: Positive = 2
+    resume: NonEmpty = "auto"  # auto (latest checkpoint in out_dir if any) | never | a checkpoint directory
     export_dir: str | None = None  # final model checkpoint (model.save_checkpoint layout)
     export: Literal["best", "last"] = "best"
     progress: bool = True  # tqdm bar on stderr (rank 0)
 
-    def validate(self) -> None:
-        if not self.out_dir:
-            raise TrainingError("out_dir: must be a non-empty path")
+    @field_serializer("model")
+    def _model_dict(self, model: ChiarConfig) -> dict[str, Any]:
+        return {k: v for k, v in model.to_dict().items() if k != "vocab_size"}
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
         if not self.data:
-            raise TrainingError("data: needs at least one training source")
-        names: set[str] = set()
-        for i, src in enumerate(self.data):
-            src.validate(f"data[{i}]")
-            if src.name in names:
-                raise TrainingError(f"data[{i}].name: duplicate source name {src.name!r}")
-            names.add(src.name)
+            raise ConfigError("data", "needs at least one training source")
+        _unique_names(self.data, "data", set(), "source")
         eval_names = {s.name for s in self.data if s.holdout > 0}
         for i, src in enumerate(self.eval_data):
-            src.validate(f"eval_data[{i}]")
             if src.holdout:
-                raise TrainingError(f"eval_data[{i}].holdout: only training sources take a holdout")
-            if src.name in eval_names:
-                raise TrainingError(f"eval_data[{i}].name: duplicate validation set name {src.name!r}")
-            eval_names.add(src.name)
+                raise ConfigError(f"eval_data[{i}].holdout", "only training sources take a holdout")
+        _unique_names(self.eval_data, "eval_data", eval_names, "validation set")
         if self.best_source is not None and self.best_source not in eval_names:
-            raise TrainingError(f"best_source: {self.best_source!r} is not a validation set (have {sorted(eval_names)})")
+            raise ConfigError("best_source", f"{self.best_source!r} is not a validation set (have {sorted(eval_names)})")
         if self.tokenizer.path is None and self.tokenizer.vocab_size < 259:
-            raise TrainingError(f"tokenizer.vocab_size: must be >= 259 for byte-level BPE, got {self.tokenizer.vocab_size}")
-        _positive(self, "", "seq_len", "batch_size", "grad_accum", "max_steps", "eval_batch_size", "keep_last")
-        _non_negative(self, "", "warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip", "seed")
+            raise ConfigError("tokenizer.vocab_size", f"must be >= 259 for byte-level BPE, got {self.tokenizer.vocab_size}")
         if self.seq_len > self.model.max_seq_len:
-            raise TrainingError(f"seq_len: {self.seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})")
-        if self.eval_stride is not None and not 1 <= self.eval_stride <= self.seq_len:
-            raise TrainingError(f"eval_stride: must be in [1, seq_len], got {self.eval_stride}")
-        if self.eval_max_bytes is not None and self.eval_max_bytes <= 0:
-            raise TrainingError(f"eval_max_bytes: must be positive or null, got {self.eval_max_bytes}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise TrainingError(f"lr: must be a positive number, got {self.lr}")
+            raise ConfigError("seq_len", f"{self.seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if self.eval_stride is not None and self.eval_stride > self.seq_len:
+            raise ConfigError("eval_stride", f"must be in [1, seq_len], got {self.eval_stride}")
         if not 0 <= self.min_lr <= self.lr:
-            raise TrainingError(f"min_lr: must be in [0, lr], got {self.min_lr}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise TrainingError(f"betas: must be two numbers in [0, 1), got {self.betas}")
-        if not self.adam_eps > 0:
-            raise TrainingError(f"adam_eps: must be positive, got {self.adam_eps}")
-        if self.threads is not None and self.threads <= 0:
-            raise TrainingError(f"threads: must be positive or null, got {self.threads}")
-        _check_device(self.device, "device")
-        if self.resume not in ("auto", "never") and not self.resume:
-            raise TrainingError("resume: must be 'auto', 'never' or a checkpoint directory")
+            raise ConfigError("min_lr", f"must be in [0, lr], got {self.min_lr}")
         m = self.model
         if m.arch == "chiar" and m.routing in ("threshold", "threshold_reg") and m.thresholds is None:
-            raise TrainingError(
-                f"model.thresholds: routing {m.routing!r} needs calibrated thresholds (one per routing layer, "
-                f"{m.n_routing_layers}); run `python -m training calibrate` on a baseline checkpoint first, "
-                "or train with routing soft/ste"
+            raise ConfigError(
+                "model.thresholds",
+                f"routing {m.routing!r} needs calibrated thresholds (one per routing layer, {m.n_routing_layers}); "
+                "run `python -m training calibrate` on a baseline checkpoint first, or train with routing soft/ste",
             )
+        return self
 
 
-@dataclass
-class CalibrateConfig:
+class CalibrateConfig(Section):
     """Measure spectral-entropy percentiles of a frozen checkpoint; write a calibrated CHIAR config."""
 
     checkpoint: str  # frozen model directory (normally the baseline)
-    data: list[SourceConfig]  # calibration text
+    data: Annotated[list[SourceConfig], _rule(bool, "needs at least one calibration source")]
     template: str  # CHIAR train config to fill with thresholds and bands
-    output: str  # where the calibrated train config is written (.yaml/.yml/.json)
+    output: Annotated[str, _rule(lambda v: Path(v).suffix in (".yaml", ".yml", ".json"),
+                                 "must end in .yaml, .yml or .json")]  # the calibrated train config
     report: str | None = None  # JSON with the per-layer percentiles (default: next to output)
-    seq_len: int = 256
-    batch_size: int = 8
-    max_tokens: int = 100_000
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if not self.data:
-            raise TrainingError("data: needs at least one calibration source")
-        for i, src in enumerate(self.data):
-            src.validate(f"data[{i}]")
-        _positive(self, "", "seq_len", "batch_size", "max_tokens")
-        _check_device(self.device, "device")
-        if Path(self.output).suffix not in (".yaml", ".yml", ".json"):
-            raise TrainingError(f"output: must end in .yaml, .yml or .json, got {self.output!r}")
+    seq_len: Positive = 256
+    batch_size: Positive = 8
+    max_tokens: Positive = 100_000
+    device: Device = "auto"
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Score a checkpoint on held-out text: token PPL, word PPL, bits per byte, per source and path."""
 
     checkpoint: str
-    data: list[SourceConfig]
-    seq_len: int | None = None  # window (None: the model's max_seq_len)
-    stride: int | None = None  # sliding-window stride (None: seq_len // 2)
-    batch_size: int = 8
-    paths: list[Literal["reference", "hard", "infer"]] = field(default_factory=lambda: ["reference", "infer"])
-    device: str = "auto"
+    data: Annotated[list[SourceConfig], _rule(bool, "needs at least one evaluation source")]
+    seq_len: Annotated[int, _rule(lambda v: v >= 2, "must be >= 2")] | None = None  # window (None: max_seq_len)
+    stride: Positive | None = None  # sliding-window stride (None: seq_len // 2)
+    batch_size: Positive = 8
+    paths: Annotated[list[EvalPath], _rule(bool, "needs at least one of reference, hard, infer")] = ["reference", "infer"]
+    device: Device = "auto"
     output: str | None = None  # JSON results file
 
-    def validate(self) -> None:
-        if not self.data:
-            raise TrainingError("data: needs at least one evaluation source")
-        names: set[str] = set()
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
         for i, src in enumerate(self.data):
-            src.validate(f"data[{i}]")
             if src.holdout:
-                raise TrainingError(f"data[{i}].holdout: not used by eval")
-            if src.name in names:
-                raise TrainingError(f"data[{i}].name: duplicate source name {src.name!r}")
-            names.add(src.name)
-        _positive(self, "", "batch_size")
-        if self.seq_len is not None and self.seq_len < 2:
-            raise TrainingError(f"seq_len: must be >= 2, got {self.seq_len}")
-        if self.stride is not None and self.stride < 1:
-            raise TrainingError(f"stride: must be >= 1, got {self.stride}")
-        if not self.paths:
-            raise TrainingError("paths: needs at least one of reference, hard, infer")
-        _check_device(self.device, "device")
+                raise ConfigError(f"data[{i}].holdout", "not used by eval")
+        _unique_names(self.data, "data", set(), "source")
+        return self
 
 
-@dataclass
-class HeatmapConfig:
+class HeatmapConfig(Section):
     """Routing heatmap (tokens x layers) of one text through a checkpoint."""
 
     checkpoint: str
     text: str
-    path: Literal["infer", "reference", "hard"] = "infer"
-    max_tokens: int = 64
+    path: EvalPath = "infer"
+    max_tokens: Positive = 64
 
 
-@dataclass
-class PlotConfig:
+class PlotConfig(Section):
     """Figures from run directories (their log.jsonl) and, optionally, a routing heatmap."""
 
     out_dir: str
-    runs: list[str] = field(default_factory=list)
+    runs: list[str] = []
     labels: list[str] | None = None
     source: str | None = None  # validation set for the PPL curves (None: all)
     heatmap: HeatmapConfig | None = None
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> PlotConfig:
         if not self.runs and self.heatmap is None:
-            raise TrainingError("runs: give at least one run directory or a heatmap section")
+            raise ConfigError("runs", "give at least one run directory or a heatmap section")
         if self.labels is not None and len(self.labels) != len(self.runs):
-            raise TrainingError(f"labels: needs one label per run ({len(self.runs)}), got {len(self.labels)}")
-        if self.heatmap is not None and self.heatmap.max_tokens < 1:
-            raise TrainingError(f"heatmap.max_tokens: must be positive, got {self.heatmap.max_tokens}")
+            raise ConfigError("labels", f"needs one label per run ({len(self.runs)}), got {len(self.labels)}")
+        return self
 
 
-# ---------------------------------------------------------------------------- helpers
-def _positive(obj: Any, where: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value <= 0:
-            raise TrainingError(f"{_join(where, name)}: must be positive, got {value}")
+# ---------------------------------------------------------------------------- errors
+_TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+               "string_type": "a string", "list_type": "a list", "model_type": "a mapping", "dict_type": "a mapping",
+               "is_instance_of": "a mapping"}
 
 
-def _non_negative(obj: Any, where: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise TrainingError(f"{_join(where, name)}: must be >= 0, got {value}")
+def _field_path(loc: tuple[int | str, ...], tail: str = "") -> str:
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    return f"{path}.{tail}" if path and tail else path or tail
 
 
-def _check_device(device: str, where: str) -> None:
-    ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
-    if not ok:
-        raise TrainingError(f"{where}: must be auto, cpu, cuda or cuda:N, got {device!r}")
-
-
-def _join(prefix: str, name: str | int) -> str:
-    if isinstance(name, int):
-        return f"{prefix}[{name}]"
-    return f"{prefix}.{name}" if prefix else name
-
-
-T = TypeVar("T")
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`, building nested dataclasses."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise TrainingError(f"{where}: must not be null")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, where)
-            except TrainingError as exc:
-                errors.append(str(exc))
-        raise TrainingError(errors[0])
-    if value is None:
-        raise TrainingError(f"{where}: must not be null")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise TrainingError(f"{where}: must be one of {list(choices)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise TrainingError(f"{where}: must be a list, got {type(value).__name__}")
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, _join(where, i)) for i, v in enumerate(value)]
-    if tp is ChiarConfig:
-        return _model_config(value, where)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TrainingError(f"{where}: must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TrainingError(f"{where}: must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TrainingError(f"{where}: must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise TrainingError(f"{where}: must be finite, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise TrainingError(f"{where}: must be a string, got {value!r}")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise TrainingError(f"{where}: must be a mapping, got {type(value).__name__}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
-
-
-def _build(cls: type[T], data: Any, where: str) -> T:
-    if not isinstance(data, dict):
-        raise TrainingError(f"{where or 'config'}: must be a mapping of keys to values, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
-            raise TrainingError(f"{_join(where, str(key))}: unknown key (known: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], _join(where, name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise TrainingError(f"{_join(where, name)}: required key is missing")
-    return cls(**kwargs)
-
-
-def _model_config(data: Any, where: str) -> ChiarConfig:
-    """The `model:` section; vocab_size comes from the tokenizer, so it may not be set here."""
-    if not isinstance(data, dict):
-        raise TrainingError(f"{where}: must be a mapping, got {type(data).__name__}")
-    if "vocab_size" in data:
-        raise TrainingError(f"{where}.vocab_size: set by the tokenizer; set tokenizer.vocab_size instead")
-    data = dict(data)
-    data["vocab_size"] = 8192  # placeholder for validation; replaced by the tokenizer's size
-    try:
-        return ChiarConfig.from_dict(data)
-    except ConfigError as exc:
-        raise TrainingError(f"{where}.{exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise TrainingError(f"{where}: {exc}") from exc
+def describe(error: Any) -> str:
+    """One pydantic error as `<dotted field>: <problem>`."""
+    kind, value = error["type"], error.get("input")
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        return f"{_field_path(error['loc'], cause.field)}: {str(cause)[len(cause.field) + 2:]}"
+    if cause is not None:
+        problem = str(cause)
+    elif kind in _TYPE_WORDS and value is None:
+        problem = "must not be null"
+    elif kind in _TYPE_WORDS:
+        shown = repr(value) if isinstance(value, (str, int, float, bool)) else type(value).__name__
+        problem = f"must be {_TYPE_WORDS[kind]}, got {shown}"
+    elif kind == "literal_error":
+        problem = f"must be one of {error['ctx']['expected']}, got {value!r}"
+    elif kind == "missing":
+        problem = "required key is missing"
+    elif kind == "finite_number":
+        problem = f"must be finite, got {value!r}"
+    else:
+        problem = error["msg"]
+    return f"{_field_path(error['loc']) or 'config'}: {problem}"
 
 
 # ---------------------------------------------------------------------------- files and overrides
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_config(cls: type[C], data: dict[str, Any]) -> C:
+    """Build and validate a config from a dict; a TrainingError names the first bad field."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise TrainingError(describe(exc.errors()[0])) from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a .yaml/.yml/.json config file into a dict."""
     path = Path(path)
@@ -437,7 +371,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.split(".")
         node: Any = data
         for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
             here = ".".join(parts[: depth + 1])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
@@ -447,7 +380,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 index = part
             else:
                 raise TrainingError(f"--set {key}: {'.'.join(parts[:depth])} is not a mapping or list")
-            if last:
+            if depth == len(parts) - 1:
                 node[index] = value
             else:
                 if isinstance(node, dict) and node.get(index) is None:
@@ -456,39 +389,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def parse_config(cls: type[T], data: dict[str, Any]) -> T:
-    """Build and validate a config dataclass from a dict."""
-    cfg = _build(cls, data, "")
-    validate = getattr(cfg, "validate", None)
-    if validate is not None:
-        validate()
-    return cfg
-
-
-def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+def load_config(cls: type[C], path: str | Path, overrides: list[str] | None = None) -> C:
     """Read, override and validate a config file."""
     return parse_config(cls, apply_overrides(read_config_file(path), list(overrides or [])))
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain dict of a config (the model section as ChiarConfig.to_dict, minus vocab_size)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        out[f.name] = _plain(value)
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, ChiarConfig):
-        d = value.to_dict()
-        d.pop("vocab_size", None)
-        return d
-    if dataclasses.is_dataclass(value):
-        return config_to_dict(value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def write_config_file(data: dict[str, Any], path: str | Path) -> None:

@@ -18,14 +18,15 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from model import OPERATOR_NAMES
 from training.calibrate import load_frozen
-from training.config import EvalConfig
+from training.config import EVAL_PATHS, EvalConfig
 from training.data import EvalText, load_documents
 from training.distributed import resolve_device
 from training.errors import TrainingError
 from training.paths import check_path_usable
 
-_PATHS = ("reference", "hard", "infer")
+GATE_OPEN = 0.5  # the MetaRouter's hard gate: inference runs the DCT mix at layer 1 iff g >= 0.5
 
 
 def windows(n_ids: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -53,13 +54,13 @@ def score_ids(
     device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
 ) -> tuple[float, int, dict[str, Any]]:
     """Sum of NLL (nats) over ids[1:], the number of predicted tokens, and routing totals."""
-    if path not in _PATHS:
-        raise ValueError(f"path: must be one of {_PATHS}, got {path!r}")
+    if path not in EVAL_PATHS:
+        raise ValueError(f"path: must be one of {EVAL_PATHS}, got {path!r}")
     device = torch.device(device)
     spans = list(windows(len(ids), seq_len, stride))
     total_nll, total_tokens = 0.0, 0
     counts: torch.Tensor | None = None
-    gate_sum, gate_n = 0.0, 0
+    gate_sum, gate_open, gate_n = 0.0, 0, 0
     source = torch.tensor(ids, dtype=torch.long)
     for start in range(0, len(spans), batch_size):
         group = spans[start : start + batch_size]
@@ -87,10 +88,13 @@ def score_ids(
         gate = routing.gate.detach().float().cpu()[mask.cpu().bool()]
         gate = gate[~torch.isnan(gate)]
         gate_sum += float(gate.sum())
+        gate_open += int((gate >= GATE_OPEN).sum())
         gate_n += gate.numel()
     routing_stats = {
         "attention_share": attention_share(counts) if counts is not None else [],
+        "operator_share": operator_shares(counts) if counts is not None else [],
         "gate": gate_sum / gate_n if gate_n else None,
+        "gate_open": gate_open / gate_n if gate_n else None,
     }
     return total_nll, total_tokens, routing_stats
 
@@ -100,6 +104,14 @@ def attention_share(counts: torch.Tensor) -> list[float]:
     counts = counts.double()
     totals = counts.sum(-1).clamp(min=1)
     return [round(float(v), 6) for v in counts[:, 3] / totals]
+
+
+def operator_shares(counts: torch.Tensor) -> list[dict[str, float]]:
+    """Per layer: share of valid tokens per operator name (identity, dct, rbf, attention)."""
+    counts = counts.double()
+    totals = counts.sum(-1).clamp(min=1)
+    return [{name: round(float(counts[layer, i] / totals[layer]), 6) for i, name in enumerate(OPERATOR_NAMES)}
+            for layer in range(counts.shape[0])]
 
 
 def metrics(nll: float, tokens: int, words: int, n_bytes: int) -> dict[str, float]:

@@ -35,7 +35,7 @@ from training.checkpointing import (
     save_model_only,
     save_training_checkpoint,
 )
-from training.config import TrainConfig, config_to_dict
+from training.config import TrainConfig
 from training.data import Batch, LoadedSources, MixedBatches, encode_documents, load_sources, shard_batch
 from training.distributed import (
     DistInfo,
@@ -47,7 +47,7 @@ from training.distributed import (
     shutdown,
 )
 from training.errors import TrainingError
-from training.evaluate import attention_share, evaluate_texts
+from training.evaluate import GATE_OPEN, attention_share, evaluate_texts, operator_shares
 from training.paths import check_path_usable, probe_writable
 from training.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
@@ -200,7 +200,7 @@ def prepare(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Prepared:
 
     model_config = cfg.model.replace(
         vocab_size=tokenizer.get_vocab_size(),
-        extra={**cfg.model.extra, "training": {k: v for k, v in config_to_dict(cfg).items() if k != "model"}},
+        extra={**cfg.model.extra, "training": {k: v for k, v in cfg.model_dump().items() if k != "model"}},
     )
     for i, name in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(name) is None:
@@ -267,7 +267,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, 
     log.truncate(start_step)  # drop records a killed run wrote after its last checkpoint
     if info.is_main:
         (out_dir / "tokenizer.json").write_text(prep.tokenizer.to_str(), encoding="utf-8")
-        (out_dir / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2), encoding="utf-8")
+        (out_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(), indent=2), encoding="utf-8")
 
     net: torch.nn.Module = model
     if info.enabled:
@@ -349,8 +349,8 @@ def _train_step(
 ) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches; statistics averaged over all ranks."""
     n_layers = model.config.n_layers
-    # packed: [ce, aux, tokens] + counts [L*4] + per source [gate_sum, gate_n, micro_batches]
-    packed = torch.zeros(3 + n_layers * 4 + 3 * len(names), dtype=torch.float64)
+    # packed: [ce, aux, tokens] + counts [L*4] + per source [gate_sum, gate_open, gate_n, micro_batches]
+    packed = torch.zeros(3 + n_layers * 4 + 4 * len(names), dtype=torch.float64)
     for micro in range(cfg.grad_accum):
         batch: Batch = shard_batch(batches.next(), info.rank, info.world_size)
         sync = micro == cfg.grad_accum - 1 or not info.enabled
@@ -368,10 +368,11 @@ def _train_step(
         packed[3 : 3 + n_layers * 4] += out.routing.counts.detach().cpu().double().flatten()
         gate = out.routing.gate.detach().float().cpu()
         gate = gate[~torch.isnan(gate)]
-        k = 3 + n_layers * 4 + 3 * names.index(batch.source)
+        k = 3 + n_layers * 4 + 4 * names.index(batch.source)
         packed[k] += float(gate.sum())
-        packed[k + 1] += gate.numel()
-        packed[k + 2] += 1
+        packed[k + 1] += int((gate >= GATE_OPEN).sum())
+        packed[k + 2] += gate.numel()
+        packed[k + 3] += 1
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
@@ -383,8 +384,8 @@ def _train_step(
     ce = float(packed[0]) / (cfg.grad_accum * world)
     aux = float(packed[1]) / (cfg.grad_accum * world)
     counts = packed[3 : 3 + n_layers * 4].view(n_layers, 4)
-    per_source = packed[3 + n_layers * 4 :].view(len(names), 3)
-    gate_total, gate_n = float(per_source[:, 0].sum()), float(per_source[:, 1].sum())
+    per_source = packed[3 + n_layers * 4 :].view(len(names), 4)
+    gate_total, gate_open, gate_n = (float(per_source[:, i].sum()) for i in range(3))
     return {
         "loss": ce + aux,
         "ce": ce,
@@ -392,10 +393,12 @@ def _train_step(
         "ppl": math.exp(min(ce, 50.0)),
         "grad_norm": grad_norm,
         "tokens": int(packed[2]),
-        "sources": {n: int(per_source[i, 2]) // world for i, n in enumerate(names) if per_source[i, 2] > 0},
+        "sources": {n: int(per_source[i, 3]) // world for i, n in enumerate(names) if per_source[i, 3] > 0},
         "attention_share": attention_share(counts),
+        "operator_share": operator_shares(counts),
         "gate": gate_total / gate_n if gate_n else None,
-        "gate_by_source": {n: float(per_source[i, 0] / per_source[i, 1]) for i, n in enumerate(names) if per_source[i, 1] > 0},
+        "gate_open": gate_open / gate_n if gate_n else None,
+        "gate_by_source": {n: float(per_source[i, 0] / per_source[i, 2]) for i, n in enumerate(names) if per_source[i, 2] > 0},
     }
 
 

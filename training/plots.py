@@ -1,4 +1,8 @@
-"""PNG figures: validation PPL curves, attention share per layer, MetaRouter gate per source, routing heatmap."""
+"""PNG figures: validation PPL curves, attention share per layer, MetaRouter gate per source, routing heatmap.
+
+matplotlib is in the dev extra only (the serving image does not need it); without it `plot` stops
+with one clear error instead of an ImportError, and the rest of `training` works.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
-from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
 
 from training.calibrate import load_frozen
 from training.config import PlotConfig
@@ -22,6 +20,19 @@ from training.paths import check_path_usable, probe_writable
 # operator id -> colour: light = DCT, dark = attention (identity: near white, RBF: mid blue, pad: grey)
 OPERATOR_COLOURS = {-1: "#d9d9d9", 0: "#ffffff", 1: "#f6e3a1", 2: "#6fa8dc", 3: "#1f1d3d"}
 OPERATOR_LABELS = {0: "identity", 1: "DCT", 2: "RBF", 3: "attention"}
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or a TrainingError saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise TrainingError("plot: needs matplotlib, which only the dev extra installs: "
+                            "pip install -e '.[dev]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_log(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -46,12 +57,13 @@ def read_log(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, 
 def _save(fig: Any, out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
 
 
 def plot_val_ppl(runs: list[str], labels: list[str], out: Path, source: str | None = None) -> Path:
     """Validation token PPL over steps, one line per (run, validation set)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for run, label in zip(runs, labels):
@@ -78,6 +90,7 @@ def plot_val_ppl(runs: list[str], labels: list[str], out: Path, source: str | No
 
 def plot_attention_share(run: str, label: str, out: Path) -> Path:
     """Share of tokens routed to attention, per layer, over training."""
+    plt = _pyplot()
     train, _ = read_log(run)
     steps = [r["step"] for r in train]
     shares = [r["attention_share"] for r in train]
@@ -95,6 +108,7 @@ def plot_attention_share(run: str, label: str, out: Path) -> Path:
 
 def plot_gate_by_source(run: str, label: str, out: Path) -> Path | None:
     """MetaRouter gate (mean g) per data source over training; None when the run has no gate."""
+    plt = _pyplot()
     train, _ = read_log(run)
     by_source: dict[str, list[tuple[int, float]]] = {}
     for r in train:
@@ -118,6 +132,10 @@ def plot_gate_by_source(run: str, label: str, out: Path) -> Path | None:
 @torch.no_grad()
 def plot_routing_heatmap(checkpoint: str, text: str, out: Path, path: str = "infer", max_tokens: int = 64) -> Path:
     """Operators per token (x) and layer (y) for one text: light = DCT, dark = attention."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
     model, tokenizer = load_frozen(checkpoint, torch.device("cpu"), "heatmap.checkpoint")
     ids = tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens]
     if not ids:
@@ -144,6 +162,7 @@ def plot_routing_heatmap(checkpoint: str, text: str, out: Path, path: str = "inf
 
 def run_plot(cfg: PlotConfig) -> list[Path]:
     """The `plot` command: write every figure the config asks for into out_dir."""
+    _pyplot()  # fail before reading or writing anything
     out_dir = Path(cfg.out_dir)
     check_path_usable(out_dir, "out_dir")
     labels = cfg.labels or [Path(r).name for r in cfg.runs]

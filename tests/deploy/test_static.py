@@ -80,7 +80,12 @@ def test_install_script_is_shared_by_image_ci_and_setup() -> None:
         assert run("bash", "-n", script).returncode == 0, script
     usage = run("bash", "deploy/install.sh")
     assert usage.returncode == 2 and "usage" in usage.stderr
-    assert "bash deploy/install-system.sh" in (ROOT / ".ci" / "run").read_text()
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == "make test", "CI runs exactly the README's test command"
+    assert "bash deploy/install-system.sh" in (ROOT / "Makefile").read_text()
+    check = subprocess.run(["bash", "deploy/install-system.sh", "--check"], cwd=ROOT, capture_output=True, text=True, check=False,
+                           env={"PATH": "/usr/bin:/bin", "CHIAR_SYSTEM_TOOLS": "bash chiar-no-such-tool"}, timeout=60)
+    assert check.returncode == 1 and check.stdout.strip() == "chiar-no-such-tool"
 
 
 def test_lock_files_pin_every_dependency() -> None:

@@ -15,12 +15,22 @@ def tiny_config(**overrides: object) -> ChiarConfig:
 
 
 def _between(values: torch.Tensor, q: float) -> float:
-    """A threshold strictly between two observed values, so no token sits exactly on it."""
+    """A threshold near the q-quantile of `values`, in the middle of the widest nearby gap.
+
+    It sits half a gap (far more than an ulp) from every observed value, so the 1-ulp differences
+    between batched and solo matmuls cannot move a token across it.
+    """
     ordered = values.flatten().unique()  # sorted, duplicates removed (per-token layers repeat values)
-    if ordered.numel() == 1:
+    n = ordered.numel()
+    if n == 1:
         return float(ordered[0]) + 1e-3
-    k = min(max(int(q * ordered.numel()), 1), ordered.numel() - 1)
-    return float((ordered[k - 1] + ordered[k]) / 2)
+    centre = min(max(round(q * n), 1), n - 1)
+    reach = max(1, n // 10)
+    candidates = range(max(1, centre - reach), min(n - 1, centre + reach) + 1)
+    k = max(candidates, key=lambda i: float(ordered[i] - ordered[i - 1]))
+    margin = float(ordered[k] - ordered[k - 1]) / 2
+    assert margin > 1e-9 * max(1.0, float(ordered.abs().max())), "observed values too close to split safely"
+    return float(ordered[k - 1]) + margin
 
 
 def make_model(config: ChiarConfig, seed: int = 0, probe: torch.Tensor | None = None) -> ChiarLM:

@@ -1,10 +1,10 @@
-"""The invariants DESIGN.md promises, in float64 over random small configs and every routing mode."""
+"""The invariants docs/ARCHITECTURE.md promises (two forward paths), in float64 over random small configs and every routing mode."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.model.helpers import make_model, right_padded_batch, tiny_config
@@ -23,7 +23,7 @@ configs = st.fixed_dictionaries(
         "arch": st.sampled_from(["chiar", "chiar", "chiar", "baseline"]),
     }
 )
-SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# seed, example count and deadline come from the hypothesis profile in tests/conftest.py
 
 
 def _build(params: dict, seed: int):
@@ -32,7 +32,6 @@ def _build(params: dict, seed: int):
     return make_model(tiny_config(**params), seed=seed)
 
 
-@SETTINGS
 @given(params=configs, seed=st.integers(0, 1000), cut=st.integers(1, 15))
 def test_causality_both_paths(params: dict, seed: int, cut: int) -> None:
     model = _build(params, seed)
@@ -48,7 +47,6 @@ def test_causality_both_paths(params: dict, seed: int, cut: int) -> None:
     assert torch.equal(a.routing.operator[:, :cut], b.routing.operator[:, :cut])
 
 
-@SETTINGS
 @given(params=configs, seed=st.integers(0, 1000), lengths=st.lists(st.integers(1, 14), min_size=1, max_size=4))
 def test_infer_equals_hard_reference_with_right_padding(params: dict, seed: int, lengths: list[int]) -> None:
     model = _build(params, seed)
@@ -63,7 +61,6 @@ def test_infer_equals_hard_reference_with_right_padding(params: dict, seed: int,
     torch.testing.assert_close(inf.routing.entropy[routed], ref.routing.entropy[routed])
 
 
-@SETTINGS
 @given(params=configs, seed=st.integers(0, 1000), lengths=st.lists(st.integers(1, 10), min_size=1, max_size=3),
        new=st.integers(1, 8))
 def test_cached_decode_equals_uncached(params: dict, seed: int, lengths: list[int], new: int) -> None:
@@ -83,7 +80,6 @@ def test_cached_decode_equals_uncached(params: dict, seed: int, lengths: list[in
             sequence.append(token)
 
 
-@SETTINGS
 @given(params=configs, seed=st.integers(0, 1000), lengths=st.lists(st.integers(1, 12), min_size=2, max_size=4))
 def test_sequence_independent_of_batch_neighbours(params: dict, seed: int, lengths: list[int]) -> None:
     model = _build(params, seed)

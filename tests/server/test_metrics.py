@@ -1,4 +1,4 @@
-"""/metrics: exactly DESIGN.md's names, types and labels, and counters moving by the expected amounts."""
+"""/metrics: exactly the names, types and labels of docs/ARCHITECTURE.md (Metrics), and counters moving by the expected amounts."""
 
 from __future__ import annotations
 

@@ -59,8 +59,11 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 
 
 def read_log(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
-    lines = (Path(run_dir) / "log.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+    """The train (or eval) records of a run's log.jsonl."""
+    from training.plots import read_log as read_both
+
+    train, evals = read_both(run_dir)
+    return train if kind == "train" else evals
 
 
 def run_module(args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -132,7 +132,7 @@ def test_shipped_configs_are_valid() -> None:
     assert load_config(CalibrateConfig, configs / "calibrate-small.yaml").template.endswith("chiar-small.yaml")
     assert load_config(EvalConfig, configs / "eval-wikitext2.yaml").paths == ["reference", "infer"]
     assert len(load_config(PlotConfig, configs / "plots-demo.yaml").runs) == 2
-    experiments = sorted((REPO / "training" / "experiments").glob("*.yaml"))
+    experiments = sorted((REPO / "experiments").glob("*.yaml"))
     assert experiments
     for path in experiments:  # templates for threshold modes are checked with placeholder thresholds
         cfg = load_config(TrainConfig, path, ["model.thresholds=[0.8, 0.8, 0.8, 0.8]"] if "template" in path.name else [])

@@ -117,7 +117,8 @@ def test_score_ids_equals_the_models_own_loss() -> None:
     with torch.no_grad():
         out = model(torch.tensor([ids[:-1]]), labels=torch.tensor([ids[1:]]))
     assert n == 39 and math.isclose(nll / n, float(out.loss), rel_tol=1e-5)
-    assert len(routing["attention_share"]) == 3 and routing["gate"] is not None
+    assert len(routing["attention_share"]) == 3 and routing["gate"] is not None and 0.0 <= routing["gate_open"] <= 1.0
+    assert [sorted(layer) for layer in routing["operator_share"]] == [["attention", "dct", "identity", "rbf"]] * 3
     # windows shorter than the text: every token still scored once
     nll_w, n_w, _ = score_ids(model, ids, seq_len=16, stride=8, batch_size=3)
     assert n_w == 39 and nll_w > 0

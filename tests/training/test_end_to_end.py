@@ -55,6 +55,10 @@ def test_train_calibrate_train_eval_load(tmp_path: Path, corpus_dir: Path, capsy
     assert all(r["aux"] > 0 for r in logs)  # threshold_reg penalty is in the loss
     assert all(0.0 < r["attention_share"][1] < 1.0 for r in logs)  # routing layers really route
     assert all(r["gate"] is not None and 0 < r["gate"] < 1 for r in logs)
+    for r in logs:  # every operator's share per layer, and the share of tokens whose hard gate opens
+        assert [round(sum(layer.values()), 4) for layer in r["operator_share"]] == [1.0] * 4
+        assert [layer["attention"] for layer in r["operator_share"]] == pytest.approx(r["attention_share"], abs=1e-6)
+        assert 0.0 <= r["gate_open"] <= 1.0
     capsys.readouterr()
 
     evaluation = {

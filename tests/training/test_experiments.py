@@ -17,7 +17,7 @@ from training.config import TrainConfig, parse_config
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """run_all at the tiny size with one CHIAR row (threshold_reg); every experiment's JSON."""
     root = tmp_path_factory.mktemp("experiments")
-    proc = run_module(["training.experiments.run_all", "--size", "tiny", "--modes", "threshold_reg",
+    proc = run_module(["experiments.run_all", "--size", "tiny", "--modes", "threshold_reg",
                        "--root", str(root), "--threads", "1", "--device", "cpu"], timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = ("ablation", "routing_collapse", "mixed", "efficiency", "figures")
@@ -100,9 +100,11 @@ def test_figures_written(results: tuple[Path, dict[str, Any]]) -> None:
 @pytest.mark.parametrize("size", ["cpu", "cpu4m", "gpu"])
 def test_full_size_configs_are_valid(size: str, tmp_path: Path) -> None:
     """The CPU and GPU recipes (not trained here) are valid train configs of the documented size."""
+    from experiments.cli import Context
+    from experiments.common import train_config
+    from experiments.recipes import baseline_config
+    from experiments.sizes import SIZES
     from model import ChiarConfig, ChiarLM
-    from training.experiments.common import SIZES, Context, train_config
-    from training.experiments.recipes import baseline_config
 
     ctx = Context(SIZES[size], [0], tmp_path, "cpu", None, False)
     base = parse_config(TrainConfig, baseline_config(ctx, 0))

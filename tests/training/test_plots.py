@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.training.helpers import tiny_train_config, write_config
+from tests.training.helpers import REPO, tiny_train_config, write_config
 from training.__main__ import main
 from training.config import TrainConfig, parse_config
 from training.loop import train
@@ -41,4 +43,15 @@ def test_plot_of_a_missing_run_is_a_clear_error(tmp_path: Path, capsys: pytest.C
     cfg = {"out_dir": str(tmp_path / "plots"), "runs": [str(tmp_path / "nope")]}
     assert main(["plot", "--config", str(write_config(tmp_path / "plot.yaml", cfg))]) == 2
     assert "log.jsonl not found" in capsys.readouterr().err
+    assert not (tmp_path / "plots").exists()
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path: Path) -> None:
+    """matplotlib is in the dev extra only: a runtime install gets one error line, not an ImportError."""
+    cfg = write_config(tmp_path / "plot.yaml", {"out_dir": str(tmp_path / "plots"), "runs": [str(tmp_path)]})
+    code = "import sys; sys.modules['matplotlib'] = None; from training.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "plot", "--config", str(cfg)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: plot: needs matplotlib") and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "plots").exists()

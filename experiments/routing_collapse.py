@@ -7,7 +7,7 @@ a sample of the training text; we report the share of tokens per operator per la
 (epoch 0 = the initialisation) and the first epoch at which RBF's share falls below 1% in every
 routing layer.
 
-    python -m training.experiments.routing_collapse --size cpu [--publish]
+    python -m experiments.routing_collapse --size cpu [--publish]
 """
 
 from __future__ import annotations
@@ -24,22 +24,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from experiments.cli import Context, Outcome, experiment_main, log
+from experiments.common import (
+    ensure_trained,
+    resolve,
+    routing_profile,
+)
+from experiments.recipes import baseline, calibration, chiar_config
 from model import ChiarConfig, ChiarLM
 from training.calibrate import load_frozen
 from training.config import TrainConfig, parse_config
 from training.data import encode_documents, load_sources
-from training.experiments.common import (
-    Context,
-    add_common_args,
-    ensure_trained,
-    log,
-    operator_shares,
-    read_train_log,
-    resolve,
-    routing_profile,
-    write_result,
-)
-from training.experiments.recipes import baseline, calibration, chiar_config
+from training.evaluate import operator_shares
+from training.plots import read_log
 
 COLLAPSE_SHARE = 0.01
 
@@ -100,7 +97,7 @@ def run(ctx: Context, suffix: str = "") -> tuple[dict[str, Any], list[Path]]:
         log(f"epoch {epoch} (step {step}): RBF share per routing layer {rbf}")
     collapsed = next((e["epoch"] for e in epochs
                       if all(layer["rbf"] < COLLAPSE_SHARE for layer in e["validation_reference"][1:-1])), None)
-    train_recs, eval_recs = read_train_log(run_dir)
+    train_recs, eval_recs = read_log(run_dir)
     fig = plot_shares(epochs, ctx.root / f"collapse_operator_share{suffix}.png")
     result = {
         "run": str(run_dir), "steps_per_epoch": spe, "epochs": epochs,
@@ -137,18 +134,19 @@ def plot_shares(epochs: list[dict[str, Any]], out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
+def _epochs_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the subset (default: the size's)")
-    args = parser.parse_args(argv)
-    ctx = Context.from_args(args)
+
+
+def _body(ctx: Context, args: argparse.Namespace) -> Outcome:
     if args.epochs is not None:
         ctx.size = dataclasses.replace(ctx.size, collapse_epochs=args.epochs)
     suffix = "" if args.epochs is None else f"-{args.epochs}epochs"
-    result, figures = run(ctx, suffix)
-    write_result(ctx, f"routing_collapse{suffix}", result, figures)
-    return 0
+    return (f"routing_collapse{suffix}", *run(ctx, suffix))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return experiment_main(__doc__, _body, argv, extra_args=_epochs_arg)
 
 
 if __name__ == "__main__":

@@ -6,27 +6,23 @@ variants from those thresholds with the same tokenizer, data, steps and seed; sc
 validation text and WikiText-2 test with the training-mode (reference) forward and, for CHIAR,
 with the hard-gated inference path `model.infer` (the soft-vs-hard gap).
 
-    python -m training.experiments.ablation --size cpu [--seeds 0 1 2] [--publish]
+    python -m experiments.ablation --size cpu [--seeds 0 1 2] [--publish]
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-from training.experiments.common import (
-    Context,
-    add_common_args,
+from experiments.cli import Context, experiment_main, log, markdown_table
+from experiments.common import (
     best_checkpoint,
     eval_texts,
-    log,
     mean_std,
     score,
     test_source,
-    write_result,
 )
-from training.experiments.recipes import baseline, calibration, chiar_variant
+from experiments.recipes import baseline, calibration, chiar_variant
 
 PAPER_TEST_PPL = {"baseline": 44.63, "soft": 45.62, "ste": 45.67, "threshold": 48.34, "threshold_reg": 48.45}
 
@@ -89,20 +85,14 @@ def format_table(table: list[dict[str, Any]]) -> str:
             return "-"
         return f"{ms['mean']:.2f}" + (f" ± {ms['std']:.2f}" if ms.get("std") is not None else "")
 
-    lines = ["| model | params | val PPL | test PPL | test PPL (infer, hard) | hard - train-mode | paper test PPL (16M) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for e in table:
-        lines.append(f"| {e['model']} | {e['params']:,} | {fmt(e['val_ppl'])} | {fmt(e['test_ppl'])} | "
-                     f"{fmt(e.get('test_ppl_infer'))} | {fmt(e.get('hard_gap'))} | {e['paper_test_ppl']} |")
-    return "\n".join(lines)
+    header = ["model", "params", "val PPL", "test PPL", "test PPL (infer, hard)", "hard - train-mode", "paper test PPL (16M)"]
+    rows = [[e["model"], f"{e['params']:,}", fmt(e["val_ppl"]), fmt(e["test_ppl"]), fmt(e.get("test_ppl_infer")),
+             fmt(e.get("hard_gap")), str(e["paper_test_ppl"])] for e in table]
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    ctx = Context.from_args(parser.parse_args(argv))
-    write_result(ctx, "ablation", run(ctx))
-    return 0
+    return experiment_main(__doc__, lambda ctx, _: ("ablation", run(ctx), []), argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Later experiments reuse the ablation's cached runs (baseline, calibration, CHIAR rows).
 
-    python -m training.experiments.run_all --size cpu --publish
+    python -m experiments.run_all --size cpu --publish
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from training.experiments import ablation, efficiency, figures, mixed, routing_collapse
+from experiments import ablation, efficiency, figures, mixed, routing_collapse
 
 EXPERIMENTS = {
     "ablation": ablation.main,

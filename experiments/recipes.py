@@ -6,14 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.experiments.common import (
-    Context,
-    best_checkpoint,
-    ensure_calibrated,
-    ensure_trained,
-    log,
-    train_config,
-)
+from experiments.cli import Context, log
+from experiments.common import best_checkpoint, ensure_calibrated, ensure_trained, train_config
 
 
 def baseline_config(ctx: Context, seed: int) -> dict[str, Any]:

@@ -8,12 +8,11 @@ on each source's held-out tail, ListOps final-answer accuracy (argmax over the t
 ``=``), and the MetaRouter gate per source: its trajectory over training (from the training log)
 and, at the end, its mean and the share of tokens whose hard gate opens (g >= 0.5).
 
-    python -m training.experiments.mixed --size cpu [--publish]
+    python -m experiments.mixed --size cpu [--publish]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from collections import Counter
@@ -23,24 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.calibrate import load_frozen
-from training.experiments.common import (
-    Context,
-    add_common_args,
+from experiments.cli import Context, experiment_main, log
+from experiments.common import (
     best_checkpoint,
     ensure_trained,
     eval_texts,
-    log,
-    read_train_log,
     resolve,
     routing_profile,
     score,
     test_source,
     wiki_sources,
-    write_result,
 )
-from training.experiments.recipes import calibration, chiar_config, chiar_variant
-from training.plots import plot_gate_by_source
+from experiments.recipes import calibration, chiar_config, chiar_variant
+from training.calibrate import load_frozen
+from training.evaluate import GATE_OPEN
+from training.plots import plot_gate_by_source, read_log
 
 ROUTING = "threshold_reg"
 
@@ -140,7 +136,7 @@ def _model_report(ctx: Context, label: str, cfg: dict[str, Any], texts: list[Any
         prof = routing_profile(model, ids, ctx.size.seq_len, "infer", windows, device=device)
         g = prof["gate"][~np.isnan(prof["gate"])]
         attn = prof["counts"][1:-1].double()
-        report["gate"][t.name] = {"mean": float(g.mean()), "open_share": float((g >= 0.5).mean()),
+        report["gate"][t.name] = {"mean": float(g.mean()), "open_share": float((g >= GATE_OPEN).mean()),
                                   "attention_share_routing_layers": float(attn[:, 3].sum() / attn.sum().clamp(min=1))}
     listops = next(t for t in texts if t.name == "listops")
     report["listops_accuracy"] = {
@@ -162,10 +158,10 @@ def run(ctx: Context) -> tuple[dict[str, Any], list[Path]]:
     result: dict[str, Any] = {"routing": ROUTING, "weights": {s["name"]: s["weight"] for s in mixed_cfg["data"]},
                               "single": _model_report(ctx, "single", single_cfg, texts),
                               "mixed": _model_report(ctx, "mixed", mixed_cfg, texts)}
-    train_recs, _ = read_train_log(Path(mixed_cfg["out_dir"]))
+    train_recs, _ = read_log(Path(mixed_cfg["out_dir"]))
     result["gate_trajectory"] = {
         "mixed": [[r["step"], r["gate_by_source"]] for r in train_recs],
-        "single": [[r["step"], r["gate_by_source"]] for r in read_train_log(Path(single_cfg["out_dir"]))[0]],
+        "single": [[r["step"], r["gate_by_source"]] for r in read_log(Path(single_cfg["out_dir"]))[0]],
     }
     result["sources_per_step"] = dict(Counter(s for r in train_recs for s in r["sources"]))
     figures = []
@@ -178,12 +174,7 @@ def run(ctx: Context) -> tuple[dict[str, Any], list[Path]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    ctx = Context.from_args(parser.parse_args(argv))
-    result, figures = run(ctx)
-    write_result(ctx, "mixed", result, figures)
-    return 0
+    return experiment_main(__doc__, lambda ctx, _: ("mixed", *run(ctx)), argv)
 
 
 if __name__ == "__main__":

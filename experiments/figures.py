@@ -7,12 +7,11 @@
    thresholds tau (and p33/p67) marked;
 3. attention share per layer of every CHIAR variant through the inference path.
 
-    python -m training.experiments.figures --size cpu [--publish]
+    python -m experiments.figures --size cpu [--publish]
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +22,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from training.calibrate import load_frozen
-from training.config import SourceConfig
-from training.data import load_documents
-from training.experiments.common import (
-    Context,
-    add_common_args,
+from experiments.cli import Context, experiment_main, log
+from experiments.common import (
     best_checkpoint,
-    log,
     resolve,
     routing_profile,
     test_source,
-    write_result,
 )
-from training.experiments.recipes import baseline, calibration, chiar_variant
+from experiments.recipes import baseline, calibration, chiar_variant
+from training.calibrate import load_frozen
+from training.config import SourceConfig
+from training.data import load_documents
 from training.plots import plot_routing_heatmap
 
 HEATMAP_MODEL = "threshold_reg"
@@ -144,12 +140,7 @@ def run(ctx: Context) -> tuple[dict[str, Any], list[Path]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    ctx = Context.from_args(parser.parse_args(argv))
-    result, figures = run(ctx)
-    write_result(ctx, "figures", result, figures)
-    return 0
+    return experiment_main(__doc__, lambda ctx, _: ("figures", *run(ctx)), argv)
 
 
 if __name__ == "__main__":

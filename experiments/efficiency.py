@@ -7,12 +7,11 @@ baseline of the same size spends on the same tokens); tokens/s is wall-clock sco
 (batches of 8 windows, median of several timed passes after a warm-up). The reference (training)
 forward is timed too, for comparison.
 
-    python -m training.experiments.efficiency --size cpu [--publish]
+    python -m experiments.efficiency --size cpu [--publish]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -20,20 +19,17 @@ from typing import Any
 
 import torch
 
-from training.calibrate import load_frozen
-from training.config import SourceConfig
-from training.data import load_documents
-from training.experiments.common import (
-    Context,
-    add_common_args,
+from experiments.cli import Context, experiment_main, log, markdown_table
+from experiments.common import (
     best_checkpoint,
-    log,
     resolve,
     routing_profile,
     test_source,
-    write_result,
 )
-from training.experiments.recipes import baseline, chiar_variant
+from experiments.recipes import baseline, chiar_variant
+from training.calibrate import load_frozen
+from training.config import SourceConfig
+from training.data import load_documents
 
 PAPER = "400M: CHIAR 37% fewer FLOPs than the baseline (test PPL 27.51 vs 23.58); routing layers: 62.5% fewer attention FLOPs at ~50% routing"
 
@@ -102,21 +98,15 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| model | params | MFLOP/token (infer, executed) | vs dense baseline | tokens/s infer (median) | tokens/s reference (median) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in table:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['flops_per_token'] / 1e6:.3f} | "
-                     f"{r['executed_vs_baseline']:.3f} | {r['tokens_per_s_infer']['median']:.0f} | "
-                     f"{r['tokens_per_s_reference']['median']:.0f} |")
-    return "\n".join(lines)
+    header = ["model", "params", "MFLOP/token (infer, executed)", "vs dense baseline", "tokens/s infer (median)",
+              "tokens/s reference (median)"]
+    rows = [[r["model"], f"{r['params']:,}", f"{r['flops_per_token'] / 1e6:.3f}", f"{r['executed_vs_baseline']:.3f}",
+             f"{r['tokens_per_s_infer']['median']:.0f}", f"{r['tokens_per_s_reference']['median']:.0f}"] for r in table]
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    ctx = Context.from_args(parser.parse_args(argv))
-    write_result(ctx, "efficiency", run(ctx))
-    return 0
+    return experiment_main(__doc__, lambda ctx, _: ("efficiency", run(ctx), []), argv)
 
 
 if __name__ == "__main__":

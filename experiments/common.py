@@ -1,4 +1,4 @@
-"""Shared pieces of the paper-reproduction experiments: sizes, cached runs, scoring and routing profiles.
+"""Shared pieces of the paper-reproduction experiments: train configs, cached runs, scoring and routing profiles.
 
 Every experiment builds plain train/calibrate config dicts and runs them through the project's own
 training module (`training.loop.train`, `training.calibrate.calibrate`, `training.evaluate`). A run is
@@ -9,138 +9,25 @@ being trained twice. Outputs live under `runs/experiments/<size>/` (gitignored).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import math
-import platform
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from experiments.cli import Context, log
+from experiments.sizes import Size
 from training.calibrate import calibrate, load_frozen
 from training.config import CalibrateConfig, TrainConfig, parse_config
 from training.data import EvalText, load_sources
 from training.evaluate import evaluate_texts
 from training.loop import train
-
-ROOT = Path("runs/experiments")
-RESULTS_DIR = Path("training/experiments/results")
-FIGURES_DIR = Path("docs/figures")
-ROUTING_MODES = ("soft", "ste", "threshold", "threshold_reg")
-
-
-@dataclass(frozen=True)
-class Size:
-    """Model and recipe of one experiment size."""
-
-    name: str
-    model: dict[str, Any]
-    vocab_size: int
-    seq_len: int
-    batch_size: int
-    max_steps: int
-    warmup_steps: int
-    lr: float
-    eval_every: int
-    val_max_bytes: int | None  # validation holdout scored during training and in the tables
-    test_max_bytes: int | None  # WikiText-2 test bytes scored (None: the whole file)
-    collapse_bytes: int  # WikiText-2 valid bytes for the multi-epoch three-operator run
-    collapse_epochs: int
-    listops_examples: int
-    listops_max_length: int
-    listops_eval: int  # held-out ListOps examples scored for final-answer accuracy
-    train_max_bytes: int | None = None  # cut of every training corpus (tiny size only)
-    speed_batches: int = 4  # batches timed for tokens/s
-
-
-SIZES: dict[str, Size] = {
-    # seconds; used by tests/training/test_experiments.py
-    "tiny": Size(
-        "tiny", {"d_model": 32, "n_layers": 4, "n_heads": 2, "d_ff": 64, "max_seq_len": 32},
-        vocab_size=300, seq_len=32, batch_size=4, max_steps=4, warmup_steps=1, lr=3e-3, eval_every=2,
-        val_max_bytes=1_500, test_max_bytes=1_500, collapse_bytes=1_500, collapse_epochs=2,
-        listops_examples=300, listops_max_length=12, listops_eval=10, train_max_bytes=15_000, speed_batches=1,
-    ),
-    # ~1M parameters: what 2 shared CPU cores train in the 40-minute budget of all experiments together
-    "cpu": Size(
-        "cpu", {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 384, "max_seq_len": 128},
-        vocab_size=2048, seq_len=128, batch_size=8, max_steps=200, warmup_steps=20, lr=2e-3, eval_every=50,
-        val_max_bytes=20_000, test_max_bytes=50_000, collapse_bytes=100_000, collapse_epochs=10,
-        listops_examples=6000, listops_max_length=60, listops_eval=200,
-    ),
-    # ~4.5M parameters: the issue's CPU ablation size (~2 min a run on 2 idle cores)
-    "cpu4m": Size(
-        "cpu4m", {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 768, "max_seq_len": 128},
-        vocab_size=4096, seq_len=128, batch_size=8, max_steps=200, warmup_steps=20, lr=1.5e-3, eval_every=50,
-        val_max_bytes=20_000, test_max_bytes=50_000, collapse_bytes=100_000, collapse_epochs=10,
-        listops_examples=6000, listops_max_length=60, listops_eval=200,
-    ),
-    # ~16M parameters (the paper's ablation size); for a GPU
-    "gpu": Size(
-        "gpu", {"d_model": 384, "n_layers": 8, "n_heads": 6, "d_ff": 1024, "max_seq_len": 256},
-        vocab_size=8192, seq_len=256, batch_size=32, max_steps=4000, warmup_steps=200, lr=1e-3, eval_every=250,
-        val_max_bytes=None, test_max_bytes=None, collapse_bytes=1_200_000, collapse_epochs=6,
-        listops_examples=40000, listops_max_length=200, listops_eval=1000, speed_batches=8,
-    ),
-}
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="experiment size (default cpu)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default: 0)")
-    parser.add_argument("--root", default=str(ROOT), help="output root (runs/experiments)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--modes", nargs="+", choices=ROUTING_MODES, default=list(ROUTING_MODES),
-                        help="CHIAR routing modes of the ablation rows (default: all four)")
-    parser.add_argument("--publish", action="store_true",
-                        help="also copy the results JSON to training/experiments/results/ and figures to docs/figures/")
-
-
-@dataclass
-class Context:
-    """Where one experiment invocation writes, and with which size/seeds/device."""
-
-    size: Size
-    seeds: list[int]
-    root: Path
-    device: str
-    threads: int | None
-    publish: bool
-    modes: tuple[str, ...] = ROUTING_MODES
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Context:
-        size = SIZES[args.size]
-        root = Path(args.root) / size.name
-        root.mkdir(parents=True, exist_ok=True)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        modes = tuple(m for m in ROUTING_MODES if m in args.modes)
-        return cls(size, list(args.seeds), root, args.device, args.threads, args.publish, modes)
-
-    def run_dir(self, name: str) -> Path:
-        return self.root / name
-
-
-def hardware() -> dict[str, Any]:
-    """What produced the numbers: CPU or the GPU's name."""
-    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------- configs
@@ -225,12 +112,11 @@ def ensure_calibrated(ctx: Context, baseline_dir: Path, template: dict[str, Any]
     template_path.write_text(json.dumps(template, indent=1), encoding="utf-8")
     source = {**wiki_sources(ctx.size)[0]}
     source.pop("holdout")
-    cal = CalibrateConfig(
-        checkpoint=str(baseline_dir), data=[], template=str(template_path), output=str(out / "calibrated.json"),
-        report=str(out / "calibration.json"), seq_len=ctx.size.seq_len, batch_size=8,
-        max_tokens=65_536 if ctx.size.name != "tiny" else 4096, device=ctx.device,
-    )
-    cal = parse_config(CalibrateConfig, {**{k: getattr(cal, k) for k in cal.__dataclass_fields__}, "data": [source]})
+    cal = parse_config(CalibrateConfig, {
+        "checkpoint": str(baseline_dir), "data": [source], "template": str(template_path),
+        "output": str(out / "calibrated.json"), "report": str(out / "calibration.json"), "seq_len": ctx.size.seq_len,
+        "batch_size": 8, "max_tokens": 65_536 if ctx.size.name != "tiny" else 4096, "device": ctx.device,
+    })
     report = calibrate(cal)
     calibrated = json.loads((out / "calibrated.json").read_text(encoding="utf-8"))
     return {"config": calibrated, "report": report}
@@ -245,14 +131,6 @@ def best_checkpoint(run_dir: Path) -> Path:
     if not steps:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint")
     return steps[-1]
-
-
-def read_train_log(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    train_recs, eval_recs = [], []
-    for line in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        (eval_recs if rec["kind"] == "eval" else train_recs).append(rec)
-    return train_recs, eval_recs
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -313,16 +191,6 @@ def routing_profile(model: Any, ids: list[int], seq_len: int, path: str = "infer
             "flops_executed": executed, "flops_dense": dense}
 
 
-def operator_shares(counts: torch.Tensor) -> list[dict[str, float]]:
-    """Per layer: share of tokens per operator name."""
-    from model import OPERATOR_NAMES
-
-    c = counts.double()
-    totals = c.sum(-1).clamp(min=1)
-    return [{name: round(float(c[layer, i] / totals[layer]), 4) for i, name in enumerate(OPERATOR_NAMES)}
-            for layer in range(c.shape[0])]
-
-
 def mean_std(values: list[float]) -> dict[str, float | int | None]:
     arr = np.asarray(values, dtype=np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else None, "n": int(arr.size)}
@@ -330,37 +198,3 @@ def mean_std(values: list[float]) -> dict[str, float | int | None]:
 
 def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-# ---------------------------------------------------------------------------- output
-def write_result(ctx: Context, name: str, result: dict[str, Any], figures: list[Path] = ()) -> Path:
-    """Write runs/experiments/<size>/<name>.json; with --publish also copy it (and figures) to the repo."""
-    result = {"experiment": name, "size": ctx.size.name, "seeds": ctx.seeds, "modes": list(ctx.modes), "hardware": hardware(),
-              "model_size": ctx.size.model, "recipe": _recipe(ctx.size), **result}
-    out = ctx.root / f"{name}.json"
-    out.write_text(json.dumps(result, indent=1, default=_json_default) + "\n", encoding="utf-8")
-    log(f"wrote {out}")
-    if ctx.publish:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, RESULTS_DIR / f"{name}-{ctx.size.name}.json")
-        FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        for fig in figures:
-            shutil.copyfile(fig, FIGURES_DIR / f"{ctx.size.name}-{fig.name}")
-    return out
-
-
-def _recipe(size: Size) -> dict[str, Any]:
-    return {k: getattr(size, k) for k in ("vocab_size", "seq_len", "batch_size", "max_steps", "warmup_steps", "lr",
-                                           "val_max_bytes", "test_max_bytes")}
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

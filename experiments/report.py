@@ -1,6 +1,6 @@
 """Markdown tables of the experiments' results JSON (the numbers pasted into EXPERIMENTS.md).
 
-    python -m training.experiments.report [--size cpu] [--dir training/experiments/results]
+    python -m experiments.report [--size cpu] [--dir experiments/results]
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.experiments.ablation import format_table as ablation_table
-from training.experiments.efficiency import format_table as efficiency_table
+from experiments.ablation import format_table as ablation_table
+from experiments.efficiency import format_table as efficiency_table
 
 
 def _load(directory: Path, name: str, size: str) -> dict[str, Any] | None:
@@ -78,7 +78,7 @@ def gate_trajectory(r: dict[str, Any], every: int = 25) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="cpu")
-    parser.add_argument("--dir", default="training/experiments/results")
+    parser.add_argument("--dir", default="experiments/results")
     args = parser.parse_args(argv)
     d = Path(args.dir)
     if (r := _load(d, "ablation", args.size)) is not None:
