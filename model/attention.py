@@ -97,9 +97,9 @@ class CausalSelfAttention(nn.Module):
     def _split_heads(self, qkv: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """qkv [B, n, 3d], positions [B, n] -> roped q, k and v as [B, H, n, hd]."""
         batch, n, _ = qkv.shape
-        q, k, v = qkv.view(batch, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        pos = positions.unsqueeze(1)  # broadcast over heads
-        return self.rope(q, pos), self.rope(k, pos), v
+        qkv = qkv.view(batch, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qk = self.rope(qkv[:2], positions.unsqueeze(1))  # q and k in one call; positions broadcast over heads
+        return qk[0], qk[1], qkv[2]
 
     def _merge_heads(self, y: Tensor) -> Tensor:
         batch, _, n, _ = y.shape
