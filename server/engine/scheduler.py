@@ -100,24 +100,51 @@ class SchedulerLimits:
 
 @dataclass
 class CostModel:
-    """Exponential moving averages of measured costs."""
+    """Measured costs: decode step time (moving average), and chunk time as fixed + per-token cost,
+    fitted by least squares with exponential forgetting over the steps' (tokens, seconds)."""
 
     chunk_seconds_per_token: float = 2e-4
+    chunk_fixed_seconds: float = 0.0
     decode_seconds: float = 0.0
-    alpha: float = 0.2
+    alpha: float = 0.1
     samples: int = 0
+    _n: float = 0.0
+    _t: float = 0.0
+    _nn: float = 0.0
+    _nt: float = 0.0
 
     def observe(self, stats: StepStats) -> None:
         if stats.decode_batch:
             self.decode_seconds += self.alpha * (stats.decode_seconds - self.decode_seconds)
-        if stats.chunk_tokens >= MIN_CHUNK:
-            per_token = stats.chunk_seconds / stats.chunk_tokens
-            self.chunk_seconds_per_token += self.alpha * (per_token - self.chunk_seconds_per_token)
-            self.samples += 1
+        n, t = float(stats.chunk_tokens), stats.chunk_seconds
+        if n <= 0:
+            return
+        a = self.alpha if self.samples else 1.0
+        self._n += a * (n - self._n)
+        self._t += a * (t - self._t)
+        self._nn += a * (n * n - self._nn)
+        self._nt += a * (n * t - self._nt)
+        self.samples += 1
+        var = self._nn - self._n ** 2
+        slope = (self._nt - self._n * self._t) / var if var > 1e-6 * max(self._nn, 1.0) else 0.0
+        if slope > 0:
+            self.chunk_seconds_per_token = slope
+            self.chunk_fixed_seconds = max(0.0, self._t - slope * self._n)
+        else:  # one chunk size so far (or noise): all of it per token
+            self.chunk_seconds_per_token = max(self._t / self._n, 1e-9)
+            self.chunk_fixed_seconds = 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return 1.0 / max(self.chunk_seconds_per_token, 1e-9)
+
+    def budget(self, spare_seconds: float, least: int, most: int) -> int:
+        """Chunk tokens that fit `spare_seconds`, but never so few that the fixed cost of a forward
+        outweighs its tokens (then throughput, not the step time, would collapse)."""
+        per_token = max(self.chunk_seconds_per_token, 1e-9)
+        fit = (spare_seconds - self.chunk_fixed_seconds) / per_token
+        amortised = self.chunk_fixed_seconds / per_token
+        return int(max(least, min(most, max(fit, amortised))))
 
 
 @dataclass
@@ -168,13 +195,13 @@ class Scheduler:
     def retry_after(self) -> int:
         """Seconds until the backlog drains at the measured throughput (1..60)."""
         seconds = self.backlog_tokens() / self.cost.tokens_per_second + len(self.running) * self.cost.decode_seconds
+        seconds += self.cost.chunk_fixed_seconds * len(self.waiting)
         return max(1, min(60, math.ceil(seconds)))
 
     # ------------------------------------------------------------------ budget
     def budget(self) -> int:
         spare = self.limits.step_target_seconds - (self.cost.decode_seconds if self.running else 0.0)
-        tokens = int(spare / max(self.cost.chunk_seconds_per_token, 1e-9))
-        return max(MIN_CHUNK, min(self.limits.max_step_tokens, tokens))
+        return self.cost.budget(spare, MIN_CHUNK, self.limits.max_step_tokens)
 
     def _reserve(self, job: GenerateJob) -> float:
         """KV bytes a generation request may still add (measured share of attending tokens)."""

@@ -6,11 +6,12 @@ import asyncio
 import subprocess
 import sys
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.engine.requests import GenerateJob, GenParams, ScoreJob
-from server.engine.scheduler import MIN_CHUNK, Scheduler, SchedulerLimits, StepStats
+from server.engine.scheduler import MIN_CHUNK, CostModel, Scheduler, SchedulerLimits, StepStats
 from tests.server.conftest import REPO
 
 LOOP = asyncio.new_event_loop()
@@ -117,3 +118,14 @@ def test_retry_after_follows_the_backlog() -> None:
     assert s.retry_after() == 1
     s.add([score(20_000)])
     assert 35 <= s.retry_after() <= 45  # ~40k window inputs (stride = window / 2) at 1000 tokens/s
+
+
+def test_cost_model_separates_fixed_and_per_token_costs() -> None:
+    cost = CostModel()
+    for n in [16, 300, 64, 500, 32, 200] * 5:
+        cost.observe(StepStats(0, 0.0, n, 0.02 + 1e-4 * n))
+    assert cost.chunk_seconds_per_token == pytest.approx(1e-4, rel=1e-6)
+    assert cost.chunk_fixed_seconds == pytest.approx(0.02, rel=1e-6)
+    assert abs(cost.budget(0.05, 16, 4096) - 300) <= 1  # (50 ms - 20 ms fixed) / 0.1 ms
+    # a fixed cost above the target: chunks stay large enough to amortise it
+    assert abs(cost.budget(0.01, 16, 4096) - 200) <= 1
