@@ -2,8 +2,9 @@
 
 Every step decodes one token for every running sequence first. What is left of the step's token
 budget goes to chunks of work: prompt prefill (generation lane) and scoring windows (scoring lane).
-- The budget comes from a latency target: (target step time - measured decode time) / measured
-  seconds per chunk token, so the same setting fits a 2-core CPU and a GPU.
+- The budget comes from a latency target: (target step time - measured decode time - fixed cost of
+  a forward) / measured seconds per chunk token, so the same setting fits a 2-core CPU and a GPU.
+  With nothing decoding a step may take 4 targets (no stream to keep smooth).
 - When both lanes have work each gets half the budget; a lane's unused share goes to the other.
 - Within a lane, the request with the fewest input tokens left goes first, aged: a request that has
   waited as long as it takes to process N tokens counts N tokens shorter, so nothing starves.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from server.engine.requests import GenerateJob, Job, ScoreJob, Unavailable, Window
 
 MIN_CHUNK = 16  # smallest chunk worth a forward of its own
+IDLE_STEP_FACTOR = 4  # with nothing decoding, a step may take this many step targets
 
 
 @dataclass
@@ -200,7 +202,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ budget
     def budget(self) -> int:
-        spare = self.limits.step_target_seconds - (self.cost.decode_seconds if self.running else 0.0)
+        if self.running:
+            spare = self.limits.step_target_seconds - self.cost.decode_seconds
+        else:  # no stream to keep smooth: larger chunks, only a newcomer's first token waits for them
+            spare = IDLE_STEP_FACTOR * self.limits.step_target_seconds
         return self.cost.budget(spare, MIN_CHUNK, self.limits.max_step_tokens)
 
     def _reserve(self, job: GenerateJob) -> float:
