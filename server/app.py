@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from tokenizers import Tokenizer
 
-from server import chat, openai_api, tokenizer_api
+from server import chat, openai_api, openapi, tokenizer_api
 from server.engine import Engine, GenerateJob, GenParams, ScoreJob
 from server.errors import APIError, install_handlers, invalid
 from server.metrics import OPERATORS, Metrics
@@ -165,6 +165,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
     openai_api.register(app, svc)
     chat.register(app, svc)
     tokenizer_api.register(app, svc)
+    openapi.install(app, api_key=settings.api_key is not None, vocab_size=svc.config.vocab_size)
 
     # ---------------------------------------------------------------- playground
     @app.get("/", include_in_schema=False)

@@ -38,10 +38,6 @@ from server.openai_schemas import (
 from server.schemas import Usage
 from server.service import Service, sse
 
-SSE_DOC = {200: {"description": "JSON, or with `stream: true` server-sent events: `data: <ChatCompletionChunk JSON>` lines, "
-                                "then `data: [DONE]`; an error after the first byte is one `data: {\"error\": ...}` event",
-                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
-
 
 @dataclass
 class ChatTemplate:
@@ -79,7 +75,7 @@ def register(app: FastAPI, svc: Service) -> None:
     """Add /v1/chat/completions to `app`."""
     template = ChatTemplate.for_service(svc)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"], responses={**ERRORS, **SSE_DOC})
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"], responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await run_chat(svc, template, body, request)
 
@@ -99,16 +95,27 @@ def chat_logprobs(svc: Service, entries: list[dict[str, Any]]) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
+# Below these, float32 sampling overflows (logits / T) or rounds p to 0; both limits are exactly greedy
+# decoding among the best token, so they are sent as such.
+TINY = 1e-6
+
+
+def sampling(body: ChatCompletionRequest) -> tuple[float, int | None, float | None]:
+    """(temperature, top_k, top_p) for the engine, with the T -> 0 and p -> 0 limits made explicit."""
+    temperature, top_k, top_p = body.temperature, body.top_k, body.top_p
+    if temperature < TINY:
+        return 0.0, None, None
+    if top_p < TINY:
+        return temperature, 1, None
+    return temperature, top_k, top_p
+
+
 def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
 async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionRequest, request: Request) -> Any:
     check_model(svc, body.model)
-    if body.top_logprobs is not None and not body.logprobs:
-        raise invalid("top_logprobs", "needs logprobs: true")
-    if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
-        raise invalid("max_tokens", "differs from max_completion_tokens (send one of them)")
     ids = await asyncio.to_thread(template.encode, svc, body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     new_tokens = body.new_tokens if body.new_tokens is not None else max(1, svc.context - len(ids))
@@ -117,8 +124,9 @@ async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionReq
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     jobs: list[Job] = []
+    temperature, top_k, top_p = sampling(body)
     for j in range(body.n):
-        params = GenParams(max_new_tokens=new_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+        params = GenParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=None if body.seed is None else body.seed + j, stop=[*(body.stop or []), *template.stop], logprobs=top_n)
         jobs.append(GenerateJob(ids, params, queue=queue, loop=loop, index=j, timeout=svc.settings.request_timeout))
     svc.submit(jobs)

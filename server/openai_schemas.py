@@ -1,24 +1,46 @@
 """Request/response models of /v1/chat/completions and the vLLM-style tokenizer endpoints.
 
-Strict types (no bools as numbers, no strings as numbers or bools); unknown fields in chat requests
-are ignored like OpenAI's, unsupported ones are rejected with a 400 naming the field.
+Types follow JSON Schema exactly, so the OpenAPI document says what is accepted: no bools as numbers,
+no strings as numbers or bools, no 0/1 as bools; an integer may be written 1.0 (JSON Schema calls that
+an integer too). Unknown fields in chat requests are ignored like OpenAI's; unsupported ones are
+declared (e.g. penalties: only 0) and rejected with a 400 naming the field.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
-from server.schemas import MAX_SEED, MAX_STOP, Usage
+from server.schemas import MAX_STOP, Usage
 
-STRICT = ConfigDict(strict=True, extra="ignore")
-STRICT_FORBID = ConfigDict(strict=True, extra="forbid")
-MAX_TOP_LOGPROBS = 5
+STRICT = ConfigDict(extra="ignore")
+STRICT_FORBID = ConfigDict(extra="forbid")
 
-Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy")]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus mass in (0, 1]")]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same seed -> same text; choice j uses seed + j")]
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, str):
+        raise ValueError("must be a number, not a string")
+    return value
+
+
+# constraints go before the validator: pydantic then writes them as JSON Schema minimum/maximum
+_NUMBER = BeforeValidator(_json_number)
+Int = Annotated[int, _NUMBER]
+Float = Annotated[float, _NUMBER]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy"), _NUMBER]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus mass in (0, 1]"), _NUMBER]
+# 2**53 - 1: the largest integer every JSON parser holds exactly
+Seed = Annotated[int, Field(ge=0, le=2**53 - 1, description="same seed -> same text; choice j uses seed + j"), _NUMBER]
+NewTokens = Annotated[int, Field(ge=1), _NUMBER]
+TopK = Annotated[int, Field(ge=1), _NUMBER]
+TopLogprobs = Annotated[int, Field(ge=0, le=5), _NUMBER]
+ZeroOnly = Annotated[float, Field(ge=0, le=0), _NUMBER]
+TokenId = Annotated[int, Field(ge=0), _NUMBER]
+StopText = Annotated[str, Field(min_length=1)]
+Unsupported = "not supported: only the neutral value is accepted"
 
 
 def _utf8(value: str) -> str:
@@ -64,7 +86,7 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = STRICT
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(BaseModel):
@@ -79,58 +101,35 @@ class ChatCompletionRequest(BaseModel):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="new tokens at most (default: the rest of the context)")
-    max_tokens: int | None = Field(None, ge=1, description="older name of max_completion_tokens")
+    max_completion_tokens: NewTokens | None = Field(None, description="new tokens at most (default: the rest of the context); "
+                                              "the rendered chat + these must fit max_model_len")
+    max_tokens: NewTokens | None = Field(None, description="older name of max_completion_tokens (which wins when both are sent)")
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    top_k: int | None = Field(None, ge=1, description="extension: sample among the k most likely tokens")
-    n: int = Field(1, ge=1, le=8)
-    stream: bool = False
+    top_k: TopK | None = Field(None, description="extension: sample among the k most likely tokens")
+    n: Int = Field(1, ge=1, le=8)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings (cut from the text)")
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"up to {MAX_STOP} non-empty stop strings (cut from the text)")
     seed: Seed | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs: true")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: TopLogprobs | None = Field(None, description="alternatives per token (used with logprobs: true)")
+    presence_penalty: ZeroOnly | None = Field(None, description=Unsupported)
+    frequency_penalty: ZeroOnly | None = Field(None, description=Unsupported)
+    logit_bias: dict[str, Float] | None = Field(None, max_length=0, description=Unsupported)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=0, description=Unsupported)
+    tool_choice: Literal["none"] | None = Field(None, description=Unsupported)
     user: str | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
         items = [] if v is None else [v] if isinstance(v, str) else list(v)
-        if len(items) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(items)}")
         for item in items:
-            if not item:
-                raise ValueError("must not be empty")
             _utf8(item)
         return items
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v not in (None, 0, 0.0):
-            raise ValueError("is not supported (only 0)")
-        return v
-
-    @field_validator("logit_bias", "tools")
-    @classmethod
-    def _unsupported(cls, v: Any) -> Any:
-        if v:
-            raise ValueError("is not supported")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if v not in (None, "none"):
-            raise ValueError("is not supported (only 'none')")
-        return v
 
     @property
     def new_tokens(self) -> int | None:
@@ -206,8 +205,8 @@ class TokenizeCompletion(BaseModel):
     model_config = STRICT_FORBID
     model: str | None = None
     prompt: str
-    add_special_tokens: bool = True
-    return_token_strs: bool = False
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
 
     @field_validator("prompt")
     @classmethod
@@ -221,9 +220,9 @@ class TokenizeChat(BaseModel):
     model_config = STRICT_FORBID
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = True
-    return_token_strs: bool = False
+    add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
 
 
 class VllmTokenizeResponse(BaseModel):
@@ -236,7 +235,7 @@ class VllmTokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = STRICT_FORBID
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[TokenId] = Field(description="token ids, each below the vocabulary size")
 
 
 class DetokenizeResponse(BaseModel):

@@ -101,11 +101,14 @@ def test_chat_content_parts_and_errors(oai: openai.OpenAI, client: httpx.Client)
     cases = [
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-        ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": MESSAGES, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"messages": MESSAGES, "logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"messages": MESSAGES, "stream": 1}, "stream"),
+        ({"messages": MESSAGES, "n": 1.5}, "n"),
+        ({"messages": MESSAGES, "stop": ""}, "stop"),
         ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 6}, "top_logprobs"),
         ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
         ({"messages": MESSAGES, "max_completion_tokens": 100000}, "max_completion_tokens"),
-        ({"messages": MESSAGES, "max_tokens": 3, "max_completion_tokens": 4}, "max_tokens"),
         ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"messages": MESSAGES, "n": True}, "n"),
         ({"messages": MESSAGES, "temperature": "1"}, "temperature"),
@@ -118,6 +121,10 @@ def test_chat_content_parts_and_errors(oai: openai.OpenAI, client: httpx.Client)
         assert error["param"] == param and error["message"].startswith(param), (body, error)
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-4", messages=MESSAGES, max_tokens=1)
+    # accepted consistently: max_completion_tokens wins over max_tokens; top_logprobs alone is ignored; 1.0 is an integer
+    both = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 2,
+                                                     "top_logprobs": 2, "n": 1.0, "temperature": 0}).json()
+    assert both["usage"]["completion_tokens"] <= 2 and both["choices"][0]["logprobs"] is None
 
 
 def test_models_retrieve(oai: openai.OpenAI, client: httpx.Client) -> None:
