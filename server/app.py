@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from tokenizers import Tokenizer
 
-from server import chat, openai_api, openapi, tokenizer_api
+from server import chat, openai_api, openapi, perplexity_text, tokenizer_api
 from server.engine import Engine, GenerateJob, GenParams, ScoreJob
 from server.errors import APIError, install_handlers, invalid
 from server.metrics import OPERATORS, Metrics
@@ -165,6 +165,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
     openai_api.register(app, svc)
     chat.register(app, svc)
     tokenizer_api.register(app, svc)
+    perplexity_text.register(app, svc, perplexity)
     openapi.install(app, api_key=settings.api_key is not None, vocab_size=svc.config.vocab_size)
 
     # ---------------------------------------------------------------- playground
@@ -175,7 +176,8 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # middleware: added last = outermost
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_error=metrics.error)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_error=metrics.error,
+                       per_path={perplexity_text.PATH: perplexity_text.body_limit(settings.max_body_bytes)})
     app.add_middleware(BearerAuth, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],

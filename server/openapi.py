@@ -39,7 +39,7 @@ ERROR_TEXT = {
     503: "queue full, warming up or draining; retry after Retry-After seconds",
     504: "the request ran past the server's request timeout",
 }
-ENGINE_ROUTES = {"/v1/generate", "/v1/perplexity", "/v1/completions", "/v1/chat/completions"}
+ENGINE_ROUTES = {"/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/completions", "/v1/chat/completions"}
 MODEL_ROUTES = {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models/{model_id}"}
 SSE = {
     "/v1/generate": "`data: {\"type\": \"token\", ...}` per token batch, then `data: {\"type\": \"done\", ...}` "
