@@ -166,7 +166,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
     chat.register(app, svc)
     tokenizer_api.register(app, svc)
     perplexity_text.register(app, svc, perplexity)
-    openapi.install(app, api_key=settings.api_key is not None, vocab_size=svc.config.vocab_size)
+    openapi.install(app, api_key=settings.api_key is not None, vocab_size=svc.config.vocab_size, context=svc.context)
 
     # ---------------------------------------------------------------- playground
     @app.get("/", include_in_schema=False)

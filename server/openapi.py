@@ -87,7 +87,42 @@ def _declare_vocab(schemas: dict[str, Any], vocab_size: int) -> None:
             walk(schemas[name]["properties"].get("tokens") or schemas[name]["properties"].get("prompt"))
 
 
-def build_openapi(app: FastAPI, api_key: bool, vocab_size: int) -> dict[str, Any]:
+def _nonempty(node: dict[str, Any]) -> None:
+    """minLength 1 on strings and minItems 1 on arrays, at every level of a prompt/text schema."""
+    for option in node.get("anyOf", [node]):
+        if option.get("type") == "string":
+            option["minLength"] = 1
+        elif option.get("type") == "array":
+            option["minItems"] = 1
+            _nonempty(option["items"])
+
+
+def _declare_native(schemas: dict[str, Any], context: int) -> None:
+    """What server/schemas.py's validators and the routes reject, said in the document.
+
+    The validators stay the source of the behaviour (their error wording is part of the API); this
+    keeps the document equal to them: no empty prompts or texts, only neutral values of the
+    unsupported OpenAI options, strides up to the context.
+    """
+    def props(name: str) -> dict[str, Any]:
+        return schemas.get(name, {}).get("properties", {})
+
+    for name, field in (("GenerateRequest", "prompt"), ("PerplexityRequest", "text"), ("CompletionRequest", "prompt")):
+        if field in props(name):
+            _nonempty(props(name)[field])
+    stride = props("PerplexityRequest").get("stride")
+    for option in (stride or {}).get("anyOf", []):
+        if option.get("type") == "integer":
+            option["maximum"] = context
+    neutral = {"presence_penalty": {"minimum": 0, "maximum": 0}, "frequency_penalty": {"minimum": 0, "maximum": 0},
+               "best_of": {"minimum": 1, "maximum": 1}, "logit_bias": {"maxProperties": 0}, "suffix": {"maxLength": 0}}
+    for field, bounds in neutral.items():
+        for option in props("CompletionRequest").get(field, {}).get("anyOf", []):
+            if option.get("type") != "null":
+                option.update(bounds)
+
+
+def build_openapi(app: FastAPI, api_key: bool, vocab_size: int, context: int) -> dict[str, Any]:
     """FastAPI's document with the corrections listed in the module docstring."""
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
@@ -100,6 +135,7 @@ def build_openapi(app: FastAPI, api_key: bool, vocab_size: int) -> dict[str, Any
         schema.pop("$defs", None)
         schemas.setdefault(model.__name__, schema)
     _declare_vocab(schemas, vocab_size)
+    _declare_native(schemas, context)
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     if api_key:
@@ -135,12 +171,12 @@ def build_openapi(app: FastAPI, api_key: bool, vocab_size: int) -> dict[str, Any
     return doc
 
 
-def install(app: FastAPI, api_key: bool, vocab_size: int) -> None:
+def install(app: FastAPI, api_key: bool, vocab_size: int, context: int) -> None:
     """Serve the corrected document at /openapi.json (built once, on first request)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, api_key, vocab_size)
+            app.openapi_schema = build_openapi(app, api_key, vocab_size, context)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

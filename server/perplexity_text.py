@@ -59,7 +59,10 @@ def register(app: FastAPI, svc: Service,
              score: Callable[[PerplexityRequest, Request], Awaitable[PerplexityResponse]]) -> None:
     """Add the raw-text perplexity route; `score` is the /v1/perplexity handler."""
 
-    @app.post(PATH, response_model=PerplexityResponse, responses=ERRORS, tags=["native"], openapi_extra=BODY)
+    extra = {**BODY, "parameters": [{**BODY["parameters"][0], "schema": {"type": "integer", "minimum": 1, "maximum": svc.context}},
+                                    BODY["parameters"][1]]}
+
+    @app.post(PATH, response_model=PerplexityResponse, responses=ERRORS, tags=["native"], openapi_extra=extra)
     async def perplexity_text(request: Request) -> Any:
         stride, return_logprobs = _query(request)
         raw = await request.body()

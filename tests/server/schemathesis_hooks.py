@@ -22,7 +22,7 @@ def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
     body = case.body
     if not isinstance(body, dict):
         return
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_new_tokens"):
         value = body.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_NEW:  # 607.0 is an integer too
             body[key] = MAX_NEW
