@@ -63,8 +63,10 @@ def run_schemathesis(url: str, tmp_path: Path, *extra: str) -> subprocess.Comple
            "--max-examples", "12", "--seed", "7", "--workers", "1", "--phases", "examples,coverage,fuzzing",
            "--request-timeout", "60", "--include-path-regex", FUZZED, "--suppress-health-check", "all",
            "--report-dir", str(tmp_path / "report"), *extra]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.server.schemathesis_hooks", "HYPOTHESIS_STORAGE_DIRECTORY": str(tmp_path)}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=500, cwd=HOOKS.parents[2])
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.server.schemathesis_hooks", "HYPOTHESIS_STORAGE_DIRECTORY": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOKS.parents[2]), os.environ.get("PYTHONPATH")]))}
+    # cwd: schemathesis keeps a .schemathesis/ folder in the working directory
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=500, cwd=tmp_path)
 
 
 @pytest.mark.slow
