@@ -12,7 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import error_bytes
 from server.metrics import Metrics
 
-ENDPOINTS = ("/v1/generate", "/v1/perplexity", "/v1/completions", "/v1/models", "/v1/tokenize",
+ENDPOINTS = ("/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/completions", "/v1/chat/completions", "/v1/models",
+             "/v1/tokenize", "/tokenize", "/detokenize", "/tokenizer_info",
              "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json")
 PUBLIC = {"/health", "/ready", "/metrics", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
@@ -81,11 +82,12 @@ class BearerAuth:
 
 
 class BodyLimit:
-    """Buffer request bodies up to `limit` bytes (413 beyond) and reject non-UTF-8 JSON (400)."""
+    """Buffer request bodies up to `limit` bytes (413 beyond; `per_path` overrides it) and reject non-UTF-8 JSON (400)."""
 
-    def __init__(self, app: ASGIApp, limit: int, on_error: Callable[[str, str], None]) -> None:
+    def __init__(self, app: ASGIApp, limit: int, on_error: Callable[[str, str], None], per_path: dict[str, int] | None = None) -> None:
         self.app = app
-        self.limit = limit
+        self.default = limit
+        self.per_path = per_path or {}
         self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,9 +96,10 @@ class BodyLimit:
             return
         headers = dict(scope["headers"])
         label = endpoint_label(scope["path"])
-        too_large = f"body: request body exceeds the limit of {self.limit} bytes"
+        limit = self.per_path.get(scope["path"], self.default)
+        too_large = f"body: request body exceeds the limit of {limit} bytes"
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             self.on_error(label, "validation")
             await send_error(send, 413, too_large, "invalid_request_error", "body", "body_too_large")
             return
@@ -108,7 +111,7 @@ class BodyLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
+            if size > limit:
                 self.on_error(label, "validation")
                 await send_error(send, 413, too_large, "invalid_request_error", "body", "body_too_large")
                 return

@@ -1,0 +1,181 @@
+"""OpenAI-compatible /v1/chat/completions: messages -> chat template -> ids -> generate jobs.
+
+The template is the checkpoint's `chat_template` (tokenizer_config.json, rendered with Jinja in a
+sandbox as Hugging Face does), else the plain default of model.hf_tokenizer, with which generation
+also stops at "\\nUser:". The rendered prompt is tokenized like any prompt text (the server adds BOS;
+a leading `{{ bos_token }}` from the template is dropped rather than doubled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from model.hf_tokenizer import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, chat_template
+from server.engine import DoneEvent, GenerateJob, GenParams, Job, LogprobEntry, TokenEvent
+from server.errors import APIError, invalid
+from server.middleware import endpoint_label
+from server.openai_api import ERRORS, check_model
+from server.openai_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatTokenLogprob,
+    TopLogprob,
+)
+from server.schemas import Usage
+from server.service import Service, sse
+
+
+@dataclass
+class ChatTemplate:
+    """A compiled chat template and the stop strings that go with it."""
+
+    source: str
+    stop: list[str]
+    bos_token: str
+    eos_token: str
+
+    @classmethod
+    def for_service(cls, svc: Service) -> ChatTemplate:
+        source = chat_template(svc.settings.checkpoint)
+        stop = list(DEFAULT_CHAT_STOP) if source == DEFAULT_CHAT_TEMPLATE else []
+        return cls(source, stop, svc.tokenizer.id_to_token(svc.config.bos_token_id) or "",
+                   svc.tokenizer.id_to_token(svc.config.eos_token_id) or "")
+
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            text = env.from_string(self.source).render(
+                messages=[{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages],
+                add_generation_prompt=add_generation_prompt, bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as exc:  # a template may raise_exception() on a bad conversation
+            raise invalid("messages", f"the chat template rejected the conversation: {exc}", code="invalid_chat") from None
+        return text.removeprefix(self.bos_token) if self.bos_token else text
+
+    def encode(self, svc: Service, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """Ids the engine runs (BOS first)."""
+        ids, _ = svc._encode([self.render(messages, add_generation_prompt)])[0]
+        return ids
+
+
+def register(app: FastAPI, svc: Service) -> None:
+    """Add /v1/chat/completions to `app`."""
+    template = ChatTemplate.for_service(svc)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"], responses=ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await run_chat(svc, template, body, request)
+
+
+def _bytes(token: str) -> list[int]:
+    if token.startswith("bytes:"):
+        return [int(h, 16) for h in token[len("bytes:"):].split("\\x") if h]
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(svc: Service, entries: list[LogprobEntry]) -> ChatLogprobs:
+    content = []
+    for e in entries:
+        token = svc.engine.token_str(e.id)
+        tops = [TopLogprob(token=(t := svc.engine.token_str(tid)), logprob=lp, bytes=_bytes(t)) for tid, lp in (e.top or {}).items()]
+        content.append(ChatTokenLogprob(token=token, logprob=e.logprob, bytes=_bytes(token), top_logprobs=tops))
+    return ChatLogprobs(content=content)
+
+
+# Below these, float32 sampling overflows (logits / T) or rounds p to 0; both limits are exactly greedy
+# decoding among the best token, so they are sent as such.
+TINY = 1e-6
+
+
+def sampling(body: ChatCompletionRequest) -> tuple[float, int | None, float | None]:
+    """(temperature, top_k, top_p) for the engine, with the T -> 0 and p -> 0 limits made explicit."""
+    temperature, top_k, top_p = body.temperature, body.top_k, body.top_p
+    if temperature < TINY:
+        return 0.0, None, None
+    if top_p < TINY:
+        return temperature, 1, None
+    return temperature, top_k, top_p
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionRequest, request: Request) -> Any:
+    check_model(svc, body.model)
+    ids = await asyncio.to_thread(template.encode, svc, body.messages)
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    new_tokens = body.new_tokens if body.new_tokens is not None else max(1, svc.context - len(ids))
+    svc.check_length(ids, new_tokens, param, prompt_param="messages")
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+    queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    jobs: list[Job] = []
+    temperature, top_k, top_p = sampling(body)
+    for j in range(body.n):
+        params = GenParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=None if body.seed is None else body.seed + j, stop=[*(body.stop or []), *template.stop], logprobs=top_n)
+        jobs.append(GenerateJob(ids, params, queue=queue, loop=loop, index=j, timeout=svc.settings.request_timeout))
+    svc.submit(jobs)
+    rid = "chatcmpl-" + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    prompt_tokens = len(ids)
+
+    if not body.stream:
+        results = await svc.collect(jobs, queue, request)
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r.finish_reason),
+                              logprobs=chat_logprobs(svc, r.token_logprobs or []) if body.logprobs else None)
+                   for i, r in enumerate(results)]
+        completion = sum(r.completion_tokens for r in results)
+        return ChatCompletionResponse(id=rid, created=created, model=svc.name, choices=choices,
+                                      usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                                                  total_tokens=prompt_tokens + completion))
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        data: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name,
+                                "choices": choices}
+        if include_usage:
+            data["usage"] = usage
+        return sse(data)
+
+    async def stream() -> AsyncIterator[bytes]:
+        completion = 0
+        try:
+            for j in range(body.n):
+                yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            async for event in svc.events(jobs, queue, None):
+                j = event.index
+                if isinstance(event, TokenEvent):
+                    lp = chat_logprobs(svc, event.logprobs or []).model_dump() if body.logprobs else None
+                    if event.text or lp:
+                        yield chunk([{"index": j, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}])
+                elif isinstance(event, DoneEvent):
+                    completion += event.result.completion_tokens  # type: ignore[union-attr]
+                    yield chunk([{"index": j, "delta": {}, "logprobs": None,
+                                  "finish_reason": _finish(event.result.finish_reason)}])  # type: ignore[union-attr]
+            if include_usage:
+                yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                 "total_tokens": prompt_tokens + completion})
+            yield sse("[DONE]")
+        except APIError as exc:
+            yield svc.error_for_stream(request.url.path, exc)
+        except (asyncio.CancelledError, GeneratorExit):  # the client hung up mid-stream
+            svc.metrics.error(endpoint_label(request.url.path), "cancelled")
+            raise
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,182 @@
+"""The OpenAPI document as the server really behaves (FastAPI's generated one, corrected once).
+
+- Invalid input is a 400 with the error body, never FastAPI's 422; 401/404/413/503/504 carry the same body.
+- Streaming routes also answer `text/event-stream` (documented with the event format).
+- /metrics is Prometheus text, not JSON.
+- With an API key configured, a bearer security scheme covers every non-public route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from server.middleware import PUBLIC
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: {"error": {message, type, param, code}}."""
+
+    error: ErrorDetail
+
+
+ERROR_TEXT = {
+    400: "invalid input; `error.param` names the field and `error.message` starts with it",
+    401: "missing or wrong API key (`Authorization: Bearer KEY`)",
+    404: "unknown model (`code: model_not_found`) or path",
+    405: "method not allowed (see the Allow header)",
+    413: "request body over the size limit",
+    503: "queue full, warming up or draining; retry after Retry-After seconds",
+    504: "the request ran past the server's request timeout",
+}
+ENGINE_ROUTES = {"/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/completions", "/v1/chat/completions"}
+MODEL_ROUTES = {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models/{model_id}"}
+SSE = {
+    "/v1/generate": "`data: {\"type\": \"token\", ...}` per token batch, then `data: {\"type\": \"done\", ...}` "
+                    "(the GenerateResponse fields), then `data: [DONE]`",
+    "/v1/completions": "`data: <text_completion chunk>` events (the CompletionResponse shape, one choice each), an optional "
+                       "usage chunk with `choices: []` (`stream_options.include_usage`), then `data: [DONE]`",
+    "/v1/chat/completions": "`data: <chat.completion.chunk>` events (ChatCompletionChunk), an optional usage chunk with "
+                            "`choices: []`, then `data: [DONE]`",
+}
+STREAM_ERROR = " An error after the stream has started arrives as one `data: {\"error\": {...}}` event (the ErrorBody shape)."
+
+
+def sse_event(path: str) -> dict[str, Any]:
+    """One server-sent event as parsed by a client (the OpenAPI 3.2 SSE shape): `data` holds the JSON text."""
+    payload = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "CompletionResponse"}.get(path)
+    data: dict[str, Any] = {"type": "string", "description": "JSON text, or the final `[DONE]`"}
+    if payload:
+        data["description"] += f" (JSON events have the {payload} shape)"
+    return {"type": "object", "required": ["data"], "properties": {
+        "data": data, "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
+def _error(status: int) -> dict[str, Any]:
+    return {"description": ERROR_TEXT[status],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+
+
+def _declare_vocab(schemas: dict[str, Any], vocab_size: int) -> None:
+    """Token ids must be below the vocabulary size: say so wherever ids are accepted."""
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "integer" and node.get("minimum") == 0 and "maximum" not in node:
+                node["maximum"] = vocab_size - 1
+            if node.get("type") == "array" and isinstance(node.get("items"), dict) and node["items"].get("type") == "integer":
+                node["items"].setdefault("minimum", 0)
+                node["items"]["maximum"] = vocab_size - 1
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for name in ("DetokenizeRequest", "CompletionRequest"):
+        if name in schemas:
+            walk(schemas[name]["properties"].get("tokens") or schemas[name]["properties"].get("prompt"))
+
+
+def _nonempty(node: dict[str, Any]) -> None:
+    """minLength 1 on strings and minItems 1 on arrays, at every level of a prompt/text schema."""
+    for option in node.get("anyOf", [node]):
+        if option.get("type") == "string":
+            option["minLength"] = 1
+        elif option.get("type") == "array":
+            option["minItems"] = 1
+            _nonempty(option["items"])
+
+
+def _declare_native(schemas: dict[str, Any], context: int) -> None:
+    """What server/schemas.py's validators and the routes reject, said in the document.
+
+    The validators stay the source of the behaviour (their error wording is part of the API); this
+    keeps the document equal to them: no empty prompts or texts, only neutral values of the
+    unsupported OpenAI options, strides up to the context.
+    """
+    def props(name: str) -> dict[str, Any]:
+        return schemas.get(name, {}).get("properties", {})
+
+    for name, field in (("GenerateRequest", "prompt"), ("PerplexityRequest", "text"), ("CompletionRequest", "prompt")):
+        if field in props(name):
+            _nonempty(props(name)[field])
+    stride = props("PerplexityRequest").get("stride")
+    for option in (stride or {}).get("anyOf", []):
+        if option.get("type") == "integer":
+            option["maximum"] = context
+    neutral = {"presence_penalty": {"minimum": 0, "maximum": 0}, "frequency_penalty": {"minimum": 0, "maximum": 0},
+               "best_of": {"minimum": 1, "maximum": 1}, "logit_bias": {"maxProperties": 0}, "suffix": {"maxLength": 0}}
+    for field, bounds in neutral.items():
+        for option in props("CompletionRequest").get(field, {}).get("anyOf", []):
+            if option.get("type") != "null":
+                option.update(bounds)
+
+
+def build_openapi(app: FastAPI, api_key: bool, vocab_size: int, context: int) -> dict[str, Any]:
+    """FastAPI's document with the corrections listed in the module docstring."""
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ErrorDetail, ErrorBody):
+        schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    from server.openai_schemas import ChatChunkChoice, ChatCompletionChunk, ChatDelta
+
+    for model in (ChatDelta, ChatChunkChoice, ChatCompletionChunk):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema.pop("$defs", None)
+        schemas.setdefault(model.__name__, schema)
+    _declare_vocab(schemas, vocab_size)
+    _declare_native(schemas, context)
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    if api_key:
+        doc["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                                               "description": "the server's API key (CHIAR_API_KEY)"}}
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            wanted = {400, 413} if method == "post" else set()
+            if path in ENGINE_ROUTES:
+                wanted |= {503, 504}
+            if path in MODEL_ROUTES:
+                wanted.add(404)
+            if api_key and path not in PUBLIC:
+                wanted.add(401)
+                op["security"] = [{"bearerAuth": []}]
+            elif api_key:
+                op["security"] = []
+            for status in ERROR_TEXT:  # this table is the one source of error statuses (/ready keeps its own 503)
+                if status in wanted:
+                    responses[str(status)] = _error(status)
+                elif path != "/ready":
+                    responses.pop(str(status), None)
+            if path in SSE:
+                ok = responses.setdefault("200", {"description": "OK"})
+                ok["description"] = "JSON; with `stream: true` server-sent events: " + SSE[path] + "." + STREAM_ERROR
+                ok.setdefault("content", {})["text/event-stream"] = {"schema": sse_event(path)}
+    metrics = doc.get("paths", {}).get("/metrics", {}).get("get")
+    if metrics is not None:
+        metrics["responses"]["200"] = {"description": "Prometheus text exposition format",
+                                       "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return doc
+
+
+def install(app: FastAPI, api_key: bool, vocab_size: int, context: int) -> None:
+    """Serve the corrected document at /openapi.json (built once, on first request)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, api_key, vocab_size, context)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

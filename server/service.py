@@ -1,0 +1,138 @@
+"""What the routes share: the Service (settings, engine, tokenizer, metrics), job events, SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from tokenizers import Tokenizer
+
+from server.engine import DoneEvent, Engine, ErrorEvent, Event, Job, Unavailable
+from server.errors import APIError, error_body, invalid, overloaded
+from server.metrics import Metrics
+from server.middleware import endpoint_label
+from server.settings import Settings
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+class Service:
+    """What the routes share: settings, engine, tokenizer, metrics."""
+
+    def __init__(self, settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics: Metrics) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.config = engine.config
+        self.context = engine.config.max_seq_len
+        # Advertised context: the server's BOS takes one position, so what clients send + generate must fit in one less.
+        self.max_model_len = self.context - 1
+        self.bos = engine.config.bos_token_id
+        self.name = settings.served_model_name
+        self.created = int(time.time())
+        self.tokenizer.encode_special_tokens = True  # "<eos>" typed by a user is text, not a control token
+
+    # ---------------------------------------------------------------- tokens
+    def _encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [([self.bos, *e.ids], [(0, 0), *e.offsets]) for e in encodings]
+
+    async def encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        if sum(len(t) for t in texts) < 4096:
+            return self._encode(texts)
+        return await asyncio.to_thread(self._encode, texts)
+
+    def check_length(self, ids: list[int], new_tokens: int, new_param: str, prompt_param: str = "prompt") -> None:
+        if len(ids) >= self.context + (1 if new_tokens == 0 else 0):
+            raise invalid(prompt_param, f"is {len(ids)} tokens (BOS included); the context holds {self.context}"
+                          + ("" if new_tokens == 0 else " including at least one new token"), code="context_length_exceeded")
+        if len(ids) + new_tokens > self.context:
+            raise invalid(new_param, f"prompt ({len(ids)} tokens) + {new_param} ({new_tokens}) exceeds the context of "
+                          f"{self.context} tokens; at most {self.context - len(ids)}", code="context_length_exceeded")
+
+    # ---------------------------------------------------------------- jobs
+    def submit(self, jobs: list[Job]) -> None:
+        try:
+            self.engine.submit(jobs)
+        except Unavailable as exc:
+            raise overloaded(exc.retry_after, str(exc)) from None
+
+    async def events(self, jobs: list[Job], queue: asyncio.Queue, request: Request | None) -> AsyncIterator[Event]:
+        """Events of all jobs until each is done; polls for disconnects when `request` is given."""
+        remaining = len(jobs)
+        loop = asyncio.get_running_loop()
+        hard_deadline = loop.time() + self.settings.request_timeout + 10.0
+        next_check = loop.time() + 0.25
+        try:
+            while remaining:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=0.25)
+                except TimeoutError:
+                    event = None
+                if loop.time() >= next_check:
+                    next_check = loop.time() + 0.25
+                    if request is not None and await request.is_disconnected():
+                        raise ClientGone()
+                    if loop.time() > hard_deadline:
+                        self.engine.cancel(jobs, "timeout")
+                        raise timeout_error()
+                if event is None:
+                    continue
+                if isinstance(event, ErrorEvent):
+                    raise engine_error(event)
+                if isinstance(event, DoneEvent):
+                    remaining -= 1
+                yield event
+        finally:
+            if remaining:
+                self.engine.cancel(jobs, "cancelled")
+
+    async def collect(self, jobs: list[Job], queue: asyncio.Queue, request: Request) -> list[Any]:
+        """The result of each job, in job order (GenerationResult or ScoreResult)."""
+        position = {job.index: k for k, job in enumerate(jobs)}
+        results: list[Any] = [None] * len(jobs)
+        try:
+            async for event in self.events(jobs, queue, request):
+                if isinstance(event, DoneEvent):
+                    results[position[event.index]] = event.result
+        except ClientGone:
+            raise APIError(499, "client disconnected", code="client_closed_request", reason="cancelled") from None
+        return results
+
+    def error_for_stream(self, path: str, exc: APIError) -> bytes:
+        self.metrics.error(endpoint_label(path), exc.reason)
+        return sse(error_body(exc.message, exc.type, exc.param, exc.code))
+
+
+def timeout_error() -> APIError:
+    return APIError(504, "request timed out", code="timeout", type_="timeout_error", reason="timeout")
+
+
+def engine_error(event: ErrorEvent) -> APIError:
+    if event.reason == "timeout":
+        return timeout_error()
+    if event.reason == "cancelled":
+        return APIError(499, "request cancelled", code="cancelled", reason="cancelled")
+    if event.reason == "shutdown":
+        return APIError(503, event.message, code="shutdown", type_="server_error", reason="shutdown")
+    return APIError(500, event.message, code="internal_error", type_="server_error", reason="internal")
+
+
+def sse(payload: Any) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def safe_exp(x: float) -> float | None:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return None

@@ -1,0 +1,101 @@
+"""vLLM-compatible /tokenize, /detokenize and /tokenizer_info (what lm-eval's remote tokenizer calls).
+
+/tokenize follows vLLM and Hugging Face: a special-token string such as "<bos>" in `prompt` maps to its
+id, exactly like `AutoTokenizer.from_pretrained(checkpoint_dir)`. Prompt text sent to the generation
+endpoints never does (there "<eos>" is plain text); send token ids to use control tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from tokenizers import Tokenizer
+
+from server.chat import ChatTemplate
+from server.errors import invalid
+from server.openai_api import ERRORS, check_model
+from server.openai_schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChat,
+    TokenizeCompletion,
+    TokenizerInfo,
+    VllmTokenizeResponse,
+)
+from server.service import Service
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)  # its parts (ChatMessage, TextPart) are components through the chat route
+    return schema
+
+
+TOKENIZE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "anyOf": [_schema(TokenizeCompletion), _schema(TokenizeChat)]}}}}}
+
+
+async def parse_tokenize(request: Request) -> TokenizeCompletion | TokenizeChat:
+    """A body with `messages` is a chat request, otherwise a prompt; errors are the usual 400 naming the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    model: type[TokenizeCompletion] | type[TokenizeChat] = TokenizeChat if isinstance(data, dict) and "messages" in data \
+        else TokenizeCompletion
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+def register(app: FastAPI, svc: Service) -> None:
+    """Add the tokenizer routes to `app`."""
+    template = ChatTemplate.for_service(svc)
+    # a separate instance: the service's tokenizer treats special-token strings as text
+    parsing = Tokenizer.from_str(svc.tokenizer.to_str())
+    parsing.encode_special_tokens = False
+
+    def token_name(token_id: int | None) -> str | None:
+        return None if token_id is None else svc.tokenizer.id_to_token(token_id)
+
+    @app.post("/tokenize", response_model=VllmTokenizeResponse, response_model_exclude_none=True, responses=ERRORS,
+              tags=["tokenizer"], openapi_extra=TOKENIZE_BODY)
+    async def tokenize(request: Request) -> VllmTokenizeResponse:
+        body = await parse_tokenize(request)
+        check_model(svc, body.model)
+        if isinstance(body, TokenizeChat):
+            ids = template.encode(svc, body.messages, body.add_generation_prompt)
+            if not body.add_special_tokens:
+                ids = ids[1:]
+        else:
+            ids = parsing.encode(body.prompt, add_special_tokens=False).ids
+            if body.add_special_tokens:
+                ids = [svc.bos, *ids]
+        strs = [svc.engine.token_str(i) for i in ids] if body.return_token_strs else None
+        return VllmTokenizeResponse(count=len(ids), max_model_len=svc.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, tags=["tokenizer"])
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        check_model(svc, body.model)
+        vocab = svc.config.vocab_size
+        bad = [i for i, t in enumerate(body.tokens) if t >= vocab]
+        if bad:
+            raise invalid("tokens", f"tokens[{bad[0]}] = {body.tokens[bad[0]]} is outside [0, {vocab})")
+        return DetokenizeResponse(prompt=svc.tokenizer.decode(body.tokens, skip_special_tokens=False))
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"])
+    async def tokenizer_info() -> TokenizerInfo:
+        cfg = svc.config
+        return TokenizerInfo(
+            tokenizer_class="PreTrainedTokenizerFast",
+            bos_token=token_name(cfg.bos_token_id), eos_token=token_name(cfg.eos_token_id),
+            pad_token=token_name(cfg.pad_token_id), bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+            pad_token_id=cfg.pad_token_id, vocab_size=cfg.vocab_size, model_max_length=svc.max_model_len,
+            chat_template=template.source, add_bos_token=True,
+        )
