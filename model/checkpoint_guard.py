@@ -7,8 +7,8 @@
 3. `check_sizes`: name-independent lower bounds. `vocab_size`, `d_model` and `d_ff` must each be a
    dimension of some stored tensor, and `n_layers` layers of at least d_model x d_ff weights must
    fit in the stored element count, so a config cannot imply more parameters than the file holds;
-4. `check_tensors`: the exact names, shapes and dtypes of the model the config describes, built on
-   the meta device (no memory), against the header.
+4. `check_tensors`: the exact names, shapes and dtypes of the model the config describes, built
+   without parameter memory (`_ShapeOnly`), against the header.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .config import ChiarConfig
 from .storage import SAFETENSORS_DTYPES
@@ -134,11 +136,41 @@ def check_sizes(config: ChiarConfig, header: dict, weights: Path) -> None:
                                   f"least {implied} parameters, but the weights hold {stored}")
 
 
+_SIZED = {"empty", "zeros", "ones", "full", "randn", "rand", "empty_strided"}
+_NOT_INIT = {"resize_", "set_", "resize_as_", "requires_grad_", "share_memory_"}
+
+
+def _size(args: tuple) -> tuple[int, ...]:
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return tuple(args[0])
+    return tuple(a for a in args if isinstance(a, int))
+
+
+class _ShapeOnly(TorchFunctionMode):
+    """Builds modules without parameter memory: sized constructors return zero-stride views of one
+    scalar and in-place initialisers do nothing; every other op runs for real.
+
+    The meta device would do the same, but its first use imports torch._dynamo (seconds per process).
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _SIZED:
+            size = _size(args[:1] if name in ("full", "empty_strided") else args)
+            return torch.zeros((), dtype=kwargs.get("dtype") or torch.get_default_dtype()).expand(size)
+        if name.endswith("_") and not name.startswith("__") and name not in _NOT_INIT:
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if first is not None:
+                return first
+        return func(*args, **kwargs)
+
+
 def expected_shapes(config: ChiarConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (shape, dtype)} of the tensors a checkpoint of `config` stores, built without memory."""
     from .chiar import ChiarLM  # here, not at import time: the guard itself must stay light
 
-    with torch.device("meta"):
+    with _ShapeOnly():
         model = ChiarLM(config)
     state = model.state_dict()
     if config.tie_embeddings:

@@ -279,3 +279,14 @@ def test_oversized_config_is_not_parsed(saved) -> None:
     _, path = saved
     (path / "config.json").write_text("[" * (2**20 + 1))
     assert "over the" in _problem(path)
+
+
+def test_shape_only_build_matches_the_real_model() -> None:
+    from model.checkpoint_guard import expected_shapes
+
+    for config in (tiny_config(operators=("dct", "rbf", "attn")), tiny_config(arch="baseline", tie_embeddings=False),
+                   tiny_config(weights_dtype="bfloat16")):
+        real = ChiarLM(config).state_dict()
+        if config.tie_embeddings:
+            real.pop("lm_head.weight")
+        assert expected_shapes(config) == {k: (tuple(v.shape), v.dtype) for k, v in real.items()}
