@@ -97,7 +97,7 @@ def cases() -> dict[str, Callable[[Path], None]]:
     out["wrong tensor shape"] = _wrong_shape
     out["config d_ff does not match"] = _edit_config(d_ff=48)
     out["config operators do not match"] = _edit_config(operators=["dct", "rbf", "attn"], rbf_centers=7)
-    out["config rbf_centers does not match"] = _edit_config(rbf_centers=7)
+    out["config rbf_centers changed"] = _edit_config(rbf_centers=7)  # unused (loads) unless the model has RBF layers
     for field, value in (("n_layers", 10**4), ("d_model", 10**6), ("vocab_size", 10**9), ("max_seq_len", 10**9),
                          ("d_ff", 10**8), ("n_layers", 300)):
         out[f"absurd {field}={value}"] = _edit_config(**{field: value})
@@ -152,7 +152,9 @@ def probe_tampered(checkpoint: Path, work: Path) -> ProbeResult:
     if pickle_ran:
         failures.append("a pickle payload was executed")
     bit_flips_loaded = [n for n in loaded if "tensor-data" in n]
-    other_loaded = [n for n in loaded if n not in bit_flips_loaded]
+    cfg = json.loads((checkpoint / CONFIG).read_text())
+    rbf_unused = [n for n in loaded if n == "config rbf_centers changed" and "rbf" not in cfg.get("operators", [])]
+    other_loaded = [n for n in loaded if n not in bit_flips_loaded and n not in rbf_unused]
     failures += [f"{n}: loaded without an error" for n in other_loaded]
     examples = {names[p]: outcomes[p]["message"].replace(str(p), "<ckpt>") for p in list(paths)[:40:6] if p in outcomes}
     return ProbeResult(
@@ -162,5 +164,6 @@ def probe_tampered(checkpoint: Path, work: Path) -> ProbeResult:
         f"{clean} refused with one clean line; pickle never executed: {not pickle_ran}; server CLI exits with one error line: {cli_ok}",
         f"{len(failures)} crashes, hangs or multi-line errors; {len(bit_flips_loaded)} tensor-data bit flips load unnoticed "
         "(safetensors has no checksum)", passed=not failures,
-        figures={"loaded (tensor-data bit flips, undetectable)": len(bit_flips_loaded), **{f"e.g. {k}": v for k, v in examples.items()}},
+        figures={"loaded (tensor-data bit flips, undetectable)": len(bit_flips_loaded),
+                 "loaded (rbf_centers unused: no RBF layers in this model)": len(rbf_unused), **{f"e.g. {k}": v for k, v in examples.items()}},
         failures=failures)
