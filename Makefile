@@ -6,7 +6,7 @@ CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup system test test-random lint serve experiments bench bench-model bench-server loadtest loadtest-sweep loadtest-stress dashboard lock demo-checkpoints clean
+.PHONY: setup system test test-random lint serve experiments bench bench-model bench-server loadtest loadtest-sweep loadtest-stress dashboard lock demo-checkpoints reliability reliability-short clean
 LOADTEST_ARGS ?=
 
 setup: $(VENV)/.installed
@@ -64,6 +64,13 @@ experiments: setup
 
 demo-checkpoints: setup
 	bash training/demo_checkpoints.sh
+
+# Fault probes against real servers and training runs; writes RELIABILITY.md (figures never typed by hand).
+reliability: setup
+	$(PY) -m reliability --checkpoint $(CHECKPOINT) --write RELIABILITY.md
+
+reliability-short: setup
+	$(PY) -m reliability --short --checkpoint $(CHECKPOINT) --write RELIABILITY.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

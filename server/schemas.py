@@ -1,4 +1,9 @@
-"""Request and response models (pydantic); range checks here, context-length checks in the routes."""
+"""Request and response models (pydantic); range checks here, context-length checks in the routes.
+
+Request models are strict: no bool where an integer or float is expected, no string where a number
+is, no 0/1 where a bool is, and `[true, false]` is not a list of token ids. The validation handler
+(server/errors.py) answers 400 naming the field.
+"""
 
 from __future__ import annotations
 
@@ -53,9 +58,14 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     return items
 
 
+class StrictRequest(BaseModel):
+    """Base of every request body: unknown fields and type coercion are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 # ---------------------------------------------------------------- native generate
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GenerateRequest(StrictRequest):
 
     prompt: str = Field(description="text to continue (a BOS token is prepended)")
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate; prompt + these must fit the context")
@@ -120,8 +130,7 @@ class GenerateResponse(BaseModel):
 
 
 # ---------------------------------------------------------------- perplexity
-class PerplexityRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PerplexityRequest(StrictRequest):
 
     text: str | list[str] = Field(description="one text or a list of texts")
     stride: int | None = Field(None, ge=1, description="sliding-window stride in tokens (default: half the context)")
@@ -179,8 +188,7 @@ class PerplexityResponse(BaseModel):
 
 
 # ---------------------------------------------------------------- tokenize
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenizeRequest(StrictRequest):
 
     text: str
     add_bos: bool = True
@@ -199,14 +207,14 @@ class TokenizeResponse(BaseModel):
 
 
 # ---------------------------------------------------------------- OpenAI completions
-class StreamOptions(BaseModel):
+class StreamOptions(StrictRequest):
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
     """OpenAI /v1/completions; unknown fields are ignored, unsupported ones rejected."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]

@@ -1,6 +1,7 @@
 """`python -m training {train,calibrate,eval,plot} --config FILE [--set key=value ...]`.
 
-Bad input ends with one `error: <field>: <problem>` line on stderr and exit status 2.
+Bad input ends with one `error: <field>: <problem>` line on stderr and exit status 2; so does a
+failed write (disk full, file-size limit, read-only directory), naming the path.
 """
 
 from __future__ import annotations
@@ -37,11 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args.command, args.config, args.overrides)
     except (TrainingError, ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # a write outside the checkpoint writer failed (log file, plots): name the path
+        where = exc.filename if exc.filename is not None else "I/O"
+        print(f"error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split("\n"))
 
 
 def _run(command: str, config: str, overrides: list[str]) -> int:

@@ -4,18 +4,17 @@ A checkpoint directory is the model checkpoint written by `model.save_checkpoint
 model.safetensors, tokenizer.json) plus `training_state.safetensors` (optimizer moments, torch RNG
 states, full-precision master weights when the model stores a lossy weights_dtype) and
 `training_state.json` (step, schedule, data position, optimizer hyper-parameters, Python RNG, best
-validation PPL). Directories are built under a temporary name and renamed into place, so a killed
-run leaves either the old or the new checkpoint, never a partial one.
+validation PPL). Directories are built by `model.storage.atomic_directory` (a staging name renamed
+into place), so a killed run leaves either the old or the new checkpoint, never a partial one, and
+a failed write (disk full, file-size limit, read-only directory) raises a CheckpointError naming
+the path while the previous checkpoint stays intact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,85 +22,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from model import CheckpointError, ChiarConfig, ChiarLM, ConfigError, load_checkpoint, save_checkpoint
+from model import CheckpointError, ChiarConfig, ChiarLM, ConfigError, load_checkpoint
+from model.checkpoint import write_checkpoint_files
+from model.storage import atomic_directory, clean_stale
 from training.errors import TrainingError
+
+__all__ = ["atomic_directory", "clean_stale"]  # re-exported: the one writer lives in model.storage
 
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_FORMAT = "chiar-training-state"
 STATE_VERSION = 1
-_TMP, _OLD = ".tmp-", ".old-"
-
-
-# ---------------------------------------------------------------------------- atomic directories
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a fresh staging path (not yet created); on success it replaces `final` atomically."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f"{_TMP}{final.name}-{os.getpid()}"
-    old = final.parent / f"{_OLD}{final.name}-{os.getpid()}"
-    for stale in (staging, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    try:
-        yield staging
-        if not staging.is_dir():
-            raise RuntimeError(f"nothing was written to {staging}")
-        _fsync_tree(staging)
-        if final.exists():
-            os.rename(final, old)
-        os.rename(staging, final)
-        _fsync_dir(final.parent)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        if old.exists() and final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def clean_stale(directory: Path, name: str | None = None) -> None:
-    """Remove staging leftovers of killed runs (ours and save_checkpoint's); restore a directory
-    caught mid-replacement. With `name`, only leftovers of that entry are touched."""
-    if not directory.is_dir():
-        return
-    for p in directory.iterdir():
-        n = p.name
-        if not n.startswith("."):
-            continue
-        if n.startswith(_TMP):
-            kind, target = "tmp", n[len(_TMP) :].rsplit("-", 1)[0]
-        elif n.startswith(_OLD):
-            kind, target = "old", n[len(_OLD) :].rsplit("-", 1)[0]
-        elif ".tmp-" in n:
-            kind, target = "tmp", n[1:].rsplit(".tmp-", 1)[0]
-        elif ".old-" in n:
-            kind, target = "old", n[1:].rsplit(".old-", 1)[0]
-        else:
-            continue
-        if name is not None and target != name:
-            continue
-        if kind == "old" and not (directory / target).exists():
-            os.rename(p, directory / target)
-        else:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- state <-> tensors + JSON
@@ -149,6 +80,32 @@ def rng_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
 
 
 # ---------------------------------------------------------------------------- write / read
+def _write_file(path: Path, write: Any) -> None:
+    """Run write(path); a failure (OSError, safetensors' "File too large") names the path."""
+    try:
+        write(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).strip() or type(exc).__name__)
+        raise CheckpointError(path, f"cannot write checkpoint file: {reason.splitlines()[0]}") from exc
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """write(staging) inside one atomic directory; directory-level failures name the directory."""
+    try:
+        with atomic_directory(path) as staging:
+            try:
+                write(staging)
+            except CheckpointError as exc:
+                raise exc.relocated(staging, path) from exc.__cause__
+    except CheckpointError:
+        raise
+    except OSError as exc:  # mkdir of the parent, the staging rename, the final rename
+        where = Path(exc.filename) if exc.filename else path
+        raise CheckpointError(where, f"cannot write checkpoint directory: {exc.strerror or exc}") from exc
+
+
 def save_training_checkpoint(
     path: Path, model: ChiarLM, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
@@ -169,27 +126,33 @@ def save_training_checkpoint(
         "rng": rng_meta,
         **state,
     }
-    with atomic_directory(path) as staging:
-        save_checkpoint(model, tokenizer, staging)
-        save_file(tensors, str(staging / STATE_TENSORS), metadata={"format": STATE_FORMAT})
-        (staging / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    def write(staging: Path) -> None:
+        write_checkpoint_files(model, tokenizer, staging)
+        _write_file(staging / STATE_TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": STATE_FORMAT}))
+        _write_file(staging / STATE_JSON, lambda p: p.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
+
+    _atomic_write(path, write)
 
 
 def save_model_only(path: Path, model: ChiarLM, tokenizer: Tokenizer, extra_files: dict[str, str] | None = None) -> None:
     """Atomically write a model checkpoint (plus small JSON side files) at `path`."""
-    with atomic_directory(path) as staging:
-        save_checkpoint(model, tokenizer, staging)
+    def write(staging: Path) -> None:
+        write_checkpoint_files(model, tokenizer, staging)
         for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text, encoding="utf-8")
+            _write_file(staging / name, lambda p, text=text: p.write_text(text, encoding="utf-8"))
+
+    _atomic_write(path, write)
 
 
 def copy_checkpoint(src: Path, dst: Path, names: tuple[str, ...] = ("config.json", "model.safetensors", "tokenizer.json", "metrics.json")) -> None:
     """Atomically copy the model files of a checkpoint directory (no training state)."""
-    with atomic_directory(dst) as staging:
-        staging.mkdir()
+    def write(staging: Path) -> None:
+        _write_file(staging, lambda p: p.mkdir())
         for name in names:
             if (src / name).exists():
-                shutil.copyfile(src / name, staging / name)
+                _write_file(staging / name, lambda p, name=name: shutil.copyfile(src / name, p))
+
+    _atomic_write(dst, write)
 
 
 def read_checkpoint_config(path: Path, where: str = "resume") -> ChiarConfig:

@@ -259,3 +259,29 @@ def test_k8s_objects_fit_together() -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert hpa["spec"]["minReplicas"] >= 2 and pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+# ----------------------------------------------------------------------------- hardening
+def test_runs_non_root_with_a_read_only_root_filesystem() -> None:
+    """Image, compose and k8s: a non-root numeric user, no writable root filesystem (only /tmp),
+    no capabilities, no privilege escalation."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0
+    assert "HOME=/tmp" in dockerfile  # everything the process writes goes under the /tmp mount
+    server = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["server"]
+    assert int(str(server["user"]).split(":")[0]) != 0
+    assert server["read_only"] is True and server["cap_drop"] == ["ALL"]
+    assert any(str(t).startswith("/tmp") for t in server["tmpfs"])
+    assert "no-new-privileges:true" in server["security_opt"]
+    for variant in ("cpu", "gpu"):
+        dep = yaml.safe_load((K8S / variant / "deployment.yaml").read_text())
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        (container,) = pod["containers"]
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]

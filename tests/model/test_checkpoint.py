@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -147,8 +148,9 @@ def test_save_is_atomic_and_replaces(saved, tokenizer, tmp_path: Path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError) as info:
         save_checkpoint(model, tokenizer, path)
+    assert str(info.value) == f"{path / 'model.safetensors'}: cannot write checkpoint file: disk full"
     assert (path / "model.safetensors").read_bytes() == before  # old checkpoint untouched
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temp left
     monkeypatch.undo()
@@ -173,3 +175,118 @@ def test_header_length_field(saved) -> None:
     data[:8] = struct.pack("<Q", 10**12)
     weights.write_bytes(bytes(data))
     assert "header longer than the file" in _problem(path)
+
+
+# ---------------------------------------------------------------- checks before allocation
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+_ABSURD = [("n_layers", 10**4), ("d_model", 10**6), ("vocab_size", 10**9)]
+
+
+def test_absurd_sizes_fail_before_allocation(saved, tmp_path: Path) -> None:
+    """Each absurd size is refused in a child process whose address space is capped at 4 GiB:
+    building any of these models would need tens of GB, so an allocation would fail with a raw
+    MemoryError instead of the one-line error naming the field."""
+    _, path = saved
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, resource, shutil, sys\n"
+        "from pathlib import Path\n"
+        "from model import CheckpointError, load_checkpoint\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))\n"
+        "src = Path(sys.argv[1])\n"
+        "for field, value in json.loads(sys.argv[2]):\n"
+        "    dst = Path(sys.argv[3]) / field\n"
+        "    shutil.copytree(src, dst)\n"
+        "    cfg = json.loads((dst / 'config.json').read_text()); cfg[field] = value\n"
+        "    cfg.update(thresholds=None, bands=None) if field == 'n_layers' else None\n"
+        "    (dst / 'config.json').write_text(json.dumps(cfg))\n"
+        "    try:\n"
+        "        load_checkpoint(dst)\n"
+        "        print('LOADED', field)\n"
+        "    except CheckpointError as exc:\n"
+        "        print(str(exc))\n"
+    )
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(script), str(path), json.dumps(_ABSURD), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(_ABSURD)
+    for line, (field, value) in zip(lines, _ABSURD):
+        assert line.startswith(str(tmp_path / field / "config.json") + f": {field}: {value} exceeds the documented maximum"), line
+
+
+@pytest.mark.parametrize("field, value", [("n_layers", 500), ("vocab_size", 5000), ("d_model", 64), ("d_ff", 512)])
+def test_sizes_beyond_the_weights_name_the_field(saved, field: str, value: int) -> None:
+    _, path = saved
+    _edit_config(path, **{field: value}, thresholds=None, bands=None)
+    message = _problem(path)
+    assert message.startswith(f"{path / 'model.safetensors'}: {field}: "), message
+    assert "\n" not in message
+
+
+def test_rbf_centers_must_match_the_weights(saved) -> None:
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    _edit_config(path, rbf_centers=config["rbf_centers"] + 3)
+    message = _problem(path)
+    assert "shape mismatch" in message and "rbf_centers" in message, message
+
+
+def test_header_entry_that_is_not_a_tensor(saved) -> None:
+    _, path = saved
+    weights = path / "model.safetensors"
+    header = json.dumps({"__metadata__": {"format_version": FORMAT_VERSION, "arch": "chiar"}, "embed.weight": 7}).encode()
+    weights.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert "bad entry for 'embed.weight'" in _problem(path)
+
+
+def test_pickle_payload_is_never_unpickled(saved, tmp_path: Path) -> None:
+    import pickle
+
+    _, path = saved
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (path / "model.safetensors").write_bytes(pickle.dumps(Payload()))
+    assert "corrupt" in _problem(path) or "truncated" in _problem(path)
+    assert not marker.exists()
+
+
+def test_fifo_and_dangling_symlink(saved, tmp_path: Path) -> None:
+    _, path = saved
+    weights = path / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    assert _problem(path) == f"{weights}: not a regular file (a FIFO, device or directory)"
+    weights.unlink()
+    weights.symlink_to(tmp_path / "nowhere")
+    assert _problem(path) == f"{weights}: dangling or looping symlink"
+
+
+def test_oversized_config_is_not_parsed(saved) -> None:
+    _, path = saved
+    (path / "config.json").write_text("[" * (2**20 + 1))
+    assert "over the" in _problem(path)
+
+
+def test_shape_only_build_matches_the_real_model() -> None:
+    from model.checkpoint_guard import expected_shapes
+
+    for config in (tiny_config(operators=("dct", "rbf", "attn")), tiny_config(arch="baseline", tie_embeddings=False),
+                   tiny_config(weights_dtype="bfloat16")):
+        real = ChiarLM(config).state_dict()
+        if config.tie_embeddings:
+            real.pop("lm_head.weight")
+        assert expected_shapes(config) == {k: (tuple(v.shape), v.dtype) for k, v in real.items()}

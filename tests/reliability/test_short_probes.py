@@ -1,0 +1,46 @@
+"""`python -m reliability --short` against the tiny checkpoint: the report is written, every probe ran,
+and the properties that hold today stay held.
+
+Not asserted here (known open engine bugs, reported in RELIABILITY.md and to be fixed by the engine
+rewrite): underflowing sampling values (temperature 1e-45 leaves the request unanswered and logs a
+traceback), so neither the underflow count nor the log's traceback check is asserted; nor is the
+SIGTERM drain of in-flight requests. The dependency audit needs the PyPI vulnerability service and is not asserted either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_short_reliability_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    report, data = tmp_path / "RELIABILITY.md", tmp_path / "reliability.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "reliability", "--short", "--checkpoint", str(tiny_checkpoint), "--write", str(report),
+         "--json", str(data), "--work", str(tmp_path / "work")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    results = {r["name"]: r for r in json.loads(data.read_text())}
+    assert set(results) == {"malformed-input", "disconnects", "determinism", "log-hygiene", "overload", "signals",
+                            "tampered-checkpoints", "training-kills", "dependency-audit"}
+    text = report.read_text()
+    for name, r in results.items():
+        assert f"## {name}" in text and f"--only {name}" in text
+        assert r["cases"] > 0 or name == "dependency-audit", r
+    assert text.startswith("# Reliability") and "python -m reliability --short" in text
+
+    malformed = results["malformed-input"]
+    assert malformed["figures"]["malformed lost"] == 0, malformed["failures"]
+    for name in ("disconnects", "determinism", "overload", "tampered-checkpoints", "training-kills"):
+        assert results[name]["passed"], (name, results[name]["lost"], results[name]["failures"])
+    hygiene = results["log-hygiene"]["figures"]  # the engine's traceback on underflow is a known open bug
+    assert hygiene["API key"] == "absent" and hygiene["prompt marker"] == "absent", hygiene
+    signals = results["signals"]
+    assert "restart serves: True" in signals["held"], signals
