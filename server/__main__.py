@@ -53,16 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from model import CheckpointError, load_checkpoint
+    from model.storage import TORCH_DTYPES
     from server.app import create_app
     from server.engine import Engine
     from server.metrics import Metrics
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
         model, tokenizer = load_checkpoint(settings.checkpoint, device=device,
-                                           dtype=None if settings.dtype == "auto" else dtypes[settings.dtype])
+                                           dtype=None if settings.dtype == "auto" else TORCH_DTYPES[settings.dtype])
     except CheckpointError as exc:
         print(f"error: cannot load checkpoint: {exc}", file=sys.stderr)
         return 1

@@ -131,6 +131,10 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
             raise invalid("stride", f"must be <= the context ({svc.context} tokens), got {stride}")
         encoded = await svc.encode(texts)
         seqs = [ids for ids, _ in encoded]
+        scored = sum(len(ids) - 1 for ids in seqs)
+        if scored > settings.max_score_tokens:
+            raise invalid("text", f"is {scored} tokens; one request may score at most {settings.max_score_tokens} "
+                          "(the server's --max-score-tokens)", code="too_many_tokens")
         queue: asyncio.Queue = asyncio.Queue()
         job = ScoreJob(seqs, svc.context, stride, None, queue=queue, loop=asyncio.get_running_loop(), index=0,
                        timeout=settings.request_timeout)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 8
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # exact in a JSON number (IEEE double), so clients never round a seed
 
 MIN_TEMPERATURE = 1e-4  # below it logits / T overflow float32 for large logits; it is greedy in all but name
 MIN_TOP_P = 1.2e-38  # the smallest normal float32: smaller masses underflow to 0 in the sampler

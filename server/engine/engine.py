@@ -168,7 +168,8 @@ class Engine:
             try:
                 self._step(out)
             except Exception as exc:  # a bug outside the per-request guards: fail what this step touched
-                log.exception("engine step failed")
+                log.error("engine step failed: %s", type(exc).__name__)
+                log.debug("traceback", exc_info=True)
                 self._fail_step(out, f"internal error: {type(exc).__name__}")
             self.outbox.flush()
 

@@ -165,7 +165,8 @@ class ModelRunner:
                     bad.append(job)
                     failed.append((job, f"decoding failed: {type(solo).__name__}: {solo}"))
             if not bad:
-                log.exception("batched decode failed but no request fails alone")
+                log.error("batched decode failed but no request fails alone: %s: %s", type(exc).__name__, exc)
+                log.debug("traceback", exc_info=True)
                 raise exc
             self.remove(bad)
             if not self.rows:
@@ -182,10 +183,12 @@ class ModelRunner:
             return []
         try:
             return batched(items)
-        except Exception:
+        except Exception as exc:
             if len(items) == 1:
                 item = items[0]
-                log.warning("%s failed for request %s", what, item.job.id, exc_info=True)
+                # no traceback at the default level: logs carry no request content (RELIABILITY.md)
+                log.warning("%s failed for request %s: %s", what, item.job.id, type(exc).__name__)
+                log.debug("traceback", exc_info=True)
                 failed.append((item.job, f"{what} failed"))
                 return []
         outputs: list[ChunkOutput] = []

@@ -184,8 +184,9 @@ def test_ready_reports_draining_and_new_requests_get_503(tiny_checkpoint: Path) 
         assert engine.status().draining
 
 
-def test_a_body_that_never_arrives_gets_408(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    proc = ServerProcess(tiny_checkpoint, tmp_path / "body.log", env={"CHIAR_BODY_TIMEOUT": "1"}).start()
+def test_a_body_that_never_arrives_gets_408_and_scoring_is_capped(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(tiny_checkpoint, tmp_path / "body.log",
+                         env={"CHIAR_BODY_TIMEOUT": "1", "CHIAR_MAX_SCORE_TOKENS": "50"}).start()
     try:
         url = urlparse(proc.url)
         with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
@@ -198,5 +199,8 @@ def test_a_body_that_never_arrives_gets_408(tiny_checkpoint: Path, tmp_path: Pat
         assert reply.startswith("HTTP/1.1 408"), reply
         assert '"code":"body_timeout"' in reply.replace(" ", "")
         assert httpx.post(proc.url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 2}, timeout=30).status_code == 200
+        r = httpx.post(proc.url + "/v1/perplexity", json={"text": "word " * 200}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "at most 50" in r.json()["error"]["message"]
+        assert httpx.post(proc.url + "/v1/perplexity", json={"text": "word " * 10}, timeout=30).status_code == 200
     finally:
         proc.stop()
