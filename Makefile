@@ -27,10 +27,10 @@ serve: setup
 bench: bench-model bench-server
 
 bench-model: setup
-	$(PY) -m model.bench --write BENCHMARKS.md
+	$(PY) -m bench.model --write BENCHMARKS.md
 
 bench-server: setup
-	$(PY) -m server.bench --write BENCHMARKS.md
+	$(PY) -m bench.server --write BENCHMARKS.md
 
 loadtest: setup
 	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) $(LOADTEST_ARGS)

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from model.bench import machine_line, median_seconds, write_section
 
 from loadtests.server_process import ServerProcess
-from model.bench import machine_line, median_seconds, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "bench-server"
