@@ -6,8 +6,10 @@ CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup test lint serve bench bench-model bench-server loadtest loadtest-sweep loadtest-stress dashboard lock demo-checkpoints clean
+.PHONY: setup test lint serve bench bench-model bench-server loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints clean
 LOADTEST_ARGS ?=
+# e.g. BENCH_SERVER_ARGS=--llamacpp adds llama.cpp's server to the peers (built once from the llama-cpp-python sdist)
+BENCH_SERVER_ARGS ?=
 
 setup: $(VENV)/.installed
 
@@ -30,7 +32,7 @@ bench-model: setup
 	$(PY) -m bench.model --write BENCHMARKS.md
 
 bench-server: setup
-	$(PY) -m bench.server --write BENCHMARKS.md
+	$(PY) -m bench.server --write BENCHMARKS.md $(BENCH_SERVER_ARGS)
 
 loadtest: setup
 	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) $(LOADTEST_ARGS)
@@ -40,6 +42,9 @@ loadtest-sweep: setup
 
 loadtest-stress: setup
 	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) --scenario stress $(LOADTEST_ARGS)
+
+loadtest-flood: setup
+	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) --scenario mixed-flood $(LOADTEST_ARGS)
 
 dashboard: setup
 	$(PY) deploy/grafana/build_dashboard.py

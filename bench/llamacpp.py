@@ -4,7 +4,8 @@ Built from the llama-cpp-python sdist, which vendors llama.cpp: `pip download --
 then CMake builds only the `llama-server` target (CPU, native ISA, no web UI download, no HTTPS)
 into a cache directory ($CHIAR_BENCH_CACHE, default ~/.cache/chiar-bench/llamacpp); a finished
 build is reused. The same-size Llama (a Hugging Face directory) is converted to an f32 GGUF with
-the vendored `convert_hf_to_gguf.py` and the vendored `gguf-py`.
+the vendored `convert_hf_to_gguf.py` and the vendored `gguf-py` (the converter's own version of
+the `gguf` package, so the two always match).
 
     python -m bench.llamacpp build     # build (or report the cached build) and print how
 """
@@ -118,17 +119,32 @@ def ensure_built(jobs: int | None = None) -> LlamaCppBuild:
     return build
 
 
+# Our tokenizer is byte-level BPE with GPT-2's pre-tokenizer regex, which the converter identifies by
+# hashing the tokens of a probe text against known models; ours is not among them, so it is told "gpt-2".
+# It also tries sentencepiece first for a Llama; ours has no tokenizer.model, so it goes to the BPE path.
+_CONVERT = """
+import runpy, sys
+from conversion.base import TextModel
+from conversion.llama import LlamaModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2()
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def convert_to_gguf(build: LlamaCppBuild, hf_dir: Path, out: Path) -> Path:
-    """f32 GGUF of a Hugging Face Llama directory, with the vendored converter and gguf-py."""
+    """f32 GGUF of a Hugging Face Llama directory, with the vendored converter and its gguf-py."""
     if out.is_file():
         return out
     source = Path(build.source_dir)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source / "gguf-py"), str(source)])}
     log = cache_dir() / "convert.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
-        _run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", "f32", "--outfile", str(part)],
-             log, env=env)
+        _run([sys.executable, "-c", _CONVERT, str(source / "convert_hf_to_gguf.py"), str(hf_dir),
+              "--outtype", "f32", "--outfile", str(part)], log, env=env)
         part.replace(out)
     return out
 
