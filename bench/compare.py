@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 
 from bench import llamacpp
-from bench.load import Sample, TreeRss, closed_loop, completion_once, model_id
+from bench.load import Sample, closed_loop, completion_once, model_id
 from bench.peers import LlamaCppServer, TransformersServe, same_size_llama
+from loadtests.rss import RssSampler
 from loadtests.server_process import LoopbackProcess, ServerProcess
 
 OUR_ENV = {"CHIAR_QUEUE_SIZE": "1024", "CHIAR_MAX_BATCH_SIZE": "32", "CHIAR_LOG_LEVEL": "warning"}
@@ -66,13 +67,13 @@ def measure(name: str, server: LoopbackProcess, work: Workload, levels: list[int
     rows = []
     for clients in levels:
         per_client = max(work.min_requests // clients, work.requests_per_client)
-        rss = TreeRss(server.pid)
+        rss = RssSampler(server.pid, interval=0.2, tree=True)
         rss.start()
         try:
             row = {"server": name, **asyncio.run(closed_loop(server.url, clients, per_client, one))}
         finally:
-            row_peak = rss.stop()
-        row["peak_rss_mib"] = row_peak
+            rss.stop()
+        row_peak = row["peak_rss_mib"] = rss.peak
         rows.append(row)
         print(f"{name:>28} c={clients:<3} {row['tokens_per_s']:8.1f} tok/s ({row['tokens_per_request']:.1f} tok/req) "
               f"p50 {row['lat_p50']:8.1f} ms  peak RSS {row_peak:7.0f} MiB", flush=True)

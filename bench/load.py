@@ -1,4 +1,4 @@
-"""Closed-loop HTTP clients and a process-tree RSS sampler for `bench.server`.
+"""Closed-loop HTTP clients for `bench.server`.
 
 Each of N workers sends its requests back to back; a level's numbers are requests/s, tokens/s
 (generated tokens for generation, scored tokens for perplexity), latency and TTFT percentiles.
@@ -7,16 +7,13 @@ Each of N workers sends its requests back to back; a level's numbers are request
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import psutil
 
 from bench.report import percentile
 
@@ -105,36 +102,3 @@ def summarise(results: list[Sample], wall: float, clients: int) -> dict[str, Any
             "tokens_per_s": tokens / wall, "tokens_per_request": tokens / max(1, len(results)),
             **{f"lat_p{q}": percentile(lat, q / 100) * 1000 for q in (50, 95, 99)},
             **{f"ttft_p{q}": percentile(ttft, q / 100) * 1000 for q in (50, 95, 99)}}
-
-
-class TreeRss(threading.Thread):
-    """Peak resident set size (MiB) of a process and all its descendants, sampled every ``interval`` s."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.interval = interval
-        self.peak_mib = 0.0
-        self._stop_event = threading.Event()
-
-    def sample(self) -> float:
-        """Current RSS of the tree in MiB (processes that vanish mid-sample are skipped)."""
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total / 2**20
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                self.peak_mib = max(self.peak_mib, self.sample())
-            except psutil.Error:
-                return
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> float:
-        """Stop sampling; the peak in MiB."""
-        self._stop_event.set()
-        self.join(5)
-        return self.peak_mib

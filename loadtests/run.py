@@ -31,17 +31,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from loadtests import flood
 from loadtests.metrics_snapshot import Snapshot, parse
+from loadtests.rss import RssSampler
 from loadtests.server_process import ROOT, ServerProcess, http_get
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -129,31 +127,6 @@ def scrape(url: str) -> Snapshot:
     if status != 200:
         raise RuntimeError(f"GET /metrics answered {status}")
     return parse(body.decode())
-
-
-class RssSampler(threading.Thread):
-    """Samples a process's resident set size every ``interval`` seconds until stopped."""
-
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.interval = interval
-        self.samples: list[float] = []
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                self.samples.append(self.proc.memory_info().rss / 2**20)
-            except psutil.Error:
-                return
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> list[float]:
-        """Stop sampling; returns the samples in MiB."""
-        self._stop_event.set()
-        self.join(5)
-        return self.samples
 
 
 def run_locust(args: argparse.Namespace, url: str, env: dict[str, str]) -> int:
