@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peers", action="store_true", help="skip the same-workload comparison with transformers serve")
     p.add_argument("--llamacpp", action="store_true",
                    help="add llama.cpp's server to the peers (builds it once from the llama-cpp-python sdist: minutes)")
+    p.add_argument("--peers-only", action="store_true", help="only the same-workload comparison with the peers")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 clients, few requests, no plot")
     p.add_argument("--write", type=Path, default=None, help="markdown file to update (BENCHMARKS.md)")
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "bench_server_latency.png")
@@ -274,16 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     names = {"CHIAR": args.chiar, "baseline": args.baseline}
     prompts, texts = workload_text(64)
     rows: list[dict] = []
-    for name, path in names.items():
-        rows += bench_server(name, path, prompts, texts, args, tmp)
-    hf = hf_sequential(args.chiar, prompts, args.max_new_tokens, args.hf_requests, args.threads)
-    if hf:
-        print(f"HF Llama sequential: {hf['tokens_per_s']:.1f} tok/s, p50 {hf['lat_p50']:.1f} ms", flush=True)
-    overhead = routing_overhead(args.chiar, batch=8, seq=256)
+    hf = overhead = None
+    if not args.peers_only:
+        for name, path in names.items():
+            rows += bench_server(name, path, prompts, texts, args, tmp)
+        hf = hf_sequential(args.chiar, prompts, args.max_new_tokens, args.hf_requests, args.threads)
+        if hf:
+            print(f"HF Llama sequential: {hf['tokens_per_s']:.1f} tok/s, p50 {hf['lat_p50']:.1f} ms", flush=True)
+        overhead = routing_overhead(args.chiar, batch=8, seq=256)
     work = compare.Workload(prompts=prompts, max_tokens=args.max_new_tokens, levels=args.clients,
                             requests_per_client=args.requests_per_client, min_requests=args.min_requests)
     peers = None
-    if not args.no_peers:
+    if not args.no_peers or args.peers_only:
         # the peer Llama takes baseline-small's shapes (CHIAR has the same ones plus its routers)
         peers = compare.run({"baseline": args.baseline, "CHIAR": args.chiar}, work, tmp,
                             llama_cpp=args.llamacpp, threads=args.threads)
@@ -295,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"rows": rows, "hf": hf, "overhead": overhead,
                                          "peers": peers.rows if peers else None,
                                          "peer_notes": peers.notes if peers else None}, indent=2))
-    if args.write:
+    if args.write and args.peers_only:
+        print("--peers-only: not writing a partial section", flush=True)
+    elif args.write:
         write_section(args.write, SECTION, body)
         print(f"wrote {args.write}", flush=True)
     return 0
