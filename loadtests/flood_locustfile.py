@@ -71,8 +71,8 @@ class LongStreamUser(base.ChiarUser):
             chunks = base.stream_chunks(payloads)
             streamed = [t for c in chunks if c.get("type") == "token" for t in c.get("token_ids", [])]
             done = chunks[-1]
-            expect_done = done.get("type") == "done" and done.get("finish_reason") == "length"
-            base.expect(expect_done, f"last event {str(done)[:200]}, expected done with finish_reason length")
+            is_done = done.get("type") == "done" and done.get("finish_reason") == "length"
+            base.expect(is_done, f"last event {str(done)[:200]}, expected done with finish_reason length")
             base.expect(len(streamed) == max_new, f"streamed {len(streamed)} of {max_new} tokens")
 
         COUNTS["streams_begun"] += 1  # a stream cut by the end of the run counts as begun, never completed
