@@ -156,6 +156,10 @@ def routing_overhead(checkpoint: Path, batch: int, seq: int, repeats: int = 5) -
 # ------------------------------------------------------------------------ report
 def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argparse.Namespace, names: dict[str, Path],
            plot: Path | None, peers: compare.Comparison | None, work: compare.Workload) -> str:
+    if not rows and hf is None and peers is not None:  # --peers-only
+        return "\n".join(["## Server beside its peers (`python -m bench.server --peers-only`)", "",
+                          f"Machine: {machine_line()}; {args.threads or 'default'} torch threads per server process.", "",
+                          *compare.render(peers, work)])
     lines = ["## Server under load (`make bench-server`)", "",
              f"Machine: {machine_line()}; {args.threads or 'default'} torch threads per server process.",
              "Checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in names.items()) + ".",
