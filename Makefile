@@ -6,8 +6,10 @@ CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup system test test-random lint serve experiments bench bench-model bench-server loadtest loadtest-sweep loadtest-stress dashboard lock demo-checkpoints reliability reliability-short clean
+.PHONY: setup system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
 LOADTEST_ARGS ?=
+# e.g. BENCH_SERVER_ARGS=--llamacpp adds llama.cpp's server to the peers (built once from the llama-cpp-python sdist)
+BENCH_SERVER_ARGS ?=
 
 setup: $(VENV)/.installed
 
@@ -34,13 +36,19 @@ test-random: setup
 serve: setup
 	$(PY) -m server --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT)
 
-bench: bench-model bench-server
+bench: bench-model bench-server bench-fairness bench-step
 
 bench-model: setup
-	$(PY) -m model.bench --write BENCHMARKS.md
+	$(PY) -m bench.model --write BENCHMARKS.md
 
 bench-server: setup
-	$(PY) -m server.bench --write BENCHMARKS.md
+	$(PY) -m bench.server --write BENCHMARKS.md $(BENCH_SERVER_ARGS)
+
+bench-fairness: setup
+	$(PY) -m bench.fairness --write BENCHMARKS.md
+
+bench-step: setup
+	$(PY) -m bench.step_profile --write BENCHMARKS.md
 
 loadtest: setup
 	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) $(LOADTEST_ARGS)
@@ -50,6 +58,9 @@ loadtest-sweep: setup
 
 loadtest-stress: setup
 	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) --scenario stress $(LOADTEST_ARGS)
+
+loadtest-flood: setup
+	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) --scenario mixed-flood $(LOADTEST_ARGS)
 
 dashboard: setup
 	$(PY) deploy/grafana/build_dashboard.py

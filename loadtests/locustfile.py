@@ -1,9 +1,14 @@
-"""Locust traffic for the CHIAR-Former server (DESIGN.md section 5).
+"""Locust traffic for the CHIAR-Former server (the `mixed` scenario; DESIGN.md section 5).
 
 Weighted user classes drive /v1/generate (streamed and not, varied lengths and sampling),
 /v1/perplexity (short texts and long ones scored with sliding windows) and the OpenAI-shaped
 /v1/completions (generation, and echo + logprobs scoring with max_tokens=0). Prompts and texts
 come from WikiText-2 test. Every response is checked for content, not only for its status.
+
+A streamed request is timed to its last byte ("... [stream total]"). Its time to the first token
+event and the gaps between token events are recorded as their own entries, with request type
+"SSE" (`DERIVED`): "... [stream ttft]" and "stream ITL" (one sample per token event after the
+first). They are measurements of a request, not requests, so summaries leave them out of totals.
 
 Environment:
   CHIAR_LOADTEST_TEXT    corpus file (default data/wikitext-2/test.txt next to this package)
@@ -16,11 +21,13 @@ Only locust and the standard library are imported, so the official locust image 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,8 @@ TEXT_PATH = Path(os.environ.get("CHIAR_LOADTEST_TEXT", HERE.parent / "data" / "w
 _wait = [float(x) for x in os.environ.get("CHIAR_LOADTEST_WAIT", "0.5,2").split(",")]
 WAIT_MIN, WAIT_MAX = _wait[0], _wait[-1]
 SHED_OK = os.environ.get("CHIAR_LOADTEST_SHED", "") == "1"
+DERIVED = "SSE"  # request type of the entries derived from a stream's events (TTFT, ITL)
+ITL_NAME = "stream ITL"
 N_PROMPTS = 24
 MAX_NEW_CHOICES = (4, 8, 16, 32, 64)
 
@@ -134,23 +143,83 @@ def check_usage(usage: dict[str, Any], prompt_tokens: int | None, max_completion
         expect(p in (prompt_tokens, prompt_tokens - 1), f"prompt_tokens {p}, tokenizer says {prompt_tokens}")
 
 
-def sse_events(resp: Any) -> list[str]:
-    """The `data:` payloads of a server-sent-events response, in order."""
-    payloads, buf = [], []
-    for raw in resp.iter_lines():
+def sse_events(resp: Any, payloads: list[tuple[str, float]] | None = None) -> list[tuple[str, float]]:
+    """The `data:` payloads of a server-sent-events response, in order, each with its arrival time
+    (time.perf_counter() when the event's closing blank line arrived), appended to ``payloads``."""
+    payloads = [] if payloads is None else payloads
+    buf: list[str] = []
+    # chunk_size=None: hand over each chunk as it arrives, so arrival times are the events' own
+    for raw in resp.iter_lines(chunk_size=None):
         line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         if line.startswith("data:"):
             buf.append(line[5:].lstrip())
         elif not line and buf:
-            payloads.append("\n".join(buf))
+            payloads.append(("\n".join(buf), time.perf_counter()))
             buf = []
     if buf:
-        payloads.append("\n".join(buf))
+        payloads.append(("\n".join(buf), time.perf_counter()))
     return payloads
 
 
-def handle(resp: Any, check: Any) -> None:
-    """Run check(resp) and mark the locust result; 503 + Retry-After is shed load."""
+def record(user: HttpUser, name: str, ms: float) -> None:
+    """A derived measurement (not a request) as its own locust entry of type DERIVED."""
+    user.environment.events.request.fire(request_type=DERIVED, name=name, response_time=ms, response_length=0,
+                                         exception=None, context={})
+
+
+def stream_chunks(payloads: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    """Check that a stream ends with [DONE] after JSON events and no error event; the JSON events."""
+    expect(len(payloads) >= 2, f"only {len(payloads)} SSE events")
+    expect(payloads[-1][0] == "[DONE]", f"stream did not end with [DONE]: {payloads[-1][0][:200]!r}")
+    chunks = []
+    for p, _ in payloads[:-1]:
+        try:
+            chunks.append(json.loads(p))
+        except ValueError:
+            raise CheckFailed(f"SSE event is not JSON: {p[:200]!r}") from None
+    expect(not any("error" in c for c in chunks), f"error event in stream: {chunks[-1]}")
+    return chunks
+
+
+def timed_stream(user: HttpUser, payload: dict[str, Any], label: str, check: Any) -> str:
+    """POST a streamed /v1/generate, read it to the last byte and check it with check(resp, payloads).
+
+    Entries: f"/v1/generate [{label} total]" (to the last byte; pass/fail), and for a passed stream
+    f"/v1/generate [{label} ttft]" (to the first token event) and ITL_NAME (each gap between
+    consecutive token events). Returns "passed", "shed" (503 + Retry-After, where allowed) or "failed".
+    """
+    start = time.perf_counter()
+    name = f"/v1/generate [{label} total]"
+    with user.client.post("/v1/generate", json=payload, name=name, stream=True, catch_response=True) as resp:
+        payloads: list[tuple[str, float]] = []
+        read_error = None
+        if resp.status_code == 200:
+            try:
+                sse_events(resp, payloads)
+            except Exception as exc:  # a stream cut mid-way (ChunkedEncodingError, reset, timeout)
+                read_error = f"stream broken after {len(payloads)} events: {exc!r}"
+        resp.request_meta["response_time"] = (time.perf_counter() - start) * 1000
+        resp.request_meta["response_length"] = sum(len(p) for p, _ in payloads)
+
+        def full_check(r: Any) -> None:
+            expect(read_error is None, str(read_error))
+            check(r, payloads)
+
+        ok = handle(resp, full_check)
+    if not ok:
+        return "failed"
+    if resp.status_code != 200:
+        return "shed"
+    times = [t for p, t in payloads[:-1] if json.loads(p).get("type") == "token"]
+    if times:
+        record(user, f"/v1/generate [{label} ttft]", (times[0] - start) * 1000)
+        for before, after in itertools.pairwise(times):
+            record(user, ITL_NAME, (after - before) * 1000)
+    return "passed"
+
+
+def handle(resp: Any, check: Any) -> bool:
+    """Run check(resp) and mark the locust result; 503 + Retry-After is shed load. True if it passed."""
     try:
         if resp.status_code == 503 and SHED_OK:
             retry = resp.headers.get("Retry-After", "")
@@ -159,12 +228,15 @@ def handle(resp: Any, check: Any) -> None:
             expect(err.get("code") == "overloaded", f"503 body is not the overloaded error: {err}")
             resp.request_meta["name"] += " [503 shed]"
             resp.success()
-            return
-        expect(resp.status_code == 200, f"HTTP {resp.status_code}: {resp.text[:300]}")
+            return True
+        if resp.status_code != 200:  # not expect(): a streamed body is already read when the status is 200
+            raise CheckFailed(f"HTTP {resp.status_code}: {resp.text[:300]}")
         check(resp)
         resp.success()
+        return True
     except CheckFailed as exc:
         resp.failure(str(exc))
+        return False
 
 
 def sampling(rng: random.Random) -> dict[str, Any]:
@@ -235,19 +307,10 @@ class GenerateUser(ChiarUser):
         prompt, n_prompt, max_new = self.prompt_and_budget()
         payload = {"prompt": prompt, "max_new_tokens": max_new, "stream": True, **sampling(self.rng)}
 
-        def check(resp: Any) -> None:
+        def check(resp: Any, payloads: list[tuple[str, float]]) -> None:
             expect(resp.headers.get("content-type", "").startswith("text/event-stream"),
                    f"content-type {resp.headers.get('content-type')}")
-            payloads = sse_events(resp)
-            expect(len(payloads) >= 2, f"only {len(payloads)} SSE events")
-            expect(payloads[-1] == "[DONE]", f"stream did not end with [DONE]: {payloads[-1][:200]!r}")
-            chunks = []
-            for p in payloads[:-1]:
-                try:
-                    chunks.append(json.loads(p))
-                except ValueError:
-                    raise CheckFailed(f"SSE event is not JSON: {p[:200]!r}") from None
-            expect(not any("error" in c for c in chunks), f"error event in stream: {chunks[-1]}")
+            chunks = stream_chunks(payloads)
             streamed = [t for c in chunks if c.get("type") == "token" for t in c.get("token_ids", [])]
             done = [c for c in chunks if c.get("type") == "done"]
             expect(len(done) == 1 and chunks[-1] is done[0], f"{len(done)} done events, or not last")
@@ -258,9 +321,7 @@ class GenerateUser(ChiarUser):
             check_usage(final.get("usage"), n_prompt, max_new)
             expect(final["usage"]["completion_tokens"] == len(streamed), "usage.completion_tokens != streamed tokens")
 
-        with self.client.post("/v1/generate", json=payload, name="/v1/generate [stream]", stream=True,
-                              catch_response=True) as resp:
-            handle(resp, check)
+        timed_stream(self, payload, "stream", check)
 
 
 class PerplexityUser(ChiarUser):

@@ -1,7 +1,7 @@
 """Headless load-test runner (`make loadtest`): server on loopback, locust, summary.
 
     python -m loadtests.run [--checkpoint DIR] [--users 16] [--spawn-rate 4] [--run-time 60s]
-                            [--scenario mixed|stress] [--out DIR] [--host URL]
+                            [--scenario mixed|stress|mixed-flood] [--out DIR] [--host URL]
 
 Starts `python -m server` on 127.0.0.1 (unless --host names a running one), scrapes /metrics,
 runs locust headless with loadtests/locustfile.py, scrapes /metrics again, stops the server and
@@ -12,8 +12,16 @@ generated tokens/s, attention/DCT routing share before and after).
 The stress scenario shrinks the server's queue, removes think time and counts a 503 with
 Retry-After as shed load; it then checks that no other 5xx occurred, no request took longer
 than the configured timeout, the server's RSS stayed bounded and a normal request right after
-the load succeeds within a second. The exit status is non-zero when locust saw failures or a
-check failed.
+the load succeeds within a second.
+
+The mixed-flood scenario (loadtests/flood_locustfile.py) runs long streams, a perplexity flood and
+1-token requests at once; its summary reports per class the streams' inter-token latency (client
+side), the short requests' latency, the flood's scored tokens/s and the failures, and checks that
+nothing failed except shed load and that every stream completed (loadtests/flood.py).
+
+The exit status is non-zero when locust saw failures or a check failed. Entries of request type
+"SSE" (a stream's TTFT and ITL, see the locustfile) are measurements, not requests: they are left
+out of the aggregate row.
 """
 
 from __future__ import annotations
@@ -23,19 +31,20 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from loadtests import flood
 from loadtests.metrics_snapshot import Snapshot, parse
+from loadtests.rss import RssSampler
 from loadtests.server_process import ROOT, ServerProcess, http_get
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+FLOOD_LOCUSTFILE = Path(__file__).resolve().parent / "flood_locustfile.py"
+DERIVED_TYPE = "SSE"  # = locustfile.DERIVED (not imported: importing locust patches the process with gevent)
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "chiar-small"
 STRESS_SERVER_ENV = {"CHIAR_QUEUE_SIZE": "4", "CHIAR_MAX_BATCH_SIZE": "4", "CHIAR_REQUEST_TIMEOUT": "20"}
 
@@ -45,6 +54,7 @@ class Endpoint:
     """One row of locust's stats."""
 
     name: str
+    request_type: str
     requests: int
     failures: int
     rps: float
@@ -74,6 +84,7 @@ class Summary:
     routing_share_during: dict[str, float] | None
     rss_mb: dict[str, float] = field(default_factory=dict)
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    flood: flood.FloodSummary | None = None
 
     @property
     def ok(self) -> bool:
@@ -87,20 +98,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint the server loads")
     p.add_argument("--host", default=None, help="target an already running server instead of starting one")
-    p.add_argument("--users", type=int, default=None, help="concurrent users (default 16, stress 48)")
-    p.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default 4, stress 48)")
+    p.add_argument("--users", type=int, default=None, help="concurrent users (default 16, stress 48, mixed-flood 12)")
+    p.add_argument("--spawn-rate", type=float, default=None,
+                   help="users started per second (default 4, stress 48, mixed-flood = users)")
     p.add_argument("--run-time", default="60s", help="locust run time, e.g. 60s, 2m")
-    p.add_argument("--scenario", choices=("mixed", "stress"), default="mixed")
+    p.add_argument("--scenario", choices=("mixed", "stress", "mixed-flood"), default="mixed")
     p.add_argument("--wait", default=None, help="think time 'MIN,MAX' seconds (default 0.5,2; stress 0,0)")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra CHIAR_* setting for the started server (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/loadtest/<time>)")
     p.add_argument("--max-rss-growth-mb", type=float, default=512.0, help="stress check: allowed RSS growth")
     p.add_argument("--user-classes", nargs="*", default=[], help="locust user classes to run (default all)")
+    p.add_argument("--stop-timeout", type=float, default=None,
+                   help="seconds users may finish their task after the run time (default 30, mixed-flood 120)")
     args = p.parse_args(argv)
     stress = args.scenario == "stress"
-    args.users = args.users or (48 if stress else 16)
-    args.spawn_rate = args.spawn_rate or (48.0 if stress else 4.0)
+    args.users = args.users or {"stress": 48, "mixed-flood": 12}.get(args.scenario, 16)
+    args.spawn_rate = args.spawn_rate or (48.0 if stress else float(args.users) if args.scenario == "mixed-flood" else 4.0)
+    args.stop_timeout = args.stop_timeout or (120.0 if args.scenario == "mixed-flood" else 30.0)
     args.wait = args.wait or ("0,0" if stress else "0.5,2")
     args.out = args.out or ROOT / "runs" / "loadtest" / time.strftime("%Y%m%d-%H%M%S")
     return args
@@ -114,44 +129,21 @@ def scrape(url: str) -> Snapshot:
     return parse(body.decode())
 
 
-class RssSampler(threading.Thread):
-    """Samples a process's resident set size every ``interval`` seconds until stopped."""
-
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.interval = interval
-        self.samples: list[float] = []
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                self.samples.append(self.proc.memory_info().rss / 2**20)
-            except psutil.Error:
-                return
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> list[float]:
-        """Stop sampling; returns the samples in MiB."""
-        self._stop_event.set()
-        self.join(5)
-        return self.samples
-
-
 def run_locust(args: argparse.Namespace, url: str, env: dict[str, str]) -> int:
     """Run locust headless as a subprocess; returns its exit code."""
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+    locustfile = FLOOD_LOCUSTFILE if args.scenario == "mixed-flood" else LOCUSTFILE
+    cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless",
            "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.run_time,
            "--host", url, "--csv", str(args.out / "locust"), "--html", str(args.out / "report.html"),
-           "--json-file", str(args.out / "locust_final"), "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING", *args.user_classes]
+           "--json-file", str(args.out / "locust_final"), "--stop-timeout", f"{args.stop_timeout:g}", "--only-summary", "--loglevel", "WARNING", *args.user_classes]
     with (args.out / "locust.log").open("wb") as log:
         return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                               check=False).returncode
 
 
 def read_stats(path: Path) -> tuple[list[Endpoint], Endpoint]:
-    """Per-endpoint rows and the aggregate from locust's final JSON stats (`--json-file`).
+    """Per-endpoint rows and the aggregate of the requests (not the SSE-derived entries) from locust's
+    final JSON stats (`--json-file`).
 
     The CSV is written before users finish their last task during `--stop-timeout`, so its counts can
     lag the final ones (and the server's own counters); the JSON holds the final stats.
@@ -163,10 +155,12 @@ def read_stats(path: Path) -> tuple[list[Endpoint], Endpoint]:
         raise RuntimeError(f"{path}: no requests were made")
     # req/s over the whole run, as locust's own table reports it
     duration = max(e["last_request_timestamp"] or 0 for e in entries) - min(e["start_time"] for e in entries)
-    return [_endpoint(e["name"], [e], duration) for e in entries], _endpoint("Aggregated", entries, duration)
+    requests = [e for e in entries if e["method"] != DERIVED_TYPE]
+    return ([_endpoint(e["name"], e["method"], [e], duration) for e in entries],
+            _endpoint("Aggregated", "", requests, duration))
 
 
-def _endpoint(name: str, entries: list[dict[str, Any]], duration: float) -> Endpoint:
+def _endpoint(name: str, request_type: str, entries: list[dict[str, Any]], duration: float) -> Endpoint:
     """One row from one or more locust StatsEntry dicts (histograms merged)."""
     histogram: dict[float, int] = {}
     for e in entries:
@@ -182,7 +176,7 @@ def _endpoint(name: str, entries: list[dict[str, Any]], duration: float) -> Endp
                 return ms
         return float("nan")
 
-    return Endpoint(name=name, requests=requests, failures=sum(e["num_failures"] for e in entries),
+    return Endpoint(name=name, request_type=request_type, requests=requests, failures=sum(e["num_failures"] for e in entries),
                     rps=requests / duration if duration > 0 else float("nan"), p50_ms=percentile(0.5),
                     p95_ms=percentile(0.95), p99_ms=percentile(0.99),
                     max_ms=max((e["max_response_time"] or 0 for e in entries), default=0.0))
@@ -233,11 +227,11 @@ def markdown(s: Summary) -> str:
     lines = [f"# Load test: {s.scenario}", "",
              f"{s.users} users, spawn rate {s.spawn_rate}/s, run time {s.run_time} ({s.wall_seconds:.1f} s wall), "
              f"locust exit code {s.locust_exit_code}.", "",
-             "| endpoint | requests | failures | req/s | p50 ms | p95 ms | p99 ms | max ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| endpoint | type | requests | failures | req/s | p50 ms | p95 ms | p99 ms | max ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in [*s.endpoints, s.total]:
-        lines.append(f"| {e.name} | {e.requests} | {e.failures} | {e.rps:.2f} | {e.p50_ms:.0f} | {e.p95_ms:.0f} "
-                     f"| {e.p99_ms:.0f} | {e.max_ms:.0f} |")
+        lines.append(f"| {e.name} | {e.request_type} | {e.requests} | {e.failures} | {e.rps:.2f} | {e.p50_ms:.0f} "
+                     f"| {e.p95_ms:.0f} | {e.p99_ms:.0f} | {e.max_ms:.0f} |")
     lines += ["", f"Generated tokens: {s.generated_tokens:.0f} ({s.generated_tokens_per_s:.1f} tokens/s); "
                   f"prompt/scored tokens: {s.prompt_tokens:.0f}.", ""]
     for label, share in (("before", s.routing_share_before), ("after", s.routing_share_after),
@@ -246,6 +240,8 @@ def markdown(s: Summary) -> str:
         lines.append(f"- Routing share in routing layers {label}: {text}")
     if s.rss_mb:
         lines.append(f"- Server RSS: {s.rss_mb}")
+    if s.flood:
+        lines += ["", "## Per class", "", *flood.markdown(s.flood)]
     if s.checks:
         lines += ["", "| check | result | detail |", "|---|---|---|"]
         lines += [f"| {k} | {'ok' if v['ok'] else 'FAILED'} | {v['detail']} |" for k, v in s.checks.items()]
@@ -256,9 +252,12 @@ def markdown(s: Summary) -> str:
 def run(args: argparse.Namespace) -> Summary:
     """Do one run; writes the outputs and returns the summary."""
     args.out.mkdir(parents=True, exist_ok=True)
-    stress = args.scenario == "stress"
+    stress, flooded = args.scenario == "stress", args.scenario == "mixed-flood"
     server_env = {**(STRESS_SERVER_ENV if stress else {}), **dict(kv.split("=", 1) for kv in args.server_env)}
-    locust_env = {"CHIAR_LOADTEST_WAIT": args.wait, "CHIAR_LOADTEST_SHED": "1" if stress else ""}
+    counts_path = args.out / "flood_counts.json"
+    counts_path.unlink(missing_ok=True)
+    locust_env = {"CHIAR_LOADTEST_WAIT": args.wait, "CHIAR_LOADTEST_SHED": "1" if stress or flooded else "",
+                  "CHIAR_LOADTEST_COUNTS": str(counts_path)}
     server = None
     if args.host:
         url = args.host.rstrip("/")
@@ -286,6 +285,9 @@ def run(args: argparse.Namespace) -> Summary:
             rss_mb={"start": rss[0], "peak": max(rss), "end": rss[-1]} if rss else {})
         if stress:
             summary.checks = stress_checks(summary, url, server_env, rss, args.max_rss_growth_mb, during)
+        if flooded:
+            summary.flood = flood.summarise(endpoints, flood.FloodCounts.read(counts_path))
+            summary.checks = flood.checks(summary.flood, total.failures)
     finally:
         if sampler and sampler.is_alive():
             sampler.stop()

@@ -34,17 +34,20 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-class ServerProcess:
-    """A server subprocess bound to 127.0.0.1; a context manager that waits for /ready."""
+class LoopbackProcess:
+    """A server command bound to 127.0.0.1; a context manager that waits until ``ready_path`` answers 200.
 
-    def __init__(self, checkpoint: str | Path, *, port: int | None = None, env: Mapping[str, str] | None = None,
-                 log_path: str | Path | None = None, extra_args: list[str] | None = None) -> None:
-        self.checkpoint = Path(checkpoint)
-        self.port = port or free_port()
+    Output always goes to a file: an unread pipe would block a chatty server.
+    """
+
+    def __init__(self, cmd: list[str], *, port: int, env: Mapping[str, str] | None = None,
+                 log_path: str | Path | None = None, ready_path: str = "/health", cwd: Path = ROOT) -> None:
+        self.cmd = list(cmd)
+        self.port = port
         self.env = dict(env or {})
-        # Output always goes to a file: an unread pipe would block a chatty server.
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="chiar-server-", suffix=".log")[1])
-        self.extra_args = list(extra_args or [])
+        self.ready_path = ready_path
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = None
 
@@ -60,30 +63,30 @@ class ServerProcess:
             raise RuntimeError("server not started")
         return self.proc.pid
 
-    def start(self, ready_timeout: float = 120.0) -> ServerProcess:
-        """Launch the server and block until GET /ready answers 200."""
-        if not (self.checkpoint / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint {self.checkpoint}: no config.json (train or pass another --checkpoint)")
-        cmd = [sys.executable, "-m", "server", "--checkpoint", str(self.checkpoint),
-               "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+    def command(self) -> list[str]:
+        """The command line to launch (subclasses build it at start)."""
+        return self.cmd
+
+    def start(self, ready_timeout: float = 120.0) -> LoopbackProcess:
+        """Launch the server and block until GET ready_path answers 200."""
+        cmd = self.command()
         env = {**os.environ, **self.env}
-        env.setdefault("CHIAR_LOG_LEVEL", "warning")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode} before ready:\n{self.output_tail()}")
+                raise RuntimeError(f"{cmd[0]} exited with code {self.proc.returncode} before ready:\n{self.output_tail()}")
             try:
-                status, _ = http_get(self.url + "/ready", timeout=1.0)
+                status, _ = http_get(self.url + self.ready_path, timeout=1.0)
                 if status == 200:
                     return self
             except OSError:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise TimeoutError(f"server not ready within {ready_timeout:.0f} s:\n{self.output_tail()}")
+        raise TimeoutError(f"{cmd[0]} not ready within {ready_timeout:.0f} s:\n{self.output_tail()}")
 
     def output_tail(self, chars: int = 4000) -> str:
         """Last characters the server printed."""
@@ -107,9 +110,34 @@ class ServerProcess:
             self._log = None
         return self.proc.returncode
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> LoopbackProcess:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class ServerProcess(LoopbackProcess):
+    """`python -m server` on loopback, ready when GET /ready answers 200."""
+
+    def __init__(self, checkpoint: str | Path, *, port: int | None = None, env: Mapping[str, str] | None = None,
+                 log_path: str | Path | None = None, extra_args: list[str] | None = None) -> None:
+        env = {**({} if "CHIAR_LOG_LEVEL" in os.environ else {"CHIAR_LOG_LEVEL": "warning"}), **(env or {})}
+        super().__init__([], port=port or free_port(), env=env, log_path=log_path, ready_path="/ready")
+        self.checkpoint = Path(checkpoint)
+        self.extra_args = list(extra_args or [])
+
+    def command(self) -> list[str]:
+        if not (self.checkpoint / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {self.checkpoint}: no config.json (train or pass another --checkpoint)")
+        return [sys.executable, "-m", "server", "--checkpoint", str(self.checkpoint),
+                "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+
+    def start(self, ready_timeout: float = 120.0) -> ServerProcess:
+        """Launch the server and block until GET /ready answers 200."""
+        super().start(ready_timeout)
+        return self
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()

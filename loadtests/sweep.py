@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.report import machine_line, write_section
 from loadtests.run import ROOT, parse_args, run
 from loadtests.server_process import ServerProcess
-from model.bench import machine_line, write_section
 
 SECTION = "loadtest-sweep"
 

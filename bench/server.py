@@ -1,13 +1,18 @@
-"""`make bench-server`: the HTTP server under load, CHIAR vs baseline vs a sequential HF Llama loop.
+"""`make bench-server` (`python -m bench.server`): the HTTP server under load, and beside its peers.
 
-For each checkpoint a real `python -m server` process on loopback serves closed-loop clients
-(1, 8, 32 by default; each sends its requests back to back): streamed /v1/generate (TTFT from
-the first SSE token event) and /v1/perplexity. Reported per level: requests/s, tokens/s,
-latency and TTFT p50/p95/p99. The reference is a sequential loop over HuggingFace transformers'
-`LlamaForCausalLM.generate` of the same size (random weights), on the same prompts. The routing
-overhead (DCT + entropy of the routing layers) is timed separately, in process.
+1. For each checkpoint a real `python -m server` process on loopback serves closed-loop clients
+   (1, 8, 32 by default; each sends its requests back to back): streamed /v1/generate (TTFT from
+   the first SSE token event) and /v1/perplexity. Reported per level: requests/s, tokens/s,
+   latency and TTFT p50/p95/p99. The reference is a sequential loop over HuggingFace transformers'
+   `LlamaForCausalLM.generate` of the same size (random weights), on the same prompts. The routing
+   overhead (DCT + entropy of the routing layers) is timed separately, in process.
+2. Peers (bench/compare.py): our server with each checkpoint, `transformers serve
+   --continuous-batching` and, with --llamacpp, llama.cpp's `llama-server` (built once from the
+   llama-cpp-python sdist, bench/llamacpp.py), on one workload: non-streamed /v1/completions,
+   24-word prompts, 32 new tokens; tokens/s, latency and peak RSS per level.
 
-    python -m server.bench [--chiar DIR] [--baseline DIR] [--clients 1 8 32] [--write BENCHMARKS.md]
+    python -m bench.server [--chiar DIR] [--baseline DIR] [--clients 1 8 32] [--llamacpp] [--quick]
+                           [--write BENCHMARKS.md]
 
 Without checkpoints (default: checkpoints/chiar-small, checkpoints/baseline-small) it builds
 random-weight ones of chiar-small's size, CHIAR thresholds at each routing layer's median entropy.
@@ -27,8 +32,10 @@ from typing import Any
 
 import httpx
 
+from bench import compare
+from bench.load import Sample, closed_loop, generate_once, perplexity_once, summarise
+from bench.report import machine_line, median_seconds, write_section
 from loadtests.server_process import ServerProcess
-from model.bench import machine_line, median_seconds, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "bench-server"
@@ -58,70 +65,8 @@ def random_checkpoints(root: Path) -> tuple[Path, Path]:
 
 
 # ------------------------------------------------------------------------ load
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-async def generate_once(client: httpx.AsyncClient, prompt: str, max_new_tokens: int, seed: int) -> dict[str, float]:
-    body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0.8, "seed": seed, "ignore_eos": True, "stream": True}
-    start = time.perf_counter()
-    ttft = None
-    tokens = 0
-    async with client.stream("POST", "/v1/generate", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"generate: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("type") == "token":
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-                tokens += len(event["token_ids"])
-            elif "error" in event:
-                raise RuntimeError(f"generate: {event['error']}")
-    return {"latency": time.perf_counter() - start, "ttft": ttft or float("nan"), "tokens": tokens}
-
-
-async def perplexity_once(client: httpx.AsyncClient, text: str) -> dict[str, float]:
-    start = time.perf_counter()
-    r = await client.post("/v1/perplexity", json={"text": text})
-    if r.status_code != 200:
-        raise RuntimeError(f"perplexity: HTTP {r.status_code}: {r.text[:300]}")
-    return {"latency": time.perf_counter() - start, "ttft": float("nan"), "tokens": r.json()["results"][0]["tokens"]}
-
-
-async def closed_loop(url: str, clients: int, per_client: int, make: Any) -> dict[str, Any]:
-    """`clients` concurrent workers, each sending `per_client` requests back to back."""
-    results: list[dict[str, float]] = []
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-
-        async def worker(w: int) -> None:
-            for i in range(per_client):
-                results.append(await make(client, w * per_client + i))
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(clients)))
-        wall = time.perf_counter() - start
-    return summarise(results, wall, clients)
-
-
-def summarise(results: list[dict[str, float]], wall: float, clients: int) -> dict[str, Any]:
-    lat = [r["latency"] for r in results]
-    ttft = [r["ttft"] for r in results if r["ttft"] == r["ttft"]]
-    return {"clients": clients, "requests": len(results), "wall_s": wall, "req_per_s": len(results) / wall,
-            "tokens_per_s": sum(r["tokens"] for r in results) / wall,
-            **{f"lat_p{q}": percentile(lat, q / 100) * 1000 for q in (50, 95, 99)},
-            **{f"ttft_p{q}": percentile(ttft, q / 100) * 1000 for q in (50, 95, 99)}}
-
-
 def bench_server(name: str, checkpoint: Path, prompts: list[str], texts: list[str], args: argparse.Namespace, log_dir: Path) -> list[dict]:
-    env = {"CHIAR_QUEUE_SIZE": "1024", "CHIAR_MAX_BATCH_SIZE": "32", "CHIAR_LOG_LEVEL": "warning"}
+    env = dict(compare.OUR_ENV)
     if args.threads:
         env["CHIAR_THREADS"] = str(args.threads)
     server = ServerProcess(checkpoint, env=env, log_path=log_dir / f"{name}.log").start(ready_timeout=180)
@@ -130,10 +75,10 @@ def bench_server(name: str, checkpoint: Path, prompts: list[str], texts: list[st
         for clients in args.clients:
             per_client = max(args.min_requests // clients, args.requests_per_client)
 
-            async def gen(client: httpx.AsyncClient, i: int) -> dict[str, float]:
+            async def gen(client: httpx.AsyncClient, i: int) -> Sample:
                 return await generate_once(client, prompts[i % len(prompts)], args.max_new_tokens, seed=i)
 
-            async def ppl(client: httpx.AsyncClient, i: int) -> dict[str, float]:
+            async def ppl(client: httpx.AsyncClient, i: int) -> Sample:
                 return await perplexity_once(client, texts[i % len(texts)])
 
             for workload, make in (("generate", gen), ("perplexity", ppl)):
@@ -180,8 +125,8 @@ def hf_sequential(checkpoint: Path, prompts: list[str], max_new_tokens: int, n: 
             ttft = time.perf_counter() - start
             start = time.perf_counter()
             out = hf.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
-            results.append({"latency": time.perf_counter() - start, "ttft": ttft, "tokens": out.shape[1] - ids.shape[1]})
-        wall = time.perf_counter() - start_all - sum(r["ttft"] for r in results)
+            results.append(Sample(time.perf_counter() - start, ttft, out.shape[1] - ids.shape[1]))
+        wall = time.perf_counter() - start_all - sum(r.ttft for r in results)
     row = {"model": "HF Llama", "workload": "generate", **summarise(results, wall, 1)}
     row["params"] = sum(p.numel() for p in hf.parameters())
     return row
@@ -209,7 +154,12 @@ def routing_overhead(checkpoint: Path, batch: int, seq: int, repeats: int = 5) -
 
 
 # ------------------------------------------------------------------------ report
-def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argparse.Namespace, names: dict[str, Path], plot: Path | None) -> str:
+def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argparse.Namespace, names: dict[str, Path],
+           plot: Path | None, peers: compare.Comparison | None, work: compare.Workload) -> str:
+    if not rows and hf is None and peers is not None:  # --peers-only
+        return "\n".join(["## Server beside its peers (`python -m bench.server --peers-only`)", "",
+                          f"Machine: {machine_line()}; {args.threads or 'default'} torch threads per server process.", "",
+                          *compare.render(peers, work)])
     lines = ["## Server under load (`make bench-server`)", "",
              f"Machine: {machine_line()}; {args.threads or 'default'} torch threads per server process.",
              "Checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in names.items()) + ".",
@@ -253,6 +203,8 @@ def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argpa
     lines += ["Targets (measured, not asserted):", "", *checks, ""]
     if plot is not None:
         lines += [f"![latency vs concurrency]({os.path.relpath(plot, args.write.parent if args.write else REPO)})", ""]
+    if peers is not None:
+        lines += compare.render(peers, work)
     return "\n".join(lines)
 
 
@@ -307,11 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-requests", type=int, default=16, help="at least this many requests per level")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--hf-requests", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (server and HF loop); default: torch's choice")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (servers and HF loop); default: torch's choice")
+    p.add_argument("--no-peers", action="store_true", help="skip the same-workload comparison with transformers serve")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="add llama.cpp's server to the peers (builds it once from the llama-cpp-python sdist: minutes)")
+    p.add_argument("--peers-only", action="store_true", help="only the same-workload comparison with the peers")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 clients, few requests, no plot")
     p.add_argument("--write", type=Path, default=None, help="markdown file to update (BENCHMARKS.md)")
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "bench_server_latency.png")
     p.add_argument("--json", type=Path, default=None, help="also dump raw rows as JSON")
     args = p.parse_args(argv)
+    if args.quick:
+        args.clients, args.requests_per_client, args.min_requests, args.hf_requests = [1, 2], 2, 4, 4
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
     if args.random or not (args.chiar / "config.json").is_file() or not (args.baseline / "config.json").is_file():
@@ -320,18 +279,32 @@ def main(argv: list[str] | None = None) -> int:
     names = {"CHIAR": args.chiar, "baseline": args.baseline}
     prompts, texts = workload_text(64)
     rows: list[dict] = []
-    for name, path in names.items():
-        rows += bench_server(name, path, prompts, texts, args, tmp)
-    hf = hf_sequential(args.chiar, prompts, args.max_new_tokens, args.hf_requests, args.threads)
-    if hf:
-        print(f"HF Llama sequential: {hf['tokens_per_s']:.1f} tok/s, p50 {hf['lat_p50']:.1f} ms", flush=True)
-    overhead = routing_overhead(args.chiar, batch=8, seq=256)
-    plot = make_plot(rows, args.plot) if args.write else None
-    body = render(rows, hf, overhead, args, {k: v.relative_to(REPO) if v.is_relative_to(REPO) else v for k, v in names.items()}, plot)
+    hf = overhead = None
+    if not args.peers_only:
+        for name, path in names.items():
+            rows += bench_server(name, path, prompts, texts, args, tmp)
+        hf = hf_sequential(args.chiar, prompts, args.max_new_tokens, args.hf_requests, args.threads)
+        if hf:
+            print(f"HF Llama sequential: {hf['tokens_per_s']:.1f} tok/s, p50 {hf['lat_p50']:.1f} ms", flush=True)
+        overhead = routing_overhead(args.chiar, batch=8, seq=256)
+    work = compare.Workload(prompts=prompts, max_tokens=args.max_new_tokens, levels=args.clients,
+                            requests_per_client=args.requests_per_client, min_requests=args.min_requests)
+    peers = None
+    if not args.no_peers or args.peers_only:
+        # the peer Llama takes baseline-small's shapes (CHIAR has the same ones plus its routers)
+        peers = compare.run({"baseline": args.baseline, "CHIAR": args.chiar}, work, tmp,
+                            llama_cpp=args.llamacpp, threads=args.threads)
+    plot = make_plot(rows, args.plot) if args.write and not args.quick else None
+    rel = {k: v.relative_to(REPO) if v.is_relative_to(REPO) else v for k, v in names.items()}
+    body = render(rows, hf, overhead, args, rel, plot, peers, work)
     print(body)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "hf": hf, "overhead": overhead}, indent=2))
-    if args.write:
+        args.json.write_text(json.dumps({"rows": rows, "hf": hf, "overhead": overhead,
+                                         "peers": peers.rows if peers else None,
+                                         "peer_notes": peers.notes if peers else None}, indent=2))
+    if args.write and args.peers_only:
+        print("--peers-only: not writing a partial section", flush=True)
+    elif args.write:
         write_section(args.write, SECTION, body)
         print(f"wrote {args.write}", flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""`make bench-model`: CHIAR hard-gated inference vs the full-attention baseline vs HF Llama, side by side.
+"""`make bench-model` (`python -m bench.model`): CHIAR hard-gated inference vs the full-attention baseline vs HF Llama, side by side.
 
 Random weights at the benchmark size (d=256, L=8, 8 heads, d_ff=1024, vocab 8192); CHIAR thresholds
 are set layer by layer to the median entropy of the benchmark input, so ~50% of tokens attend in
@@ -8,47 +8,19 @@ every routing layer. Medians of repeated runs; ratios come from the same process
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
-import statistics
-import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .attention import PackedTokens
-from .chiar import ChiarLM
-from .config import ChiarConfig
-from .routing import SpectralRouter
-from .spectral import dct, entropy_from_coefficients
+from bench.report import interleaved_medians, machine_line, median_seconds, write_section
+from model.attention import PackedTokens
+from model.chiar import ChiarLM
+from model.config import ChiarConfig
+from model.routing import SpectralRouter
+from model.spectral import dct, entropy_from_coefficients
 
 SIZE = dict(vocab_size=8192, d_model=256, n_layers=8, n_heads=8, d_ff=1024, max_seq_len=2048 + 64)
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each fn, timed round-robin so drift in machine load hits all of them alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def calibrate_to_median(model: ChiarLM, ids: torch.Tensor) -> None:
@@ -181,25 +153,6 @@ def routing_overhead(chiar: ChiarLM, seq: int, batch: int, repeats: int) -> dict
                 attention_half_ms=t_half * 1e3, dct_mix_ms=t_dct * 1e3)
 
 
-def machine_line() -> str:
-    """Machine, date and commit for every benchmark table."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    device = f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU (CPU numbers only)"
-    return (f"{platform.node()}: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"Python {platform.python_version()}; date {dt.date.today().isoformat()}; commit {commit}; {device}")
-
-
 def render(score: list[dict], decode: list[dict], overhead: list[dict]) -> str:
     lines = [
         "## Model: CHIAR hard-gated inference vs baseline vs HF Llama (`make bench-model`)",
@@ -243,18 +196,6 @@ def render(score: list[dict], decode: list[dict], overhead: list[dict]) -> str:
         lines.append(f"| {r['seq']} | {r['batch']} | {r['overhead_ms']:.2f} | {r['attention_full_ms']:.2f} | "
                      f"{r['attention_half_ms']:.2f} | {saved:.2f} | {r['dct_mix_ms']:.2f} | {net:+.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the section between this benchmark's markers, keeping the others."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery number here was measured by `make bench` and written by it.\n"
-    block = f"{start}\n{body}{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:

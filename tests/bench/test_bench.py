@@ -1,0 +1,85 @@
+"""The benchmark harness's parts: the BENCHMARKS.md writer, the peer Llama, the closed-loop client on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import compare
+from bench.load import closed_loop, completion_once, model_id
+from bench.report import percentile, write_section
+from loadtests.rss import RssSampler
+from loadtests.server_process import ROOT, ServerProcess
+
+
+def test_write_section_replaces_only_its_own_block(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    write_section(path, "a", "first\n")
+    write_section(path, "b", "other\n")
+    write_section(path, "a", "second\n")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "<!-- a:start -->\nsecond\n<!-- a:end -->" in text and "first" not in text
+    assert "<!-- b:start -->\nother\n<!-- b:end -->" in text
+    assert [p.name for p in tmp_path.iterdir()] == ["BENCHMARKS.md"]  # no temporary file left behind
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile([0.0, 10.0], 0.95) == pytest.approx(9.5)
+    assert percentile([], 0.5) != percentile([], 0.5)  # NaN
+
+
+def test_model_package_does_not_import_transformers() -> None:
+    code = "import sys, model, bench.report; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+
+
+def test_same_size_llama_has_the_checkpoint_shapes_and_tokens(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from bench.peers import same_size_llama
+
+    out = same_size_llama(tiny_checkpoint, tmp_path / "llama")
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    model = LlamaForCausalLM.from_pretrained(out)
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.vocab_size,
+            c.max_position_embeddings) == (cfg["d_model"], cfg["n_layers"], cfg["n_heads"], cfg["d_ff"],
+                                           cfg["vocab_size"], cfg["max_seq_len"])
+    assert model.dtype.is_floating_point and str(model.dtype) == "torch.float32"
+    text = "The tower is 324 metres tall ."
+    ours = [cfg["bos_token_id"], *Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")).encode(text).ids]
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == ours
+
+
+def test_compare_measures_our_server_with_completions(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The peer workload against a real server: every level has requests, tokens and a peak RSS."""
+    work = compare.Workload(prompts=["The city of", "In 1990 the band"], max_tokens=4, levels=[1, 2],
+                            requests_per_client=2, min_requests=2)
+    server = ServerProcess(tiny_checkpoint, env=compare.OUR_ENV, log_path=tmp_path / "server.log").start()
+    try:
+        rows = compare.measure("ours: tiny", server, work, work.levels, {"ignore_eos": True})
+        rss = RssSampler(server.pid, tree=True)
+        assert rss.sample() >= RssSampler(server.pid).sample() > 10  # MiB: a Python process with torch loaded
+        model = asyncio.run(model_id(server.url))
+
+        async def one(client, i):  # type: ignore[no-untyped-def]
+            return await completion_once(client, model, "Hello", 3, {})
+
+        row = asyncio.run(closed_loop(server.url, 2, 1, one))
+    finally:
+        server.stop()
+    assert [r["clients"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["requests"] == 2 * r["clients"] and r["tokens_per_s"] > 0 and 1 <= r["tokens_per_request"] <= 4
+        assert 0 < r["lat_p50"] <= r["lat_p95"] and r["peak_rss_mib"] > 10
+    assert row["requests"] == 2 and 1 <= row["tokens_per_request"] <= 3
+    lines = compare.render(compare.Comparison(rows=rows, notes=["note"]), work)
+    assert "| ours: tiny | 1 | 2 |" in "\n".join(lines) and "- note" in lines
