@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 MAX_STOP = 8
 MAX_SEED = 2**53 - 1  # exact in a JSON number (IEEE double), so clients never round a seed
@@ -30,9 +30,12 @@ def _top_p(value: float) -> float:
     return value
 
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy, else in [1e-4, 2] (OpenAI's range)"),
-                        AfterValidator(_temperature)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus mass in (0, 1]"), AfterValidator(_top_p)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False), AfterValidator(_temperature),
+                        WithJsonSchema({"anyOf": [{"type": "number", "const": 0},
+                                                  {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": 2.0}],
+                                        "description": "0 = greedy, else in [1e-4, 2] (OpenAI's range; smaller values underflow)"})]
+TopP = Annotated[float, Field(ge=MIN_TOP_P, le=1.0, allow_inf_nan=False, description="nucleus mass in (0, 1]; below 1.2e-38 it underflows"),
+                 AfterValidator(_top_p)]
 TopK = Annotated[int, Field(ge=1, description="sample among the k most likely tokens")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same seed -> same text, alone or under load")]
 
@@ -54,14 +57,41 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     if len(items) > MAX_STOP:
         raise ValueError(f"at most {MAX_STOP} stop strings, got {len(items)}")
     for item in items:
-        _utf8(item)
+        _utf8(item, empty_ok=True)  # an empty stop string never matches (OpenAI accepts it too)
     return items
 
 
+def _integral(value: Any) -> Any:
+    """1.0 -> 1 (a JSON Schema integer may be written with a zero fraction); bools and 1.5 stay as they are."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_SEED:
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def _int_only(annotation: Any) -> bool:
+    """True when the field takes integers (or lists of them) and no floats."""
+    text = str(annotation)
+    return "int" in text and "float" not in text
+
+
 class StrictRequest(BaseModel):
-    """Base of every request body: unknown fields and type coercion are refused."""
+    """Base of every request body: unknown fields and type coercion are refused (integral numbers
+    written as 1.0 count as integers, as in JSON Schema)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_numbers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, info in cls.model_fields.items():
+            if name in out and _int_only(info.annotation):
+                out[name] = _integral(out[name])
+        return out
 
 
 # ---------------------------------------------------------------- native generate
@@ -211,7 +241,7 @@ class StreamOptions(StrictRequest):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(StrictRequest):
     """OpenAI /v1/completions; unknown fields are ignored, unsupported ones rejected."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
