@@ -26,6 +26,15 @@ def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
         value = body.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_NEW:  # 607.0 is an integer too
             body[key] = MAX_NEW
+    if getattr(case, "path", "") == "/v1/generate" and "max_new_tokens" not in body:
+        body["max_new_tokens"] = MAX_NEW  # the default (64) + a long prompt would not fit the tiny context
+    for key in ("prompt", "text"):  # native and completions texts: the same character budget
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            body[key] = value[:MAX_TEXT]
+        elif isinstance(value, list):
+            body[key] = [v[:MAX_TEXT] if isinstance(v, str) and v else v[:MAX_TEXT] if isinstance(v, list) and v else v
+                         for v in value]
     messages = body.get("messages")
     if isinstance(messages, list) and len(messages) > 0:
         del messages[MAX_MESSAGES:]
