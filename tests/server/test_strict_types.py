@@ -1,5 +1,6 @@
 """Strict request types over raw HTTP: no bool-as-int, no string-as-number, no 0/1-as-bool, no
-booleans as token ids; each gets a 400 whose message starts with the offending field."""
+booleans as token ids, no fractions where integers go (1.0 is an integer, as in JSON Schema); each gets a
+400 whose message starts with the offending field."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ CASES = [
     # (id, path, body, param)
     ("bool-as-max-new-tokens", "/v1/generate", {"prompt": "x", "max_new_tokens": True}, "max_new_tokens"),
     ("string-as-max-new-tokens", "/v1/generate", {"prompt": "x", "max_new_tokens": "10"}, "max_new_tokens"),
-    ("float-as-max-new-tokens", "/v1/generate", {"prompt": "x", "max_new_tokens": 2.0}, "max_new_tokens"),
+    # 2.0 is an integer in JSON Schema (accepted, see test_well_typed_still_accepted); 2.5 is not
+    ("fraction-as-max-new-tokens", "/v1/generate", {"prompt": "x", "max_new_tokens": 2.5}, "max_new_tokens"),
+    ("fraction-as-token-id", "/v1/completions", {"prompt": [1, 2.5], "max_tokens": 1}, "prompt"),
     ("bool-as-temperature", "/v1/generate", {"prompt": "x", "temperature": True}, "temperature"),
     ("string-as-temperature", "/v1/generate", {"prompt": "x", "temperature": "0.5"}, "temperature"),
     ("string-as-seed", "/v1/generate", {"prompt": "x", "seed": "7"}, "seed"),
@@ -47,6 +50,8 @@ def test_loose_type_is_refused(server: ServerProcess, path: str, body: dict, par
     ("/v1/completions", {"prompt": [[5, 6]], "max_tokens": 1, "temperature": 0}),
     ("/v1/completions", {"prompt": [5, 6], "max_tokens": 1, "temperature": 1}),
     ("/v1/tokenize", {"text": "x", "add_bos": False}),
+    ("/v1/generate", {"prompt": "x", "max_new_tokens": 2.0, "temperature": 0}),  # integral: an integer in JSON Schema
+    ("/v1/completions", {"prompt": [5.0, 6], "max_tokens": 1.0, "n": 1.0, "temperature": 0}),
 ])
 def test_well_typed_still_accepted(server: ServerProcess, path: str, body: dict) -> None:
     response = httpx.post(server.url + path, json=body, timeout=60)
