@@ -44,21 +44,23 @@ def _filtered(sub: Tensor, ks: list[int], ps: list[float], uniform: Tensor) -> T
     drop = (probs.cumsum(-1) - probs) >= p_t
     drop[:, 0] = False
     values = values.masked_fill(drop, float("-inf"))
-    short = [i for i, (k, p) in enumerate(zip(ks, ps)) if width < vocab and k >= vocab and p < 1.0 and float(full[i].sum()) < p]
+    mass = full.sum(-1)
+    short = [i for i, (k, p) in enumerate(zip(ks, ps)) if width < vocab and k >= vocab and p < 1.0 and float(mass[i]) < p]
     picked = _inverse_cdf(values, uniform)
     tokens = order.gather(1, picked.unsqueeze(1)).squeeze(1)
-    for i in short:  # the candidates hold less than p: sort everything for this row
-        tokens[i] = _filtered_full(sub[i], ps[i], uniform[i])
+    if short:  # the candidates hold less than p: sort everything for these rows, in one batch
+        tokens[short] = _filtered_full(sub[short], p_t[short], uniform[short])
     return tokens
 
 
-def _filtered_full(row: Tensor, p: float, uniform: Tensor) -> int:
-    values, order = torch.sort(row, descending=True)
+def _filtered_full(rows: Tensor, p: Tensor, uniform: Tensor) -> Tensor:
+    """Top-p by a full sort: rows [n, V], p [n, 1]; token ids [n]."""
+    values, order = torch.sort(rows, dim=-1, descending=True)
     probs = values.softmax(-1)
     drop = (probs.cumsum(-1) - probs) >= p
-    drop[0] = False
-    picked = _inverse_cdf(values.masked_fill(drop, float("-inf")).unsqueeze(0), uniform.view(1))
-    return int(order[picked[0]])
+    drop[:, 0] = False
+    picked = _inverse_cdf(values.masked_fill(drop, float("-inf")), uniform)
+    return order.gather(1, picked.unsqueeze(1)).squeeze(1)
 
 
 def _inverse_cdf(scores: Tensor, uniform: Tensor) -> Tensor:
