@@ -1,4 +1,4 @@
-"""Locust traffic for the CHIAR-Former server (the `mixed` scenario; DESIGN.md section 5).
+"""Locust traffic for the CHIAR-Former server (the `mixed` scenario; docs/ARCHITECTURE.md, Deploy and load tests).
 
 Weighted user classes drive /v1/generate (streamed and not, varied lengths and sampling),
 /v1/perplexity (short texts and long ones scored with sliding windows) and the OpenAI-shaped

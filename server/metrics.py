@@ -1,4 +1,4 @@
-"""Prometheus metrics, exactly the names, types and labels of DESIGN.md section 4."""
+"""Prometheus metrics: the names, types and labels of docs/ARCHITECTURE.md (Serving contract), plus the engine's step metrics."""
 
 from __future__ import annotations
 
