@@ -15,6 +15,7 @@ import torch
 
 from bench.report import interleaved_medians, machine_line, median_seconds, write_section
 from model.attention import PackedTokens
+from model.blocks import RoutedBlock
 from model.chiar import ChiarLM
 from model.config import ChiarConfig
 from model.routing import SpectralRouter
@@ -27,7 +28,7 @@ def calibrate_to_median(model: ChiarLM, ids: torch.Tensor) -> None:
     """Put each routing layer's threshold at the median entropy it sees (layer by layer)."""
     with torch.inference_mode():
         for layer, block in enumerate(model.blocks):
-            if block.kind == "route" and isinstance(block.router, SpectralRouter):
+            if isinstance(block, RoutedBlock) and isinstance(block.router, SpectralRouter):
                 entropy = model.infer(ids).routing.entropy[..., layer]
                 block.router.threshold.fill_(float(entropy.nanmedian()))
 
@@ -124,7 +125,7 @@ def _hf_decode(hf: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[floa
 
 def routing_overhead(chiar: ChiarLM, seq: int, batch: int, repeats: int) -> dict:
     """Cost of routing in one routing layer (DCT, entropy, compaction, scatter) vs the attention it saves."""
-    block = next(b for b in chiar.blocks if b.kind == "route")
+    block = chiar.routed_blocks()[0]
     attention = block.attention
     d = SIZE["d_model"]
     u = torch.randn(batch * seq, d)
