@@ -148,16 +148,15 @@ class GatedDCTBlock(Block):
 
     def mix_infer(self, u: Tensor, gate: Tensor | None, layer: int, batch: InferBatch) -> tuple[Tensor, Tensor | int, Tensor | None]:
         if gate is None:
-            return self.dct_mix(u), int(DCT), None
+            return self.dct_mix.infer(u), int(DCT), None
         is_open = gate >= 0.5
         operator = torch.where(is_open, int(DCT), int(Operator.IDENTITY)).to(torch.int8)
-        sel = is_open.nonzero().squeeze(1)
+        sel = is_open.nonzero().squeeze(1)  # the layer's one host read
         if sel.numel() == u.shape[0]:  # every gate open: no gather or scatter
-            return self.dct_mix(u), operator, None
-        y = u.clone()
-        if sel.numel():  # the DCT runs only where the gate is open
-            y[sel] = self.dct_mix(u[sel])
-        return y, operator, None
+            return self.dct_mix.infer(u), operator, None
+        if not sel.numel():
+            return u, operator, None
+        return u.index_copy(0, sel, self.dct_mix.infer(u.index_select(0, sel))), operator, None  # DCT only where open
 
     def mixer_flops(self, n: list[int], pairs: float, gated: bool) -> dict[str, float]:
         d = self.config.d_model
@@ -184,8 +183,8 @@ class RoutedBlock(Block):
 
     def _operator(self, op: Operator, u: Tensor, coefficients: Tensor, sel: Tensor, layer: int, batch: InferBatch) -> Tensor:
         """Operator `op` on the selected flat tokens (u, coefficients: theirs only)."""
-        if op == DCT:  # inverse transform and filter: the forward transform is the router's
-            return self.dct_mix.from_coefficients(coefficients, u.dtype)
+        if op == DCT:  # inverse transform and filter (one matmul): the forward transform is the router's
+            return self.dct_mix.infer_from_coefficients(coefficients, u.dtype)
         if op == RBF:
             assert self.rbf is not None
             return self.rbf(u)
@@ -219,28 +218,27 @@ class RoutedBlock(Block):
         coefficients = dct(u.to(spectral_dtype(u.dtype)))
         entropy = entropy_from_coefficients(coefficients, self.config.entropy_eps)
         operator = self.router.decide(u, entropy)
+        # The layer's one host read: how many tokens took each operator (sizes the work below).
         n = u.shape[0]
-        if n == 1:  # one token (batch-1 decode): run its operator, no gather or scatter
-            op = Operator(int(operator))
-            if op != ATTENTION:
-                batch.no_attention(layer, self.attention, u)
-            return self._operator(op, u, coefficients, batch.all_tokens, layer, batch), operator, entropy
-        y: Tensor | None = None
-        attended = False
-        for op in self.router.operators:
-            sel = (operator == op).nonzero().squeeze(1)
-            if not sel.numel():
-                continue
-            attended |= op == ATTENTION
-            if sel.numel() == n:  # every token took this operator
-                y = self._operator(op, u, coefficients, batch.all_tokens, layer, batch)
-                break
-            if y is None:
-                y = torch.empty_like(u)
-            y[sel] = self._operator(op, u[sel], coefficients[sel], sel, layer, batch)
-        if not attended:
+        if n == 1:
+            chosen = int(operator[0])
+            sizes = [int(op == chosen) for op in Operator]
+        else:
+            sizes = torch.bincount(operator.long(), minlength=len(Operator)).tolist()
+        if not sizes[ATTENTION]:
             batch.no_attention(layer, self.attention, u)
-        assert y is not None
+        single = next((op for op in self.router.operators if sizes[op] == n), None)
+        if single is not None:  # every token took one operator (always so at batch-1 decode): no gather, no scatter
+            return self._operator(single, u, coefficients, batch.all_tokens, layer, batch), operator, entropy
+        # Tokens grouped by operator id; stable, so each group keeps row-major order (packing needs it).
+        order = torch.argsort(operator, stable=True)
+        y = torch.empty_like(u)
+        start = 0
+        for op in Operator:
+            sel = order[start: start + sizes[op]]
+            start += sizes[op]
+            if sizes[op]:
+                y.index_copy_(0, sel, self._operator(op, u.index_select(0, sel), coefficients.index_select(0, sel), sel, layer, batch))
         return y, operator, entropy
 
     def mixer_flops(self, n: list[int], pairs: float, gated: bool) -> dict[str, float]:

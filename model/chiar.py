@@ -256,9 +256,11 @@ class ChiarLM(nn.Module):
         batch = len(state)
         if tokens.shape != (batch,):
             raise ValueError(f"tokens: expected shape ({batch},), got {tuple(tokens.shape)}")
-        if int(state.lengths.max()) >= cfg.max_seq_len:
+        longest = int(state.lengths.max())
+        if longest >= cfg.max_seq_len:
             raise ValueError(f"state: a sequence reached max_seq_len {cfg.max_seq_len}")
         self._check_tokens(tokens)
+        state.reserve_step(longest)  # once per step, so no layer reads lengths back to grow its cache
         x = self.embed(tokens)
         positions = state.lengths.clone()
         gate = None
