@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 
 @lru_cache(maxsize=32)
+@torch.inference_mode(False)  # a normal tensor even when first asked for under inference_mode: autograd may use it later
 def _dct_matrix_cached(d: int, device: str, dtype: torch.dtype) -> Tensor:
     k = torch.arange(d, dtype=torch.float64).unsqueeze(1)
     i = torch.arange(d, dtype=torch.float64).unsqueeze(0)
@@ -67,9 +68,11 @@ class DCTMix(nn.Module):
         """(diag(w) C, C^T diag(w) C): the filter folded into the inverse transform, and the whole
         mix as one d x d matrix. Inference only (no autograd); rebuilt when the filter changes
         (in-place update, `load_state_dict`, `.to()`) or another dtype / device asks."""
-        key = (self.filter._version, self.filter.data_ptr(), dtype, device)
+        # inference tensors (a model built under inference_mode) carry no version counter
+        version = None if self.filter.is_inference() else self.filter._version
+        key = (version, self.filter.data_ptr(), dtype, device)
         if self._folded is None or self._folded[0] != key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 c = dct_matrix(self.filter.shape[0], device, dtype)
                 synthesis = self.filter.detach().to(dtype).unsqueeze(1) * c
                 self._folded = (key, synthesis, c.T @ synthesis)
