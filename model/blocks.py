@@ -182,13 +182,15 @@ class RoutedBlock(Block):
         self.rbf = RBFLayer(config.d_model, config.rbf_centers) if config.three_operators else None
 
     def _operator(self, op: Operator, u: Tensor, coefficients: Tensor, sel: Tensor, layer: int, batch: InferBatch) -> Tensor:
-        """Operator `op` on the selected flat tokens (u, coefficients: theirs only)."""
+        """Operator `op` on the flat tokens `sel` (of all N: u, coefficients [N, d]); gathers only what `op` reads."""
+        every = sel is batch.all_tokens
         if op == DCT:  # inverse transform and filter (one matmul): the forward transform is the router's
-            return self.dct_mix.infer_from_coefficients(coefficients, u.dtype)
+            return self.dct_mix.infer_from_coefficients(coefficients if every else coefficients.index_select(0, sel), u.dtype)
+        u_sel = u if every else u.index_select(0, sel)
         if op == RBF:
             assert self.rbf is not None
-            return self.rbf(u)
-        return batch.attend(layer, self.attention, u, sel)
+            return self.rbf(u_sel)
+        return batch.attend(layer, self.attention, u_sel, sel)
 
     def mix_reference(self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch) -> tuple[Tensor, Tensor, Tensor | None]:
         """Dense: every operator on every token, blended by the (soft or hard) decision."""
@@ -238,7 +240,7 @@ class RoutedBlock(Block):
             sel = order[start: start + sizes[op]]
             start += sizes[op]
             if sizes[op]:
-                y.index_copy_(0, sel, self._operator(op, u.index_select(0, sel), coefficients.index_select(0, sel), sel, layer, batch))
+                y.index_copy_(0, sel, self._operator(op, u, coefficients, sel, layer, batch))
         return y, operator, entropy
 
     def mixer_flops(self, n: list[int], pairs: float, gated: bool) -> dict[str, float]:
