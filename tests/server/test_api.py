@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from model import load_checkpoint
+from model.generate import generate as generate_tokens
 from tests.server.conftest import ServerProcess
 
 PROMPT = "The history of the city begins"
@@ -73,7 +74,7 @@ def test_generate_greedy_matches_model_generate(client: httpx.Client, local) -> 
     body = generate(client, max_new_tokens=12, temperature=0, ignore_eos=True)
     model, tokenizer = local
     ids = torch.tensor([ids_of(local, PROMPT)])
-    expected = model.generate(ids, 12, temperature=0.0).tokens[0]
+    expected = generate_tokens(model, ids, 12, temperature=0.0).tokens[0]
     assert body["token_ids"] == expected
     assert body["text"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert body["finish_reason"] == "length"
