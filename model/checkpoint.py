@@ -19,6 +19,7 @@ from .checkpoint_guard import GuardError, check_limits, check_sizes, check_tenso
 from .chiar import ChiarLM
 from .config import ChiarConfig, ConfigError
 from .storage import TORCH_DTYPES, atomic_directory
+from .hf_tokenizer import TOKENIZER_CONFIG, write_tokenizer_files
 
 FORMAT_VERSION = "1"
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
@@ -78,6 +79,10 @@ def write_checkpoint_files(model: ChiarLM, tokenizer: Tokenizer, directory: Path
         save_file(tensors, str(target), metadata={"format_version": FORMAT_VERSION, "arch": config.arch})
         target = directory / TOKENIZER_FILE
         tokenizer.save(str(target))
+        # tokenizer_config.json + special_tokens_map.json: AutoTokenizer (lm-eval, HF clients) loads
+        # every checkpoint we write, the training export included
+        target = directory / TOKENIZER_CONFIG
+        write_tokenizer_files(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
             target = directory / name
             with open(target, "rb") as f:

@@ -27,7 +27,8 @@ def saved(tmp_path: Path, tokenizer) -> tuple[ChiarLM, Path]:
 def test_round_trip_is_bit_exact(saved, tokenizer) -> None:
     model, path = saved
     loaded, tok = load_checkpoint(path)
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "special_tokens_map.json",
+                                                      "tokenizer.json", "tokenizer_config.json"]
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert loaded.lm_head.weight is loaded.embed.weight  # tying survives the round trip
