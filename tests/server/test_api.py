@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from model import load_checkpoint
 from model.generate import generate as generate_tokens
@@ -315,8 +316,8 @@ def test_same_seed_same_text_alone_and_under_load(server: ServerProcess) -> None
     after = httpx.get(server.url + "/metrics").text
 
     def decode_batches(text: str, bucket: str) -> float:
-        prefix = f'chiar_batch_size_bucket{{le="{bucket}",phase="decode"}}'
-        return float(next(line for line in text.splitlines() if line.startswith(prefix)).split()[-1])
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == "chiar_batch_size_bucket" and s.labels["le"] == bucket and s.labels["phase"] == "decode")
 
     grew_total = decode_batches(after, "+Inf") - decode_batches(before, "+Inf")
     grew_single = decode_batches(after, "1.0") - decode_batches(before, "1.0")
