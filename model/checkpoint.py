@@ -18,8 +18,8 @@ from tokenizers import Tokenizer
 from .checkpoint_guard import GuardError, check_limits, check_sizes, check_tensors, read_header
 from .chiar import ChiarLM
 from .config import ChiarConfig, ConfigError
-from .storage import TORCH_DTYPES, atomic_directory
 from .hf_tokenizer import TOKENIZER_CONFIG, write_tokenizer_files
+from .storage import TORCH_DTYPES, atomic_directory
 
 FORMAT_VERSION = "1"
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
