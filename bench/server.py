@@ -43,8 +43,9 @@ RANDOM_SIZE = dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, d_ff=768
 
 
 # ------------------------------------------------------------------------ checkpoints
-def random_checkpoints(root: Path) -> tuple[Path, Path]:
-    """CHIAR + baseline of equal size with random weights and a BPE tokenizer trained on WikiText-2 valid."""
+def random_checkpoints(root: Path, max_seq_len: int = RANDOM_SIZE["max_seq_len"]) -> tuple[Path, Path]:
+    """CHIAR + baseline of equal size with random weights and a BPE tokenizer trained on WikiText-2 valid
+    (context `max_seq_len`; thresholds at the median entropy of that many tokens of text)."""
     import torch
 
     from model import ChiarConfig, ChiarLM, save_checkpoint
@@ -52,8 +53,8 @@ def random_checkpoints(root: Path) -> tuple[Path, Path]:
 
     text = (REPO / "data" / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
     tokenizer = train_tokenizer([text], vocab_size=RANDOM_SIZE["vocab_size"])
-    config = ChiarConfig(**{**RANDOM_SIZE, "vocab_size": tokenizer.get_vocab_size()})
-    ids = torch.tensor([[config.bos_token_id, *tokenizer.encode(text[:20000]).ids[: config.max_seq_len - 1]]])
+    config = ChiarConfig(**{**RANDOM_SIZE, "vocab_size": tokenizer.get_vocab_size(), "max_seq_len": max_seq_len})
+    ids = torch.tensor([[config.bos_token_id, *tokenizer.encode(text[: 20 * max_seq_len]).ids[: config.max_seq_len - 1]]])
     torch.manual_seed(0)
     probe = ChiarLM(config).eval()
     thresholds = [float(t) for t in probe.infer(ids).routing.entropy[0, :, 1:-1].nanmedian(dim=0).values]
