@@ -44,3 +44,24 @@ def test_kv_capacity_reports_both_models_under_one_budget(tiny_checkpoint: Path,
     assert rows["baseline"]["peak_running"] <= 2  # the budget fits two full-attention sequences
     text = md.read_text()
     assert "<!-- bench-kv:start -->" in text and "| CHIAR |" in text and "CHIAR / baseline" in text
+
+
+def test_server_long_rows_put_both_models_side_by_side(tiny_checkpoint: Path, tiny_baseline: Path, tmp_path: Path) -> None:
+    out, md = tmp_path / "long.json", tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n<!-- bench-server:start -->\nkept\n<!-- bench-server:end -->\n")
+    run("bench.server", "--chiar", str(tiny_checkpoint), "--baseline", str(tiny_baseline), "--long-only",
+        "--long-lengths", "40", "90", "--long-clients", "2", "--long-requests", "2", "--long-new-tokens", "6",
+        "--threads", "1", "--json", str(out), "--write", str(md))
+    rows = json.loads(out.read_text())["long"]
+    keys = {(r["model"], r["workload"], r["prompt_tokens"], r["clients"]) for r in rows}
+    assert keys == {(m, w, n, c) for m in ("CHIAR", "baseline") for w in ("perplexity", "generate") for n in (40, 90) for c in (2,)}
+    for r in rows:
+        assert r["requests"] == 2 and r["tokens_per_s"] > 0
+        if r["workload"] == "perplexity":
+            assert r["tokens_per_request"] == r["prompt_tokens"]  # every token after BOS is scored
+        else:
+            assert r["tokens_per_request"] == 6 and r["ttft_p50"] > 0 and r["itl_p50"] > 0
+    text = md.read_text()
+    assert "<!-- bench-server:start -->\nkept\n" in text  # --long-only leaves the other rows' section alone
+    section = text.split("<!-- bench-server-long:start -->")[1]
+    assert section.count("| 90 | ") == 2 and "long-document scoring, CHIAR / baseline" in section
