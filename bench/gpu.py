@@ -64,8 +64,8 @@ def run_tests(cuda: bool) -> tuple[bool, str]:
 
 
 # ------------------------------------------------------------------------ 2. server smoke
-def server_smoke(checkpoint: Path | None, log_dir: Path) -> tuple[bool, str]:
-    """A real server on CUDA in bfloat16: generate, perplexity, and forward latency recorded for device cuda."""
+def server_smoke(checkpoint: Path | None, log_dir: Path, device: str = "cuda") -> tuple[bool, str]:
+    """A real server on `device` in bfloat16: generate, perplexity, and forward latency recorded for that device."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -75,7 +75,7 @@ def server_smoke(checkpoint: Path | None, log_dir: Path) -> tuple[bool, str]:
         from bench.server import random_checkpoints
 
         checkpoint, _ = random_checkpoints(log_dir, max_seq_len=2048)
-    server = ServerProcess(checkpoint, log_path=log_dir / "gpu-server.log", extra_args=["--device", "cuda", "--dtype", "bfloat16"])
+    server = ServerProcess(checkpoint, log_path=log_dir / "gpu-server.log", extra_args=["--device", device, "--dtype", "bfloat16"])
     try:
         server.start(ready_timeout=300)
         gen = httpx.post(server.url + "/v1/generate", json={"prompt": "The tower is", "max_new_tokens": 16, "ignore_eos": True}, timeout=120)
@@ -83,7 +83,7 @@ def server_smoke(checkpoint: Path | None, log_dir: Path) -> tuple[bool, str]:
                          timeout=120)
         metrics = httpx.get(server.url + "/metrics", timeout=30).text
     except Exception as exc:  # report, not crash: the other parts still run
-        return False, f"server did not serve on cuda: {type(exc).__name__}: {exc}\n{server.output_tail()}"
+        return False, f"server did not serve on {device}: {type(exc).__name__}: {exc}\n{server.output_tail()}"
     finally:
         server.stop()
     counts = {(s.labels.get("phase"), s.labels.get("device")): s.value for f in text_string_to_metric_families(metrics)
@@ -93,10 +93,10 @@ def server_smoke(checkpoint: Path | None, log_dir: Path) -> tuple[bool, str]:
         problems.append(f"generate: HTTP {gen.status_code} {gen.text[:200]}")
     if ppl.status_code != 200 or not ppl.json()["results"][0]["perplexity"] > 0:
         problems.append(f"perplexity: HTTP {ppl.status_code} {ppl.text[:200]}")
-    if not counts.get(("prefill", "cuda")) or not counts.get(("decode", "cuda")):
-        problems.append(f"no forward latency recorded for device cuda: {counts}")
-    detail = "; ".join(problems) or (f"generate 16 tokens and perplexity {ppl.json()['results'][0]['perplexity']:.1f} on cuda "
-                                     f"(bfloat16), forward latency recorded for device=cuda")
+    if not counts.get(("prefill", device)) or not counts.get(("decode", device)):
+        problems.append(f"no forward latency recorded for device {device}: {counts}")
+    detail = "; ".join(problems) or (f"generate 16 tokens and perplexity {ppl.json()['results'][0]['perplexity']:.1f} on {device} "
+                                     f"(bfloat16), forward latency recorded for device={device}")
     return not problems, detail
 
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name()
     smoke = server_smoke(args.checkpoint, Path(tempfile.mkdtemp(prefix="bench-gpu-")))
     print(f"server smoke test on cuda: {'passed' if smoke[0] else 'FAILED'}: {smoke[1]}", flush=True)
-    rows = layer_rows("cuda", [torch.bfloat16, torch.float32], args.seqs or [2048, 8192], args.repeats)
+    rows = layer_rows("cuda", [torch.float32, torch.bfloat16], args.seqs or [2048, 8192], args.repeats)
     body = render(card, tests, smoke, rows, args.repeats)
     print(body)
     if args.write:

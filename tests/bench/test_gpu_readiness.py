@@ -36,3 +36,12 @@ def test_block_times_covers_every_block_and_restores_the_model() -> None:
     assert sorted(per_block) == [0, 1, 2, 3] and all(ms > 0 for ms in per_block.values())
     assert whole >= sum(per_block.values())
     assert all("forward_infer" not in vars(block) for block in model.blocks)  # the timing wrappers are gone
+
+
+def test_the_server_smoke_test_passes_on_a_real_server(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The smoke test's own checks, run against a CPU server (bench-gpu runs it with --device cuda)."""
+    from bench.gpu import server_smoke
+
+    ok, detail = server_smoke(tiny_checkpoint, tmp_path, device="cpu")
+    assert ok, detail
+    assert "forward latency recorded for device=cpu" in detail
