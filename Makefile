@@ -9,6 +9,7 @@ PORT ?= 8000
 .PHONY: setup system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step bench-kv bench-gpu loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
 LOADTEST_ARGS ?=
 # e.g. BENCH_SERVER_ARGS=--llamacpp adds llama.cpp's server to the peers (built once from the llama-cpp-python sdist)
+# BENCH_SERVER_ARGS=--long-only runs only the long-context rows (1-2k-token prompts), --no-long skips them
 BENCH_SERVER_ARGS ?=
 
 setup: $(VENV)/.installed

@@ -9,7 +9,7 @@ The servers run with a long step target (`--step-target-ms 2000`): with the defa
 long prompts is throttled to keep decoding smooth, sequences finish before the budget fills, and the
 peak would measure prefill speed, not KV capacity.
 
-    python -m bench.kv_capacity [--chiar DIR] [--baseline DIR] [--fit 4] [--requests 14] [--new-tokens 32]
+    python -m bench.kv_capacity [--chiar DIR] [--baseline DIR] [--fit 4] [--requests 16] [--new-tokens 32]
                                 [--quick] [--write BENCHMARKS.md]
 
 Without checkpoints it builds random-weight ones (bench.server.random_checkpoints) at context 2048.
@@ -36,7 +36,7 @@ from loadtests.server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "bench-kv"
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+FLOAT32_BYTES = 4  # the server computes (and caches) in float32 unless --dtype says otherwise, bf16-stored weights included
 TARGET = 1.8
 
 
@@ -99,10 +99,9 @@ def gauges(text: str) -> dict[tuple[str, str], float]:
 
 
 def baseline_seq_bytes(checkpoint: Path, tokens: int) -> int:
-    """K+V bytes of `tokens` tokens attending in every layer of a full-attention checkpoint, as stored."""
+    """K+V bytes of `tokens` tokens attending in every layer of a full-attention checkpoint, as served."""
     cfg = json.loads((checkpoint / "config.json").read_text())
-    element = DTYPE_BYTES.get(cfg.get("weights_dtype", "float32"), 4)
-    return cfg["n_layers"] * 2 * cfg["d_model"] * element * tokens
+    return cfg["n_layers"] * 2 * cfg["d_model"] * FLOAT32_BYTES * tokens
 
 
 async def generate(client: httpx.AsyncClient, prompt: str, new_tokens: int, seed: int) -> bool:
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random", action="store_true", help="random-weight checkpoints at --context even if trained ones exist")
     p.add_argument("--context", type=int, default=2048, help="context of the random-weight checkpoints")
     p.add_argument("--fit", type=float, default=4, help="the budget holds this many baseline sequences at full length")
-    p.add_argument("--requests", type=int, default=14, help="generations sent at once (more than CHIAR can hold)")
+    p.add_argument("--requests", type=int, default=16, help="generations sent at once (more than CHIAR can hold)")
     p.add_argument("--prompt-tokens", type=int, default=None, help="default: the context minus the new tokens minus BOS")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--step-target-ms", type=float, default=2000.0,
