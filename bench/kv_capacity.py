@@ -131,6 +131,8 @@ def measure(name: str, checkpoint: Path, prompts: list[str], args: argparse.Name
                 return await asyncio.gather(*(generate(client, prompts[i % len(prompts)], args.new_tokens, i + 1)
                                               for i in range(args.requests)))
 
+        if not solo.peak_used:
+            print(f"  {name}: the lone request finished between two polls: KV per sequence unknown (use more --new-tokens)", flush=True)
         start = time.perf_counter()
         with MetricsPoller(server.url) as poll:
             ok = asyncio.run(burst())
