@@ -58,7 +58,7 @@ def run_tests(cuda: bool) -> tuple[bool, str]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", PRECISION_TESTS, *(["-k", "cuda"] if cuda else [])]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-    print(f"precision tests ({'cuda cases' if cuda else 'CPU cases; cuda cases skip'}): {summary}", flush=True)
+    print(f"precision tests ({'cuda cases' if cuda else 'CPU cases; no CUDA, so no cuda cases'}): {summary}", flush=True)
     if proc.returncode:
         print(proc.stdout[-4000:] + proc.stderr[-2000:], flush=True)
     return proc.returncode == 0, summary
