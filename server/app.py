@@ -4,7 +4,6 @@ chat and tokenizer routes from their own modules."""
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from tokenizers import Tokenizer
 
+from model.scoring import Perplexity, total_nll
 from server import chat, openai_api, openapi, perplexity_text, tokenizer_api
 from server.body_timeout import BodyTimeout
 from server.engine import DoneEvent, Engine, GenerateJob, GenerationResult, GenParams, ScoreJob, ScoreResult, TokenEvent
@@ -38,7 +38,7 @@ from server.schemas import (
     TokenLogprob,
     Usage,
 )
-from server.service import Service, safe_exp, sse
+from server.service import Service, sse
 from server.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -143,18 +143,13 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
         results = []
         for i, text in enumerate(texts):
             lps = result.logprobs[i]
-            nll = -sum(lps)
-            n = len(lps)
-            words = len(text.split())
-            n_bytes = len(text.encode("utf-8"))
+            p = Perplexity.of_text(text, total_nll(lps), len(lps))
             counts = result.counts[i]
             routing_layers = [row for layer, row in enumerate(counts) if 0 < layer < len(counts) - 1]
             routed = sum(sum(row) for row in routing_layers)
             results.append(PerplexityResult(
-                index=i, tokens=n, words=words, bytes=n_bytes, nll=nll, mean_nll=nll / n,
-                perplexity=safe_exp(nll / n) or float("nan"),
-                word_perplexity=safe_exp(nll / words) if words else None,
-                bits_per_byte=nll / (math.log(2) * n_bytes) if n_bytes else None,
+                index=i, tokens=p.tokens, words=p.words, bytes=p.bytes, nll=p.nll, mean_nll=p.mean_nll,
+                perplexity=p.token_ppl or float("nan"), word_perplexity=p.word_ppl, bits_per_byte=p.bits_per_byte,
                 windows=result.windows[i],
                 logprobs=[TokenLogprob(token=engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
                 if body.return_logprobs else None,

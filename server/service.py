@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -130,9 +129,3 @@ def sse(payload: Any) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
 
-
-def safe_exp(x: float) -> float | None:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return None
