@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from tokenizers import Tokenizer
@@ -20,7 +20,7 @@ from model.scoring import Perplexity, total_nll
 from server import chat, openai_api, openapi, perplexity_text, tokenizer_api
 from server.body_timeout import BodyTimeout
 from server.engine import DoneEvent, Engine, GenerateJob, GenerationResult, GenParams, ScoreJob, ScoreResult, TokenEvent
-from server.errors import APIError, install_handlers, invalid
+from server.errors import install_handlers, invalid
 from server.metrics import OPERATORS, Metrics
 from server.middleware import BearerAuth, BodyLimit, RequestMetrics, endpoint_label
 from server.schemas import (
@@ -105,20 +105,13 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
             return final((await svc.collect([job], queue, request))[0])
 
         async def stream() -> AsyncIterator[bytes]:
-            try:
-                async for event in svc.events([job], queue, None):
-                    if isinstance(event, TokenEvent):
-                        yield sse({"type": "token", "id": rid, "text": event.text, "token_ids": event.token_ids})
-                    elif isinstance(event, DoneEvent):
-                        yield sse({"type": "done", **final(event.result).model_dump()})  # type: ignore[arg-type]
-                yield sse("[DONE]")
-            except APIError as exc:
-                yield svc.error_for_stream(request.url.path, exc)
-            except (asyncio.CancelledError, GeneratorExit):  # the client hung up mid-stream
-                metrics.error(endpoint_label(request.url.path), "cancelled")
-                raise
+            async for event in svc.events([job], queue, None):
+                if isinstance(event, TokenEvent):
+                    yield sse({"type": "token", "id": rid, "text": event.text, "token_ids": event.token_ids})
+                elif isinstance(event, DoneEvent):
+                    yield sse({"type": "done", **final(event.result).model_dump()})  # type: ignore[arg-type]
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return svc.sse_response(stream(), request)
 
     # ---------------------------------------------------------------- perplexity
     @app.post("/v1/perplexity", response_model=PerplexityResponse, responses=ERRORS, tags=["native"])

@@ -223,9 +223,13 @@ class Engine:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
+        # every step: only the counts the gauges show, not status()'s backlog and KV sums
+        sched = self.scheduler
         with self._cv:
-            s = self.scheduler.status()
-        self.metrics.update_queues(s.waiting_generate, s.waiting_score, s.running + s.prefilling + s.scoring, s.budget_tokens)
+            waiting_generate, waiting_score = sched.waiting_counts()
+            active = len(sched.prefilling) + len(sched.running) + len(sched.scoring)
+            budget = sched.budget()
+        self.metrics.update_queues(waiting_generate, waiting_score, active, budget)
 
     def _record_forward(self, phase: str, seconds: float, batch: int, out: ModelOutput, gate: Tensor | None) -> None:
         if self._record:

@@ -6,20 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import ServerProcess
-
 TEXT = "The cat sat on the mat in the old house."
-
-
-@pytest.fixture(scope="module")
-def oai(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def text_ids(client: httpx.Client, text: str) -> list[int]:
