@@ -40,7 +40,8 @@ TopK = Annotated[int, Field(ge=1, description="sample among the k most likely to
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same seed -> same text, alone or under load")]
 
 
-def _utf8(value: str, empty_ok: bool = False) -> str:
+def utf8_text(value: str, empty_ok: bool = False) -> str:
+    """`value` if it is (non-empty unless empty_ok) text that encodes as UTF-8, else a ValueError."""
     if not value and not empty_ok:
         raise ValueError("must not be empty")
     try:
@@ -50,6 +51,14 @@ def _utf8(value: str, empty_ok: bool = False) -> str:
     return value
 
 
+def _any_text(value: str) -> str:
+    return utf8_text(value, empty_ok=True)
+
+
+Text = Annotated[str, AfterValidator(utf8_text)]  # non-empty text
+AnyText = Annotated[str, AfterValidator(_any_text)]  # text, possibly empty
+
+
 def _stop_list(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
@@ -57,7 +66,7 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     if len(items) > MAX_STOP:
         raise ValueError(f"at most {MAX_STOP} stop strings, got {len(items)}")
     for item in items:
-        _utf8(item, empty_ok=True)  # an empty stop string never matches (OpenAI accepts it too)
+        utf8_text(item, empty_ok=True)  # an empty stop string never matches (OpenAI accepts it too)
     return items
 
 
@@ -97,7 +106,7 @@ class StrictRequest(BaseModel):
 # ---------------------------------------------------------------- native generate
 class GenerateRequest(StrictRequest):
 
-    prompt: str = Field(description="text to continue (a BOS token is prepended)")
+    prompt: Text = Field(description="text to continue (a BOS token is prepended)")
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate; prompt + these must fit the context")
     temperature: Temperature = 1.0
     top_k: TopK | None = None
@@ -107,11 +116,6 @@ class GenerateRequest(StrictRequest):
     stream: bool = Field(False, description="server-sent events, one per token batch")
     return_routing: bool = Field(False, description="per-token per-layer operator, entropy and MetaRouter gate")
     ignore_eos: bool = Field(False, description="keep generating past the EOS token")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _utf8(v)
 
     @field_validator("stop")
     @classmethod
@@ -174,11 +178,11 @@ class PerplexityRequest(StrictRequest):
                 raise ValueError("must not be an empty list")
             for i, item in enumerate(v):
                 try:
-                    _utf8(item)
+                    utf8_text(item)
                 except ValueError as exc:
                     raise ValueError(f"item {i} {exc}") from None
             return v
-        return _utf8(v)
+        return utf8_text(v)
 
 
 class RoutingCounts(BaseModel):
@@ -220,13 +224,8 @@ class PerplexityResponse(BaseModel):
 # ---------------------------------------------------------------- tokenize
 class TokenizeRequest(StrictRequest):
 
-    text: str
+    text: AnyText
     add_bos: bool = True
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        return _utf8(v, empty_ok=True)
 
 
 class TokenizeResponse(BaseModel):

@@ -143,7 +143,8 @@ class ModelRunner:
         if decode and self.rows:
             decode_out, decode_seconds = self._decode(failed)
         t0 = time.perf_counter()
-        chunks = self._prefill(prefill, failed) + self._score(score, failed)
+        chunks = (self._chunks(prefill, self._prefill_batch, self._prefill_partial, failed, "prefill")
+                  + self._chunks(score, self._score_batch, self._score_partial, failed, "scoring"))
         return RunnerOutput(decode_out, chunks, failed, decode_seconds, time.perf_counter() - t0)
 
     def _decode(self, failed: list[tuple[Job, str]]) -> tuple[DecodeOutput | None, float]:
@@ -197,12 +198,13 @@ class ModelRunner:
             outputs += self._isolated([item], batched, failed, what)
         return outputs
 
-    def _prefill(self, chunks: list[PrefillChunk], failed: list[tuple[Job, str]]) -> list[ChunkOutput]:
-        whole = [c for c in chunks if c.whole]
-        partial = [c for c in chunks if not c.whole]
-        outputs = self._isolated(whole, self._prefill_batch, failed, "prefill")
-        for chunk in partial:
-            outputs += self._isolated([chunk], self._prefill_partial, failed, "prefill")
+    def _chunks(self, chunks: list[Any], batched: Callable[[list[Any]], list[ChunkOutput]],
+                partial: Callable[[list[Any]], list[ChunkOutput]], failed: list[tuple[Job, str]], what: str) -> list[ChunkOutput]:
+        """Whole sequences in one batched call; chunks of longer ones one by one (each continues its own cache)."""
+        outputs = self._isolated([c for c in chunks if c.whole], batched, failed, what)
+        for chunk in chunks:
+            if not chunk.whole:
+                outputs += self._isolated([chunk], partial, failed, what)
         return outputs
 
     def _batch(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor, list[int]]:
@@ -245,14 +247,6 @@ class ModelRunner:
         o = self._partial(c, c.job.prompt_ids[c.start:c.end], None if c.start == 0 else c.job.prefill_state, all_logits, skip)
         c.job.prefill_state = None if c.last else o.state
         return [o]
-
-    def _score(self, chunks: list[ScoreChunk], failed: list[tuple[Job, str]]) -> list[ChunkOutput]:
-        whole = [c for c in chunks if c.whole]
-        partial = [c for c in chunks if not c.whole]
-        outputs = self._isolated(whole, self._score_batch, failed, "scoring")
-        for chunk in partial:
-            outputs += self._isolated([chunk], self._score_partial, failed, "scoring")
-        return outputs
 
     def _score_batch(self, chunks: list[ScoreChunk]) -> list[ChunkOutput]:
         seqs = []
