@@ -211,6 +211,7 @@ class Engine:
         done, going_on = self.output.prefill([c for c in ro.chunks if isinstance(c.chunk, PrefillChunk)])
         ended += done
         ended += self.output.score([c for c in ro.chunks if isinstance(c.chunk, ScoreChunk)])
+        ended += self.output.score_nothing(self.scheduler.scoring)  # they get no chunk, so nothing else ends them
         self.runner.remove([j for j in ended if isinstance(j, GenerateJob)])
         self.runner.admit([o for o in going_on if not o.chunk.job.done])
         kv_used, kv_tokens = self.runner.kv_bytes()

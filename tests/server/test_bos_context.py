@@ -37,6 +37,15 @@ def test_echo_gives_one_entry_per_sent_token(client: httpx.Client, oai: openai.O
         assert lp.token_logprobs[-1] == pytest.approx(plain.choices[0].logprobs.token_logprobs[-1], abs=1e-5)
 
 
+def test_echo_of_bos_alone_has_nothing_to_score(client: httpx.Client, oai: openai.OpenAI) -> None:
+    """A prompt of BOS alone: no target to score (no window at all), answered at once with one null entry."""
+    bos = client.get("/tokenizer_info").json()["bos_token_id"]
+    out = oai.completions.create(model="chiar-tiny", prompt=[bos], max_tokens=0, echo=True, logprobs=1, timeout=30)
+    lp = out.choices[0].logprobs
+    assert lp.tokens == ["<bos>"] and lp.token_logprobs == [None] and out.usage.prompt_tokens == 1
+    assert client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 1}).status_code == 200  # engine unharmed
+
+
 def test_streamed_echo_matches(client: httpx.Client, oai: openai.OpenAI) -> None:
     ids = text_ids(client, TEXT)
     full = oai.completions.create(model="chiar-tiny", prompt=[1, *ids], max_tokens=2, echo=True, logprobs=0, temperature=0)
