@@ -29,8 +29,9 @@ def scrape(url: str) -> Samples:
 
 
 def metric(scraped: Samples, name: str, **labels: str) -> float:
-    """One sample's value (0 when absent)."""
-    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of `name`'s samples whose labels include `labels` (PromQL's sum(name{labels})); 0 when none."""
+    want = set(labels.items())
+    return sum(value for (sample, have), value in scraped.items() if sample == name and want <= set(have))
 
 
 def save_tiny_checkpoint(path: Path, *, max_seq_len: int = 128, tokenizer: Tokenizer | None = None,
