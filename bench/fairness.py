@@ -22,9 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.server_process import ServerProcess
-
-REPO = Path(__file__).resolve().parents[1]
+from loadtests.server_process import ROOT, ServerProcess
 
 
 def pct(values: list[float], q: float) -> float:
@@ -109,14 +107,14 @@ def render(res: dict, args: argparse.Namespace) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "chiar-small")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "chiar-small")
     p.add_argument("--flood", type=int, default=12)
     p.add_argument("--new-tokens", type=int, default=120)
     p.add_argument("--doc-chars", type=int, default=20000)
     p.add_argument("--write", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    text = (REPO / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
+    text = (ROOT / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
     docs = [text[i: i + args.doc_chars] for i in range(0, min(len(text), 12 * args.doc_chars), args.doc_chars)]
     with ServerProcess(args.checkpoint) as server:
         res = asyncio.run(run(server.url, docs, args.flood, args.new_tokens))

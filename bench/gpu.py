@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from bench.report import machine_line, write_section
+from loadtests.server_process import ROOT
 from model.blocks import RoutedBlock
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "bench-gpu"
 NO_CUDA = ("no CUDA device: skipping the bf16 model tests on cuda, the cuda server smoke test and the CUDA-event "
            "benchmark; running the CPU parts")
@@ -56,7 +56,7 @@ class LayerRow:
 def run_tests(cuda: bool) -> tuple[bool, str]:
     """The precision tests; on CUDA only the cuda cases (the CPU ones run in `make test`)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", PRECISION_TESTS, *(["-k", "cuda"] if cuda else [])]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     print(f"precision tests ({'cuda cases' if cuda else 'CPU cases; no CUDA, so no cuda cases'}): {summary}", flush=True)
     if proc.returncode:
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", type=Path, default=None, help="markdown file to update with the CUDA figures (BENCHMARKS.md)")
     p.add_argument("--seqs", type=int, nargs="+", default=None, help="tokens per timed forward (default: 2048 8192 on CUDA, 2048 on CPU)")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "chiar-small", help="served by the smoke test")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "chiar-small", help="served by the smoke test")
     p.add_argument("--quick", action="store_true", help="smoke run: 256 tokens, 2 repeats")
     p.add_argument("--skip-tests", action="store_true", help="skip the precision tests (e.g. when `make test` just ran them)")
     args = p.parse_args(argv)

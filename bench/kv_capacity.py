@@ -28,13 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.longtext import context_of, long_texts
-from bench.report import machine_line, write_section
-from loadtests.server_process import ServerProcess
+from bench.report import machine_line, relative, write_section
+from loadtests.metrics_snapshot import samples
+from loadtests.server_process import ROOT, ServerProcess
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "bench-kv"
 FLOAT32_BYTES = 4  # the server computes (and caches) in float32 unless --dtype says otherwise, bf16-stored weights included
 TARGET = 1.8
@@ -90,12 +89,8 @@ class MetricsPoller:
 
 def gauges(text: str) -> dict[tuple[str, str], float]:
     """(name, kind label or '') -> value for the gauges this benchmark reads."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        if family.name in ("chiar_requests_running", "chiar_kv_cache_bytes"):
-            for sample in family.samples:
-                out[(sample.name, sample.labels.get("kind", ""))] = sample.value
-    return out
+    return {(name, dict(labels).get("kind", "")): value for (name, labels), value in samples(text).items()
+            if name in ("chiar_requests_running", "chiar_kv_cache_bytes")}
 
 
 def baseline_seq_bytes(checkpoint: Path, tokens: int) -> int:
@@ -174,8 +169,8 @@ def render(caps: list[Capacity], names: dict[str, Path], args: argparse.Namespac
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--chiar", type=Path, default=REPO / "checkpoints" / "chiar-small")
-    p.add_argument("--baseline", type=Path, default=REPO / "checkpoints" / "baseline-small")
+    p.add_argument("--chiar", type=Path, default=ROOT / "checkpoints" / "chiar-small")
+    p.add_argument("--baseline", type=Path, default=ROOT / "checkpoints" / "baseline-small")
     p.add_argument("--random", action="store_true", help="random-weight checkpoints at --context even if trained ones exist")
     p.add_argument("--context", type=int, default=2048, help="context of the random-weight checkpoints")
     p.add_argument("--fit", type=float, default=4, help="the budget holds this many baseline sequences at full length")
@@ -208,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = long_texts(args.chiar, args.prompt_tokens, min(args.requests, 16))
     names = {"CHIAR": args.chiar, "baseline": args.baseline}
     caps = [measure(name, path, prompts, args, budget, tmp) for name, path in names.items()]
-    rel = {k: v.relative_to(REPO) if v.is_relative_to(REPO) else v for k, v in names.items()}
+    rel = relative(names)
     body = render(caps, rel, args)
     print(body)
     if args.json:

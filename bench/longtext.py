@@ -11,8 +11,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-TEST_TEXT = REPO / "data" / "wikitext-2" / "test.txt"
+from loadtests.server_process import ROOT
+
+TEST_TEXT = ROOT / "data" / "wikitext-2" / "test.txt"
 
 
 def context_of(checkpoint: Path) -> int:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from loadtests.server_process import ROOT
+
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of fn over ``repeats`` calls, after ``warmup`` untimed ones."""
@@ -91,3 +93,8 @@ def write_section(path: Path, name: str, body: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def relative(paths: dict[str, Path]) -> dict[str, Path]:
+    """Checkpoint paths as the reports show them: relative to the repository when inside it."""
+    return {k: v.relative_to(ROOT) if v.is_relative_to(ROOT) else v for k, v in paths.items()}

@@ -36,10 +36,9 @@ import httpx
 
 from bench import compare, server_long
 from bench.load import Sample, closed_loop, generate_once, perplexity_once, summarise
-from bench.report import fmt, machine_line, median_seconds, write_section
-from loadtests.server_process import ServerProcess
+from bench.report import fmt, machine_line, median_seconds, relative, write_section
+from loadtests.server_process import ROOT, ServerProcess
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "bench-server"
 RANDOM_SIZE = dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, d_ff=768, max_seq_len=256)
 
@@ -53,7 +52,7 @@ def random_checkpoints(root: Path, max_seq_len: int = RANDOM_SIZE["max_seq_len"]
     from model import ChiarConfig, ChiarLM, save_checkpoint
     from training.tokenizer import train_tokenizer
 
-    text = (REPO / "data" / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
+    text = (ROOT / "data" / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
     tokenizer = train_tokenizer([text], vocab_size=RANDOM_SIZE["vocab_size"])
     config = ChiarConfig(**{**RANDOM_SIZE, "vocab_size": tokenizer.get_vocab_size(), "max_seq_len": max_seq_len})
     ids = torch.tensor([[config.bos_token_id, *tokenizer.encode(text[: 20 * max_seq_len]).ids[: config.max_seq_len - 1]]])
@@ -205,7 +204,7 @@ def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argpa
                       f"({100 * overhead['routing_ms'] / overhead['prefill_ms']:.0f}%)")
     lines += ["Targets (measured, not asserted):", "", *checks, ""]
     if plot is not None:
-        lines += [f"![latency vs concurrency]({os.path.relpath(plot, args.write.parent if args.write else REPO)})", ""]
+        lines += [f"![latency vs concurrency]({os.path.relpath(plot, args.write.parent if args.write else ROOT)})", ""]
     if peers is not None:
         lines += compare.render(peers, work)
     return "\n".join(lines)
@@ -242,21 +241,17 @@ def make_plot(rows: list[dict], path: Path) -> Path | None:
 
 
 def workload_text(n_prompts: int) -> tuple[list[str], list[str]]:
-    paragraphs = [p.strip() for p in (REPO / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split("\n") if len(p.strip()) > 400]
+    paragraphs = [p.strip() for p in (ROOT / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split("\n") if len(p.strip()) > 400]
     prompts = [" ".join(p.split()[:24]) for p in paragraphs[:n_prompts]]
     texts = [" ".join(p.split()[:150]) for p in paragraphs[:n_prompts]]
     return prompts, texts
 
 
-def relative(paths: dict[str, Path]) -> dict[str, Path]:
-    """Checkpoint paths as the report shows them: relative to the repository when inside it."""
-    return {k: v.relative_to(REPO) if v.is_relative_to(REPO) else v for k, v in paths.items()}
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--chiar", type=Path, default=REPO / "checkpoints" / "chiar-small")
-    p.add_argument("--baseline", type=Path, default=REPO / "checkpoints" / "baseline-small")
+    p.add_argument("--chiar", type=Path, default=ROOT / "checkpoints" / "chiar-small")
+    p.add_argument("--baseline", type=Path, default=ROOT / "checkpoints" / "baseline-small")
     p.add_argument("--random", action="store_true", help="use random-weight checkpoints of chiar-small's size even if trained ones exist")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests-per-client", type=int, default=2)
@@ -270,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers-only", action="store_true", help="only the same-workload comparison with the peers")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 clients, few requests, no plot")
     p.add_argument("--write", type=Path, default=None, help="markdown file to update (BENCHMARKS.md)")
-    p.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "bench_server_latency.png")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "bench_server_latency.png")
     p.add_argument("--json", type=Path, default=None, help="also dump raw rows as JSON")
     server_long.add_arguments(p)
     args = p.parse_args(argv)

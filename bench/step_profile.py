@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from loadtests.server_process import ROOT
 
 
 class Timers:
@@ -55,7 +55,7 @@ def profile(checkpoint: Path, batch: int, steps: int) -> dict[str, float]:
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     queue: asyncio.Queue = asyncio.Queue()
-    text = (REPO / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8")[:20000].split()
+    text = (ROOT / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8")[:20000].split()
     jobs = []
     for i in range(batch):
         ids = [model.config.bos_token_id, *tokenizer.encode(" ".join(text[i * 24:(i + 1) * 24])).ids]
@@ -117,7 +117,7 @@ def table(results: dict[int, dict[str, float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "chiar-small")
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "chiar-small")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--write", type=Path, default=None)

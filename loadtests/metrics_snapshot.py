@@ -48,22 +48,32 @@ class Snapshot:
                         names=self.names)
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str) -> Samples:
+    """Prometheus text exposition as {(sample name, sorted (label, value) pairs): value}: the one parser."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
 def parse(text: str) -> Snapshot:
     """Parse Prometheus text exposition from the server."""
     snap = Snapshot()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            snap.names.add(sample.name)
-            if sample.name == "chiar_tokens_routed_total":
-                key = (int(sample.labels["layer"]), sample.labels["operator"], sample.labels["phase"])
-                snap.routed[key] = sample.value
-            elif sample.name == "chiar_generation_tokens_total":
-                snap.generation_tokens = sample.value
-            elif sample.name == "chiar_prompt_tokens_total":
-                snap.prompt_tokens = sample.value
-            elif sample.name == "chiar_request_errors_total":
-                reason = sample.labels["reason"]
-                snap.errors[reason] = snap.errors.get(reason, 0.0) + sample.value
-            elif sample.name == "chiar_model_info":
-                snap.arch = sample.labels.get("arch")
+    for (name, label_pairs), value in samples(text).items():
+        labels = dict(label_pairs)
+        snap.names.add(name)
+        if name == "chiar_tokens_routed_total":
+            snap.routed[(int(labels["layer"]), labels["operator"], labels["phase"])] = value
+        elif name == "chiar_generation_tokens_total":
+            snap.generation_tokens = value
+        elif name == "chiar_prompt_tokens_total":
+            snap.prompt_tokens = value
+        elif name == "chiar_request_errors_total":
+            snap.errors[labels["reason"]] = snap.errors.get(labels["reason"], 0.0) + value
+        elif name == "chiar_model_info":
+            snap.arch = labels.get("arch")
     return snap

@@ -119,25 +119,36 @@ class LoopbackProcess:
 
 
 class ServerProcess(LoopbackProcess):
-    """`python -m server` on loopback, ready when GET /ready answers 200."""
+    """`python -m server` on loopback, ready when GET /ready answers 200 (benchmarks, load tests, the tests).
 
-    def __init__(self, checkpoint: str | Path, *, port: int | None = None, env: Mapping[str, str] | None = None,
-                 log_path: str | Path | None = None, extra_args: list[str] | None = None) -> None:
+    Without an explicit `port` it takes a free one, and another if that was taken before the server bound it.
+    """
+
+    def __init__(self, checkpoint: str | Path, log_path: str | Path | None = None, *, port: int | None = None,
+                 env: Mapping[str, str] | None = None, args: list[str] | None = None) -> None:
         env = {**({} if "CHIAR_LOG_LEVEL" in os.environ else {"CHIAR_LOG_LEVEL": "warning"}), **(env or {})}
         super().__init__([], port=port or free_port(), env=env, log_path=log_path, ready_path="/ready")
         self.checkpoint = Path(checkpoint)
-        self.extra_args = list(extra_args or [])
+        self.args = list(args or [])
+        self.fixed_port = port is not None
 
     def command(self) -> list[str]:
         if not (self.checkpoint / "config.json").is_file():
             raise FileNotFoundError(f"checkpoint {self.checkpoint}: no config.json (train or pass another --checkpoint)")
         return [sys.executable, "-m", "server", "--checkpoint", str(self.checkpoint),
-                "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
 
     def start(self, ready_timeout: float = 120.0) -> ServerProcess:
         """Launch the server and block until GET /ready answers 200."""
-        super().start(ready_timeout)
-        return self
+        for attempt in range(3):
+            try:
+                super().start(ready_timeout)
+                return self
+            except (RuntimeError, TimeoutError):
+                if self.fixed_port or attempt == 2 or "address already in use" not in self.output_tail().lower():
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loadtests.server_process import ROOT
 from reliability.report import ProbeResult
 
-ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ("requirements.txt", "requirements-dev.txt")
 TRIED = "pip-audit 2.10.1 (pinned in requirements-dev.txt) over the pinned " + " and ".join(LOCKS) + ", --no-deps"
 

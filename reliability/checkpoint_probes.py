@@ -12,9 +12,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from loadtests.server_process import ROOT
 from reliability.report import ProbeResult
 
-ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
 _LOADER = r"""

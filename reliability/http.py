@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from loadtests.metrics_snapshot import samples
+
 
 @dataclass
 class Reply:
@@ -50,7 +52,4 @@ def post_json(url: str, path: str, obj: object, headers: dict[str, str] | None =
 def metric_value(url: str, name: str) -> float | None:
     """One unlabelled sample from /metrics (None when absent)."""
     reply = raw_request(url, "GET", "/metrics", timeout=10)
-    for line in reply.body.decode("utf-8", "replace").splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{}"):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    return samples(reply.body.decode("utf-8", "replace")).get((name, ()))

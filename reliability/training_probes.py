@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from loadtests.server_process import ROOT
 from reliability.report import ProbeResult
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 40
 
 

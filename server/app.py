@@ -4,7 +4,6 @@ chat and tokenizer routes from their own modules."""
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,14 +11,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from model.scoring import Perplexity, total_nll
 from server import chat, openai_api, openapi, perplexity_text, tokenizer_api
 from server.body_timeout import BodyTimeout
 from server.engine import DoneEvent, GenerateJob, GenerationResult, GenParams, ScoreJob, ScoreResult, TokenEvent
-from server.errors import APIError, install_handlers, invalid
+from server.errors import install_handlers, invalid
 from server.metrics import NO_MODEL, OPERATORS, Metrics
 from server.middleware import BearerAuth, BodyLimit, RequestMetrics, endpoint_label
 from server.schemas import (
@@ -37,7 +37,7 @@ from server.schemas import (
     TokenLogprob,
     Usage,
 )
-from server.service import ServedModels, Service, safe_exp, sse
+from server.service import ServedModels, Service, sse
 from server.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -113,20 +113,13 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
             return final((await svc.collect([job], queue, request))[0])
 
         async def stream() -> AsyncIterator[bytes]:
-            try:
-                async for event in svc.events([job], queue, None):
-                    if isinstance(event, TokenEvent):
-                        yield sse({"type": "token", "id": rid, "text": event.text, "token_ids": event.token_ids})
-                    elif isinstance(event, DoneEvent):
-                        yield sse({"type": "done", **final(event.result).model_dump()})  # type: ignore[arg-type]
-                yield sse("[DONE]")
-            except APIError as exc:
-                yield svc.error_for_stream(request.url.path, exc)
-            except (asyncio.CancelledError, GeneratorExit):  # the client hung up mid-stream
-                svc.metrics.error(endpoint_label(request.url.path), "cancelled")
-                raise
+            async for event in svc.events([job], queue, None):
+                if isinstance(event, TokenEvent):
+                    yield sse({"type": "token", "id": rid, "text": event.text, "token_ids": event.token_ids})
+                elif isinstance(event, DoneEvent):
+                    yield sse({"type": "done", **final(event.result).model_dump()})  # type: ignore[arg-type]
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return svc.sse_response(stream(), request)
 
     # ---------------------------------------------------------------- perplexity
     @app.post("/v1/perplexity", response_model=PerplexityResponse, responses=ERRORS, tags=["native"])
@@ -152,18 +145,13 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
         results = []
         for i, text in enumerate(texts):
             lps = result.logprobs[i]
-            nll = -sum(lps)
-            n = len(lps)
-            words = len(text.split())
-            n_bytes = len(text.encode("utf-8"))
+            p = Perplexity.of_text(text, total_nll(lps), len(lps))
             counts = result.counts[i]
             routing_layers = [row for layer, row in enumerate(counts) if 0 < layer < len(counts) - 1]
             routed = sum(sum(row) for row in routing_layers)
             results.append(PerplexityResult(
-                index=i, tokens=n, words=words, bytes=n_bytes, nll=nll, mean_nll=nll / n,
-                perplexity=safe_exp(nll / n) or float("nan"),
-                word_perplexity=safe_exp(nll / words) if words else None,
-                bits_per_byte=nll / (math.log(2) * n_bytes) if n_bytes else None,
+                index=i, tokens=p.tokens, words=p.words, bytes=p.bytes, nll=p.nll, mean_nll=p.mean_nll,
+                perplexity=p.token_ppl or float("nan"), word_perplexity=p.word_ppl, bits_per_byte=p.bits_per_byte,
                 windows=result.windows[i],
                 logprobs=[TokenLogprob(token=svc.engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
                 if body.return_logprobs else None,

@@ -16,14 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.hf_tokenizer import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, chat_template
 from server.engine import DoneEvent, GenerateJob, GenParams, Job, LogprobEntry, TokenEvent
-from server.errors import APIError, invalid
-from server.middleware import endpoint_label
+from server.errors import invalid
 from server.openai_api import ERRORS
 from server.openai_schemas import (
     AssistantMessage,
@@ -67,7 +65,7 @@ class ChatTemplate:
 
     def encode(self, svc: Service, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         """Ids the engine runs (BOS first)."""
-        ids, _ = svc._encode([self.render(messages, add_generation_prompt)])[0]
+        ids, _ = svc.encode_now([self.render(messages, add_generation_prompt)])[0]
         return ids
 
 
@@ -160,27 +158,20 @@ async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionReq
 
     async def stream() -> AsyncIterator[bytes]:
         completion = 0
-        try:
-            for j in range(body.n):
-                yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-            async for event in svc.events(jobs, queue, None):
-                j = event.index
-                if isinstance(event, TokenEvent):
-                    lp = chat_logprobs(svc, event.logprobs or []).model_dump() if body.logprobs else None
-                    if event.text or lp:
-                        yield chunk([{"index": j, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}])
-                elif isinstance(event, DoneEvent):
-                    completion += event.result.completion_tokens  # type: ignore[union-attr]
-                    yield chunk([{"index": j, "delta": {}, "logprobs": None,
-                                  "finish_reason": _finish(event.result.finish_reason)}])  # type: ignore[union-attr]
-            if include_usage:
-                yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                 "total_tokens": prompt_tokens + completion})
-            yield sse("[DONE]")
-        except APIError as exc:
-            yield svc.error_for_stream(request.url.path, exc)
-        except (asyncio.CancelledError, GeneratorExit):  # the client hung up mid-stream
-            svc.metrics.error(endpoint_label(request.url.path), "cancelled")
-            raise
+        for j in range(body.n):
+            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        async for event in svc.events(jobs, queue, None):
+            j = event.index
+            if isinstance(event, TokenEvent):
+                lp = chat_logprobs(svc, event.logprobs or []).model_dump() if body.logprobs else None
+                if event.text or lp:
+                    yield chunk([{"index": j, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}])
+            elif isinstance(event, DoneEvent):
+                completion += event.result.completion_tokens  # type: ignore[union-attr]
+                yield chunk([{"index": j, "delta": {}, "logprobs": None,
+                              "finish_reason": _finish(event.result.finish_reason)}])  # type: ignore[union-attr]
+        if include_usage:
+            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                             "total_tokens": prompt_tokens + completion})
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return svc.sse_response(stream(), request)

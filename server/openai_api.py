@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from server.engine import (
     DoneEvent,
@@ -31,8 +30,7 @@ from server.engine import (
     ScoreResult,
     TokenEvent,
 )
-from server.errors import APIError, invalid
-from server.middleware import endpoint_label
+from server.errors import invalid
 from server.schemas import (
     CompletionChoice,
     CompletionLogprobs,
@@ -237,54 +235,47 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
 
     async def stream() -> AsyncIterator[bytes]:
         completion_tokens = 0
-        try:
-            if not jobs or isinstance(jobs[0], ScoreJob):  # max_tokens == 0: the echo is the whole answer
-                score: ScoreResult | None = None
-                if jobs:
-                    async for event in svc.events(jobs, queue, None):
-                        if isinstance(event, DoneEvent):
-                            score = event.result  # type: ignore[assignment]
-                for i in range(n_choices):
-                    p = i // body.n
-                    entries = scored_entries(score, p) if score is not None else None
-                    lp = prompt_lp(p, entries) if body.logprobs is not None and body.echo else None
-                    yield chunk(i, prompts[p].text if body.echo else "", "length", lp)
-            else:
-                sent_echo: set[int] = set()
-                emitted = [0] * n_choices
-                for i in range(n_choices):
-                    if body.echo and not want_prompt_lp:
-                        sent_echo.add(i)
-                        yield chunk(i, prompts[i // body.n].text, None)
+        if not jobs or isinstance(jobs[0], ScoreJob):  # max_tokens == 0: the echo is the whole answer
+            score: ScoreResult | None = None
+            if jobs:
                 async for event in svc.events(jobs, queue, None):
-                    i = event.index
-                    if isinstance(event, PromptEvent) and i not in sent_echo:
-                        sent_echo.add(i)
-                        yield chunk(i, prompts[i // body.n].text, None, prompt_lp(i // body.n, event.logprobs))
-                    elif isinstance(event, TokenEvent):
-                        lp = None
-                        if body.logprobs is not None and event.logprobs is not None:
-                            base = (len(prompts[i // body.n].text) if body.echo else 0) + emitted[i]
-                            lp = completion_lp(event.logprobs, base, [0] * len(event.logprobs))
-                        emitted[i] += len(event.text)
-                        if event.text or lp:
-                            yield chunk(i, event.text, None, lp)
-                    elif isinstance(event, DoneEvent):
-                        result: GenerationResult = event.result  # type: ignore[assignment]
-                        completion_tokens += result.completion_tokens
-                        yield chunk(i, "", "length" if result.finish_reason == "length" else "stop")
-            if include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": [],
-                           "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                     "total_tokens": prompt_tokens + completion_tokens}})
-            yield sse("[DONE]")
-        except APIError as exc:
-            yield svc.error_for_stream(request.url.path, exc)
-        except (asyncio.CancelledError, GeneratorExit):  # the client hung up mid-stream
-            svc.metrics.error(endpoint_label(request.url.path), "cancelled")
-            raise
+                    if isinstance(event, DoneEvent):
+                        score = event.result  # type: ignore[assignment]
+            for i in range(n_choices):
+                p = i // body.n
+                entries = scored_entries(score, p) if score is not None else None
+                lp = prompt_lp(p, entries) if body.logprobs is not None and body.echo else None
+                yield chunk(i, prompts[p].text if body.echo else "", "length", lp)
+        else:
+            sent_echo: set[int] = set()
+            emitted = [0] * n_choices
+            for i in range(n_choices):
+                if body.echo and not want_prompt_lp:
+                    sent_echo.add(i)
+                    yield chunk(i, prompts[i // body.n].text, None)
+            async for event in svc.events(jobs, queue, None):
+                i = event.index
+                if isinstance(event, PromptEvent) and i not in sent_echo:
+                    sent_echo.add(i)
+                    yield chunk(i, prompts[i // body.n].text, None, prompt_lp(i // body.n, event.logprobs))
+                elif isinstance(event, TokenEvent):
+                    lp = None
+                    if body.logprobs is not None and event.logprobs is not None:
+                        base = (len(prompts[i // body.n].text) if body.echo else 0) + emitted[i]
+                        lp = completion_lp(event.logprobs, base, [0] * len(event.logprobs))
+                    emitted[i] += len(event.text)
+                    if event.text or lp:
+                        yield chunk(i, event.text, None, lp)
+                elif isinstance(event, DoneEvent):
+                    result: GenerationResult = event.result  # type: ignore[assignment]
+                    completion_tokens += result.completion_tokens
+                    yield chunk(i, "", "length" if result.finish_reason == "length" else "stop")
+        if include_usage:
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": [],
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}})
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return svc.sse_response(stream(), request)
 
 
 def _extend(into: dict[str, list], part: dict[str, list]) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
-from server.schemas import MAX_STOP, ModelId, Usage
+from server.schemas import MAX_STOP, AnyText, ModelId, Usage, utf8_text
 
 STRICT = ConfigDict(extra="ignore")
 STRICT_FORBID = ConfigDict(extra="forbid")
@@ -43,24 +43,11 @@ StopText = Annotated[str, Field(min_length=1)]
 Unsupported = "not supported: only the neutral value is accepted"
 
 
-def _utf8(value: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"is not valid Unicode text (unpaired surrogate at character {exc.start})") from None
-    return value
-
-
 # ---------------------------------------------------------------- chat request
 class TextPart(BaseModel):
     model_config = STRICT
     type: Literal["text"]
-    text: str
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        return _utf8(v)
+    text: AnyText
 
 
 class ChatMessage(BaseModel):
@@ -74,7 +61,7 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _content(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
-        return _utf8(v) if isinstance(v, str) else v
+        return utf8_text(v, empty_ok=True) if isinstance(v, str) else v
 
     def text(self) -> str:
         if self.content is None:
@@ -128,7 +115,7 @@ class ChatCompletionRequest(BaseModel):
     def _stop(cls, v: str | list[str] | None) -> list[str]:
         items = [] if v is None else [v] if isinstance(v, str) else list(v)
         for item in items:
-            _utf8(item)
+            utf8_text(item, empty_ok=True)
         return items
 
     @property
@@ -204,14 +191,9 @@ class TokenizeCompletion(BaseModel):
 
     model_config = STRICT_FORBID
     model: ModelId = None
-    prompt: str
+    prompt: AnyText
     add_special_tokens: StrictBool = True
     return_token_strs: StrictBool = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _utf8(v)
 
 
 class TokenizeChat(BaseModel):

@@ -41,7 +41,8 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same seed -> same te
 ModelId = Annotated[str | None, Field(description="served model id (GET /v1/models); default: the first --checkpoint")]
 
 
-def _utf8(value: str, empty_ok: bool = False) -> str:
+def utf8_text(value: str, empty_ok: bool = False) -> str:
+    """`value` if it is (non-empty unless empty_ok) text that encodes as UTF-8, else a ValueError."""
     if not value and not empty_ok:
         raise ValueError("must not be empty")
     try:
@@ -51,6 +52,14 @@ def _utf8(value: str, empty_ok: bool = False) -> str:
     return value
 
 
+def _any_text(value: str) -> str:
+    return utf8_text(value, empty_ok=True)
+
+
+Text = Annotated[str, AfterValidator(utf8_text)]  # non-empty text
+AnyText = Annotated[str, AfterValidator(_any_text)]  # text, possibly empty
+
+
 def _stop_list(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
@@ -58,7 +67,7 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     if len(items) > MAX_STOP:
         raise ValueError(f"at most {MAX_STOP} stop strings, got {len(items)}")
     for item in items:
-        _utf8(item, empty_ok=True)  # an empty stop string never matches (OpenAI accepts it too)
+        utf8_text(item, empty_ok=True)  # an empty stop string never matches (OpenAI accepts it too)
     return items
 
 
@@ -99,7 +108,7 @@ class StrictRequest(BaseModel):
 class GenerateRequest(StrictRequest):
 
     model: ModelId = None
-    prompt: str = Field(description="text to continue (a BOS token is prepended)")
+    prompt: Text = Field(description="text to continue (a BOS token is prepended)")
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate; prompt + these must fit the context")
     temperature: Temperature = 1.0
     top_k: TopK | None = None
@@ -109,11 +118,6 @@ class GenerateRequest(StrictRequest):
     stream: bool = Field(False, description="server-sent events, one per token batch")
     return_routing: bool = Field(False, description="per-token per-layer operator, entropy and MetaRouter gate")
     ignore_eos: bool = Field(False, description="keep generating past the EOS token")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _utf8(v)
 
     @field_validator("stop")
     @classmethod
@@ -177,11 +181,11 @@ class PerplexityRequest(StrictRequest):
                 raise ValueError("must not be an empty list")
             for i, item in enumerate(v):
                 try:
-                    _utf8(item)
+                    utf8_text(item)
                 except ValueError as exc:
                     raise ValueError(f"item {i} {exc}") from None
             return v
-        return _utf8(v)
+        return utf8_text(v)
 
 
 class RoutingCounts(BaseModel):
@@ -224,13 +228,8 @@ class PerplexityResponse(BaseModel):
 class TokenizeRequest(StrictRequest):
 
     model: ModelId = None
-    text: str
+    text: AnyText
     add_bos: bool = True
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        return _utf8(v, empty_ok=True)
 
 
 class TokenizeResponse(BaseModel):
@@ -339,7 +338,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-def drop_none(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if v is not None}

@@ -4,14 +4,15 @@ ServedModels that picks one by a request's `model`, job events, SSE framing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from tokenizers import Tokenizer
 
 from server.engine import DoneEvent, Engine, ErrorEvent, Event, Job, Unavailable
@@ -43,14 +44,15 @@ class Service:
         self.tokenizer.encode_special_tokens = True  # "<eos>" typed by a user is text, not a control token
 
     # ---------------------------------------------------------------- tokens
-    def _encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    def encode_now(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(BOS + ids, character offsets) of each text, on this thread (`encode` moves long batches off the event loop)."""
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         return [([self.bos, *e.ids], [(0, 0), *e.offsets]) for e in encodings]
 
     async def encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         if sum(len(t) for t in texts) < 4096:
-            return self._encode(texts)
-        return await asyncio.to_thread(self._encode, texts)
+            return self.encode_now(texts)
+        return await asyncio.to_thread(self.encode_now, texts)
 
     def check_length(self, ids: list[int], new_tokens: int, new_param: str, prompt_param: str = "prompt") -> None:
         if len(ids) >= self.context + (1 if new_tokens == 0 else 0):
@@ -126,6 +128,24 @@ class Service:
         self.metrics.error(endpoint_label(path), exc.reason)
         return sse(error_body(exc.message, exc.type, exc.param, exc.code))
 
+    def sse_response(self, events: AsyncIterator[bytes], request: Request) -> StreamingResponse:
+        """The SSE answer of every streaming route: `events`, then `data: [DONE]`. An APIError mid-stream
+        becomes one error event (the status line is already sent); a client hang-up counts as cancelled."""
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async with contextlib.aclosing(events) as body:  # closed now, not at garbage collection
+                    async for part in body:
+                        yield part
+                yield sse("[DONE]")
+            except APIError as exc:
+                yield self.error_for_stream(request.url.path, exc)
+            except (asyncio.CancelledError, GeneratorExit):  # the client hung up mid-stream
+                self.metrics.error(endpoint_label(request.url.path), "cancelled")
+                raise
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
 
 class ServedModels:
     """The served models in --checkpoint order; the first is the default for requests without `model`."""
@@ -175,9 +195,3 @@ def sse(payload: Any) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
 
-
-def safe_exp(x: float) -> float | None:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return None

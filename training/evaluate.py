@@ -1,17 +1,15 @@
 """Perplexity of held-out text with sliding windows: token PPL, word PPL and bits per byte.
 
-Same protocol as the server: a BOS token is prepended so every text token is predicted;
-windows of `seq_len` tokens advance by `stride`, and each token is scored once, with the longest
-context its window gives. token PPL = exp(NLL / tokens), word PPL = exp(NLL / whitespace words),
-bits per byte = NLL / (ln 2 * UTF-8 bytes).
+Same protocol as the server, from the same code (model/scoring.py): a BOS token is prepended so
+every text token is predicted; windows of `seq_len` input tokens advance by `stride`, and each token
+is scored once, with the longest context its window gives. token PPL = exp(NLL / tokens), word PPL =
+exp(NLL / whitespace words), bits per byte = NLL / (ln 2 * UTF-8 bytes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from model import Operator
+from model.scoring import Perplexity, plan_windows, right_pad, total_nll
 from training.calibrate import load_frozen
 from training.config import EVAL_PATHS, EvalConfig
 from training.data import EvalText, load_documents
@@ -27,19 +26,6 @@ from training.errors import TrainingError
 from training.paths import check_path_usable
 
 GATE_OPEN = 0.5  # the MetaRouter's hard gate: inference runs the DCT mix at layer 1 iff g >= 0.5
-
-
-def windows(n_ids: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
-    """(begin, end, first scored position) over ids[0:n_ids]; position p predicts ids[p + 1]."""
-    scored_until = 0  # positions < scored_until are done
-    begin = 0
-    while scored_until < n_ids - 1:
-        end = min(begin + seq_len, n_ids)
-        yield begin, end, scored_until
-        scored_until = end - 1
-        if end == n_ids:
-            break
-        begin = min(begin + stride, scored_until)  # the window must hold the next scored position
 
 
 def _forward(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, path: str) -> Any:
@@ -57,22 +43,17 @@ def score_ids(
     if path not in EVAL_PATHS:
         raise ValueError(f"path: must be one of {EVAL_PATHS}, got {path!r}")
     device = torch.device(device)
-    spans = list(windows(len(ids), seq_len, stride))
-    total_nll, total_tokens = 0.0, 0
+    spans = plan_windows(len(ids), seq_len, stride)
+    logprobs: list[float] = []
     counts: torch.Tensor | None = None
     gate_sum, gate_open, gate_n = 0.0, 0, 0
     source = torch.tensor(ids, dtype=torch.long)
     for start in range(0, len(spans), batch_size):
         group = spans[start : start + batch_size]
-        width = max(e - b for b, e, _ in group)
-        inp = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        labels = torch.full((len(group), width), -100, dtype=torch.long)
-        for row, (b, e, first) in enumerate(group):
-            inp[row, : e - b] = source[b:e]
-            mask[row, : e - b] = 1
-            lo = first - b  # first position of this window that is scored
-            labels[row, lo : e - b - 1] = source[first + 1 : e]
+        inp, mask = right_pad([ids[s.begin : s.end] for s in group])
+        labels = torch.full_like(inp, -100)
+        for row, s in enumerate(group):  # input position p predicts ids[p + 1]; only targets >= score_from count
+            labels[row, s.score_from - 1 - s.begin : s.length] = source[s.score_from : s.end + 1]
         inp, mask, labels = inp.to(device), mask.to(device), labels.to(device)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with ctx:
@@ -80,8 +61,7 @@ def score_ids(
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         valid = labels != -100
         picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total_nll -= float(picked[valid].sum())
-        total_tokens += int(valid.sum())
+        logprobs += picked[valid].tolist()
         routing = out.routing
         c = routing.counts.detach().cpu().long()
         counts = c if counts is None else counts + c
@@ -96,7 +76,7 @@ def score_ids(
         "gate": gate_sum / gate_n if gate_n else None,
         "gate_open": gate_open / gate_n if gate_n else None,
     }
-    return total_nll, total_tokens, routing_stats
+    return total_nll(logprobs), len(logprobs), routing_stats
 
 
 def attention_share(counts: torch.Tensor) -> list[float]:
@@ -114,17 +94,10 @@ def operator_shares(counts: torch.Tensor) -> list[dict[str, float]]:
             for layer in range(counts.shape[0])]
 
 
-def metrics(nll: float, tokens: int, words: int, n_bytes: int) -> dict[str, float]:
-    """token PPL, word PPL and bits per byte from a summed NLL."""
-    return {
-        "token_ppl": math.exp(nll / max(tokens, 1)),
-        "word_ppl": math.exp(nll / max(words, 1)),
-        "bits_per_byte": nll / (math.log(2) * max(n_bytes, 1)),
-        "nll": nll,
-        "tokens": tokens,
-        "words": words,
-        "bytes": n_bytes,
-    }
+def metrics(p: Perplexity) -> dict[str, float | None]:
+    """token PPL, word PPL and bits per byte (model.scoring.Perplexity) as report fields."""
+    return {"token_ppl": p.token_ppl, "word_ppl": p.word_ppl, "bits_per_byte": p.bits_per_byte,
+            "nll": p.nll, "tokens": p.tokens, "words": p.words, "bytes": p.bytes}
 
 
 def evaluate_texts(
@@ -140,7 +113,7 @@ def evaluate_texts(
         for t in texts:
             ids = [bos, *tokenizer.encode(t.text, add_special_tokens=False).ids]
             nll, n, routing = score_ids(model, ids, seq_len, stride, batch_size, path, device, autocast_dtype)
-            results[t.name] = {**metrics(nll, n, t.words, t.bytes), **routing}
+            results[t.name] = {**metrics(Perplexity.of_text(t.text, nll, n)), **routing}
     finally:
         model.train(was_training)
     return results
@@ -193,9 +166,12 @@ def format_report(report: dict[str, Any]) -> str:
             share = m["attention_share"]
             routed = share[1:-1] if report["arch"] == "chiar" and len(share) > 2 else share
             mean_share = sum(routed) / max(len(routed), 1)
-            gate = "-" if m["gate"] is None else f"{m['gate']:.2f}"
             lines.append(
-                f"{path:<10} {name:<20} {m['token_ppl']:>10.2f} {m['word_ppl']:>10.2f} {m['bits_per_byte']:>10.4f} "
-                f"{mean_share:>10.3f} {gate:>6}"
+                f"{path:<10} {name:<20} {_num(m['token_ppl'], '.2f'):>10} {_num(m['word_ppl'], '.2f'):>10} "
+                f"{_num(m['bits_per_byte'], '.4f'):>10} {mean_share:>10.3f} {_num(m['gate'], '.2f'):>6}"
             )
     return "\n".join(lines)
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

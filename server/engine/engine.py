@@ -239,6 +239,7 @@ class Engine:
         done, going_on = self.output.prefill([c for c in ro.chunks if isinstance(c.chunk, PrefillChunk)])
         ended += done
         ended += self.output.score([c for c in ro.chunks if isinstance(c.chunk, ScoreChunk)])
+        ended += self.output.score_nothing(self.scheduler.scoring)  # they get no chunk, so nothing else ends them
         self.runner.remove([j for j in ended if isinstance(j, GenerateJob)])
         self.runner.admit([o for o in going_on if not o.chunk.job.done])
         # partly prefilled prompts hold cache too (their reservation only counts the tokens still to come)
@@ -252,9 +253,13 @@ class Engine:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
+        # every step: only the counts the gauges show, not status()'s backlog and KV sums
+        sched = self.scheduler
         with self._cv:
-            s = self.scheduler.status()
-        self.metrics.update_queues(s.waiting_generate, s.waiting_score, s.running + s.prefilling + s.scoring, s.budget_tokens)
+            waiting_generate, waiting_score = sched.waiting_counts()
+            active = len(sched.prefilling) + len(sched.running) + len(sched.scoring)
+            budget = sched.budget()
+        self.metrics.update_queues(waiting_generate, waiting_score, active, budget)
 
     def _record_forward(self, phase: str, seconds: float, batch: int, out: ModelOutput, gate: Tensor | None) -> None:
         if self._record:

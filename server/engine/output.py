@@ -215,6 +215,13 @@ class OutputProcessor:
                 ended.append(job)
         return ended
 
+    def score_nothing(self, jobs: list[ScoreJob]) -> list[Job]:
+        """Admitted scoring requests with no target at all (each sequence is BOS alone): done at once."""
+        ended: list[Job] = [j for j in jobs if not j.done and j.windows_left == 0]
+        for job in ended:
+            self._finish_score(job)  # type: ignore[arg-type]
+        return ended
+
     def _book_score_chunk(self, job: ScoreJob, chunk: ScoreChunk, o: ChunkOutput) -> None:
         win = chunk.window
         seq = job.seqs[win.seq]

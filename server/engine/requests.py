@@ -199,7 +199,8 @@ class GenerateJob(Job):
 
 @dataclass
 class Window:
-    """One scoring window of a sequence: inputs ids[begin:end], targets ids[begin+1:end+1]."""
+    """One scoring window (a model.scoring.Span) of sequence `seq`, with the engine's progress on it:
+    inputs ids[begin:end], targets ids[score_from:end + 1]."""
 
     seq: int  # index into the job's sequences
     begin: int
@@ -227,17 +228,12 @@ class ScoreJob(Job):
         self.counts: list[Any] = [None] * len(seqs)  # per sequence: [layers, operators] counts (torch)
         self.n_windows = [0] * len(seqs)
         self.pending: deque[Window] = deque()
+        from model.scoring import plan_windows  # here, not at the top: the scheduler imports this module without torch
+
         for s, ids in enumerate(seqs):
-            last_input = len(ids) - 1  # ids[-1] is only ever a target
-            begin, scored = 0, 0
-            while True:
-                end = min(begin + window, last_input)
-                self.pending.append(Window(s, begin, end, scored + 1))
-                self.n_windows[s] += 1
-                scored = end
-                if end >= last_input:
-                    break
-                begin += stride
+            spans = plan_windows(len(ids), window, stride)
+            self.pending.extend(Window(s, span.begin, span.end, span.score_from) for span in spans)
+            self.n_windows[s] = len(spans)
         self.windows_left = len(self.pending)
 
     def remaining_tokens(self) -> int:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from model import DecodeState, ModelOutput
+from model.scoring import right_pad
 from server.engine.requests import GenerateJob, Job
 from server.engine.scheduler import PrefillChunk, ScoreChunk
 
@@ -141,7 +142,8 @@ class ModelRunner:
         if decode and self.rows:
             decode_out, decode_seconds = self._decode(failed)
         t0 = time.perf_counter()
-        chunks = self._prefill(prefill, failed) + self._score(score, failed)
+        chunks = (self._chunks(prefill, self._prefill_batch, self._prefill_partial, failed, "prefill")
+                  + self._chunks(score, self._score_batch, self._score_partial, failed, "scoring"))
         return RunnerOutput(decode_out, chunks, failed, decode_seconds, time.perf_counter() - t0)
 
     def _decode(self, failed: list[tuple[Job, str]]) -> tuple[DecodeOutput | None, float]:
@@ -195,63 +197,55 @@ class ModelRunner:
             outputs += self._isolated([item], batched, failed, what)
         return outputs
 
-    def _prefill(self, chunks: list[PrefillChunk], failed: list[tuple[Job, str]]) -> list[ChunkOutput]:
-        whole = [c for c in chunks if c.whole]
-        partial = [c for c in chunks if not c.whole]
-        outputs = self._isolated(whole, self._prefill_batch, failed, "prefill")
-        for chunk in partial:
-            outputs += self._isolated([chunk], self._prefill_partial, failed, "prefill")
+    def _chunks(self, chunks: list[Any], batched: Callable[[list[Any]], list[ChunkOutput]],
+                partial: Callable[[list[Any]], list[ChunkOutput]], failed: list[tuple[Job, str]], what: str) -> list[ChunkOutput]:
+        """Whole sequences in one batched call; chunks of longer ones one by one (each continues its own cache)."""
+        outputs = self._isolated([c for c in chunks if c.whole], batched, failed, what)
+        for chunk in chunks:
+            if not chunk.whole:
+                outputs += self._isolated([chunk], partial, failed, what)
         return outputs
 
     def _batch(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor, list[int]]:
-        lens = [len(s) for s in seqs]
-        ids = torch.full((len(seqs), max(lens)), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), max(lens)), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : lens[b]] = torch.tensor(s)
-            mask[b, : lens[b]] = 1
-        return ids.to(self.device), mask.to(self.device), lens
+        ids, mask = right_pad(seqs, self.pad)
+        return ids.to(self.device), mask.to(self.device), [len(s) for s in seqs]
+
+    def _batched(self, chunks: list[Any], seqs: list[list[int]], run: Callable[[Tensor, Tensor], tuple[ModelOutput, Any]],
+                 last_only: bool = False) -> list[ChunkOutput]:
+        """One right-padded forward over `seqs`; a ChunkOutput per chunk (logits of its last position only if asked)."""
+        ids, mask, lens = self._batch(seqs)
+        (out, state), seconds = self._timed(lambda: run(ids, mask))
+        self.record("prefill", seconds, len(chunks), out, out.routing.gate[mask.bool()] if out.routing.gate is not None else None)
+        return [_output(c, out, b, lens[b], out.logits[b, :1] if last_only else out.logits[b, : lens[b]], state)
+                for b, c in enumerate(chunks)]
+
+    def _partial(self, chunk: PrefillChunk | ScoreChunk, ids: list[int], state: DecodeState | None,
+                 all_logits: bool, skip: bool) -> ChunkOutput:
+        """One chunk of one long sequence: a prefill for its first chunk, else an extension of `state`."""
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if state is None:
+            (out, state), seconds = self._timed(lambda: self.model.prefill(x[None], all_logits=all_logits, skip_logits=skip))
+        else:
+            cache = state
+            out, seconds = self._timed(lambda: self.model.extend(x, cache, all_logits=all_logits, skip_logits=skip))
+        self.record("prefill", seconds, 1, out, out.routing.gate[0] if out.routing.gate is not None else None)
+        return _output(chunk, out, 0, len(ids), out.logits[0], state)
 
     def _prefill_batch(self, chunks: list[PrefillChunk]) -> list[ChunkOutput]:
         for c in chunks:
             self.faults.check("model", c.job.prompt_ids)
-        ids, mask, lens = self._batch([c.job.prompt_ids for c in chunks])
         all_logits = any(c.job.params.prompt_logprobs is not None for c in chunks)
-        (out, state), seconds = self._timed(lambda: self.model.prefill(ids, mask, all_logits=all_logits))
-        self.record("prefill", seconds, len(chunks), out, out.routing.gate[mask.bool()] if out.routing.gate is not None else None)
-        outputs = []
-        for b, c in enumerate(chunks):
-            n = lens[b]
-            logits = out.logits[b, :n] if all_logits else out.logits[b, :1]
-            outputs.append(ChunkOutput(c, logits, out.routing.operator[b, :n], out.routing.entropy[b, :n], out.routing.gate[b, :n],
-                                       out.flops.per_sequence_executed[b], out.flops.per_sequence_dense[b], state, b))
-        return outputs
+        return self._batched(chunks, [c.job.prompt_ids for c in chunks],
+                             lambda ids, mask: self.model.prefill(ids, mask, all_logits=all_logits), last_only=not all_logits)
 
     def _prefill_partial(self, chunks: list[PrefillChunk]) -> list[ChunkOutput]:
         (c,) = chunks
         self.faults.check("model", c.job.prompt_ids)
         all_logits = c.job.params.prompt_logprobs is not None
         skip = not (all_logits or c.last)  # only the prompt's last position predicts a token we need
-        ids = torch.tensor(c.job.prompt_ids[c.start:c.end], dtype=torch.long, device=self.device)
-        if c.start == 0:
-            (out, state), seconds = self._timed(lambda: self.model.prefill(ids[None], all_logits=all_logits, skip_logits=skip))
-            c.job.prefill_state = state
-        else:
-            state = c.job.prefill_state
-            out, seconds = self._timed(lambda: self.model.extend(ids, state, all_logits=all_logits, skip_logits=skip))
-        self.record("prefill", seconds, 1, out, out.routing.gate[0] if out.routing.gate is not None else None)
-        if c.last:
-            c.job.prefill_state = None
-        return [ChunkOutput(c, out.logits[0], out.routing.operator[0], out.routing.entropy[0], out.routing.gate[0],
-                            out.flops.per_sequence_executed[0], out.flops.per_sequence_dense[0], state, 0)]
-
-    def _score(self, chunks: list[ScoreChunk], failed: list[tuple[Job, str]]) -> list[ChunkOutput]:
-        whole = [c for c in chunks if c.whole]
-        partial = [c for c in chunks if not c.whole]
-        outputs = self._isolated(whole, self._score_batch, failed, "scoring")
-        for chunk in partial:
-            outputs += self._isolated([chunk], self._score_partial, failed, "scoring")
-        return outputs
+        o = self._partial(c, c.job.prompt_ids[c.start:c.end], None if c.start == 0 else c.job.prefill_state, all_logits, skip)
+        c.job.prefill_state = None if c.last else o.state
+        return [o]
 
     def _score_batch(self, chunks: list[ScoreChunk]) -> list[ChunkOutput]:
         seqs = []
@@ -259,26 +253,22 @@ class ModelRunner:
             ids = c.job.seqs[c.window.seq]
             self.faults.check("score", ids)
             seqs.append(ids[c.window.begin: c.window.end])
-        ids, mask, lens = self._batch(seqs)
-        out, seconds = self._timed(lambda: self.model.infer(ids, mask))
-        self.record("prefill", seconds, len(chunks), out, out.routing.gate[mask.bool()] if out.routing.gate is not None else None)
-        return [ChunkOutput(c, out.logits[b, : lens[b]], out.routing.operator[b, : lens[b]], out.routing.entropy[b, : lens[b]],
-                            out.routing.gate[b, : lens[b]], out.flops.per_sequence_executed[b], out.flops.per_sequence_dense[b])
-                for b, c in enumerate(chunks)]
+        return self._batched(chunks, seqs, lambda ids, mask: (self.model.infer(ids, mask), None))
 
     def _score_partial(self, chunks: list[ScoreChunk]) -> list[ChunkOutput]:
         (c,) = chunks
         seq = c.job.seqs[c.window.seq]
         self.faults.check("score", seq)
-        lo = c.window.begin + c.start
-        ids = torch.tensor(seq[lo: c.window.begin + c.end], dtype=torch.long, device=self.device)
-        if c.start == 0:
-            (out, state), seconds = self._timed(lambda: self.model.prefill(ids[None], all_logits=True))
-            c.window.state = state
-        else:
-            out, seconds = self._timed(lambda: self.model.extend(ids, c.window.state, all_logits=True))
-        self.record("prefill", seconds, 1, out, out.routing.gate[0] if out.routing.gate is not None else None)
-        if c.last:
-            c.window.state = None
-        return [ChunkOutput(c, out.logits[0], out.routing.operator[0], out.routing.entropy[0], out.routing.gate[0],
-                            out.flops.per_sequence_executed[0], out.flops.per_sequence_dense[0])]
+        w = c.window
+        o = self._partial(c, seq[w.begin + c.start: w.begin + c.end], None if c.start == 0 else w.state, True, False)  # type: ignore[arg-type]
+        w.state = None if c.last else o.state
+        o.state = None  # a scoring window never joins the running batch
+        return [o]
+
+
+def _output(chunk: PrefillChunk | ScoreChunk, out: ModelOutput, b: int, n: int, logits: Tensor,
+            state: DecodeState | None) -> ChunkOutput:
+    """Row b's first n positions of a forward's routing and FLOPs, with the given logits."""
+    r = out.routing
+    return ChunkOutput(chunk, logits, r.operator[b, :n], r.entropy[b, :n], r.gate[b, :n],
+                       out.flops.per_sequence_executed[b], out.flops.per_sequence_dense[b], state, b)

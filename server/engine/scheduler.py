@@ -337,10 +337,15 @@ class Scheduler:
         self.running = [j for j in self.running if id(j) not in gone]
         self.scoring = [j for j in self.scoring if id(j) not in gone]
 
+    def waiting_counts(self) -> tuple[int, int]:
+        """(generation, scoring) requests waiting for admission."""
+        score = sum(isinstance(j, ScoreJob) for j in self.waiting)
+        return len(self.waiting) - score, score
+
     def status(self) -> SchedulerStatus:
+        waiting_generate, waiting_score = self.waiting_counts()
         return SchedulerStatus(
-            waiting_generate=sum(isinstance(j, GenerateJob) for j in self.waiting),
-            waiting_score=sum(isinstance(j, ScoreJob) for j in self.waiting),
+            waiting_generate=waiting_generate, waiting_score=waiting_score,
             prefilling=len(self.prefilling), running=len(self.running), scoring=len(self.scoring),
             budget_tokens=self.budget(), kv_reserved_bytes=self.kv_reserved(), kv_budget_bytes=self.limits.kv_budget_bytes,
             retry_after=self.retry_after(),

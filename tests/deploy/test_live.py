@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import yaml
 
 from loadtests.metrics_snapshot import parse
 from tests.deploy.promql import metric_names
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
 DESIGN_METRICS = {
     "chiar_tokens_routed_total", "chiar_metarouter_gate", "chiar_forward_latency_seconds",
     "chiar_request_duration_seconds", "chiar_time_to_first_token_seconds", "chiar_inter_token_latency_seconds",
@@ -51,7 +50,7 @@ def exported(live_metrics: str) -> set[str]:
 
 def test_every_dashboard_query_names_only_exported_metrics(live_metrics: str) -> None:
     names = exported(live_metrics)
-    dash = json.loads((ROOT / "deploy/grafana/dashboards/chiar-former.json").read_text())
+    dash = json.loads((REPO / "deploy/grafana/dashboards/chiar-former.json").read_text())
     queries = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     queries.append(dash["templating"]["list"][0]["definition"].replace("label_values(", "").split(",")[0])
     assert len(queries) >= 20
@@ -63,7 +62,7 @@ def test_every_dashboard_query_names_only_exported_metrics(live_metrics: str) ->
 
 def test_alert_rules_name_only_exported_or_recorded_metrics(live_metrics: str) -> None:
     names = exported(live_metrics)
-    groups = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    groups = yaml.safe_load((REPO / "deploy/prometheus/alerts.yml").read_text())["groups"]
     rules = [r for g in groups for r in g["rules"]]
     recorded = {r["record"] for r in rules if "record" in r}
     for rule in rules:

@@ -18,8 +18,8 @@ import yaml
 from loadtests.metrics_snapshot import parse
 from loadtests.server_process import ServerProcess, free_port, http_get
 from tests.deploy.conftest import post
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
 JOB = "chiar-it"
 
 
@@ -33,7 +33,7 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(ROOT / "deploy" / "prometheus" / "alerts.yml")],
+            "rule_files": [str(REPO / "deploy" / "prometheus" / "alerts.yml")],
             "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -160,7 +160,7 @@ def test_recording_rules_and_alerts_evaluate(stack: tuple[ServerProcess, Prometh
 
 def test_every_dashboard_query_runs_in_prometheus(stack: tuple[ServerProcess, Prometheus]) -> None:
     _, prom = stack
-    dash = json.loads((ROOT / "deploy/grafana/dashboards/chiar-former.json").read_text())
+    dash = json.loads((REPO / "deploy/grafana/dashboards/chiar-former.json").read_text())
     empty = []
     for panel in dash["panels"]:
         for target in panel.get("targets", []):

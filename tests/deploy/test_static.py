@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+
 VENV_BIN = Path(sys.executable).parent
-K8S = ROOT / "deploy" / "k8s"
+K8S = REPO / "deploy" / "k8s"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
 
@@ -29,7 +30,7 @@ def tool(name: str) -> str:
 
 def run(*cmd: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing text output."""
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, input=stdin, timeout=120, check=False)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, input=stdin, timeout=120, check=False)
 
 
 # ----------------------------------------------------------------------------- Dockerfile
@@ -48,14 +49,14 @@ def test_hadolint_rejects_a_bad_dockerfile(tmp_path: Path) -> None:
 def dockerfile_copies() -> list[str]:
     """Source paths of the Dockerfile's COPY instructions that read the build context."""
     sources = []
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
+    for line in (REPO / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY ") and "--from=" not in line:
             sources += [s for s in line.split()[1:-1] if not s.startswith("--")]
     return sources
 
 
 def test_dockerfile_is_multistage_nonroot_with_healthcheck() -> None:
-    text = (ROOT / "Dockerfile").read_text()
+    text = (REPO / "Dockerfile").read_text()
     stages = re.findall(r"^FROM \S+ AS (\S+)", text, flags=re.M)
     assert {"builder", "runtime"} <= set(stages)
     runtime = text.split("AS runtime", 1)[1]
@@ -68,10 +69,10 @@ def test_dockerfile_is_multistage_nonroot_with_healthcheck() -> None:
 
 
 def test_dockerfile_copy_sources_exist_and_are_not_dockerignored() -> None:
-    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
     allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
     for src in dockerfile_copies():
-        assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
+        assert (REPO / src).exists(), f"Dockerfile copies {src}, which does not exist"
         assert any(src.rstrip("/") == a or src.startswith(a + "/") for a in allowed), f".dockerignore excludes {src}"
 
 
@@ -80,19 +81,19 @@ def test_install_script_is_shared_by_image_ci_and_setup() -> None:
         assert run("bash", "-n", script).returncode == 0, script
     usage = run("bash", "deploy/install.sh")
     assert usage.returncode == 2 and "usage" in usage.stderr
-    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == "make test", "CI runs exactly the README's test command"
-    assert "bash deploy/install-system.sh" in (ROOT / "Makefile").read_text()
-    check = subprocess.run(["bash", "deploy/install-system.sh", "--check"], cwd=ROOT, capture_output=True, text=True, check=False,
+    assert "bash deploy/install-system.sh" in (REPO / "Makefile").read_text()
+    check = subprocess.run(["bash", "deploy/install-system.sh", "--check"], cwd=REPO, capture_output=True, text=True, check=False,
                            env={"PATH": "/usr/bin:/bin", "CHIAR_SYSTEM_TOOLS": "bash chiar-no-such-tool"}, timeout=60)
     assert check.returncode == 1 and check.stdout.strip() == "chiar-no-such-tool"
 
 
 def test_lock_files_pin_every_dependency() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
     def pins(name: str) -> dict[str, str]:
-        lines = (ROOT / name).read_text().splitlines()
+        lines = (REPO / name).read_text().splitlines()
         return dict(line.lower().split("==") for line in lines if line and not line.startswith(("#", "-r")))
 
     runtime, dev = pins("requirements.txt"), pins("requirements-dev.txt")
@@ -119,7 +120,7 @@ def test_compose_schema_check_can_fail(tmp_path: Path) -> None:
 
 
 def test_compose_services_and_mounted_files_exist() -> None:
-    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
     services = compose["services"]
     assert {"server", "prometheus", "grafana", "locust-master", "locust-worker"} <= set(services)
     mounts = 0
@@ -130,7 +131,7 @@ def test_compose_services_and_mounted_files_exist() -> None:
                 assert source in compose.get("volumes", {}), f"{name}: named volume {source} not declared"
                 continue
             mounts += 1
-            assert (ROOT / source).exists(), f"{name} mounts {source}, which does not exist"
+            assert (REPO / source).exists(), f"{name} mounts {source}, which does not exist"
     assert mounts >= 7
     assert services["server"]["build"]["dockerfile"] == "Dockerfile"
     assert "/mnt/locust/locustfile.py" in services["locust-master"]["command"]
@@ -147,7 +148,7 @@ def test_promtool_check_config() -> None:
 def test_promtool_check_rules() -> None:
     res = run(tool("promtool"), "check", "rules", "deploy/prometheus/alerts.yml")
     assert res.returncode == 0, res.stdout + res.stderr
-    names = {r.get("alert") for g in yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    names = {r.get("alert") for g in yaml.safe_load((REPO / "deploy/prometheus/alerts.yml").read_text())["groups"]
              for r in g["rules"]}
     assert {"ChiarHighRequestLatencyP99", "ChiarHighTimeToFirstToken", "ChiarQueueSaturated",
             "ChiarHighErrorRate", "ChiarRoutingDrift"} <= names
@@ -168,14 +169,14 @@ def test_promtool_rejects_broken_rules(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- Grafana
 def load_dashboard() -> dict:
-    return json.loads((ROOT / "deploy/grafana/dashboards/chiar-former.json").read_text())
+    return json.loads((REPO / "deploy/grafana/dashboards/chiar-former.json").read_text())
 
 
 def test_dashboard_json_is_the_generators_output() -> None:
-    spec = importlib.util.spec_from_file_location("build_dashboard", ROOT / "deploy/grafana/build_dashboard.py")
+    spec = importlib.util.spec_from_file_location("build_dashboard", REPO / "deploy/grafana/build_dashboard.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    committed = (ROOT / "deploy/grafana/dashboards/chiar-former.json").read_text()
+    committed = (REPO / "deploy/grafana/dashboards/chiar-former.json").read_text()
     assert committed == module.render(), "run python deploy/grafana/build_dashboard.py"
 
 
@@ -198,10 +199,10 @@ def test_dashboard_has_the_required_panels() -> None:
 
 
 def test_grafana_provisioning_points_at_the_dashboards() -> None:
-    ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    ds = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert ds["datasources"][0]["uid"] == "prometheus" and ds["datasources"][0]["url"] == "http://prometheus:9090"
-    prov = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/chiar.yml").read_text())
-    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    prov = yaml.safe_load((REPO / "deploy/grafana/provisioning/dashboards/chiar.yml").read_text())
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
     targets = {v["target"]: v["source"] for v in compose["services"]["grafana"]["volumes"] if isinstance(v, dict)}
     path = prov["providers"][0]["options"]["path"]
     assert targets[path] == "./deploy/grafana/dashboards"
@@ -265,11 +266,11 @@ def test_k8s_objects_fit_together() -> None:
 def test_runs_non_root_with_a_read_only_root_filesystem() -> None:
     """Image, compose and k8s: a non-root numeric user, no writable root filesystem (only /tmp),
     no capabilities, no privilege escalation."""
-    dockerfile = (ROOT / "Dockerfile").read_text()
+    dockerfile = (REPO / "Dockerfile").read_text()
     users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0
     assert "HOME=/tmp" in dockerfile  # everything the process writes goes under the /tmp mount
-    server = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["server"]
+    server = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]["server"]
     assert int(str(server["user"]).split(":")[0]) != 0
     assert server["read_only"] is True and server["cap_drop"] == ["ALL"]
     assert any(str(t).startswith("/tmp") for t in server["tmpfs"])

@@ -7,6 +7,7 @@ import torch
 from model import ChiarConfig, ChiarLM
 from model.blocks import RoutedBlock
 from model.routing import SpectralRouter, ThreeWayRouter
+from model.scoring import right_pad
 
 
 def tiny_config(**overrides: object) -> ChiarConfig:
@@ -60,7 +61,5 @@ def make_model(config: ChiarConfig, seed: int = 0, probe: torch.Tensor | None = 
 
 def right_padded_batch(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.randint(0, vocab, (len(lengths), width), generator=gen)
-    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
-    return ids * mask, mask
+    drawn = torch.randint(0, vocab, (len(lengths), max(lengths)), generator=gen)
+    return right_pad([row[:n].tolist() for row, n in zip(drawn, lengths)])

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from model import CheckpointError, ChiarLM, load_checkpoint, save_checkpoint
 from model.checkpoint import FORMAT_VERSION
 from tests.model.helpers import make_model, tiny_config
+from tests.support import REPO
 from training.tokenizer import train_tokenizer
 
 
@@ -215,9 +216,8 @@ def test_absurd_sizes_fail_before_allocation(saved, tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, str(script), str(path), json.dumps(_ABSURD), str(tmp_path)],
-                         capture_output=True, text=True, timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert len(lines) == len(_ABSURD)

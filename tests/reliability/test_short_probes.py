@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
 
 
 def test_short_reliability_run(tiny_checkpoint: Path, tmp_path: Path) -> None:

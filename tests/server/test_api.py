@@ -16,20 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from model import load_checkpoint
 from model.generate import generate as generate_tokens
 from tests.server.conftest import ServerProcess
+from tests.support import WIKI
 
 PROMPT = "The history of the city begins"
-WIKI = Path(__file__).resolve().parents[2] / "data" / "wikitext-2" / "test.txt"
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def oai(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +168,7 @@ def test_perplexity_matches_model_api(client: httpx.Client, local) -> None:
 
 def test_perplexity_sliding_window_matches_independent_computation(client: httpx.Client, local) -> None:
     model, _ = local
-    text = WIKI.read_text(encoding="utf-8")[:1500]
+    text = (WIKI / "test.txt").read_text(encoding="utf-8")[:1500]
     ids = ids_of(local, text)
     window, stride = model.config.max_seq_len, 48
     n = len(ids) - 1

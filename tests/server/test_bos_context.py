@@ -6,20 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import ServerProcess
-
 TEXT = "The cat sat on the mat in the old house."
-
-
-@pytest.fixture(scope="module")
-def oai(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def text_ids(client: httpx.Client, text: str) -> list[int]:
@@ -48,6 +35,15 @@ def test_echo_gives_one_entry_per_sent_token(client: httpx.Client, oai: openai.O
     assert with_bos.choices[0].text == "<bos>" + plain.choices[0].text
     if max_tokens:
         assert lp.token_logprobs[-1] == pytest.approx(plain.choices[0].logprobs.token_logprobs[-1], abs=1e-5)
+
+
+def test_echo_of_bos_alone_has_nothing_to_score(client: httpx.Client, oai: openai.OpenAI) -> None:
+    """A prompt of BOS alone: no target to score (no window at all), answered at once with one null entry."""
+    bos = client.get("/tokenizer_info").json()["bos_token_id"]
+    out = oai.completions.create(model="chiar-tiny", prompt=[bos], max_tokens=0, echo=True, logprobs=1, timeout=30)
+    lp = out.choices[0].logprobs
+    assert lp.tokens == ["<bos>"] and lp.token_logprobs == [None] and out.usage.prompt_tokens == 1
+    assert client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 1}).status_code == 200  # engine unharmed
 
 
 def test_streamed_echo_matches(client: httpx.Client, oai: openai.OpenAI) -> None:

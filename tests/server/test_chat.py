@@ -9,21 +9,9 @@ import openai
 import pytest
 
 from model.hf_tokenizer import DEFAULT_CHAT_TEMPLATE
-from tests.server.conftest import ServerProcess
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about the city."}]
 RENDERED = "You are terse.\n\nUser: Tell me about the city.\nAssistant:"
-
-
-@pytest.fixture(scope="module")
-def oai(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def test_chat_is_the_completion_of_the_rendered_template(oai: openai.OpenAI) -> None:

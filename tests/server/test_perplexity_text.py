@@ -10,8 +10,8 @@ import pytest
 
 from server.perplexity_text import TEXT_BODY_LIMIT
 from tests.server.conftest import ServerProcess
+from tests.support import WIKI
 
-WIKI = Path(__file__).resolve().parents[2] / "data" / "wikitext-2" / "test.txt"
 JSON_LIMIT = 32768  # small, so a document over it stays quick to score on the tiny model
 
 
@@ -24,7 +24,7 @@ def small_limit_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathF
 
 
 def test_text_body_over_the_json_limit_is_scored_like_json(small_limit_server: ServerProcess, server: ServerProcess) -> None:
-    text = WIKI.read_text(encoding="utf-8")[:100_000]
+    text = (WIKI / "test.txt").read_text(encoding="utf-8")[:100_000]
     assert len(text.encode()) > 3 * JSON_LIMIT
     url = small_limit_server.url
     assert httpx.post(url + "/v1/perplexity", json={"text": text}, timeout=60).status_code == 413

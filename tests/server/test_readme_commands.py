@@ -6,13 +6,11 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from tests.server.conftest import ServerProcess
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
 
 
 def readme_curl_commands() -> list[str]:

@@ -13,16 +13,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from model.hf_tokenizer import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG
-from tests.server.conftest import ServerProcess
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["The history of the city begins", "Café, naïve — 日本語 🙂", "  two  spaces\nand a newline", ""]
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-WIKI_VALID = REPO / "data" / "wikitext-2" / "valid.txt"
+from tests.support import REPO, WIKI
+
+WIKI_VALID = WIKI / "valid.txt"
 
 TINY_MODEL = {"d_model": 32, "n_layers": 3, "n_heads": 2, "d_ff": 64, "max_seq_len": 32}
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from model import ChiarConfig, ChiarLM
+from model.scoring import Perplexity
 from training.config import SourceConfig
 from training.data import MixedBatches, cut_at_line, load_documents, load_sources, shard_batch, split_holdout
 from training.errors import TrainingError
-from training.evaluate import metrics, score_ids, windows
+from training.evaluate import metrics, score_ids
 
 
 def _streams() -> dict[str, torch.Tensor]:
@@ -97,17 +96,6 @@ def test_holdout_becomes_a_validation_set(tmp_path: Path) -> None:
     assert loaded.eval[0].text.startswith("line 9") and loaded.eval[1].bytes <= 2000
 
 
-@settings(max_examples=200, deadline=None)
-@given(n=st.integers(2, 300), seq_len=st.integers(2, 40), stride_frac=st.floats(0.01, 1.0))
-def test_sliding_windows_score_every_token_once(n: int, seq_len: int, stride_frac: float) -> None:
-    stride = max(1, int(seq_len * stride_frac))
-    scored: list[int] = []
-    for begin, end, first in windows(n, seq_len, stride):
-        assert 0 <= begin <= first < end <= n and end - begin <= seq_len
-        scored.extend(range(first, end - 1))
-    assert scored == list(range(n - 1))
-
-
 def test_score_ids_equals_the_models_own_loss() -> None:
     torch.manual_seed(0)
     cfg = ChiarConfig(vocab_size=50, d_model=16, n_layers=3, n_heads=2, d_ff=32, max_seq_len=64, routing="soft")
@@ -122,6 +110,6 @@ def test_score_ids_equals_the_models_own_loss() -> None:
     # windows shorter than the text: every token still scored once
     nll_w, n_w, _ = score_ids(model, ids, seq_len=16, stride=8, batch_size=3)
     assert n_w == 39 and nll_w > 0
-    m = metrics(nll, n, words=10, n_bytes=100)
+    m = metrics(Perplexity(nll, n, words=10, bytes=100))
     assert math.isclose(m["token_ppl"], math.exp(nll / 39)) and math.isclose(m["word_ppl"], math.exp(nll / 10))
     assert math.isclose(m["bits_per_byte"], nll / (100 * math.log(2)))
