@@ -68,15 +68,15 @@ def run_tests(cuda: bool) -> tuple[bool, str]:
 def server_smoke(checkpoint: Path | None, log_dir: Path, device: str = "cuda") -> tuple[bool, str]:
     """A real server on `device` in bfloat16: generate, perplexity, and forward latency recorded for that device."""
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
+    from loadtests.metrics_snapshot import samples
     from loadtests.server_process import ServerProcess
 
     if checkpoint is None or not (checkpoint / "config.json").is_file():
         from bench.server import random_checkpoints
 
         checkpoint, _ = random_checkpoints(log_dir, max_seq_len=2048)
-    server = ServerProcess(checkpoint, log_path=log_dir / "gpu-server.log", extra_args=["--device", device, "--dtype", "bfloat16"])
+    server = ServerProcess(checkpoint, log_path=log_dir / "gpu-server.log", args=["--device", device, "--dtype", "bfloat16"])
     try:
         server.start(ready_timeout=300)
         gen = httpx.post(server.url + "/v1/generate", json={"prompt": "The tower is", "max_new_tokens": 16, "ignore_eos": True}, timeout=120)
@@ -87,8 +87,11 @@ def server_smoke(checkpoint: Path | None, log_dir: Path, device: str = "cuda") -
         return False, f"server did not serve on {device}: {type(exc).__name__}: {exc}\n{server.output_tail()}"
     finally:
         server.stop()
-    counts = {(s.labels.get("phase"), s.labels.get("device")): s.value for f in text_string_to_metric_families(metrics)
-              if f.name == "chiar_forward_latency_seconds" for s in f.samples if s.name.endswith("_count")}
+    counts: dict[tuple[str | None, str | None], float] = {}
+    for (name, labels), value in samples(metrics).items():  # summed over models
+        if name == "chiar_forward_latency_seconds_count":
+            key = (dict(labels).get("phase"), dict(labels).get("device"))
+            counts[key] = counts.get(key, 0.0) + value
     problems = []
     if gen.status_code != 200 or gen.json().get("usage", {}).get("completion_tokens") != 16:
         problems.append(f"generate: HTTP {gen.status_code} {gen.text[:200]}")
