@@ -68,7 +68,7 @@ function refreshViews() {
   select.replaceChildren(...viewOptions(richest).map(([v, label]) => new Option(label, v)));
   select.value = [...select.options].some((o) => o.value === was) ? was : "all";
   const view = currentView();
-  legend($("legend"), select.value);
+  legend($("legend"), select.value, richest);
   if (state.mode === "compare") {
     state.traces.forEach((trace, k) => {
       const pane = $(k === 0 ? "pane-a" : "pane-b");

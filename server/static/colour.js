@@ -28,18 +28,21 @@ export const TONES = {
   dct: (e) => paint(228, 35, 10 + 20 * e),        // dark, cool: 10-30 %
   rbf: (e) => paint(160, 40, 40 + 12 * e),        // mid, green: 40-52 % (three-operator models)
   identity: () => paint(0, 0, 45),
-  gate: (g) => paint(285, 45, 12 + 78 * g),       // layer 1: MetaRouter gate, violet, light = high
+  gate: (g) => paint(285, 45, 12 + 78 * g),       // layer 1: MetaRouter gate (min-max normalised), violet, light = high
   fixed: () => paint(42, 15, 80),                 // layer L: always full attention
   share: (a) => paint(40, 30, 10 + 84 * a),       // all routing layers: share sent to attention
   surprisal: (bits) => paint(8, 75, 96 - 56 * Math.min(bits / SURPRISAL_MAX_BITS, 1)),
 };
 
-// Per-layer [min, max] of the entropies in this request (nulls skipped).
+// Per-layer [min, max] of the entropies in this request (nulls skipped); `.gate`: the same for the gate.
 export function entropyRange(tokens, layers) {
   const range = Array.from({ length: layers }, () => [Infinity, -Infinity]);
+  range.gate = [Infinity, -Infinity];
+  const widen = (r, v) => { if (v !== null && v !== undefined) { r[0] = Math.min(r[0], v); r[1] = Math.max(r[1], v); } };
   for (const t of tokens) {
     if (!t.ent) continue;
-    t.ent.forEach((e, l) => { if (e !== null) { range[l][0] = Math.min(range[l][0], e); range[l][1] = Math.max(range[l][1], e); } });
+    t.ent.forEach((e, l) => widen(range[l], e));
+    widen(range.gate, t.gate);
   }
   return range;
 }
@@ -64,7 +67,7 @@ export function tokenPaint(trace, tok, view, ranges) {
 
 export function layerPaint(trace, tok, layer, ranges) {
   if (!tok.ops) return NEUTRAL;
-  if (layer === 0 && trace.metarouter) return tok.gate === null ? NEUTRAL : TONES.gate(tok.gate);
+  if (layer === 0 && trace.metarouter) return tok.gate === null ? NEUTRAL : TONES.gate(normalised(tok.gate, ranges.gate));
   const name = trace.names[tok.ops[layer]];
   if (!trace.routingLayers.includes(layer)) return name === "attention" ? TONES.fixed() : (TONES[name] ?? TONES.identity)(0.5);
   return (TONES[name] ?? TONES.identity)(normalised(tok.ent[layer], ranges[layer]));

@@ -27,7 +27,9 @@ export function viewOptions(trace) {
   return options;
 }
 
-export function legend(container, view) {
+export function legend(container, view, trace) {
+  const ranges = trace ? entropyRange(trace.tokens, trace.layers) : null;
+  const span = (r, d = 3) => (r && r[1] >= r[0] ? `${fmt(r[0], d)} – ${fmt(r[1], d)}` : "n/a");
   const swatch = (p, label) => {
     const s = el("span", "swatch");
     const i = el("i");
@@ -45,12 +47,17 @@ export function legend(container, view) {
       swatch(TONES.share(0), "every routing layer: DCT mixing"), swatch(NEUTRAL, "not processed"),
       el("span", "note", "Brightness = share of routing layers (2…L−1) that sent the token to attention."));
   } else if (view === "0") {
-    container.append(swatch(TONES.gate(1), "gate 1"), swatch(TONES.gate(0.5), "gate 0.5"), swatch(TONES.gate(0), "gate 0"),
-      el("span", "note", "Layer 1: brightness = the MetaRouter gate of the token."));
+    container.append(swatch(TONES.gate(1), "highest gate"), swatch(TONES.gate(0.5), "middle"), swatch(TONES.gate(0), "lowest gate"),
+      el("span", "note", `Layer 1: brightness = the token's MetaRouter gate, min-max normalised over this request (gate ${span(ranges?.gate)}).`));
   } else {
-    container.append(swatch(TONES.attention(1), "attention (high entropy)"), swatch(TONES.attention(0), "attention (low)"),
-      swatch(TONES.rbf(0.5), "RBF"), swatch(TONES.dct(1), "DCT (high entropy)"), swatch(TONES.dct(0), "DCT (low)"),
-      el("span", "note", "Light = attention, dark = DCT mixing; brightness within each = the layer's spectral entropy, min-max normalised over this request's tokens."));
+    const layer = Number(view);
+    const cut = trace?.thresholds[layer] ?? [];
+    container.append(swatch(TONES.attention(1), "attention (high entropy)"), swatch(TONES.attention(0), "attention (low)"));
+    if (cut.length > 1) container.append(swatch(TONES.rbf(0.5), "RBF"));
+    container.append(swatch(TONES.dct(1), "DCT (high entropy)"), swatch(TONES.dct(0), "DCT (low)"),
+      el("span", "note", `Layer ${layer + 1}: light = attention, dark = DCT mixing; brightness within each = the layer's spectral ` +
+        `entropy, min-max normalised over this request's tokens (entropy ${span(ranges?.[layer])}; ` +
+        `router threshold${cut.length > 1 ? "s" : ""} ${cut.map((c) => fmt(c)).join(" / ") || "n/a"}).`));
   }
 }
 
@@ -101,6 +108,7 @@ export function renderTokens(container, details, trace, view) {
     return span;
   });
   container.replaceChildren(...spans);
+  details.textContent = "Hover, tap or focus a token for its routing and surprisal.";
   container.onkeydown = (e) => {  // roving focus: one tab stop, arrows move
     const i = Number(document.activeElement?.dataset?.index);
     if (Number.isNaN(i)) return;

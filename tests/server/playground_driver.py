@@ -42,12 +42,8 @@ def console_errors(driver: webdriver.Chrome) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def open_page(driver: webdriver.Chrome, url: str, api_key: str | None = None) -> None:
+def open_page(driver: webdriver.Chrome, url: str) -> None:
     driver.get(url + "/")
-    if api_key:
-        key = driver.find_element(By.ID, "api_key")
-        key.send_keys(api_key)
-        driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
     WebDriverWait(driver, 60).until(lambda d: "context" in d.find_element(By.ID, "model").text)
 
 
@@ -62,7 +58,6 @@ def run_mode(driver: webdriver.Chrome, mode: str, text: str, timeout: float = 12
             element.clear()
             element.send_keys(str(value))
     driver.execute_script("document.getElementById('prompt').value = arguments[0]", text)
-    driver.find_element(By.ID, "status").get_attribute("textContent")
     driver.execute_script("document.getElementById('status').textContent = ''")
     driver.find_element(By.ID, "run").click()
     WebDriverWait(driver, timeout).until(lambda d: d.find_element(By.ID, "status").text in ("done", "failed", "stopped"))

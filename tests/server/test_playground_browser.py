@@ -10,6 +10,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.server.conftest import ServerProcess
 from tests.server.playground_driver import brightness, chromium, colour_by, console_errors, open_page, pixels, run_mode
@@ -135,3 +136,25 @@ def test_compare_needs_two_models(server: ServerProcess, browser: webdriver.Chro
     assert run_mode(browser, "compare", PROMPT, **GEN) == "failed"
     assert "two --checkpoint" in browser.find_element(By.ID, "error").text
     assert console_errors(browser) == []
+
+
+def test_works_with_an_api_key(tiny_checkpoint, tmp_path) -> None:
+    server = ServerProcess(tiny_checkpoint, tmp_path / "server.log", env={"CHIAR_API_KEY": "sesame"}).start()
+    try:
+        assert httpx.get(server.url + "/favicon.ico").status_code == 200  # public, like the page
+        with chromium() as driver:
+            driver.get(server.url + "/")
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: "API key" in d.find_element(By.ID, "model").text)  # said in plain words
+            assert run_mode(driver, "generate", PROMPT, **GEN) == "failed"
+            assert "needs an API key" in driver.find_element(By.ID, "error").text
+            assert all("status of 401" in m for m in console_errors(driver))
+            key = driver.find_element(By.ID, "api_key")
+            key.send_keys("sesame")
+            key.send_keys(Keys.TAB)  # change event: the models load again, with the key
+            wait.until(lambda d: "context" in d.find_element(By.ID, "model").text)
+            assert run_mode(driver, "generate", PROMPT, **GEN) == "done"
+            assert len(tokens(driver)) > 8
+            assert console_errors(driver) == []
+    finally:
+        server.stop()
