@@ -82,9 +82,9 @@ function refreshViews() {
 
 const ms = (s) => (s === null || s === undefined ? "n/a" : `${(s * 1000).toFixed(0)} ms`);
 
-function stat(id, label, value, text) {
+function stat(name, label, value, text) {
   const s = document.createElement("span");
-  s.id = id;
+  s.dataset.stat = name;
   s.className = "stat";
   s.dataset.value = String(value);
   s.textContent = `${label} ${text ?? value}`;

@@ -107,7 +107,7 @@ def test_perplexity_mode_shows_the_apis_numbers(server: ServerProcess, browser: 
     assert run_mode(browser, "perplexity", text) == "done", browser.find_element(By.ID, "error").text
     api = httpx.post(server.url + "/v1/perplexity", timeout=60, json={"text": text, "return_logprobs": True}).json()["results"][0]
     for element, key in (("ppl-token", "perplexity"), ("ppl-word", "word_perplexity"), ("ppl-bpb", "bits_per_byte")):
-        shown = browser.find_element(By.ID, element)
+        shown = browser.find_element(By.CSS_SELECTOR, f"#stats [data-stat={element}]")
         assert float(shown.get_attribute("data-value")) == api[key]
         assert f"{api[key]:.3f}" in shown.text
     spans = tokens(browser)
