@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from model import load_checkpoint
-from tests.server.conftest import ServerProcess
+from tests.server import test_api
+from tests.server.test_api import PROMPT, WIKI, ids_of
 
-PROMPT = "The history of the city begins"
-WIKI = Path(__file__).resolve().parents[2] / "data" / "wikitext-2" / "test.txt"
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> httpx.Client:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def local(tiny_checkpoint: Path):
-    return load_checkpoint(tiny_checkpoint)
-
-
-def ids_of(local, text: str) -> list[int]:
-    model, tokenizer = local
-    return [model.config.bos_token_id, *tokenizer.encode(text, add_special_tokens=False).ids]
+client, local = test_api.client, test_api.local  # the fixtures test_api uses, shared
 
 
 def test_generate_logprobs_cover_prompt_and_generated_tokens(client: httpx.Client, local) -> None:
