@@ -118,6 +118,12 @@ def test_perplexity_mode_shows_the_apis_numbers(server: ServerProcess, browser: 
     order = sorted(range(len(spans)), key=lambda i: api["logprobs"][i]["logprob"])
     deep, pale = pixels(browser, [spans[order[0]], spans[order[-1]]], dx=3, dy=1)
     assert brightness(deep) < brightness(pale), (deep, pale)
+    # characters split across byte-level tokens still come out whole
+    unicode = "Café « naïve » — 東京 ☃"
+    assert run_mode(browser, "perplexity", unicode) == "done", browser.find_element(By.ID, "error").text
+    pieces = [s.get_attribute("textContent") for s in tokens(browser)]
+    assert "".join(pieces) == unicode and len(pieces) == len(httpx.post(
+        server.url + "/v1/perplexity", timeout=60, json={"text": unicode, "return_logprobs": True}).json()["results"][0]["logprobs"])
     assert console_errors(browser) == []
 
 
