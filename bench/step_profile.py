@@ -50,7 +50,7 @@ def profile(checkpoint: Path, batch: int, steps: int) -> dict[str, float]:
     model, tokenizer = load_checkpoint(checkpoint)
     model.eval()
     settings = Settings.from_sources(["--checkpoint", str(checkpoint), "--warmup", "false"], environ={})
-    metrics = Metrics(model.config.n_layers, "cpu")
+    metrics = Metrics("cpu")
     engine = Engine(model, tokenizer, settings, metrics)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()

@@ -1,4 +1,5 @@
-"""`python -m server --checkpoint DIR [--host H --port P ...]`: load, warm up, serve; SIGTERM drains."""
+"""`python -m server --checkpoint DIR [--checkpoint DIR2 ...] [--host H --port P ...]`: load, warm up, serve;
+SIGTERM drains every engine."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from server.settings import Settings, SettingsError
 log = logging.getLogger("server")
 
 
-def draining_server(config: Any, engine: Any) -> Any:
+def draining_server(config: Any, engines: Sequence[Any]) -> Any:
     """A uvicorn.Server that, on SIGTERM/SIGINT, stops admitting at once (503 on open connections) and
     marks /ready not ready; uvicorn then closes the listening socket and waits for in-flight requests.
-    At the drain timeout the engine answers what is left with 503 / an SSE error event, and the
+    At the drain timeout each engine answers what is left with 503 / an SSE error event, and the
     process exits with status 3 (0 when nothing was cut)."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            engine.begin_drain()
+            for engine in engines:
+                engine.begin_drain()
             super().handle_exit(sig, frame)
             # a drained shutdown is a clean exit (status 0), not death by the signal uvicorn would re-raise
             self._captured_signals.clear()
@@ -56,37 +58,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model.storage import TORCH_DTYPES
     from server.app import create_app
     from server.engine import Engine
+    from server.engine.turns import DeviceTurns
     from server.metrics import Metrics
+    from server.service import Service
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    try:
-        model, tokenizer = load_checkpoint(settings.checkpoint, device=device,
-                                           dtype=None if settings.dtype == "auto" else TORCH_DTYPES[settings.dtype])
-    except CheckpointError as exc:
-        print(f"error: cannot load checkpoint: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError, RuntimeError) as exc:  # anything else a broken checkpoint can raise
-        print(f"error: cannot load checkpoint {settings.checkpoint}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    model.eval()
-    metrics = Metrics(model.config.n_layers, device.type)
-    metrics.model_info.labels(model.config.arch, str(model.num_parameters()), settings.served_model_name).set(1)
-    engine = Engine(model, tokenizer, settings, metrics)
-    app = create_app(settings, engine, tokenizer, metrics)
-    log.info("serving %s (%s, %d parameters) on %s as %r", settings.checkpoint, model.config.arch, model.num_parameters(),
-             device, settings.served_model_name)
+    metrics = Metrics(device.type)
+    turns = DeviceTurns()  # the engines take turns on the one device
+    kv_share = settings.kv_cache_mb / len(settings.checkpoint)  # --kv-cache-mb is split evenly between the models
+    services = []
+    for path, name in zip(settings.checkpoint, settings.model_ids):
+        try:
+            model, tokenizer = load_checkpoint(path, device=device,
+                                               dtype=None if settings.dtype == "auto" else TORCH_DTYPES[settings.dtype])
+        except CheckpointError as exc:
+            print(f"error: cannot load checkpoint {path}: {exc}", file=sys.stderr)
+            return 1
+        except (OSError, ValueError, RuntimeError) as exc:  # anything else a broken checkpoint can raise
+            print(f"error: cannot load checkpoint {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        model.eval()
+        engine = Engine(model, tokenizer, settings, metrics, name=name, kv_cache_mb=kv_share, turns=turns)
+        engine.metrics.info(model.config.arch, model.num_parameters())
+        services.append(Service(settings, engine, tokenizer, path))
+        log.info("serving %s (%s, %d parameters) on %s as %r", path, model.config.arch, model.num_parameters(), device, name)
+    engines = [svc.engine for svc in services]
+    app = create_app(settings, services, metrics)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             # the engine cuts in-flight work at the drain timeout with a 503 / SSE error; uvicorn
                             # waits a little longer so those answers reach the clients
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 5, lifespan="on", access_log=False)
-    server = draining_server(config, engine)
+    server = draining_server(config, engines)
     server.run()
-    if engine.fatal is not None:
-        print(f"error: engine failed: {engine.fatal}", file=sys.stderr)
-        return 1
-    if engine.cut_requests:
-        print(f"error: the drain timed out and cut {engine.cut_requests} requests (503 / SSE error sent)", file=sys.stderr)
+    for engine in engines:
+        if engine.fatal is not None:
+            print(f"error: engine {engine.name!r} failed: {engine.fatal}", file=sys.stderr)
+            return 1
+    cut = sum(engine.cut_requests for engine in engines)
+    if cut:
+        print(f"error: the drain timed out and cut {cut} requests (503 / SSE error sent)", file=sys.stderr)
         return 3
     return 0 if server.started else 1
 

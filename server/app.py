@@ -15,15 +15,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from tokenizers import Tokenizer
 
 from model import ChiarConfig
 from server import chat, openai_api, openapi, perplexity_text, tokenizer_api
 from server.body_timeout import BodyTimeout
-from server.engine import DoneEvent, Engine, GenerateJob, GenerationResult, GenParams, ScoreJob, ScoreResult, TokenEvent
+from server.engine import DoneEvent, GenerateJob, GenerationResult, GenParams, ScoreJob, ScoreResult, TokenEvent
 from server.engine.requests import RoutingTrace
 from server.errors import APIError, install_handlers, invalid
-from server.metrics import OPERATORS, Metrics
+from server.metrics import NO_MODEL, OPERATORS, Metrics
 from server.middleware import BearerAuth, BodyLimit, RequestMetrics, endpoint_label
 from server.schemas import (
     Flops,
@@ -40,7 +39,7 @@ from server.schemas import (
     TokenLogprob,
     Usage,
 )
-from server.service import Service, safe_exp, sse
+from server.service import ServedModels, Service, safe_exp, sse
 from server.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -48,19 +47,24 @@ ERRORS = openai_api.ERRORS
 
 
 # -------------------------------------------------------------------- app factory
-def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics: Metrics) -> FastAPI:
-    svc = Service(settings, engine, tokenizer, metrics)
+def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> FastAPI:
+    """The app serving `models` (one Service per model and engine; the first is the default)."""
+    served = ServedModels(models)
+    engines = [svc.engine for svc in served]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        for engine in engines:
+            engine.start()
         yield
-        await asyncio.to_thread(engine.stop, settings.drain_timeout)
+        # all engines drain together: each gets the whole drain timeout, not one after the other
+        await asyncio.gather(*(asyncio.to_thread(engine.stop, settings.drain_timeout) for engine in engines))
 
     app = FastAPI(title="CHIAR-Former inference server", version="0.1.0", lifespan=lifespan,
                   description="Hard-gated CHIAR-Former: native generate/perplexity, OpenAI-compatible completions.")
-    app.state.service = svc
-    install_handlers(app, lambda request, err: metrics.error(endpoint_label(request.url.path), err.reason))
+    app.state.served = served
+    install_handlers(app, lambda request, err: metrics.error(endpoint_label(request.url.path), err.reason,
+                                                             getattr(request.state, "model", NO_MODEL)))
 
     # ---------------------------------------------------------------- health
     @app.get("/health", tags=["ops"])
@@ -69,11 +73,13 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
 
     @app.get("/ready", tags=["ops"], responses={503: {"description": "loading or warming up"}})
     async def ready() -> JSONResponse:
-        status = engine.status()
-        if status.ready:
-            return JSONResponse({"status": "ready", "model": svc.name})
-        state = "failed" if status.failed else ("draining" if status.draining else "loading")
-        return JSONResponse({"status": state}, status_code=503, headers={"Retry-After": str(status.retry_after)})
+        """200 once every engine is warm; 503 while any is loading, draining or failed (that state is reported)."""
+        statuses = [engine.status() for engine in engines]
+        if all(status.ready for status in statuses):
+            return JSONResponse({"status": "ready", "model": served.default.name, "models": [svc.name for svc in served]})
+        state = "failed" if any(s.failed for s in statuses) else ("draining" if any(s.draining for s in statuses) else "loading")
+        return JSONResponse({"status": state}, status_code=503,
+                            headers={"Retry-After": str(max(s.retry_after for s in statuses))})
 
     @app.get("/metrics", tags=["ops"])
     async def metrics_endpoint() -> Response:
@@ -81,15 +87,17 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
 
     # ---------------------------------------------------------------- tokenize, models
     @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS, tags=["native"])
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        svc = served.get(body.model, request)
         ids, _ = (await svc.encode([body.text]))[0]
         if not body.add_bos:
             ids = ids[1:]
-        return TokenizeResponse(token_ids=ids, tokens=[engine.token_str(i) for i in ids], count=len(ids), max_context=svc.context)
+        return TokenizeResponse(token_ids=ids, tokens=[svc.engine.token_str(i) for i in ids], count=len(ids), max_context=svc.context)
 
     # ---------------------------------------------------------------- generate
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, tags=["native"])
     async def generate(body: GenerateRequest, request: Request) -> Any:
+        svc = served.get(body.model, request)
         ids, _ = (await svc.encode([body.prompt]))[0]
         svc.check_length(ids, body.max_new_tokens, "max_new_tokens")
         params = GenParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_k=body.top_k,
@@ -121,7 +129,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
             except APIError as exc:
                 yield svc.error_for_stream(request.url.path, exc)
             except (asyncio.CancelledError, GeneratorExit):  # the client hung up mid-stream
-                metrics.error(endpoint_label(request.url.path), "cancelled")
+                svc.metrics.error(endpoint_label(request.url.path), "cancelled")
                 raise
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -129,6 +137,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
     # ---------------------------------------------------------------- perplexity
     @app.post("/v1/perplexity", response_model=PerplexityResponse, responses=ERRORS, tags=["native"])
     async def perplexity(body: PerplexityRequest, request: Request) -> PerplexityResponse:
+        svc = served.get(body.model, request)
         texts = [body.text] if isinstance(body.text, str) else body.text
         if len(texts) > settings.max_prompts:
             raise invalid("text", f"at most {settings.max_prompts} texts per request, got {len(texts)}", code="too_many_prompts")
@@ -162,7 +171,7 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
                 word_perplexity=safe_exp(nll / words) if words else None,
                 bits_per_byte=nll / (math.log(2) * n_bytes) if n_bytes else None,
                 windows=result.windows[i],
-                logprobs=[TokenLogprob(token=engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
+                logprobs=[TokenLogprob(token=svc.engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
                 if body.return_logprobs else None,
                 routing=RoutingCounts(operator_names=list(OPERATORS), per_layer=counts,
                                       attention_share=(sum(row[3] for row in routing_layers) / routed) if routed else None),
@@ -175,11 +184,12 @@ def create_app(settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics
                                                 total_seconds=result.total_seconds))
 
     # ---------------------------------------------------------------- OpenAI, chat, tokenizer (own modules)
-    openai_api.register(app, svc)
-    chat.register(app, svc)
-    tokenizer_api.register(app, svc)
-    perplexity_text.register(app, svc, perplexity)
-    openapi.install(app, api_key=settings.api_key is not None, vocab_size=svc.config.vocab_size, context=svc.context)
+    openai_api.register(app, served)
+    chat.register(app, served)
+    tokenizer_api.register(app, served)
+    perplexity_text.register(app, served, perplexity)
+    openapi.install(app, api_key=settings.api_key is not None, vocab_size=max(svc.config.vocab_size for svc in served),
+                    context=max(svc.context for svc in served))
 
     # ---------------------------------------------------------------- playground
     @app.get("/", include_in_schema=False)

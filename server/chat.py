@@ -24,7 +24,7 @@ from model.hf_tokenizer import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, chat_te
 from server.engine import DoneEvent, GenerateJob, GenParams, Job, LogprobEntry, TokenEvent
 from server.errors import APIError, invalid
 from server.middleware import endpoint_label
-from server.openai_api import ERRORS, check_model
+from server.openai_api import ERRORS
 from server.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -36,7 +36,7 @@ from server.openai_schemas import (
     TopLogprob,
 )
 from server.schemas import Usage
-from server.service import Service, sse
+from server.service import ServedModels, Service, sse
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ChatTemplate:
 
     @classmethod
     def for_service(cls, svc: Service) -> ChatTemplate:
-        source = chat_template(svc.settings.checkpoint)
+        source = chat_template(svc.checkpoint)
         stop = list(DEFAULT_CHAT_STOP) if source == DEFAULT_CHAT_TEMPLATE else []
         return cls(source, stop, svc.tokenizer.id_to_token(svc.config.bos_token_id) or "",
                    svc.tokenizer.id_to_token(svc.config.eos_token_id) or "")
@@ -71,13 +71,19 @@ class ChatTemplate:
         return ids
 
 
-def register(app: FastAPI, svc: Service) -> None:
+def templates(served: ServedModels) -> dict[str, ChatTemplate]:
+    """Each served model's chat template, by model id."""
+    return {svc.name: ChatTemplate.for_service(svc) for svc in served}
+
+
+def register(app: FastAPI, served: ServedModels) -> None:
     """Add /v1/chat/completions to `app`."""
-    template = ChatTemplate.for_service(svc)
+    template = templates(served)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"], responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await run_chat(svc, template, body, request)
+        svc = served.get(body.model, request)
+        return await run_chat(svc, template[svc.name], body, request)
 
 
 def _bytes(token: str) -> list[int]:
@@ -115,7 +121,6 @@ def _finish(reason: str) -> str:
 
 
 async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionRequest, request: Request) -> Any:
-    check_model(svc, body.model)
     ids = await asyncio.to_thread(template.encode, svc, body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     new_tokens = body.new_tokens if body.new_tokens is not None else max(1, svc.context - len(ids))

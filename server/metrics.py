@@ -15,20 +15,18 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STEP_TOKEN_BUCKETS = (0, 1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+NO_MODEL = ""  # the model label of HTTP requests that never reached a model (health, bad input, unknown model)
 GATE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-class BulkHistogram:
-    """A label-less histogram observed a tensor at a time (one MetaRouter gate per token)."""
+class BulkCounts:
+    """One label value's buckets of a BulkHistogram, observed a tensor at a time."""
 
-    def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.bounds = [float(b) for b in buckets]
-        self._edges = torch.tensor(self.bounds, dtype=torch.float64)
-        self._counts = [0] * (len(self.bounds) + 1)  # last = +Inf overflow
-        self._sum = 0.0
-        self._lock = threading.Lock()
+    def __init__(self, bounds: list[float]) -> None:
+        self._edges = torch.tensor(bounds, dtype=torch.float64)
+        self.counts = [0] * (len(bounds) + 1)  # last = +Inf overflow
+        self.sum = 0.0
+        self.lock = threading.Lock()
 
     def observe_many(self, values: torch.Tensor) -> None:
         values = values.detach().reshape(-1).to("cpu", torch.float64)
@@ -36,103 +34,162 @@ class BulkHistogram:
         if values.numel() == 0:
             return
         index = torch.bucketize(values, self._edges)  # first bucket with value <= bound
-        counts = torch.bincount(index, minlength=len(self._counts)).tolist()
-        with self._lock:
+        counts = torch.bincount(index, minlength=len(self.counts)).tolist()
+        with self.lock:
             for i, c in enumerate(counts):
-                self._counts[i] += c
-            self._sum += float(values.sum())
+                self.counts[i] += c
+            self.sum += float(values.sum())
+
+
+class BulkHistogram:
+    """A histogram with one label, observed a tensor at a time (one MetaRouter gate per token)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float], label: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.bounds = [float(b) for b in buckets]
+        self._children: dict[str, BulkCounts] = {}
+        self._lock = threading.Lock()
+
+    def labels(self, value: str) -> BulkCounts:
+        with self._lock:
+            return self._children.setdefault(value, BulkCounts(self.bounds))
 
     def collect(self) -> list[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         with self._lock:
-            cumulative, running = [], 0
-            for bound, count in zip([*self.bounds, float("inf")], self._counts):
-                running += count
-                cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
-            total = self._sum
-        family = HistogramMetricFamily(self.name, self.documentation)
-        family.add_metric([], cumulative, total)
+            children = list(self._children.items())
+        for value, child in children:
+            with child.lock:
+                cumulative, running = [], 0
+                for bound, count in zip([*self.bounds, float("inf")], child.counts):
+                    running += count
+                    cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
+                total = child.sum
+            family.add_metric([value], cumulative, total)
         return [family]
 
     def describe(self) -> list[HistogramMetricFamily]:
-        return [HistogramMetricFamily(self.name, self.documentation)]
+        return [HistogramMetricFamily(self.name, self.documentation, labels=[self.label])]
 
 
 class Metrics:
-    """All chiar_* metrics in their own registry (served by GET /metrics)."""
+    """All chiar_* metrics in their own registry (served by GET /metrics). Every series carries a `model`
+    label (the served model id; NO_MODEL for HTTP requests that never reached a model); `for_model` gives
+    one engine its view with that label bound."""
 
-    def __init__(self, n_layers: int, device: str) -> None:
+    def __init__(self, device: str) -> None:
         disable_created_metrics()
         self.registry = CollectorRegistry()
         self.device = device
         r = self.registry
+        m = "model"
         self.tokens_routed = Counter("chiar_tokens_routed_total", "Tokens processed per layer and operator (hard gating).",
-                                     ["layer", "operator", "phase"], registry=r)
-        self.metarouter_gate = BulkHistogram("chiar_metarouter_gate", "MetaRouter gate g per token (layer 1).", GATE_BUCKETS)
+                                     [m, "layer", "operator", "phase"], registry=r)
+        self.metarouter_gate = BulkHistogram("chiar_metarouter_gate", "MetaRouter gate g per token (layer 1).", GATE_BUCKETS, m)
         r.register(self.metarouter_gate)
         self.forward_latency = Histogram("chiar_forward_latency_seconds", "Model forward time (CUDA events on GPU, wall clock on CPU).",
-                                         ["phase", "device"], buckets=LATENCY_BUCKETS, registry=r)
-        self.request_duration = Histogram("chiar_request_duration_seconds", "HTTP request duration.", ["endpoint", "status"],
+                                         [m, "phase", "device"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_duration = Histogram("chiar_request_duration_seconds", "HTTP request duration.", [m, "endpoint", "status"],
                                           buckets=REQUEST_BUCKETS, registry=r)
-        self.ttft = Histogram("chiar_time_to_first_token_seconds", "Arrival to first generated token.", buckets=REQUEST_BUCKETS, registry=r)
+        self.ttft = Histogram("chiar_time_to_first_token_seconds", "Arrival to first generated token.", [m], buckets=REQUEST_BUCKETS,
+                              registry=r)
         self.inter_token = Histogram("chiar_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.",
-                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("chiar_queue_wait_seconds", "Arrival to admission into the running batch.", buckets=REQUEST_BUCKETS, registry=r)
-        self.running = Gauge("chiar_requests_running", "Sequences being decoded or scored.", registry=r)
-        self.waiting = Gauge("chiar_requests_waiting", "Sequences waiting for admission.", registry=r)
-        self.batch_size = Histogram("chiar_batch_size", "Sequences per forward.", ["phase"], buckets=BATCH_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("chiar_prompt_tokens_total", "Prompt/scored input tokens processed (BOS included).", registry=r)
-        self.generation_tokens = Counter("chiar_generation_tokens_total", "Tokens generated.", registry=r)
-        self.flops = Counter("chiar_flops_total", "FLOPs executed and what the dense baseline would spend.", ["kind"], registry=r)
-        self.request_errors = Counter("chiar_request_errors_total", "Failed requests.", ["endpoint", "reason"], registry=r)
-        self.queue_length = Gauge("chiar_queue_length", "Requests waiting for admission, per class.", ["class"], registry=r)
+                                     [m], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("chiar_queue_wait_seconds", "Arrival to admission into the running batch.", [m],
+                                    buckets=REQUEST_BUCKETS, registry=r)
+        self.running = Gauge("chiar_requests_running", "Sequences being decoded or scored.", [m], registry=r)
+        self.waiting = Gauge("chiar_requests_waiting", "Sequences waiting for admission.", [m], registry=r)
+        self.batch_size = Histogram("chiar_batch_size", "Sequences per forward.", [m, "phase"], buckets=BATCH_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("chiar_prompt_tokens_total", "Prompt/scored input tokens processed (BOS included).", [m], registry=r)
+        self.generation_tokens = Counter("chiar_generation_tokens_total", "Tokens generated.", [m], registry=r)
+        self.flops = Counter("chiar_flops_total", "FLOPs executed and what the dense baseline would spend.", [m, "kind"], registry=r)
+        self.request_errors = Counter("chiar_request_errors_total", "Failed requests.", [m, "endpoint", "reason"], registry=r)
+        self.queue_length = Gauge("chiar_queue_length", "Requests waiting for admission, per class.", [m, "class"], registry=r)
         self.step_tokens = Histogram("chiar_step_tokens", "Tokens one engine step processed, per kind (decode, prefill, score).",
-                                     ["kind"], buckets=STEP_TOKEN_BUCKETS, registry=r)
-        self.step_seconds = Histogram("chiar_step_seconds", "Engine step time (model calls and output processing).",
+                                     [m, "kind"], buckets=STEP_TOKEN_BUCKETS, registry=r)
+        self.step_seconds = Histogram("chiar_step_seconds", "Engine step time (model calls and output processing).", [m],
                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.step_budget = Gauge("chiar_step_budget_tokens", "Prefill + scoring tokens the next step may spend.", registry=r)
+        self.step_budget = Gauge("chiar_step_budget_tokens", "Prefill + scoring tokens the next step may spend.", [m], registry=r)
         self.steps = Counter("chiar_steps_total", "Engine steps, by whether generation ran and whether scoring ran.",
-                             ["generation", "scoring"], registry=r)
+                             [m, "generation", "scoring"], registry=r)
         self.step_over_budget = Counter("chiar_step_over_budget_total", "Steps whose prefill + scoring tokens exceeded the budget.",
-                                        registry=r)
+                                        [m], registry=r)
         self.max_step_score_tokens = Gauge("chiar_step_score_tokens_max", "Most scoring tokens one step processed while "
-                                           "sequences were decoding (since start).", registry=r)
-        self.kv_cache = Gauge("chiar_kv_cache_bytes", "KV-cache bytes held by running sequences, and the budget.", ["kind"], registry=r)
-        self.model_info = Gauge("chiar_model_info", "Served model (value 1).", ["arch", "params", "checkpoint"], registry=r)
+                                           "sequences were decoding (since start).", [m], registry=r)
+        self.kv_cache = Gauge("chiar_kv_cache_bytes", "KV-cache bytes held by running sequences, and the budget.", [m, "kind"], registry=r)
+        self.model_info = Gauge("chiar_model_info", "Served model (value 1).", [m, "arch", "params", "checkpoint"], registry=r)
+
+    def for_model(self, name: str, n_layers: int) -> ModelMetrics:
+        """The series of one served model (created at zero so dashboards see them before traffic)."""
+        return ModelMetrics(self, name, n_layers)
+
+    def error(self, endpoint: str, reason: str, model: str = NO_MODEL) -> None:
+        self.request_errors.labels(model, endpoint, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ModelMetrics:
+    """One engine's view of Metrics: the same series with `model` bound to its id."""
+
+    def __init__(self, metrics: Metrics, name: str, n_layers: int) -> None:
+        self.name = name
+        self.device = metrics.device
+        self.ttft = metrics.ttft.labels(name)
+        self.inter_token = metrics.inter_token.labels(name)
+        self.queue_wait = metrics.queue_wait.labels(name)
+        self.prompt_tokens = metrics.prompt_tokens.labels(name)
+        self.generation_tokens = metrics.generation_tokens.labels(name)
+        self.running = metrics.running.labels(name)
+        self.waiting = metrics.waiting.labels(name)
+        self.step_seconds = metrics.step_seconds.labels(name)
+        self.step_budget = metrics.step_budget.labels(name)
+        self.step_over_budget = metrics.step_over_budget.labels(name)
+        self.max_step_score_tokens = metrics.max_step_score_tokens.labels(name)
+        self.metarouter_gate = metrics.metarouter_gate.labels(name)
+        self._m = metrics
         for layer in range(1, n_layers + 1):
             for op in OPERATORS:
                 for phase in PHASES:
-                    self.tokens_routed.labels(str(layer), op, phase)
+                    metrics.tokens_routed.labels(name, str(layer), op, phase)
         for phase in PHASES:
-            self.forward_latency.labels(phase, device)
-            self.batch_size.labels(phase)
+            metrics.forward_latency.labels(name, phase, self.device)
+            metrics.batch_size.labels(name, phase)
         for kind in ("executed", "dense_equivalent"):
-            self.flops.labels(kind)
+            metrics.flops.labels(name, kind)
         for cls in ("generate", "score"):
-            self.queue_length.labels(cls)
+            metrics.queue_length.labels(name, cls)
         for kind in ("decode", "prefill", "score"):
-            self.step_tokens.labels(kind)
+            metrics.step_tokens.labels(name, kind)
         for kind in ("used", "limit"):
-            self.kv_cache.labels(kind)
+            metrics.kv_cache.labels(name, kind)
         self._max_score = 0
+
+    def info(self, arch: str, params: int) -> None:
+        self._m.model_info.labels(self.name, arch, str(params), self.name).set(1)
 
     def record_step(self, decode: int, prefill: int, score: int, budget: int, seconds: float, kv_used: int, kv_limit: int) -> None:
         """One engine step's composition and time."""
-        self.step_tokens.labels("decode").observe(decode)
-        self.step_tokens.labels("prefill").observe(prefill)
-        self.step_tokens.labels("score").observe(score)
+        m, name = self._m, self.name
+        m.step_tokens.labels(name, "decode").observe(decode)
+        m.step_tokens.labels(name, "prefill").observe(prefill)
+        m.step_tokens.labels(name, "score").observe(score)
         self.step_seconds.observe(seconds)
-        self.steps.labels(str(decode > 0 or prefill > 0).lower(), str(score > 0).lower()).inc()
+        m.steps.labels(name, str(decode > 0 or prefill > 0).lower(), str(score > 0).lower()).inc()
         if prefill + score > budget:
             self.step_over_budget.inc()
         if decode and score > self._max_score:
             self._max_score = score
             self.max_step_score_tokens.set(score)
-        self.kv_cache.labels("used").set(kv_used)
-        self.kv_cache.labels("limit").set(kv_limit)
+        m.kv_cache.labels(name, "used").set(kv_used)
+        m.kv_cache.labels(name, "limit").set(kv_limit)
 
     def update_queues(self, waiting_generate: int, waiting_score: int, running: int, budget: int) -> None:
-        self.queue_length.labels("generate").set(waiting_generate)
-        self.queue_length.labels("score").set(waiting_score)
+        self._m.queue_length.labels(self.name, "generate").set(waiting_generate)
+        self._m.queue_length.labels(self.name, "score").set(waiting_score)
         self.waiting.set(waiting_generate + waiting_score)
         self.running.set(running)
         self.step_budget.set(budget)
@@ -140,19 +197,17 @@ class Metrics:
     def record_forward(self, phase: str, seconds: float, batch: int, counts: torch.Tensor, gate: torch.Tensor | None,
                        executed: float, dense: float) -> None:
         """One model forward: latency, batch size, routed tokens per (layer, operator), gates, FLOPs."""
-        self.forward_latency.labels(phase, self.device).observe(seconds)
-        self.batch_size.labels(phase).observe(batch)
+        m, name = self._m, self.name
+        m.forward_latency.labels(name, phase, self.device).observe(seconds)
+        m.batch_size.labels(name, phase).observe(batch)
         for layer, row in enumerate(counts.tolist(), start=1):
             for op, n in enumerate(row):
                 if n:
-                    self.tokens_routed.labels(str(layer), OPERATORS[op], phase).inc(n)
+                    m.tokens_routed.labels(name, str(layer), OPERATORS[op], phase).inc(n)
         if gate is not None:
             self.metarouter_gate.observe_many(gate)
-        self.flops.labels("executed").inc(executed)
-        self.flops.labels("dense_equivalent").inc(dense)
+        m.flops.labels(name, "executed").inc(executed)
+        m.flops.labels(name, "dense_equivalent").inc(dense)
 
     def error(self, endpoint: str, reason: str) -> None:
-        self.request_errors.labels(endpoint, reason).inc()
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+        self._m.error(endpoint, reason, self.name)

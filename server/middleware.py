@@ -10,7 +10,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_bytes
-from server.metrics import Metrics
+from server.metrics import NO_MODEL, Metrics
 
 ENDPOINTS = ("/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/completions", "/v1/chat/completions", "/v1/models",
              "/v1/tokenize", "/tokenize", "/detokenize", "/tokenizer_info",
@@ -34,7 +34,7 @@ async def send_error(send: Send, status: int, message: str, type_: str, param: s
 
 
 class RequestMetrics:
-    """chiar_request_duration_seconds{endpoint,status}; streamed responses count until their last byte."""
+    """chiar_request_duration_seconds{model,endpoint,status}; streamed responses count until their last byte."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -55,7 +55,8 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.request_duration.labels(endpoint_label(scope["path"]), str(status[0])).observe(time.perf_counter() - start)
+            model = scope.get("state", {}).get("model", NO_MODEL)  # set by the route once it picked a model
+            self.metrics.request_duration.labels(model, endpoint_label(scope["path"]), str(status[0])).observe(time.perf_counter() - start)
 
 
 class BearerAuth:

@@ -42,44 +42,38 @@ from server.schemas import (
     ModelList,
     Usage,
 )
-from server.service import Service, sse
+from server.service import ServedModels, Service, sse
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid input (the error names the field)"},
     401: {"description": "missing or wrong API key"},
+    404: {"description": "no such model (code model_not_found; GET /v1/models lists the served ids)"},
     413: {"description": "body too large"},
     503: {"description": "queue full or not ready (see Retry-After)"},
 }
 
 
-def register(app: FastAPI, svc: Service) -> None:
+def register(app: FastAPI, served: ServedModels) -> None:
     """Add the OpenAI completions and model routes to `app`."""
 
     @app.get("/v1/models", response_model=ModelList, tags=["openai"])
     async def models() -> ModelList:
-        return ModelList(data=[model_card(svc)])
+        """Every served model, the default (the first --checkpoint) first."""
+        return ModelList(data=[model_card(svc) for svc in served])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"],
              responses={404: {"description": "no such model"}})
     async def model(model_id: str) -> ModelCard:
-        check_model(svc, model_id)
-        return model_card(svc)
+        return model_card(served.get(model_id))
 
     @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=False, responses=ERRORS,
               tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await openai_completions(svc, body, request)
+        return await openai_completions(served.get(body.model, request), body, request)
 
 
 def model_card(svc: Service) -> ModelCard:
     return ModelCard(id=svc.name, created=svc.created, max_model_len=svc.max_model_len, arch=svc.config.arch)
-
-
-def check_model(svc: Service, model: str | None) -> None:
-    """404 model_not_found unless `model` is None or the served name."""
-    if model is not None and model != svc.name:
-        raise APIError(404, f"model: '{model}' is not served here (available: '{svc.name}')", param="model",
-                       code="model_not_found")
 
 
 @dataclass
@@ -151,7 +145,6 @@ async def encode_prompts(svc: Service, items: list[tuple[list[int] | None, str |
 
 
 async def openai_completions(svc: Service, body: CompletionRequest, request: Request) -> Any:
-    check_model(svc, body.model)
     prompts = await encode_prompts(svc, _prompts(svc, body))
     max_tokens = body.max_tokens
     for pr in prompts:

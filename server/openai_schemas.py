@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
-from server.schemas import MAX_STOP, Usage
+from server.schemas import MAX_STOP, ModelId, Usage
 
 STRICT = ConfigDict(extra="ignore")
 STRICT_FORBID = ConfigDict(extra="forbid")
@@ -99,7 +99,7 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = STRICT
 
-    model: str | None = None
+    model: ModelId = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: NewTokens | None = Field(None, description="new tokens at most (default: the rest of the context); "
                                               "the rendered chat + these must fit max_model_len")
@@ -203,7 +203,7 @@ class TokenizeCompletion(BaseModel):
     """Text to ids: special-token strings map to their ids (as in vLLM / HF); add_special_tokens prepends BOS."""
 
     model_config = STRICT_FORBID
-    model: str | None = None
+    model: ModelId = None
     prompt: str
     add_special_tokens: StrictBool = True
     return_token_strs: StrictBool = False
@@ -218,7 +218,7 @@ class TokenizeChat(BaseModel):
     """Chat messages rendered with the chat template, then tokenized like /v1/chat/completions does."""
 
     model_config = STRICT_FORBID
-    model: str | None = None
+    model: ModelId = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: StrictBool = True
     add_special_tokens: StrictBool = True
@@ -234,7 +234,7 @@ class VllmTokenizeResponse(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = STRICT_FORBID
-    model: str | None = None
+    model: ModelId = None
     tokens: list[TokenId] = Field(description="token ids, each below the vocabulary size")
 
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from server.errors import APIError, invalid
 from server.openai_api import ERRORS
 from server.schemas import PerplexityRequest, PerplexityResponse
-from server.service import Service
+from server.service import ServedModels
 
 PATH = "/v1/perplexity/text"
 TEXT_BODY_LIMIT = 32 * 1024 * 1024  # 25x WikiText-2 test (1.26 MB)
@@ -32,6 +32,8 @@ BODY = {
         {"name": "stride", "in": "query", "required": False, "description": "sliding-window stride (default: half the context)",
          "schema": {"type": "integer", "minimum": 1}},
         {"name": "return_logprobs", "in": "query", "required": False, "schema": {"type": "boolean", "default": False}},
+        {"name": "model", "in": "query", "required": False, "description": "served model id (default: the first --checkpoint)",
+         "schema": {"type": "string"}},
     ],
 }
 
@@ -55,12 +57,13 @@ def body_limit(json_limit: int) -> int:
     return max(TEXT_BODY_LIMIT, json_limit)
 
 
-def register(app: FastAPI, svc: Service,
+def register(app: FastAPI, served: ServedModels,
              score: Callable[[PerplexityRequest, Request], Awaitable[PerplexityResponse]]) -> None:
     """Add the raw-text perplexity route; `score` is the /v1/perplexity handler."""
 
-    extra = {**BODY, "parameters": [{**BODY["parameters"][0], "schema": {"type": "integer", "minimum": 1, "maximum": svc.context}},
-                                    BODY["parameters"][1]]}
+    context = max(svc.context for svc in served)
+    extra = {**BODY, "parameters": [{**BODY["parameters"][0], "schema": {"type": "integer", "minimum": 1, "maximum": context}},
+                                    *BODY["parameters"][1:]]}
 
     @app.post(PATH, response_model=PerplexityResponse, responses=ERRORS, tags=["native"], openapi_extra=extra)
     async def perplexity_text(request: Request) -> Any:
@@ -71,7 +74,8 @@ def register(app: FastAPI, svc: Service,
         except UnicodeDecodeError as exc:
             raise APIError(400, f"body: not valid UTF-8 (byte {exc.start})", param="body", code="invalid_utf8") from None
         try:
-            body = PerplexityRequest(text=text, stride=stride, return_logprobs=return_logprobs)
+            body = PerplexityRequest(text=text, stride=stride, return_logprobs=return_logprobs,
+                                     model=request.query_params.get("model"))
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         return await score(body, request)

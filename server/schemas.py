@@ -38,6 +38,7 @@ TopP = Annotated[float, Field(ge=MIN_TOP_P, le=1.0, allow_inf_nan=False, descrip
                  AfterValidator(_top_p)]
 TopK = Annotated[int, Field(ge=1, description="sample among the k most likely tokens")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same seed -> same text, alone or under load")]
+ModelId = Annotated[str | None, Field(description="served model id (GET /v1/models); default: the first --checkpoint")]
 
 
 def _utf8(value: str, empty_ok: bool = False) -> str:
@@ -97,6 +98,7 @@ class StrictRequest(BaseModel):
 # ---------------------------------------------------------------- native generate
 class GenerateRequest(StrictRequest):
 
+    model: ModelId = None
     prompt: str = Field(description="text to continue (a BOS token is prepended)")
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate; prompt + these must fit the context")
     temperature: Temperature = 1.0
@@ -173,6 +175,7 @@ class GenerateResponse(BaseModel):
 # ---------------------------------------------------------------- perplexity
 class PerplexityRequest(StrictRequest):
 
+    model: ModelId = None
     text: str | list[str] = Field(description="one text or a list of texts")
     stride: int | None = Field(None, ge=1, description="sliding-window stride in tokens (default: half the context)")
     return_logprobs: bool = Field(False, description="per-token log-probabilities")
@@ -236,6 +239,7 @@ class PerplexityResponse(BaseModel):
 # ---------------------------------------------------------------- tokenize
 class TokenizeRequest(StrictRequest):
 
+    model: ModelId = None
     text: str
     add_bos: bool = True
 
@@ -262,7 +266,7 @@ class CompletionRequest(StrictRequest):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str | None = None
+    model: ModelId = None
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     temperature: Temperature = 1.0

@@ -1,4 +1,5 @@
-"""What the routes share: the Service (settings, engine, tokenizer, metrics), job events, SSE framing."""
+"""What the routes share: one Service per served model (settings, engine, tokenizer, metrics), the
+ServedModels that picks one by a request's `model`, job events, SSE framing."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -14,7 +16,6 @@ from tokenizers import Tokenizer
 
 from server.engine import DoneEvent, Engine, ErrorEvent, Event, Job, Unavailable
 from server.errors import APIError, error_body, invalid, overloaded
-from server.metrics import Metrics
 from server.middleware import endpoint_label
 from server.settings import Settings
 
@@ -24,19 +25,20 @@ class ClientGone(Exception):
 
 
 class Service:
-    """What the routes share: settings, engine, tokenizer, metrics."""
+    """What the routes share about one served model: settings, engine, tokenizer, its metrics."""
 
-    def __init__(self, settings: Settings, engine: Engine, tokenizer: Tokenizer, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, engine: Engine, tokenizer: Tokenizer, checkpoint: Path) -> None:
         self.settings = settings
         self.engine = engine
         self.tokenizer = tokenizer
-        self.metrics = metrics
+        self.checkpoint = checkpoint
+        self.metrics = engine.metrics
         self.config = engine.config
         self.context = engine.config.max_seq_len
         # Advertised context: the server's BOS takes one position, so what clients send + generate must fit in one less.
         self.max_model_len = self.context - 1
         self.bos = engine.config.bos_token_id
-        self.name = settings.served_model_name
+        self.name = engine.name
         self.created = int(time.time())
         self.tokenizer.encode_special_tokens = True  # "<eos>" typed by a user is text, not a control token
 
@@ -110,6 +112,36 @@ class Service:
     def error_for_stream(self, path: str, exc: APIError) -> bytes:
         self.metrics.error(endpoint_label(path), exc.reason)
         return sse(error_body(exc.message, exc.type, exc.param, exc.code))
+
+
+class ServedModels:
+    """The served models in --checkpoint order; the first is the default for requests without `model`."""
+
+    def __init__(self, services: list[Service]) -> None:
+        if not services:
+            raise ValueError("at least one model")
+        self.by_name = {svc.name: svc for svc in services}
+        if len(self.by_name) != len(services):
+            raise ValueError(f"duplicate model ids: {[svc.name for svc in services]}")
+        self.default = services[0]
+
+    def __iter__(self) -> Iterator[Service]:
+        return iter(self.by_name.values())
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def get(self, model: str | None, request: Request | None = None) -> Service:
+        """The model a request names (None: the default), or 404 model_not_found naming the served ids.
+        Records the model on `request` for the request metrics' `model` label."""
+        svc = self.default if model is None else self.by_name.get(model)
+        if svc is None:
+            served = ", ".join(f"'{name}'" for name in self.by_name)
+            raise APIError(404, f"model: '{model}' is not served here (available: {served})", param="model",
+                           code="model_not_found")
+        if request is not None:
+            request.state.model = svc.name
+        return svc
 
 
 def timeout_error() -> APIError:

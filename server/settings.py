@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 DEVICES_HELP = "auto (cuda when available), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+REPEATABLE = {"checkpoint"}  # flags that may be given more than once (a list); their variable is comma-separated
 
 
 class SettingsError(ValueError):
@@ -29,6 +30,15 @@ def _none_word(value: Any) -> Any:
 
 def _comma_list(value: Any) -> Any:
     return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
+def _checkpoints(value: Any) -> Any:
+    """Checkpoint paths: repeated flags arrive as a list, the variable as comma-separated text."""
+    if isinstance(value, str):
+        return _comma_list(value)
+    if isinstance(value, list):
+        return [part for item in value for part in (_comma_list(item) if isinstance(item, str) else [item])]
+    return value
 
 
 def _device(value: str) -> str:
@@ -62,7 +72,9 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: Path | None = Field(None, description="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    checkpoint: Annotated[list[Path], BeforeValidator(_checkpoints)] = Field(
+        [], description="checkpoint directory (config.json, model.safetensors, tokenizer.json); repeat the flag (or comma-separate "
+        "the variable) to serve several models, the first is the default")
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(8000, ge=0, le=65535, description="listen port")
     device: Device = Field("auto", description=DEVICES_HELP)
@@ -78,7 +90,8 @@ class Settings(BaseModel):
     cors_origins: CommaList = Field([], description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body; larger ones get 413")
     max_prompts: int = Field(16, ge=1, description="most prompts/texts in one request")
-    model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the OpenAI API (default: checkpoint directory name)")
+    model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the API (default: checkpoint directory "
+                                                        "name); only with one checkpoint")
     threads: Annotated[int | None, NoneWord] = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     drain_timeout: float = Field(30.0, gt=0, description="seconds SIGTERM waits for in-flight requests")
     warmup: bool = Field(True, description="run warm-up forwards before /ready turns 200")
@@ -90,9 +103,15 @@ class Settings(BaseModel):
 
     @property
     def served_model_name(self) -> str:
+        """The default (first) model's id."""
+        return self.model_ids[0] if self.checkpoint else "chiar"
+
+    @property
+    def model_ids(self) -> list[str]:
+        """One id per checkpoint, in order: --model-name for a single one, else the directory name."""
         if self.model_name:
-            return self.model_name
-        return Path(self.checkpoint).resolve().name if self.checkpoint else "chiar"
+            return [self.model_name]
+        return [Path(path).resolve().name for path in self.checkpoint]
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -103,8 +122,17 @@ class Settings(BaseModel):
             settings = cls.model_validate(raw)
         except ValidationError as exc:
             raise SettingsError(_describe(exc.errors()[0], raw, given_by)) from None
-        if settings.checkpoint is None:
+        if not settings.checkpoint:
             raise SettingsError(f"{flag('checkpoint')} / {env_name('checkpoint')}: is required")
+        if settings.model_name and len(settings.checkpoint) > 1:
+            raise SettingsError(f"{flag('model_name')} / {env_name('model_name')}: only with one checkpoint; with several, "
+                                "each model's id is its checkpoint directory name")
+        seen: dict[str, Path] = {}
+        for path, model_id in zip(settings.checkpoint, settings.model_ids):
+            if model_id in seen:
+                raise SettingsError(f"{flag('checkpoint')} / {env_name('checkpoint')}: {seen[model_id]} and {path} would both be "
+                                    f"served as model {model_id!r} (the id is the directory name); rename one directory")
+            seen[model_id] = path
         return settings
 
 
@@ -117,17 +145,17 @@ def env_name(name: str) -> str:
 
 
 def layered(cls: type[BaseModel], argv: Sequence[str] | None, environ: Mapping[str, str], *, prog: str,
-            description: str) -> tuple[dict[str, str], dict[str, str]]:
+            description: str) -> tuple[dict[str, Any], dict[str, str]]:
     """Raw text per field, `CHIAR_<NAME>` variables overridden by `--name` flags (defaults: absent),
     and which variable or flag gave each value."""
-    raw: dict[str, str] = {}
+    raw: dict[str, Any] = {}
     given_by: dict[str, str] = {}
     for name in cls.model_fields:
         if env_name(name) in environ:
             raw[name], given_by[name] = environ[env_name(name)], env_name(name)
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for name, info in cls.model_fields.items():
-        parser.add_argument(flag(name), dest=name, default=None, metavar=name.upper(),
+        parser.add_argument(flag(name), dest=name, default=None, metavar=name.upper(), action="append" if name in REPEATABLE else "store",
                             help=f"{info.description} [env {env_name(name)}]")
     for name, value in vars(parser.parse_args(argv)).items():
         if value is not None:

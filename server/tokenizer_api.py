@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from tokenizers import Tokenizer
 
-from server.chat import ChatTemplate
+from server.chat import templates
 from server.errors import invalid
-from server.openai_api import ERRORS, check_model
+from server.openai_api import ERRORS
 from server.openai_schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -26,7 +26,7 @@ from server.openai_schemas import (
     TokenizerInfo,
     VllmTokenizeResponse,
 )
-from server.service import Service
+from server.service import ServedModels
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -54,48 +54,56 @@ async def parse_tokenize(request: Request) -> TokenizeCompletion | TokenizeChat:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
-def register(app: FastAPI, svc: Service) -> None:
-    """Add the tokenizer routes to `app`."""
-    template = ChatTemplate.for_service(svc)
-    # a separate instance: the service's tokenizer treats special-token strings as text
-    parsing = Tokenizer.from_str(svc.tokenizer.to_str())
+def _parsing(tokenizer: Tokenizer) -> Tokenizer:
+    """A separate instance that maps special-token strings to their ids (the service's treats them as text)."""
+    parsing = Tokenizer.from_str(tokenizer.to_str())
     parsing.encode_special_tokens = False
+    return parsing
 
-    def token_name(token_id: int | None) -> str | None:
-        return None if token_id is None else svc.tokenizer.id_to_token(token_id)
+
+def register(app: FastAPI, served: ServedModels) -> None:
+    """Add the tokenizer routes to `app`."""
+    template = templates(served)
+    parsers = {svc.name: _parsing(svc.tokenizer) for svc in served}
 
     @app.post("/tokenize", response_model=VllmTokenizeResponse, response_model_exclude_none=True, responses=ERRORS,
               tags=["tokenizer"], openapi_extra=TOKENIZE_BODY)
     async def tokenize(request: Request) -> VllmTokenizeResponse:
         body = await parse_tokenize(request)
-        check_model(svc, body.model)
+        svc = served.get(body.model, request)
         if isinstance(body, TokenizeChat):
-            ids = template.encode(svc, body.messages, body.add_generation_prompt)
+            ids = template[svc.name].encode(svc, body.messages, body.add_generation_prompt)
             if not body.add_special_tokens:
                 ids = ids[1:]
         else:
-            ids = parsing.encode(body.prompt, add_special_tokens=False).ids
+            ids = parsers[svc.name].encode(body.prompt, add_special_tokens=False).ids
             if body.add_special_tokens:
                 ids = [svc.bos, *ids]
         strs = [svc.engine.token_str(i) for i in ids] if body.return_token_strs else None
         return VllmTokenizeResponse(count=len(ids), max_model_len=svc.max_model_len, tokens=ids, token_strs=strs)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, tags=["tokenizer"])
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        check_model(svc, body.model)
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        svc = served.get(body.model, request)
         vocab = svc.config.vocab_size
         bad = [i for i, t in enumerate(body.tokens) if t >= vocab]
         if bad:
             raise invalid("tokens", f"tokens[{bad[0]}] = {body.tokens[bad[0]]} is outside [0, {vocab})")
         return DetokenizeResponse(prompt=svc.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
-    @app.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"])
-    async def tokenizer_info() -> TokenizerInfo:
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, responses={404: ERRORS[404]}, tags=["tokenizer"])
+    async def tokenizer_info(request: Request, model: str | None = None) -> TokenizerInfo:
+        """The tokenizer of `model` (query parameter; default: the default model)."""
+        svc = served.get(model, request)
         cfg = svc.config
+
+        def token_name(token_id: int | None) -> str | None:
+            return None if token_id is None else svc.tokenizer.id_to_token(token_id)
+
         return TokenizerInfo(
             tokenizer_class="PreTrainedTokenizerFast",
             bos_token=token_name(cfg.bos_token_id), eos_token=token_name(cfg.eos_token_id),
             pad_token=token_name(cfg.pad_token_id), bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
             pad_token_id=cfg.pad_token_id, vocab_size=cfg.vocab_size, model_max_length=svc.max_model_len,
-            chat_template=template.source, add_bos_token=True,
+            chat_template=template[svc.name].source, add_bos_token=True,
         )

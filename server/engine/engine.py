@@ -19,6 +19,7 @@ from server.engine.output import OutputProcessor
 from server.engine.requests import GenerateJob, Job, Outbox, Unavailable
 from server.engine.runner import FaultInjector, ModelRunner
 from server.engine.scheduler import PrefillChunk, Scheduler, SchedulerLimits, SchedulerOutput, ScoreChunk, StepStats
+from server.engine.turns import DeviceTurns
 from server.metrics import Metrics
 from server.settings import Settings
 from server.textstream import TokenStrings
@@ -53,18 +54,24 @@ def kv_bytes_per_token(model: torch.nn.Module) -> float:
 
 
 class Engine:
-    """Continuous batching around one ChiarLM: decode first, then budgeted prefill and scoring chunks."""
+    """Continuous batching around one ChiarLM: decode first, then budgeted prefill and scoring chunks.
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, settings: Settings, metrics: Metrics) -> None:
+    A server with several models runs one Engine per model; they share the device through `turns`
+    (one step per turn, FIFO) and split `--kv-cache-mb` (`kv_cache_mb` is this engine's share)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, settings: Settings, metrics: Metrics, *,
+                 name: str | None = None, kv_cache_mb: float | None = None, turns: DeviceTurns | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
-        self.metrics = metrics
+        self.name = name or settings.served_model_name
+        self.metrics = metrics.for_model(self.name, model.config.n_layers)
+        self.turns = turns or DeviceTurns()
         self.config = model.config
         self.device = next(model.parameters()).device
         self.token_str = TokenStrings(tokenizer)
         per_token = kv_bytes_per_token(model)
-        budget = int(settings.kv_cache_mb * 2**20)
+        budget = int((settings.kv_cache_mb if kv_cache_mb is None else kv_cache_mb) * 2**20)
         max_batch = settings.max_batch_size or max(1, min(MAX_AUTO_BATCH, int(budget // (per_token * self.config.max_seq_len))))
         self.scheduler = Scheduler(SchedulerLimits(
             max_batch_size=max_batch, queue_size=settings.queue_size, max_step_tokens=settings.max_tokens_per_step,
@@ -72,7 +79,7 @@ class Engine:
             max_seq_len=self.config.max_seq_len))
         faults = FaultInjector.parse(settings.fault_inject)
         self.runner = ModelRunner(model, self.config.pad_token_id, faults, self._record_forward)
-        self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, metrics, faults)
+        self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults)
         self._cv = threading.Condition()
         self._ready = threading.Event()
         self._draining = False
@@ -99,7 +106,7 @@ class Engine:
                             retry_after=s.retry_after, cut_requests=self.cut_requests)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._main, name="chiar-engine", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"chiar-engine-{self.name}", daemon=True)
         self._thread.start()
 
     def begin_drain(self) -> None:
@@ -148,29 +155,34 @@ class Engine:
         try:
             torch.set_grad_enabled(False)
             if self.settings.warmup:
-                self._warmup()
+                with self.turns.turn():  # alone on the device: the warm-up timings seed the cost model
+                    self._warmup()
         except BaseException as exc:
             log.exception("warm-up failed")
             self.fatal = exc
             return
         self._ready.set()
-        log.info("engine ready on %s (batch cap %d)", self.device, self.scheduler.limits.max_batch_size)
+        log.info("engine %r ready on %s (batch cap %d)", self.name, self.device, self.scheduler.limits.max_batch_size)
         while True:
             with self._cv:
                 while not (self.scheduler.has_work or self._stopping):
                     self._cv.wait()
-                if self._drain_deadline is not None and time.perf_counter() > self._drain_deadline:
-                    self._cut_all()
-                    self.outbox.flush()
                 if self._stopping and not self.scheduler.has_work:
                     break
-                out = self.scheduler.schedule(time.perf_counter())
-            try:
-                self._step(out)
-            except Exception as exc:  # a bug outside the per-request guards: fail what this step touched
-                log.error("engine step failed: %s", type(exc).__name__)
-                log.debug("traceback", exc_info=True)
-                self._fail_step(out, f"internal error: {type(exc).__name__}")
+            with self.turns.turn():  # one step per turn: engines of other models alternate with this one
+                with self._cv:
+                    if self._drain_deadline is not None and time.perf_counter() > self._drain_deadline:
+                        self._cut_all()
+                        self.outbox.flush()
+                    if not self.scheduler.has_work:
+                        continue
+                    out = self.scheduler.schedule(time.perf_counter())
+                try:
+                    self._step(out)
+                except Exception as exc:  # a bug outside the per-request guards: fail what this step touched
+                    log.error("engine step failed: %s", type(exc).__name__)
+                    log.debug("traceback", exc_info=True)
+                    self._fail_step(out, f"internal error: {type(exc).__name__}")
             self.outbox.flush()
 
     def _cut_all(self) -> None:

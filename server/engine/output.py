@@ -27,7 +27,7 @@ from server.engine.requests import (
 )
 from server.engine.runner import ChunkOutput, DecodeOutput, FaultInjector
 from server.engine.scheduler import PrefillChunk, ScoreChunk
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.textstream import TextStream
 
 log = logging.getLogger("server.engine")
@@ -51,7 +51,7 @@ def logprob_entries(logp: Tensor, targets: list[int], top_n: int) -> list[Logpro
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer, max_seq_len: int, eos: int, metrics: Metrics, faults: FaultInjector) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_seq_len: int, eos: int, metrics: ModelMetrics, faults: FaultInjector) -> None:
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.eos = eos

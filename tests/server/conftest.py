@@ -86,7 +86,9 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def metric(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of `name`'s samples whose labels include `labels` (PromQL's sum(name{labels})), e.g. over models."""
+    want = set(labels.items())
+    return sum(value for (sample, have), value in samples.items() if sample == name and want <= set(have))
 
 
 @pytest.fixture(scope="session")

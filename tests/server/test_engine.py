@@ -165,13 +165,14 @@ def test_ready_reports_draining_and_new_requests_get_503(tiny_checkpoint: Path) 
     from server.app import create_app
     from server.engine import Engine
     from server.metrics import Metrics
+    from server.service import Service
     from server.settings import Settings
 
     settings = Settings.from_sources(["--checkpoint", str(tiny_checkpoint)], environ={})
     model, tokenizer = load_checkpoint(tiny_checkpoint)
-    metrics = Metrics(model.config.n_layers, "cpu")
+    metrics = Metrics("cpu")
     engine = Engine(model, tokenizer, settings, metrics)
-    with TestClient(create_app(settings, engine, tokenizer, metrics)) as client:
+    with TestClient(create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics)) as client:
         deadline = time.monotonic() + 30
         while client.get("/ready").status_code != 200:
             assert time.monotonic() < deadline

@@ -66,19 +66,20 @@ def test_ready_is_503_until_warmed_up(tiny_checkpoint: Path) -> None:
     from server.app import create_app
     from server.engine import Engine
     from server.metrics import Metrics
+    from server.service import Service
     from server.settings import Settings
 
     settings = Settings.from_sources(["--checkpoint", str(tiny_checkpoint)], environ={})
     model, tokenizer = load_checkpoint(tiny_checkpoint)
-    metrics = Metrics(model.config.n_layers, "cpu")
+    metrics = Metrics("cpu")
     engine = Engine(model, tokenizer, settings, metrics)
-    client = TestClient(create_app(settings, engine, tokenizer, metrics))  # no `with`: lifespan not run
+    client = TestClient(create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics))  # no `with`: lifespan not run
     assert client.get("/health").status_code == 200
     r = client.get("/ready")
     assert r.status_code == 503 and r.json()["status"] == "loading" and "retry-after" in r.headers
     r = client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 2})
     assert r.status_code == 503 and "retry-after" in r.headers
-    with TestClient(create_app(settings, engine, tokenizer, metrics)) as live:  # lifespan starts and warms the engine
+    with TestClient(create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics)) as live:  # lifespan starts and warms the engine
         deadline = time.monotonic() + 30
         while live.get("/ready").status_code != 200:
             assert time.monotonic() < deadline

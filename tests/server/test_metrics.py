@@ -8,30 +8,30 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import ServerProcess, metric, scrape
 
-EXPECTED = {  # name -> (type, label names)
-    "chiar_tokens_routed": ("counter", {"layer", "operator", "phase"}),
-    "chiar_metarouter_gate": ("histogram", set()),
-    "chiar_forward_latency_seconds": ("histogram", {"phase", "device"}),
-    "chiar_request_duration_seconds": ("histogram", {"endpoint", "status"}),
-    "chiar_time_to_first_token_seconds": ("histogram", set()),
-    "chiar_inter_token_latency_seconds": ("histogram", set()),
-    "chiar_queue_wait_seconds": ("histogram", set()),
-    "chiar_requests_running": ("gauge", set()),
-    "chiar_requests_waiting": ("gauge", set()),
-    "chiar_batch_size": ("histogram", {"phase"}),
-    "chiar_prompt_tokens": ("counter", set()),
-    "chiar_generation_tokens": ("counter", set()),
-    "chiar_flops": ("counter", {"kind"}),
-    "chiar_request_errors": ("counter", {"endpoint", "reason"}),
-    "chiar_model_info": ("gauge", {"arch", "params", "checkpoint"}),
-    "chiar_queue_length": ("gauge", {"class"}),
-    "chiar_step_tokens": ("histogram", {"kind"}),
-    "chiar_step_seconds": ("histogram", set()),
-    "chiar_step_budget_tokens": ("gauge", set()),
-    "chiar_steps": ("counter", {"generation", "scoring"}),
-    "chiar_step_over_budget": ("counter", set()),
-    "chiar_step_score_tokens_max": ("gauge", set()),
-    "chiar_kv_cache_bytes": ("gauge", {"kind"}),
+EXPECTED = {  # name -> (type, label names); every series carries the served model's id
+    "chiar_tokens_routed": ("counter", {"model", "layer", "operator", "phase"}),
+    "chiar_metarouter_gate": ("histogram", {"model"}),
+    "chiar_forward_latency_seconds": ("histogram", {"model", "phase", "device"}),
+    "chiar_request_duration_seconds": ("histogram", {"model", "endpoint", "status"}),
+    "chiar_time_to_first_token_seconds": ("histogram", {"model"}),
+    "chiar_inter_token_latency_seconds": ("histogram", {"model"}),
+    "chiar_queue_wait_seconds": ("histogram", {"model"}),
+    "chiar_requests_running": ("gauge", {"model"}),
+    "chiar_requests_waiting": ("gauge", {"model"}),
+    "chiar_batch_size": ("histogram", {"model", "phase"}),
+    "chiar_prompt_tokens": ("counter", {"model"}),
+    "chiar_generation_tokens": ("counter", {"model"}),
+    "chiar_flops": ("counter", {"model", "kind"}),
+    "chiar_request_errors": ("counter", {"model", "endpoint", "reason"}),
+    "chiar_model_info": ("gauge", {"model", "arch", "params", "checkpoint"}),
+    "chiar_queue_length": ("gauge", {"model", "class"}),
+    "chiar_step_tokens": ("histogram", {"model", "kind"}),
+    "chiar_step_seconds": ("histogram", {"model"}),
+    "chiar_step_budget_tokens": ("gauge", {"model"}),
+    "chiar_steps": ("counter", {"model", "generation", "scoring"}),
+    "chiar_step_over_budget": ("counter", {"model"}),
+    "chiar_step_score_tokens_max": ("gauge", {"model"}),
+    "chiar_kv_cache_bytes": ("gauge", {"model", "kind"}),
 }
 
 
@@ -52,6 +52,10 @@ def test_metric_names_types_labels(server: ServerProcess) -> None:
     assert {s.labels["device"] for s in families["chiar_forward_latency_seconds"].samples} == {"cpu"}
     info = families["chiar_model_info"].samples[0]
     assert info.value == 1 and info.labels["arch"] == "chiar" and info.labels["checkpoint"] == "chiar-tiny"
+    assert info.labels["model"] == "chiar-tiny"
+    assert {s.labels["model"] for s in families["chiar_tokens_routed"].samples} == {"chiar-tiny"}
+    # a request that never reached a model (invalid body) is counted with model=""
+    assert {s.labels["model"] for s in families["chiar_request_errors"].samples} == {""}
     assert int(info.labels["params"]) > 0
 
 
