@@ -3,41 +3,18 @@ the same prompt and seed on both, side by side."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
-import pytest
 from selenium.webdriver.common.by import By
 
+from tests.server import test_multi_model
 from tests.server.conftest import ServerProcess
 from tests.server.playground_driver import chromium, console_errors, open_page, run_mode
 
 PROMPT = "The history of the city begins"
 GEN = {"max_new_tokens": 6, "temperature": 0.9, "top_p": 1, "seed": 11}
 
-
-@pytest.fixture(scope="module")
-def baseline_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model's full-attention baseline (same sizes and tokenizer)."""
-    import torch
-    from tokenizers import Tokenizer
-
-    from model import ChiarConfig, ChiarLM, save_checkpoint
-
-    config = ChiarConfig.from_json((tiny_checkpoint / "config.json").read_text()).replace(arch="baseline", thresholds=None, bands=None)
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("baseline_checkpoint") / "baseline-tiny"
-    save_checkpoint(ChiarLM(config).eval(), Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def two_models(tiny_checkpoint: Path, baseline_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("logs") / "server.log",
-                         args=["--checkpoint", str(baseline_checkpoint)]).start()
-    yield proc
-    proc.stop()
+# test_multi_model's server: the tiny CHIAR checkpoint and a tiny full-attention baseline
+baseline_checkpoint, two_models = test_multi_model.baseline_checkpoint, test_multi_model.both
 
 
 def test_compare_shows_both_models_side_by_side(two_models: ServerProcess) -> None:
