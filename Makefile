@@ -6,9 +6,10 @@ CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
+.PHONY: setup system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step bench-kv bench-gpu loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
 LOADTEST_ARGS ?=
 # e.g. BENCH_SERVER_ARGS=--llamacpp adds llama.cpp's server to the peers (built once from the llama-cpp-python sdist)
+# BENCH_SERVER_ARGS=--long-only runs only the long-context rows (1-2k-token prompts), --no-long skips them
 BENCH_SERVER_ARGS ?=
 
 setup: $(VENV)/.installed
@@ -36,7 +37,7 @@ test-random: setup
 serve: setup
 	$(PY) -m server --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT)
 
-bench: bench-model bench-server bench-fairness bench-step
+bench: bench-model bench-server bench-fairness bench-step bench-kv
 
 bench-model: setup
 	$(PY) -m bench.model --write BENCHMARKS.md
@@ -49,6 +50,15 @@ bench-fairness: setup
 
 bench-step: setup
 	$(PY) -m bench.step_profile --write BENCHMARKS.md
+
+# Concurrent 2k-token sequences under one --kv-cache-mb, CHIAR vs baseline (real servers).
+bench-kv: setup
+	$(PY) -m bench.kv_capacity --write BENCHMARKS.md
+
+# GPU readiness: bf16 model tests, a --device cuda server smoke test, CUDA-event layer timings;
+# without CUDA it says so in one line and runs the CPU parts.
+bench-gpu: setup
+	$(PY) -m bench.gpu --write BENCHMARKS.md
 
 loadtest: setup
 	$(PY) -m loadtests.run --checkpoint $(CHECKPOINT) $(LOADTEST_ARGS)

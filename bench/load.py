@@ -1,7 +1,8 @@
 """Closed-loop HTTP clients for `bench.server`.
 
 Each of N workers sends its requests back to back; a level's numbers are requests/s, tokens/s
-(generated tokens for generation, scored tokens for perplexity), latency and TTFT percentiles.
+(generated tokens for generation, scored tokens for perplexity), latency, TTFT and inter-token
+latency (ITL: per request, the mean gap between streamed tokens after the first) percentiles.
 """
 
 from __future__ import annotations
@@ -20,19 +21,21 @@ from bench.report import percentile
 
 @dataclass
 class Sample:
-    """One request: seconds to the last byte, to the first token (NaN if not streamed), tokens."""
+    """One request: seconds to the last byte, to the first token (NaN if not streamed), tokens, and the
+    mean seconds between its streamed tokens after the first (NaN if not streamed or one token)."""
 
     latency: float
     ttft: float
     tokens: int
+    itl: float = float("nan")
 
 
 async def generate_once(client: httpx.AsyncClient, prompt: str, max_new_tokens: int, seed: int) -> Sample:
     """Streamed native /v1/generate, EOS ignored; TTFT at the first SSE token event."""
     body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0.8, "seed": seed, "ignore_eos": True, "stream": True}
     start = time.perf_counter()
-    ttft = None
-    tokens = 0
+    ttft = last = None
+    tokens = first_tokens = 0
     async with client.stream("POST", "/v1/generate", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"generate: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -41,11 +44,15 @@ async def generate_once(client: httpx.AsyncClient, prompt: str, max_new_tokens: 
                 continue
             event = json.loads(line[6:])
             if event.get("type") == "token":
-                ttft = ttft if ttft is not None else time.perf_counter() - start
+                last = time.perf_counter() - start
+                if ttft is None:
+                    ttft, first_tokens = last, len(event["token_ids"])
                 tokens += len(event["token_ids"])
             elif "error" in event:
                 raise RuntimeError(f"generate: {event['error']}")
-    return Sample(time.perf_counter() - start, ttft if ttft is not None else float("nan"), tokens)
+    after_first = tokens - first_tokens
+    itl = (last - ttft) / after_first if ttft is not None and last is not None and after_first > 0 else float("nan")
+    return Sample(time.perf_counter() - start, ttft if ttft is not None else float("nan"), tokens, itl)
 
 
 async def perplexity_once(client: httpx.AsyncClient, text: str) -> Sample:
@@ -97,8 +104,10 @@ def summarise(results: list[Sample], wall: float, clients: int) -> dict[str, Any
     """A level's row: requests, req/s, tokens/s, mean tokens per request, latency and TTFT p50/p95/p99 (ms)."""
     lat = [r.latency for r in results]
     ttft = [r.ttft for r in results if r.ttft == r.ttft]
+    itl = [r.itl for r in results if r.itl == r.itl]
     tokens = sum(r.tokens for r in results)
     return {"clients": clients, "requests": len(results), "wall_s": wall, "req_per_s": len(results) / wall,
             "tokens_per_s": tokens / wall, "tokens_per_request": tokens / max(1, len(results)),
             **{f"lat_p{q}": percentile(lat, q / 100) * 1000 for q in (50, 95, 99)},
-            **{f"ttft_p{q}": percentile(ttft, q / 100) * 1000 for q in (50, 95, 99)}}
+            **{f"ttft_p{q}": percentile(ttft, q / 100) * 1000 for q in (50, 95, 99)},
+            **{f"itl_p{q}": percentile(itl, q / 100) * 1000 for q in (50, 95)}}

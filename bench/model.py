@@ -8,18 +8,20 @@ every routing layer. Medians of repeated runs; ratios come from the same process
 from __future__ import annotations
 
 import argparse
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from bench.report import interleaved_medians, machine_line, median_seconds, write_section
 from model.attention import PackedTokens
+from model.blocks import RoutedBlock
 from model.chiar import ChiarLM
 from model.config import ChiarConfig
 from model.routing import SpectralRouter
 from model.spectral import dct, entropy_from_coefficients
 
+PARTS = ("score", "decode", "overhead")
 SIZE = dict(vocab_size=8192, d_model=256, n_layers=8, n_heads=8, d_ff=1024, max_seq_len=2048 + 64)
 
 
@@ -27,7 +29,7 @@ def calibrate_to_median(model: ChiarLM, ids: torch.Tensor) -> None:
     """Put each routing layer's threshold at the median entropy it sees (layer by layer)."""
     with torch.inference_mode():
         for layer, block in enumerate(model.blocks):
-            if block.kind == "route" and isinstance(block.router, SpectralRouter):
+            if isinstance(block, RoutedBlock) and isinstance(block.router, SpectralRouter):
                 entropy = model.infer(ids).routing.entropy[..., layer]
                 block.router.threshold.fill_(float(entropy.nanmedian()))
 
@@ -79,52 +81,60 @@ def scoring_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, 
     return rows
 
 
+def _decoder(model: ChiarLM, ids: torch.Tensor, steps: int) -> tuple[Callable[[], None], float]:
+    """A function decoding `steps` more greedy tokens of one running batch, and the KV bytes/seq after prefill."""
+    _, state = model.prefill(ids)
+    last = [torch.zeros(ids.shape[0], dtype=torch.long)]
+
+    def run() -> None:
+        tokens = last[0]
+        for _ in range(steps):
+            tokens = model.decode_step(tokens, state).logits[:, 0].argmax(-1)
+        last[0] = tokens
+
+    return run, float(state.kv_cache_bytes().float().mean())
+
+
+def _hf_decoder(hf: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[Callable[[], None], float]:
+    out = hf(ids, use_cache=True)
+    running = [out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)]
+
+    def run() -> None:
+        past, tokens = running
+        for _ in range(steps):
+            out = hf(tokens, past_key_values=past, use_cache=True)
+            past, tokens = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        running[:] = [past, tokens]
+
+    d, layers = SIZE["d_model"], SIZE["n_layers"]
+    return run, float(2 * layers * d * ids.shape[1] * 4)  # K and V, fp32, every layer, every token
+
+
 def decode_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, context: int, batches: list[int],
-                steps: int) -> list[dict]:
+                steps: int, repeats: int) -> list[dict]:
+    """Greedy decode tokens/s: blocks of `steps` steps per model, round-robin over the models (`repeats`
+    blocks each, after one warm-up block), each model continuing its own running batch; medians."""
     rows = []
     for batch in batches:
         ids = torch.randint(0, SIZE["vocab_size"], (batch, context), generator=torch.Generator().manual_seed(batch))
-        result: dict = dict(batch=batch, context=context)
-        for name, model in (("chiar", chiar), ("baseline", baseline)):
-            with torch.inference_mode():
-                _, state = model.prefill(ids)
-                kv_bytes = float(state.kv_cache_bytes().float().mean())
-                tokens = torch.zeros(batch, dtype=torch.long)
-                model.decode_step(tokens, state)  # warm-up
-                start = time.perf_counter()
-                for _ in range(steps):
-                    tokens = model.decode_step(tokens, state).logits[:, 0].argmax(-1)
-                elapsed = time.perf_counter() - start
-            result[name] = batch * steps / elapsed
-            result[f"{name}_kv"] = kv_bytes
-        result["hf"], result["hf_kv"] = _hf_decode(hf, ids, steps) if hf is not None else (float("nan"), float("nan"))
+        result: dict = dict(batch=batch, context=context, hf=float("nan"), hf_kv=float("nan"))
+        with torch.inference_mode():
+            fns = {}
+            for name, model in (("chiar", chiar), ("baseline", baseline)):
+                fns[name], result[f"{name}_kv"] = _decoder(model, ids, steps)
+            if hf is not None:
+                fns["hf"], result["hf_kv"] = _hf_decoder(hf, ids, steps)
+            for name, seconds in interleaved_medians(fns, repeats).items():
+                result[name] = batch * steps / seconds
         rows.append(result)
         print(f"decode batch={batch} ctx={context}: chiar {result['chiar']:,.1f} tok/s, baseline {result['baseline']:,.1f}, "
               f"hf {result['hf']:,.1f}; KV bytes/seq chiar {result['chiar_kv']:,.0f} baseline {result['baseline_kv']:,.0f}", flush=True)
     return rows
 
 
-def _hf_decode(hf: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    with torch.inference_mode():
-        out = hf(ids, use_cache=True)
-        past = out.past_key_values
-        tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = hf(tokens, past_key_values=past, use_cache=True)  # warm-up step
-        past = out.past_key_values
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = hf(tokens, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        elapsed = time.perf_counter() - start
-    d, layers = SIZE["d_model"], SIZE["n_layers"]
-    kv_bytes = 2 * layers * d * ids.shape[1] * 4  # K and V, fp32, every layer, every token
-    return ids.shape[0] * steps / elapsed, float(kv_bytes)
-
-
 def routing_overhead(chiar: ChiarLM, seq: int, batch: int, repeats: int) -> dict:
     """Cost of routing in one routing layer (DCT, entropy, compaction, scatter) vs the attention it saves."""
-    block = next(b for b in chiar.blocks if b.kind == "route")
+    block = chiar.routed_blocks()[0]
     attention = block.attention
     d = SIZE["d_model"]
     u = torch.randn(batch * seq, d)
@@ -206,14 +216,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="tables to measure (e.g. `--only decode --batches 1` for the decode-at-1k row)")
+    parser.add_argument("--no-hf", action="store_true", help="leave HF Llama out (faster; its columns read nan)")
     args = parser.parse_args()
+    if args.write and set(args.only) != set(PARTS):
+        parser.error("--write needs every table (leave out --only)")
     chiar, baseline, hf = build_models(max(args.seqs))
+    hf = None if args.no_hf else hf
     print(f"params: CHIAR {chiar.num_parameters():,}, baseline {baseline.num_parameters():,}"
           + (f", HF Llama {sum(p.numel() for p in hf.parameters()):,}" if hf is not None else ""), flush=True)
-    score = scoring_rows(chiar, baseline, hf, args.seqs, args.batches, args.repeats)
-    decode = decode_rows(chiar, baseline, hf, args.context, args.batches, args.decode_steps)
-    overhead = [routing_overhead(chiar, seq, 1, args.repeats) for seq in args.seqs]
-    overhead.append(routing_overhead(chiar, max(args.seqs), max(args.batches), args.repeats))
+    score = scoring_rows(chiar, baseline, hf, args.seqs, args.batches, args.repeats) if "score" in args.only else []
+    decode = decode_rows(chiar, baseline, hf, args.context, args.batches, args.decode_steps, args.repeats) if "decode" in args.only else []
+    overhead = []
+    if "overhead" in args.only:
+        overhead = [routing_overhead(chiar, seq, 1, args.repeats) for seq in args.seqs]
+        overhead.append(routing_overhead(chiar, max(args.seqs), max(args.batches), args.repeats))
     body = render(score, decode, overhead)
     print(body)
     if args.write:

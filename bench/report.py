@@ -38,6 +38,11 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def fmt(value: float) -> str:
+    """One decimal, '-' for NaN (no sample)."""
+    return "-" if value != value else f"{value:.1f}"
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated quantile q in [0, 1]; NaN for no values."""
     if not values:

@@ -10,9 +10,11 @@
    --continuous-batching` and, with --llamacpp, llama.cpp's `llama-server` (built once from the
    llama-cpp-python sdist, bench/llamacpp.py), on one workload: non-streamed /v1/completions,
    24-word prompts, 32 new tokens; tokens/s, latency and peak RSS per level.
+3. Long context (bench/server_long.py, its own section): 1024- and 2000-token prompts, CHIAR vs
+   baseline side by side: scored tokens/s of /v1/perplexity, TTFT and ITL of streamed generation.
 
     python -m bench.server [--chiar DIR] [--baseline DIR] [--clients 1 8 32] [--llamacpp] [--quick]
-                           [--write BENCHMARKS.md]
+                           [--long-only | --no-long] [--write BENCHMARKS.md]
 
 Without checkpoints (default: checkpoints/chiar-small, checkpoints/baseline-small) it builds
 random-weight ones of chiar-small's size, CHIAR thresholds at each routing layer's median entropy.
@@ -32,9 +34,9 @@ from typing import Any
 
 import httpx
 
-from bench import compare
+from bench import compare, server_long
 from bench.load import Sample, closed_loop, generate_once, perplexity_once, summarise
-from bench.report import machine_line, median_seconds, write_section
+from bench.report import fmt, machine_line, median_seconds, write_section
 from loadtests.server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +45,9 @@ RANDOM_SIZE = dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, d_ff=768
 
 
 # ------------------------------------------------------------------------ checkpoints
-def random_checkpoints(root: Path) -> tuple[Path, Path]:
-    """CHIAR + baseline of equal size with random weights and a BPE tokenizer trained on WikiText-2 valid."""
+def random_checkpoints(root: Path, max_seq_len: int = RANDOM_SIZE["max_seq_len"]) -> tuple[Path, Path]:
+    """CHIAR + baseline of equal size with random weights and a BPE tokenizer trained on WikiText-2 valid
+    (context `max_seq_len`; thresholds at the median entropy of that many tokens of text)."""
     import torch
 
     from model import ChiarConfig, ChiarLM, save_checkpoint
@@ -52,8 +55,8 @@ def random_checkpoints(root: Path) -> tuple[Path, Path]:
 
     text = (REPO / "data" / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
     tokenizer = train_tokenizer([text], vocab_size=RANDOM_SIZE["vocab_size"])
-    config = ChiarConfig(**{**RANDOM_SIZE, "vocab_size": tokenizer.get_vocab_size()})
-    ids = torch.tensor([[config.bos_token_id, *tokenizer.encode(text[:20000]).ids[: config.max_seq_len - 1]]])
+    config = ChiarConfig(**{**RANDOM_SIZE, "vocab_size": tokenizer.get_vocab_size(), "max_seq_len": max_seq_len})
+    ids = torch.tensor([[config.bos_token_id, *tokenizer.encode(text[: 20 * max_seq_len]).ids[: config.max_seq_len - 1]]])
     torch.manual_seed(0)
     probe = ChiarLM(config).eval()
     thresholds = [float(t) for t in probe.infer(ids).routing.entropy[0, :, 1:-1].nanmedian(dim=0).values]
@@ -208,10 +211,6 @@ def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argpa
     return "\n".join(lines)
 
 
-def fmt(value: float) -> str:
-    return "-" if value != value else f"{value:.1f}"
-
-
 def make_plot(rows: list[dict], path: Path) -> Path | None:
     try:
         import matplotlib
@@ -249,6 +248,11 @@ def workload_text(n_prompts: int) -> tuple[list[str], list[str]]:
     return prompts, texts
 
 
+def relative(paths: dict[str, Path]) -> dict[str, Path]:
+    """Checkpoint paths as the report shows them: relative to the repository when inside it."""
+    return {k: v.relative_to(REPO) if v.is_relative_to(REPO) else v for k, v in paths.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chiar", type=Path, default=REPO / "checkpoints" / "chiar-small")
@@ -268,11 +272,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", type=Path, default=None, help="markdown file to update (BENCHMARKS.md)")
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "bench_server_latency.png")
     p.add_argument("--json", type=Path, default=None, help="also dump raw rows as JSON")
+    server_long.add_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.requests_per_client, args.min_requests, args.hf_requests = [1, 2], 2, 4, 4
+        server_long.quick(args)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
+    long_body = ""
+    if not (args.peers_only or args.no_long):  # first: with --long-only the short rows' stand-ins are not needed
+        given = {"CHIAR": args.chiar, "baseline": args.baseline}
+        long_rows, long_used, long_random = server_long.run(given, args, tmp)
+        long_body = server_long.render(long_rows, relative(long_used), long_random, args, machine_line())
+    if args.long_only:
+        print(long_body)
+        if args.json:
+            args.json.write_text(json.dumps({"long": long_rows}, indent=2))
+        if args.write:
+            write_section(args.write, server_long.SECTION, long_body)
+            print(f"wrote {args.write}", flush=True)
+        return 0
     if args.random or not (args.chiar / "config.json").is_file() or not (args.baseline / "config.json").is_file():
         print("building random-weight checkpoints of chiar-small's size ...", flush=True)
         args.chiar, args.baseline = random_checkpoints(tmp)
@@ -295,17 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         peers = compare.run({"baseline": args.baseline, "CHIAR": args.chiar}, work, tmp,
                             llama_cpp=args.llamacpp, threads=args.threads)
     plot = make_plot(rows, args.plot) if args.write and not args.quick else None
-    rel = {k: v.relative_to(REPO) if v.is_relative_to(REPO) else v for k, v in names.items()}
-    body = render(rows, hf, overhead, args, rel, plot, peers, work)
+    body = render(rows, hf, overhead, args, relative(names), plot, peers, work)
     print(body)
+    print(long_body)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "hf": hf, "overhead": overhead,
+                                         "long": long_rows if long_body else None,
                                          "peers": peers.rows if peers else None,
                                          "peer_notes": peers.notes if peers else None}, indent=2))
     if args.write and args.peers_only:
         print("--peers-only: not writing a partial section", flush=True)
     elif args.write:
         write_section(args.write, SECTION, body)
+        if long_body:
+            write_section(args.write, server_long.SECTION, long_body)
         print(f"wrote {args.write}", flush=True)
     return 0
 

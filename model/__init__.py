@@ -1,17 +1,18 @@
 """CHIAR-Former model: public API used by training/, server/ and external code."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .chiar import OPERATOR_NAMES, ChiarLM, ModelOutput, RoutingInfo
+from .chiar import ChiarLM
 from .config import ChiarConfig, ConfigError
 from .flops import FlopCount
 from .generate import GenerateOutput
 from .kv_cache import DecodeState
+from .operators import Operator
+from .output import ModelOutput, RoutingInfo
 from .sampling import SamplingError, make_generator, sample_next, sample_tokens
 from .spectral import dct, idct, spectral_entropy
 from .stopping import FinishReason, StoppingCriteria
 
 __all__ = [
-    "OPERATOR_NAMES",
     "CheckpointError",
     "ChiarConfig",
     "ChiarLM",
@@ -21,6 +22,7 @@ __all__ = [
     "FlopCount",
     "GenerateOutput",
     "ModelOutput",
+    "Operator",
     "RoutingInfo",
     "SamplingError",
     "StoppingCriteria",

@@ -133,10 +133,11 @@ class CausalSelfAttention(nn.Module):
         return self.out(self._merge_heads(y)[0]), start
 
     def forward_decode(self, u_sel: Tensor, positions_sel: Tensor, seq_idx: Tensor, cache: LayerKV) -> Tensor:
-        """One new token for each sequence in seq_idx: append its K/V to the cache, attend over the cache."""
+        """One new token for each sequence in seq_idx: append its K/V to the cache (room reserved by
+        `DecodeState.reserve_step`), attend over the cache."""
         q, k, v = self._split_heads(self.qkv(u_sel).unsqueeze(1), positions_sel.unsqueeze(1))
         # [n, H, 1, hd] after the split (the "batch" axis is the selected sequences)
-        cache.append(seq_idx, k, v)
+        cache.append(seq_idx, k, v, reserved=True)
         lengths = cache.lengths[seq_idx]
         span = int(lengths.max())
         if seq_idx.numel() == cache.lengths.numel():  # every sequence attends: a view, no copy of the cache

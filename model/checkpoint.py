@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from .checkpoint_guard import GuardError, check_limits, check_sizes, check_tensors, read_header
 from .chiar import ChiarLM
 from .config import ChiarConfig, ConfigError
+from .hf_tokenizer import TOKENIZER_CONFIG, write_tokenizer_files
 from .storage import TORCH_DTYPES, atomic_directory
 
 FORMAT_VERSION = "1"
@@ -78,6 +79,10 @@ def write_checkpoint_files(model: ChiarLM, tokenizer: Tokenizer, directory: Path
         save_file(tensors, str(target), metadata={"format_version": FORMAT_VERSION, "arch": config.arch})
         target = directory / TOKENIZER_FILE
         tokenizer.save(str(target))
+        # tokenizer_config.json + special_tokens_map.json: AutoTokenizer (lm-eval, HF clients) loads
+        # every checkpoint we write, the training export included
+        target = directory / TOKENIZER_CONFIG
+        write_tokenizer_files(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
             target = directory / name
             with open(target, "rb") as f:

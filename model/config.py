@@ -8,9 +8,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .operators import Operator
+
 ARCHS = ("chiar", "baseline")
 ROUTING_MODES = ("soft", "ste", "threshold", "threshold_reg")
-OPERATOR_SETS = (("dct", "attn"), ("dct", "rbf", "attn"))
+OPERATOR_SETS = ((Operator.DCT, Operator.ATTENTION), (Operator.DCT, Operator.RBF, Operator.ATTENTION))
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -39,7 +41,7 @@ class ChiarConfig:
     rope_theta: float = 10000.0
     arch: str = "chiar"
     routing: str = "threshold"
-    operators: tuple[str, ...] = ("dct", "attn")
+    operators: tuple[Operator, ...] = (Operator.DCT, Operator.ATTENTION)  # JSON: labels ("attn" accepted)
     thresholds: list[float] | None = None
     bands: list[list[float]] | None = None  # (p33, p67) per routing layer, three-operator router
     temperature: float = 0.05
@@ -59,7 +61,10 @@ class ChiarConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (training recipe)
 
     def __post_init__(self) -> None:
-        self.operators = tuple(self.operators)
+        try:
+            self.operators = tuple(Operator.parse(name) for name in self.operators)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("operators", str(exc)) from None
         if self.thresholds is not None:
             self.thresholds = [float(t) for t in self.thresholds]
         if self.bands is not None:
@@ -82,7 +87,8 @@ class ChiarConfig:
         if self.routing not in ROUTING_MODES:
             raise ConfigError("routing", f"must be one of {ROUTING_MODES}, got {self.routing!r}")
         if self.operators not in OPERATOR_SETS:
-            raise ConfigError("operators", f"must be one of {OPERATOR_SETS}, got {self.operators!r}")
+            sets = [[op.label for op in ops] for ops in OPERATOR_SETS]
+            raise ConfigError("operators", f"must be one of {sets}, got {[op.label for op in self.operators]}")
         if self.arch == "chiar" and self.n_layers < 3:
             raise ConfigError("n_layers", f"chiar needs at least 3 layers (L1 gate, routing, final attention), got {self.n_layers}")
         for name in ("rope_theta", "temperature", "norm_eps", "entropy_eps"):
@@ -131,7 +137,7 @@ class ChiarConfig:
 
     @property
     def three_operators(self) -> bool:
-        return "rbf" in self.operators
+        return Operator.RBF in self.operators
 
     def resolved_thresholds(self) -> list[float]:
         """Thresholds to initialise routers with (0.5 when not calibrated yet)."""
@@ -144,7 +150,7 @@ class ChiarConfig:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["operators"] = list(self.operators)
+        data["operators"] = [op.label for op in self.operators]
         return data
 
     def to_json(self) -> str:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-OPERATOR_KEYS = ("attention", "dct", "rbf", "router", "ffn")
+from .operators import Operator
+
+# FlopCount.per_layer keys: the operators that do work, then the routing and FFN cost every token pays.
+FLOP_KEYS = (Operator.ATTENTION.label, Operator.DCT.label, Operator.RBF.label, "router", "ffn")
 
 
 def causal_pairs(lengths: list[int]) -> int:
@@ -57,7 +60,7 @@ class FlopCount:
 
     @staticmethod
     def empty(n_layers: int) -> FlopCount:
-        return FlopCount([dict.fromkeys(OPERATOR_KEYS, 0.0) for _ in range(n_layers)], [0.0] * n_layers)
+        return FlopCount([dict.fromkeys(FLOP_KEYS, 0.0) for _ in range(n_layers)], [0.0] * n_layers)
 
     def add(self, layer: int, operator: str, flops: float) -> None:
         self.per_layer[layer][operator] += float(flops)

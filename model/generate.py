@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .chiar import ModelOutput
 from .flops import FlopCount
+from .output import ModelOutput
 from .sampling import make_generator, sample_next
 from .stopping import FinishReason, StoppingCriteria
 

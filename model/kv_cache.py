@@ -58,12 +58,16 @@ class LayerKV:
         lengths[: self.rows] = self._len[: self.rows]
         self._k, self._v, self._len = keys, values, lengths
 
-    def append(self, seq_idx: Tensor, keys: Tensor, values: Tensor) -> None:
-        """Write one entry ([n, H, 1, hd]) at the end of each selected sequence's cache."""
+    def append(self, seq_idx: Tensor, keys: Tensor, values: Tensor, reserved: bool = False) -> None:
+        """Write one entry ([n, H, 1, hd]) at the end of each selected sequence's cache.
+
+        reserved: the caller made room already (`DecodeState.reserve_step`), so no host read of
+        the lengths is needed here (decode calls this in every attending layer)."""
         if seq_idx.numel() == 0:
             return
         slots = self.lengths[seq_idx]
-        self.reserve(self.rows, int(slots.max()) + 1)
+        if not reserved:
+            self.reserve(self.rows, int(slots.max()) + 1)
         self._k[seq_idx, :, slots] = keys[:, :, 0]
         self._v[seq_idx, :, slots] = values[:, :, 0]
         self._len[seq_idx] += 1
@@ -215,6 +219,13 @@ class DecodeState:
                 layer.move(moves, n)
         self.rows = n
         return order
+
+    def reserve_step(self, longest: int) -> None:
+        """Room for one more entry per sequence in every layer, given the longest sequence so far
+        (a layer's cache never holds more entries than its sequence has tokens)."""
+        for layer in self.layers:
+            if layer is not None:
+                layer.reserve(layer.rows, longest + 1)
 
     def snapshot(self) -> tuple[Tensor, Tensor, list[Tensor | None]]:
         """Cheap copy of everything a failed step could have advanced (see `restore`)."""

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ChiarConfig
+from .operators import Operator
 
 
 class MetaRouter(nn.Module):
@@ -32,7 +33,14 @@ class MetaRouter(nn.Module):
 
 
 class SpectralRouter(nn.Module):
-    """Token -> attention if H >= tau, else DCT mixing; soft share sigmoid((H - tau) / T)."""
+    """Token -> attention if H >= tau, else DCT mixing; soft share sigmoid((H - tau) / T).
+
+    Router interface (shared with `ThreeWayRouter`): `operators`, the operators it chooses between;
+    `decide(u, entropy)`, the hard choice both forward paths run; `probabilities(u, entropy)`, the
+    soft weights over `operators` the reference path blends with.
+    """
+
+    operators = (Operator.DCT, Operator.ATTENTION)
 
     def __init__(self, threshold: float, temperature: float, learnable: bool) -> None:
         super().__init__()
@@ -44,12 +52,20 @@ class SpectralRouter(nn.Module):
         tau = self.threshold.to(entropy.dtype)
         return torch.sigmoid((entropy - tau) / self.log_temperature.exp().to(entropy.dtype))
 
-    def hard_attention(self, entropy: Tensor) -> Tensor:
-        return entropy >= self.threshold.to(entropy.dtype)
+    def decide(self, u: Tensor, entropy: Tensor) -> Tensor:
+        """Operator id per token (int8): ATTENTION where H >= tau, else DCT."""
+        del u  # the entropy alone decides
+        return torch.where(entropy >= self.threshold.to(entropy.dtype), int(Operator.ATTENTION), int(Operator.DCT)).to(torch.int8)
+
+    def probabilities(self, u: Tensor, entropy: Tensor) -> Tensor:
+        """[..., 2] soft weights over `operators` (DCT, attention)."""
+        del u
+        share = self.soft_share(entropy)
+        return torch.stack([1 - share, share], -1)
 
 
 # Operator order of the three-operator router's logits.
-THREE_WAY_ORDER = ("dct", "rbf", "attn")
+THREE_WAY_ORDER = (Operator.DCT, Operator.RBF, Operator.ATTENTION)
 
 
 class ThreeWayRouter(nn.Module):
@@ -58,6 +74,8 @@ class ThreeWayRouter(nn.Module):
     logits = W u + [(p33 - H) / T, 0, (H - p67) / T] with W = 0 at init, so argmax is exactly
     H < p33 -> DCT, p33 <= H < p67 -> RBF, H >= p67 -> attention; W and the band edges learn.
     """
+
+    operators = THREE_WAY_ORDER
 
     def __init__(self, d_model: int, band: tuple[float, float], temperature: float, learnable: bool) -> None:
         super().__init__()
@@ -76,6 +94,15 @@ class ThreeWayRouter(nn.Module):
         prior = torch.stack([(band[0] - entropy) / temperature, torch.zeros_like(entropy), (entropy - band[1]) / temperature], -1)
         return self.proj(u).to(entropy.dtype) + prior
 
+    def decide(self, u: Tensor, entropy: Tensor) -> Tensor:
+        """Operator id per token (int8): the argmax of the logits."""
+        ids = torch.tensor([int(op) for op in THREE_WAY_ORDER], dtype=torch.int8, device=u.device)
+        return ids[self.logits(u, entropy).argmax(-1)]
+
+    def probabilities(self, u: Tensor, entropy: Tensor) -> Tensor:
+        """[..., 3] softmax of the logits, in THREE_WAY_ORDER."""
+        return self.logits(u, entropy).softmax(-1)
+
 
 class RBFLayer(nn.Module):
     """Token-local radial-basis-function layer: y = sum_j exp(-||x - c_j||^2 / (2 s_j^2)) v_j."""
@@ -92,7 +119,10 @@ class RBFLayer(nn.Module):
         return weights @ self.values
 
 
-def make_router(config: ChiarConfig, layer: int) -> nn.Module:
+Router = SpectralRouter | ThreeWayRouter
+
+
+def make_router(config: ChiarConfig, layer: int) -> Router:
     """Router for routing layer `layer` (0-based among routing layers)."""
     learnable = config.routing in ("soft", "ste")
     if config.three_operators:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 
 @lru_cache(maxsize=32)
+@torch.inference_mode(False)  # a normal tensor even when first asked for under inference_mode: autograd may use it later
 def _dct_matrix_cached(d: int, device: str, dtype: torch.dtype) -> Tensor:
     k = torch.arange(d, dtype=torch.float64).unsqueeze(1)
     i = torch.arange(d, dtype=torch.float64).unsqueeze(0)
@@ -61,6 +62,32 @@ class DCTMix(nn.Module):
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.filter = nn.Parameter(torch.ones(d_model))
+        self._folded: tuple[tuple[object, ...], Tensor, Tensor] | None = None
+
+    def _folded_matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(diag(w) C, C^T diag(w) C): the filter folded into the inverse transform, and the whole
+        mix as one d x d matrix. Inference only (no autograd); rebuilt when the filter changes
+        (in-place update, `load_state_dict`, `.to()`) or another dtype / device asks."""
+        # inference tensors (a model built under inference_mode) carry no version counter
+        version = None if self.filter.is_inference() else self.filter._version
+        key = (version, self.filter.data_ptr(), dtype, device)
+        if self._folded is None or self._folded[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                c = dct_matrix(self.filter.shape[0], device, dtype)
+                synthesis = self.filter.detach().to(dtype).unsqueeze(1) * c
+                self._folded = (key, synthesis, c.T @ synthesis)
+        return self._folded[1], self._folded[2]
+
+    def infer_from_coefficients(self, coefficients: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """`from_coefficients` as one matmul (inference path)."""
+        synthesis, _ = self._folded_matrices(coefficients.dtype, coefficients.device)
+        return (coefficients @ synthesis).to(out_dtype)
+
+    def infer(self, x: Tensor) -> Tensor:
+        """`forward` as one matmul (inference path: x @ C^T diag(w) C)."""
+        dtype = spectral_dtype(x.dtype)
+        _, mix = self._folded_matrices(dtype, x.device)
+        return (x.to(dtype) @ mix).to(x.dtype)
 
     def from_coefficients(self, coefficients: Tensor, out_dtype: torch.dtype) -> Tensor:
         """Finish the mix from DCT coefficients already computed for the entropy."""

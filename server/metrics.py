@@ -9,7 +9,9 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 
-OPERATORS = ("identity", "dct", "rbf", "attention")  # index = routing operator id
+from model.operators import OPERATOR_LABELS
+
+OPERATORS = OPERATOR_LABELS  # Operator labels, index = operator id (Prometheus and API spelling)
 PHASES = ("prefill", "decode")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -47,7 +47,6 @@ from server.service import ServedModels, Service, sse
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid input (the error names the field)"},
     401: {"description": "missing or wrong API key"},
-    404: {"description": "no such model (code model_not_found; GET /v1/models lists the served ids)"},
     413: {"description": "body too large"},
     503: {"description": "queue full or not ready (see Retry-After)"},
 }

@@ -40,7 +40,8 @@ ERROR_TEXT = {
     504: "the request ran past the server's request timeout",
 }
 ENGINE_ROUTES = {"/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/completions", "/v1/chat/completions"}
-MODEL_ROUTES = {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models/{model_id}"}
+MODEL_ROUTES = {"/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/tokenize", "/v1/completions", "/v1/chat/completions",
+                "/tokenize", "/detokenize", "/tokenizer_info", "/v1/models/{model_id}"}  # routes that take a `model` (404 when unknown)
 SSE = {
     "/v1/generate": "`data: {\"type\": \"token\", ...}` per token batch, then `data: {\"type\": \"done\", ...}` "
                     "(the GenerateResponse fields), then `data: [DONE]`",

@@ -59,6 +59,19 @@ class Service:
         if len(ids) + new_tokens > self.context:
             raise invalid(new_param, f"prompt ({len(ids)} tokens) + {new_param} ({new_tokens}) exceeds the context of "
                           f"{self.context} tokens; at most {self.context - len(ids)}", code="context_length_exceeded")
+        if new_tokens:
+            self.check_kv(len(ids), new_tokens, new_param, prompt_param)
+
+    def check_kv(self, n_prompt: int, new_tokens: int, new_param: str, prompt_param: str) -> None:
+        """A generation whose cache could never fit the KV budget, even alone, is refused (400), not queued forever."""
+        need, budget, share = self.engine.kv_needed(n_prompt + new_tokens)
+        if need <= budget:
+            return
+        prompt_alone, _, _ = self.engine.kv_needed(n_prompt)
+        param = prompt_param if prompt_alone > budget else new_param
+        raise invalid(param, f"prompt ({n_prompt} tokens) + {new_param} ({new_tokens}) needs about {need / 2**20:.2f} MiB of "
+                      f"KV cache at the measured attention share {share:.2f}; the server's KV-cache budget "
+                      f"(--kv-cache-mb) is {budget / 2**20:.2f} MiB", code="kv_cache_exceeded")
 
     # ---------------------------------------------------------------- jobs
     def submit(self, jobs: list[Job]) -> None:

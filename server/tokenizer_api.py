@@ -91,7 +91,7 @@ def register(app: FastAPI, served: ServedModels) -> None:
             raise invalid("tokens", f"tokens[{bad[0]}] = {body.tokens[bad[0]]} is outside [0, {vocab})")
         return DetokenizeResponse(prompt=svc.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
-    @app.get("/tokenizer_info", response_model=TokenizerInfo, responses={404: ERRORS[404]}, tags=["tokenizer"])
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"])
     async def tokenizer_info(request: Request, model: str | None = None) -> TokenizerInfo:
         """The tokenizer of `model` (query parameter; default: the default model)."""
         svc = served.get(model, request)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from model import OPERATOR_NAMES
+from model import Operator
 from training.calibrate import load_frozen
 from training.config import EVAL_PATHS, EvalConfig
 from training.data import EvalText, load_documents
@@ -110,7 +110,7 @@ def operator_shares(counts: torch.Tensor) -> list[dict[str, float]]:
     """Per layer: share of valid tokens per operator name (identity, dct, rbf, attention)."""
     counts = counts.double()
     totals = counts.sum(-1).clamp(min=1)
-    return [{name: round(float(counts[layer, i] / totals[layer]), 6) for i, name in enumerate(OPERATOR_NAMES)}
+    return [{op.label: round(float(counts[layer, op] / totals[layer]), 6) for op in Operator}
             for layer in range(counts.shape[0])]
 
 

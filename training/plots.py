@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from model import Operator
 from training.calibrate import load_frozen
 from training.config import PlotConfig
 from training.errors import TrainingError
@@ -19,7 +20,7 @@ from training.paths import check_path_usable, probe_writable
 
 # operator id -> colour: light = DCT, dark = attention (identity: near white, RBF: mid blue, pad: grey)
 OPERATOR_COLOURS = {-1: "#d9d9d9", 0: "#ffffff", 1: "#f6e3a1", 2: "#6fa8dc", 3: "#1f1d3d"}
-OPERATOR_LABELS = {0: "identity", 1: "DCT", 2: "RBF", 3: "attention"}
+OPERATOR_LABELS = {int(op): op.label for op in Operator}
 
 
 def _pyplot() -> Any:

@@ -12,14 +12,18 @@ from typing import Any
 
 OUT = Path(__file__).resolve().parent / "dashboards" / "chiar-former.json"
 DS = {"type": "prometheus", "uid": "prometheus"}
-SEL = 'instance=~"$instance"'
+# Every series has a `model` label (a server may serve several checkpoints; "" for HTTP requests that
+# reached no model): the $model variable filters, and per-model panels group by it.
+SEL = 'instance=~"$instance",model=~"$model"'
 RATE = "$__rate_interval"
 
-# Share of attention among routing-layer tokens (layers L2..L-1), see deploy/prometheus/alerts.yml.
-_T = f"max(sum by (layer) (rate(chiar_tokens_routed_total{{{SEL}}}[{RATE}])))"
+# Share of attention among routing-layer tokens (layers L2..L-1), per model (a baseline serves every
+# token with attention, so models are never mixed), see deploy/prometheus/alerts.yml.
+_T = f"max by (model) (sum by (model, layer) (rate(chiar_tokens_routed_total{{{SEL}}}[{RATE}])))"
 ROUTING_SHARE = (
-    f'(sum(rate(chiar_tokens_routed_total{{{SEL},operator="attention"}}[{RATE}])) - {_T})'
-    f" / (sum(rate(chiar_tokens_routed_total{{{SEL}}}[{RATE}])) - 2 * {_T})"
+    f'(sum by (model) (rate(chiar_tokens_routed_total{{{SEL},operator="attention"}}[{RATE}])) - {_T})'
+    f" / (sum by (model) (rate(chiar_tokens_routed_total{{{SEL}}}[{RATE}])) - 2 * {_T})"
+    f' and on (model) max by (model) (chiar_model_info{{{SEL},arch="chiar"}})'
 )
 
 
@@ -82,7 +86,7 @@ def panels() -> list[dict[str, Any]]:
     return [
         row("Routing"),
         panel("Tokens routed per operator", [
-            target(f"sum by (operator) (rate(chiar_tokens_routed_total{{{SEL}}}[{RATE}]))", "{{operator}}"),
+            target(f"sum by (model, operator) (rate(chiar_tokens_routed_total{{{SEL}}}[{RATE}]))", "{{model}} {{operator}}"),
         ], "short", description="Token-layer decisions per second, all layers and phases.",
             options={"legend": {"displayMode": "list", "placement": "bottom"}, "stacking": {"mode": "normal"}}),
         panel("Tokens routed per layer and operator", [
@@ -90,16 +94,16 @@ def panels() -> list[dict[str, Any]]:
                    "L{{layer}} {{operator}}"),
         ], "short", description="L1 is the MetaRouter (identity/dct), the last layer is always attention."),
         panel("Attention share per layer", [
-            target(f'sum by (layer) (rate(chiar_tokens_routed_total{{{SEL},operator="attention"}}[{RATE}]))'
-                   f" / sum by (layer) (rate(chiar_tokens_routed_total{{{SEL}}}[{RATE}]))", "L{{layer}}"),
+            target(f'sum by (model, layer) (rate(chiar_tokens_routed_total{{{SEL},operator="attention"}}[{RATE}]))'
+                   f" / sum by (model, layer) (rate(chiar_tokens_routed_total{{{SEL}}}[{RATE}]))", "{{model}} L{{layer}}"),
         ], "percentunit", defaults={"min": 0, "max": 1}),
-        panel("Attention share, routing layers", [target(ROUTING_SHARE, "attention share")], "percentunit",
+        panel("Attention share, routing layers", [target(ROUTING_SHARE, "{{model}}")], "percentunit",
               kind="stat", w=6, description="Alert ChiarRoutingDrift fires outside 5%..95% for 10 minutes.",
               defaults={"min": 0, "max": 1, "thresholds": share_thresholds()},
               options={"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "background"}),
         panel("FLOPs saved (1 - executed / dense)", [
-            target(f'1 - sum(rate(chiar_flops_total{{{SEL},kind="executed"}}[{RATE}]))'
-                   f' / sum(rate(chiar_flops_total{{{SEL},kind="dense_equivalent"}}[{RATE}]))', "saved"),
+            target(f'1 - sum by (model) (rate(chiar_flops_total{{{SEL},kind="executed"}}[{RATE}]))'
+                   f' / sum by (model) (rate(chiar_flops_total{{{SEL},kind="dense_equivalent"}}[{RATE}]))', "{{model}}"),
         ], "percentunit", w=6, defaults={"min": 0, "max": 1}),
         panel("MetaRouter gate distribution", [
             target(f"sum by (le) (increase(chiar_metarouter_gate_bucket{{{SEL}}}[{RATE}]))", "{{le}}",
@@ -109,32 +113,32 @@ def panels() -> list[dict[str, Any]]:
         row("Latency"),
         panel("Device forward latency by phase", quantiles("chiar_forward_latency_seconds", "phase, device",
                                                            (0.5, 0.99)), "s"),
-        panel("Time to first token", quantiles("chiar_time_to_first_token_seconds"), "s"),
-        panel("Inter-token latency", quantiles("chiar_inter_token_latency_seconds"), "s"),
-        panel("Request duration p99 by endpoint", quantiles("chiar_request_duration_seconds", "endpoint", (0.99,)),
+        panel("Time to first token", quantiles("chiar_time_to_first_token_seconds", "model"), "s"),
+        panel("Inter-token latency", quantiles("chiar_inter_token_latency_seconds", "model"), "s"),
+        panel("Request duration p99 by endpoint", quantiles("chiar_request_duration_seconds", "model, endpoint", (0.99,)),
               "s", w=12),
-        panel("Queue wait", quantiles("chiar_queue_wait_seconds", qs=(0.5, 0.99)), "s", w=12),
+        panel("Queue wait", quantiles("chiar_queue_wait_seconds", "model", (0.5, 0.99)), "s", w=12),
         row("Throughput and queue"),
         panel("Token throughput", [
-            target(f"sum(rate(chiar_generation_tokens_total{{{SEL}}}[{RATE}]))", "generated tokens/s"),
-            target(f"sum(rate(chiar_prompt_tokens_total{{{SEL}}}[{RATE}]))", "prompt tokens/s"),
+            target(f"sum by (model) (rate(chiar_generation_tokens_total{{{SEL}}}[{RATE}]))", "{{model}} generated tokens/s"),
+            target(f"sum by (model) (rate(chiar_prompt_tokens_total{{{SEL}}}[{RATE}]))", "{{model}} prompt tokens/s"),
         ], "short"),
         panel("Requests per second by endpoint and status", [
             target(f"sum by (endpoint, status) (rate(chiar_request_duration_seconds_count{{{SEL}}}[{RATE}]))",
                    "{{endpoint}} {{status}}"),
         ], "reqps"),
         panel("Queue per class", [
-            target(f"sum by (class) (chiar_queue_length{{{SEL}}})", "waiting {{class}}"),
-            target(f"sum(chiar_requests_running{{{SEL}}})", "running"),
+            target(f"sum by (model, class) (chiar_queue_length{{{SEL}}})", "{{model}} waiting {{class}}"),
+            target(f"sum by (model) (chiar_requests_running{{{SEL}}})", "{{model}} running"),
         ], "short"),
         panel("Step composition (tokens per step)", [
             target(f"sum by (kind) (rate(chiar_step_tokens_sum{{{SEL}}}[{RATE}]))"
                    f" / sum by (kind) (rate(chiar_step_tokens_count{{{SEL}}}[{RATE}]))", "{{kind}}"),
             target(f"avg(chiar_step_budget_tokens{{{SEL}}})", "chunk budget"),
         ], "short"),
-        panel("Step time", quantiles("chiar_step_seconds", qs=(0.5, 0.95, 0.99)), "s"),
+        panel("Step time", quantiles("chiar_step_seconds", "model", (0.5, 0.95, 0.99)), "s"),
         panel("KV cache", [
-            target(f"sum by (kind) (chiar_kv_cache_bytes{{{SEL}}})", "{{kind}}"),
+            target(f"sum by (model, kind) (chiar_kv_cache_bytes{{{SEL}}})", "{{model}} {{kind}}"),
         ], "bytes"),
         panel("Batch size by phase", [
             target(f"sum by (phase) (rate(chiar_batch_size_sum{{{SEL}}}[{RATE}]))"
@@ -151,6 +155,18 @@ def panels() -> list[dict[str, Any]]:
     ]
 
 
+def variable(label: str, title: str) -> dict[str, Any]:
+    """A multi-value template variable over chiar_model_info's `label` values, All by default (All also
+    matches the model="" series of requests that reached no model)."""
+    return {
+        "name": label, "label": title, "type": "query", "datasource": DS,
+        "query": {"query": f"label_values(chiar_model_info, {label})", "refId": label},
+        "definition": f"label_values(chiar_model_info, {label})",
+        "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+    }
+
+
 def dashboard() -> dict[str, Any]:
     """The whole dashboard document."""
     return {
@@ -165,13 +181,7 @@ def dashboard() -> dict[str, Any]:
         "refresh": "10s",
         "time": {"from": "now-30m", "to": "now"},
         "timezone": "browser",
-        "templating": {"list": [{
-            "name": "instance", "label": "Instance", "type": "query", "datasource": DS,
-            "query": {"query": "label_values(chiar_model_info, instance)", "refId": "instance"},
-            "definition": "label_values(chiar_model_info, instance)",
-            "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2,
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        }]},
+        "templating": {"list": [variable("instance", "Instance"), variable("model", "Model")]},
         "annotations": {"list": []},
         "panels": layout(panels()),
     }

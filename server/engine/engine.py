@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from model import ModelOutput
+from model.blocks import AttentionBlock
 from server.engine.output import OutputProcessor
 from server.engine.requests import GenerateJob, Job, Outbox, Unavailable
 from server.engine.runner import FaultInjector, ModelRunner
@@ -53,6 +54,16 @@ def kv_bytes_per_token(model: torch.nn.Module) -> float:
     return float(layers * 2 * cfg.d_model * element)
 
 
+def auto_batch_cap(model: torch.nn.Module, budget: int) -> int:
+    """`--max-batch-size 0`: sequences the budget holds at full length in the layers every token attends
+    in (all of the baseline's, CHIAR's full-attention ones); the routed cache is left to admission, so
+    the cap never hides CHIAR's smaller cache (at most MAX_AUTO_BATCH)."""
+    cfg = model.config
+    always = sum(1 for block in model.blocks if isinstance(block, AttentionBlock)) or 1
+    per_seq = always * 2 * cfg.d_model * next(model.parameters()).element_size() * cfg.max_seq_len
+    return max(1, min(MAX_AUTO_BATCH, int(budget // per_seq)))
+
+
 class Engine:
     """Continuous batching around one ChiarLM: decode first, then budgeted prefill and scoring chunks.
 
@@ -72,7 +83,7 @@ class Engine:
         self.token_str = TokenStrings(tokenizer)
         per_token = kv_bytes_per_token(model)
         budget = int((settings.kv_cache_mb if kv_cache_mb is None else kv_cache_mb) * 2**20)
-        max_batch = settings.max_batch_size or max(1, min(MAX_AUTO_BATCH, int(budget // (per_token * self.config.max_seq_len))))
+        max_batch = settings.max_batch_size or auto_batch_cap(model, budget)
         self.scheduler = Scheduler(SchedulerLimits(
             max_batch_size=max_batch, queue_size=settings.queue_size, max_step_tokens=settings.max_tokens_per_step,
             step_target_seconds=settings.step_target_ms / 1000.0, kv_budget_bytes=budget, kv_bytes_per_token=per_token,
@@ -128,6 +139,11 @@ class Engine:
     def retry_after(self) -> int:
         with self._cv:
             return self.scheduler.retry_after()
+
+    def kv_needed(self, tokens: int) -> tuple[int, int, float]:
+        """(KV bytes a sequence of `tokens` tokens would hold at the measured share, the budget, the share)."""
+        with self._cv:
+            return self.scheduler.kv_needed(tokens), self.scheduler.limits.kv_budget_bytes, self.scheduler.kv_share
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs atomically, or raise Unavailable (503 + Retry-After)."""
@@ -225,7 +241,8 @@ class Engine:
         ended += self.output.score([c for c in ro.chunks if isinstance(c.chunk, ScoreChunk)])
         self.runner.remove([j for j in ended if isinstance(j, GenerateJob)])
         self.runner.admit([o for o in going_on if not o.chunk.job.done])
-        kv_used, kv_tokens = self.runner.kv_bytes()
+        # partly prefilled prompts hold cache too (their reservation only counts the tokens still to come)
+        kv_used, kv_tokens = self.runner.kv_bytes([j.prefill_state for j in self.scheduler.prefilling if j.prefill_state is not None])
         stats = StepStats(len(out.decode), ro.decode_seconds, out.prefill_tokens + out.score_tokens, ro.chunk_seconds)
         with self._cv:
             self.scheduler.update_from_output(out, stats, ended, [o.chunk.job for o in going_on], kv_used, kv_tokens)
@@ -261,6 +278,9 @@ class Engine:
                 short = time.perf_counter() - t0
             cost.observe(StepStats(0, 0.0, n, long))
             cost.observe(StepStats(0, 0.0, 4, short))
+            # first estimate of the attending share (admission's estimate until steps measure it)
+            seen = float(state.lengths.sum()) * self.scheduler.limits.kv_bytes_per_token
+            self.scheduler.kv_share = min(1.0, max(0.05, float(state.kv_cache_bytes().sum()) / seen))
             _, other = self.model.prefill(ids[:, :3])
             state.add(other)
             tokens = torch.tensor([3, 4], device=self.device)

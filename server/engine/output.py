@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from model import FinishReason, StoppingCriteria, make_generator, sample_tokens
+from model import FinishReason, Operator, StoppingCriteria, make_generator, sample_tokens
 from server.engine.requests import (
     DoneEvent,
     GenerateJob,
@@ -31,7 +31,7 @@ from server.metrics import ModelMetrics
 from server.textstream import TextStream
 
 log = logging.getLogger("server.engine")
-N_OPERATORS = 4
+N_OPERATORS = len(Operator)
 
 
 def nan_to_none(values: list) -> list:

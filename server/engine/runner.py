@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,11 +129,10 @@ class ModelRunner:
                 self.state.add(part)
             self.rows.extend(o.chunk.job for o in outs)  # type: ignore[misc]
 
-    def kv_bytes(self) -> tuple[int, int]:
-        """(K/V bytes the running batch holds, tokens it has seen)."""
-        if self.state is None:
-            return 0, 0
-        return int(self.state.kv_cache_bytes().sum()), int(self.state.lengths.sum())
+    def kv_bytes(self, partial: Sequence[DecodeState] = ()) -> tuple[int, int]:
+        """(K/V bytes the running batch and the `partial` prefill caches hold, tokens they have seen)."""
+        states = [s for s in (self.state, *partial) if s is not None]
+        return (int(sum(int(s.kv_cache_bytes().sum()) for s in states)), int(sum(int(s.lengths.sum()) for s in states)))
 
     # ------------------------------------------------------------------ step
     def run(self, decode: bool, prefill: list[PrefillChunk], score: list[ScoreChunk]) -> RunnerOutput:

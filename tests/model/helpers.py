@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from model import ChiarConfig, ChiarLM
+from model.blocks import RoutedBlock
 from model.routing import SpectralRouter, ThreeWayRouter
 
 
@@ -46,7 +47,7 @@ def make_model(config: ChiarConfig, seed: int = 0, probe: torch.Tensor | None = 
         probe = torch.randint(0, config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for layer, block in enumerate(model.blocks):
-            if block.kind != "route":
+            if not isinstance(block, RoutedBlock):
                 continue
             entropy = model(probe, hard=True).routing.entropy[..., layer]
             if isinstance(block.router, SpectralRouter):

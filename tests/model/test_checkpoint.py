@@ -20,14 +20,15 @@ def tokenizer():
 
 @pytest.fixture()
 def saved(tmp_path: Path, tokenizer) -> tuple[ChiarLM, Path]:
-    model = make_model(tiny_config(vocab_size=280, routing="soft", operators=("dct", "rbf", "attn")), seed=2).float()
+    model = make_model(tiny_config(vocab_size=280, routing="soft", operators=("dct", "rbf", "attention")), seed=2).float()
     return model, save_checkpoint(model, tokenizer, tmp_path / "ckpt")
 
 
 def test_round_trip_is_bit_exact(saved, tokenizer) -> None:
     model, path = saved
     loaded, tok = load_checkpoint(path)
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "special_tokens_map.json",
+                                                      "tokenizer.json", "tokenizer_config.json"]
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert loaded.lm_head.weight is loaded.embed.weight  # tying survives the round trip
@@ -284,7 +285,7 @@ def test_oversized_config_is_not_parsed(saved) -> None:
 def test_shape_only_build_matches_the_real_model() -> None:
     from model.checkpoint_guard import expected_shapes
 
-    for config in (tiny_config(operators=("dct", "rbf", "attn")), tiny_config(arch="baseline", tie_embeddings=False),
+    for config in (tiny_config(operators=("dct", "rbf", "attention")), tiny_config(arch="baseline", tie_embeddings=False),
                    tiny_config(weights_dtype="bfloat16")):
         real = ChiarLM(config).state_dict()
         if config.tie_embeddings:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import ChiarConfig, ConfigError
+from model import ChiarConfig, ConfigError, Operator
 
 
 @pytest.mark.parametrize(
@@ -15,6 +15,8 @@ from model import ChiarConfig, ConfigError
         ({"routing": "magic"}, "routing"),
         ({"arch": "llama"}, "arch"),
         ({"operators": ("attn",)}, "operators"),
+        ({"operators": ("dct", "attentoin")}, "operators"),
+        ({"operators": ("dct", 3)}, "operators"),
         ({"thresholds": [0.5]}, "thresholds"),
         ({"thresholds": [0.5] * 5 + [float("nan")]}, "thresholds"),
         ({"bands": [[0.6, 0.5]] * 6}, "bands"),
@@ -54,9 +56,22 @@ def test_baseline_allows_two_layers_and_has_no_routing_layers() -> None:
 def test_json_round_trip(d_head: int, heads: int, layers: int, routing: str, three: bool, metarouter: bool, taus: float) -> None:
     config = ChiarConfig(
         d_model=d_head * heads, n_heads=heads, n_layers=layers, routing=routing, metarouter=metarouter,
-        operators=("dct", "rbf", "attn") if three else ("dct", "attn"), thresholds=[taus] * (layers - 2),
+        operators=("dct", "rbf", "attention") if three else ("dct", "attention"), thresholds=[taus] * (layers - 2),
         extra={"recipe": "test"},
     )
     again = ChiarConfig.from_json(config.to_json())
     assert again == config
     assert json.loads(again.to_json()) == json.loads(config.to_json())
+
+
+def test_operators_one_spelling_with_the_legacy_alias() -> None:
+    """Configs written with "attn" (before the Operator enum) load; they are written back as "attention"."""
+    assert [op.label for op in Operator] == ["identity", "dct", "rbf", "attention"]
+    assert [int(op) for op in Operator] == [0, 1, 2, 3]  # ids of RoutingInfo.operator, checkpoints and API payloads
+    old = ChiarConfig().to_dict() | {"operators": ["dct", "rbf", "attn"]}
+    config = ChiarConfig.from_dict(old)
+    assert config.operators == (Operator.DCT, Operator.RBF, Operator.ATTENTION) and config.three_operators
+    assert json.loads(config.to_json())["operators"] == ["dct", "rbf", "attention"]
+    assert ChiarConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown operator 'atn'"):
+        Operator.parse("atn")

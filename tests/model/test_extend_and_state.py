@@ -14,7 +14,7 @@ CONFIGS = [
     dict(arch="baseline"),
     dict(routing="threshold"),
     dict(routing="ste", metarouter=True),
-    dict(routing="threshold", operators=("dct", "rbf", "attn")),
+    dict(routing="threshold", operators=("dct", "rbf", "attention")),
 ]
 
 

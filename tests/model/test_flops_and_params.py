@@ -3,6 +3,7 @@ import itertools
 import torch
 
 from model import ChiarConfig, ChiarLM
+from model.generate import generate
 from model.routing import SpectralRouter
 from tests.model.helpers import make_model, tiny_config
 
@@ -53,7 +54,7 @@ def test_executed_flops_fall_with_fewer_attention_tokens() -> None:
 
 def test_decode_flops_count_cache_reads() -> None:
     model = make_model(tiny_config(arch="baseline", n_layers=3), seed=0)
-    out = model.generate(torch.randint(0, 61, (1, 5)), 3)
+    out = generate(model, torch.randint(0, 61, (1, 5)), 3)
     d, f = 16, 24
     # decode steps at positions 5 and 6 attend over 6 and 7 keys in each of 3 layers
     expected = sum(3 * (8 * d * d + 4 * d * keys + 6 * d * f) for keys in (6, 7)) + 2 * (2 * d * 61)
@@ -63,7 +64,7 @@ def test_decode_flops_count_cache_reads() -> None:
 def test_parameter_parity() -> None:
     for three in (False, True):
         for metarouter in (False, True):
-            ops = ("dct", "rbf", "attn") if three else ("dct", "attn")
+            ops = ("dct", "rbf", "attention") if three else ("dct", "attention")
             chiar = ChiarLM(tiny_config(metarouter=metarouter, operators=ops))
             baseline = ChiarLM(tiny_config(arch="baseline"))
             d, layers, k = 16, 4, chiar.config.rbf_centers

@@ -7,10 +7,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from model.generate import generate
 from tests.model.helpers import make_model, right_padded_batch, tiny_config
 
 MODES = ["soft", "ste", "threshold", "threshold_reg"]
-OPERATOR_SETS = [("dct", "attn"), ("dct", "rbf", "attn")]
+OPERATOR_SETS = [("dct", "attention"), ("dct", "rbf", "attention")]
 
 configs = st.fixed_dictionaries(
     {
@@ -66,7 +67,7 @@ def test_infer_equals_hard_reference_with_right_padding(params: dict, seed: int,
 def test_cached_decode_equals_uncached(params: dict, seed: int, lengths: list[int], new: int) -> None:
     model = _build(params, seed)
     ids, mask = right_padded_batch(lengths, model.config.vocab_size, seed)
-    out = model.generate(ids, new, attention_mask=mask)
+    out = generate(model, ids, new, attention_mask=mask)
     for b, length in enumerate(lengths):
         sequence = ids[b, :length].tolist()
         for step, token in enumerate(out.tokens[b]):
@@ -86,24 +87,24 @@ def test_sequence_independent_of_batch_neighbours(params: dict, seed: int, lengt
     ids, mask = right_padded_batch(lengths, model.config.vocab_size, seed)
     batched_infer = model.infer(ids, mask)
     batched_ref = model(ids, mask)
-    batched_gen = model.generate(ids, 5, attention_mask=mask, temperature=0.8, top_k=20, seed=[11 * b for b in range(len(lengths))])
+    batched_gen = generate(model, ids, 5, attention_mask=mask, temperature=0.8, top_k=20, seed=[11 * b for b in range(len(lengths))])
     for b, length in enumerate(lengths):
         alone = ids[b:b + 1, :length]
         torch.testing.assert_close(model.infer(alone).logits[0], batched_infer.logits[b, :length], rtol=0, atol=1e-10)
         torch.testing.assert_close(model(alone).logits[0], batched_ref.logits[b, :length], rtol=0, atol=1e-10)
-        solo = model.generate(alone, 5, temperature=0.8, top_k=20, seed=[11 * b])
+        solo = generate(model, alone, 5, temperature=0.8, top_k=20, seed=[11 * b])
         assert solo.tokens[0] == batched_gen.tokens[b]
 
 
 def test_generation_seeds_and_stop_tokens() -> None:
     model = make_model(tiny_config(routing="threshold"), seed=3)
     ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(0))
-    a = model.generate(ids, 12, temperature=1.0, top_p=0.9, seed=5)
-    b = model.generate(ids, 12, temperature=1.0, top_p=0.9, seed=5)
-    c = model.generate(ids, 12, temperature=1.0, top_p=0.9, seed=6)
+    a = generate(model, ids, 12, temperature=1.0, top_p=0.9, seed=5)
+    b = generate(model, ids, 12, temperature=1.0, top_p=0.9, seed=5)
+    c = generate(model, ids, 12, temperature=1.0, top_p=0.9, seed=6)
     assert a.tokens == b.tokens and a.tokens != c.tokens
     stop = a.tokens[0][3]
-    stopped = model.generate(ids, 12, temperature=1.0, top_p=0.9, seed=5, stop_token_ids=[stop])
+    stopped = generate(model, ids, 12, temperature=1.0, top_p=0.9, seed=5, stop_token_ids=[stop])
     first = a.tokens[0].index(stop)
     assert stopped.tokens[0] == a.tokens[0][: first + 1] and stopped.finish_reasons[0] == "stop"
     assert a.finish_reasons == ["length", "length"] and all(len(t) == 12 for t in a.tokens)
@@ -113,11 +114,11 @@ def test_generate_validates_arguments() -> None:
     model = make_model(tiny_config(), seed=0)
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        model.generate(ids, 100)  # beyond max_seq_len 64
+        generate(model, ids, 100)  # beyond max_seq_len 64
     with pytest.raises(ValueError, match="temperature"):
-        model.generate(ids, 2, temperature=-1)
+        generate(model, ids, 2, temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
-        model.generate(ids, 2, temperature=1, top_p=1.5)
+        generate(model, ids, 2, temperature=1, top_p=1.5)
     with pytest.raises(ValueError, match="attention_mask"):
         model.infer(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[0, 1, 1]]))
     with pytest.raises(ValueError, match="input_ids"):

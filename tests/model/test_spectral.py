@@ -65,3 +65,26 @@ def test_dct_mix_identity_at_init_and_filters_frequencies() -> None:
     mix.filter.data.zero_()
     mix.filter.data[0] = 1.0  # keep only the DC component: every hidden unit becomes the mean
     torch.testing.assert_close(mix(x), x.mean(-1, keepdim=True).expand_as(x))
+
+
+def test_folded_dct_mix_follows_the_filter() -> None:
+    """The inference path's one-matmul DCT mix (filter folded into the inverse transform) is rebuilt
+    when the filter changes, and equals the reference's two-step mix."""
+    mix = DCTMix(12).double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(mix.infer(x), mix(x), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        mix.filter.mul_(torch.linspace(0.1, 2.0, 12, dtype=torch.float64))  # in place, as an optimizer step
+    torch.testing.assert_close(mix.infer(x), mix(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(mix.infer_from_coefficients(dct(x), x.dtype), mix(x), rtol=0, atol=1e-12)
+
+
+def test_dct_matrix_first_built_under_inference_mode_serves_autograd() -> None:
+    from model import spectral
+
+    spectral._dct_matrix_cached.cache_clear()
+    with torch.inference_mode():
+        dct(torch.randn(3, 14))
+    z = torch.randn(3, 14, requires_grad=True)
+    dct(z).square().sum().backward()
+    assert z.grad is not None

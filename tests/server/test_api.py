@@ -11,8 +11,10 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from model import load_checkpoint
+from model.generate import generate as generate_tokens
 from tests.server.conftest import ServerProcess
 
 PROMPT = "The history of the city begins"
@@ -73,7 +75,7 @@ def test_generate_greedy_matches_model_generate(client: httpx.Client, local) -> 
     body = generate(client, max_new_tokens=12, temperature=0, ignore_eos=True)
     model, tokenizer = local
     ids = torch.tensor([ids_of(local, PROMPT)])
-    expected = model.generate(ids, 12, temperature=0.0).tokens[0]
+    expected = generate_tokens(model, ids, 12, temperature=0.0).tokens[0]
     assert body["token_ids"] == expected
     assert body["text"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert body["finish_reason"] == "length"
@@ -314,8 +316,8 @@ def test_same_seed_same_text_alone_and_under_load(server: ServerProcess) -> None
     after = httpx.get(server.url + "/metrics").text
 
     def decode_batches(text: str, bucket: str) -> float:
-        prefix = f'chiar_batch_size_bucket{{le="{bucket}",phase="decode"}}'
-        return float(next(line for line in text.splitlines() if line.startswith(prefix)).split()[-1])
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == "chiar_batch_size_bucket" and s.labels["le"] == bucket and s.labels["phase"] == "decode")
 
     grew_total = decode_batches(after, "+Inf") - decode_batches(before, "+Inf")
     grew_single = decode_batches(after, "1.0") - decode_batches(before, "1.0")

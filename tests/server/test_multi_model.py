@@ -7,6 +7,8 @@ a longer context, so every answer shows which model served it (arch, max_model_l
 from __future__ import annotations
 
 import itertools
+import json
+import signal
 import subprocess
 import sys
 import threading
@@ -44,7 +46,8 @@ def baseline_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="module")
 def both(tiny_checkpoint: Path, baseline_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("logs") / "multi.log",
-                         args=["--checkpoint", str(baseline_checkpoint)]).start()
+                         # a generous drain timeout: the drain test checks that both engines finish, not how fast
+                         args=["--checkpoint", str(baseline_checkpoint), "--drain-timeout", "300"]).start()
     yield proc
     proc.stop()
 
@@ -175,6 +178,34 @@ def test_short_request_on_one_model_finishes_during_a_flood_on_the_other(both: S
         stop.set()
         for t in threads:
             t.join(30)
+
+
+def test_sigterm_drains_every_engine(both: ServerProcess) -> None:
+    """Streams in flight on both models when SIGTERM arrives all finish; the server then exits 0.
+    (Stops the module's server: keep this the last test that uses it.)"""
+    done: dict[str, dict] = {}
+    first = threading.Barrier(3)
+
+    def stream(model: str, new: int) -> None:
+        body = {"model": model, "prompt": "drain", "max_new_tokens": new, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", both.url + "/v1/generate", json=body, timeout=120) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data:"))
+            next(lines)
+            first.wait(60)
+            for line in lines:
+                if '"type":"done"' in line:
+                    done[model] = json.loads(line.removeprefix("data: "))
+
+    threads = [threading.Thread(target=stream, args=a, daemon=True) for a in ((CHIAR, 40), (BASELINE, 80))]
+    for t in threads:
+        t.start()
+    first.wait(60)
+    assert both.proc is not None
+    both.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(120)
+    assert both.proc.wait(120) == 0, both.log()
+    assert {m: d["usage"]["completion_tokens"] for m, d in done.items()} == {CHIAR: 40, BASELINE: 80}
 
 
 def test_device_turns_alternate_between_busy_engines() -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import load_checkpoint
+from model.generate import generate
 from tests.training.helpers import read_log, tiny_train_config, write_config
 from training.__main__ import main
 from training.calibrate import collect_entropy
@@ -80,5 +81,5 @@ def test_train_calibrate_train_eval_load(tmp_path: Path, corpus_dir: Path, capsy
     model, tokenizer = load_checkpoint(tmp_path / "ckpt" / "chiar")
     assert model.config.arch == "chiar" and model.config.thresholds is not None
     assert tokenizer.to_str() == load_checkpoint(tmp_path / "ckpt" / "baseline")[1].to_str()
-    out = model.generate(torch.tensor([[1, *tokenizer.encode("The game").ids]]), max_new_tokens=5)
+    out = generate(model, torch.tensor([[1, *tokenizer.encode("The game").ids]]), max_new_tokens=5)
     assert len(out.tokens[0]) == 5
