@@ -15,10 +15,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from model import ChiarConfig
 from model.scoring import Perplexity, total_nll
 from server import chat, openai_api, openapi, perplexity_text, tokenizer_api
 from server.body_timeout import BodyTimeout
 from server.engine import DoneEvent, GenerateJob, GenerationResult, GenParams, ScoreJob, ScoreResult, TokenEvent
+from server.engine.requests import RoutingTrace
 from server.errors import install_handlers, invalid
 from server.metrics import NO_MODEL, OPERATORS, Metrics
 from server.middleware import BearerAuth, BodyLimit, RequestMetrics, endpoint_label
@@ -100,7 +102,8 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
         svc.check_length(ids, body.max_new_tokens, "max_new_tokens")
         params = GenParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_k=body.top_k,
                            top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
-                           return_routing=body.return_routing)
+                           return_routing=body.return_routing,
+                           logprobs=0 if body.return_logprobs else None, prompt_logprobs=0 if body.return_logprobs else None)
         queue: asyncio.Queue = asyncio.Queue()
         job = GenerateJob(ids, params, queue=queue, loop=asyncio.get_running_loop(), index=0, timeout=settings.request_timeout)
         svc.submit([job])
@@ -115,7 +118,10 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
         async def stream() -> AsyncIterator[bytes]:
             async for event in svc.events([job], queue, None):
                 if isinstance(event, TokenEvent):
-                    yield sse({"type": "token", "id": rid, "text": event.text, "token_ids": event.token_ids})
+                    token = {"type": "token", "id": rid, "text": event.text, "token_ids": event.token_ids}
+                    if event.logprobs is not None:
+                        token["logprobs"] = [e.logprob for e in event.logprobs]
+                    yield sse(token)
                 elif isinstance(event, DoneEvent):
                     yield sse({"type": "done", **final(event.result).model_dump()})  # type: ignore[arg-type]
 
@@ -138,7 +144,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
             raise invalid("text", f"is {scored} tokens; one request may score at most {settings.max_score_tokens} "
                           "(the server's --max-score-tokens)", code="too_many_tokens")
         queue: asyncio.Queue = asyncio.Queue()
-        job = ScoreJob(seqs, svc.context, stride, None, queue=queue, loop=asyncio.get_running_loop(), index=0,
+        job = ScoreJob(seqs, svc.context, stride, None, routing=body.return_routing, queue=queue, loop=asyncio.get_running_loop(), index=0,
                        timeout=settings.request_timeout)
         svc.submit([job])
         result: ScoreResult = (await svc.collect([job], queue, request))[0]
@@ -157,6 +163,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
                 if body.return_logprobs else None,
                 routing=RoutingCounts(operator_names=list(OPERATORS), per_layer=counts,
                                       attention_share=(sum(row[3] for row in routing_layers) / routed) if routed else None),
+                token_routing=routing_payload(svc, seqs[i][:-1], len(seqs[i]), result.routing[i]) if result.routing else None,
             ))
         total = sum(len(s) - 1 for s in seqs)
         return PerplexityResponse(model=svc.name, window=svc.context, stride=stride, results=results,
@@ -177,6 +184,10 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:  # browsers ask for it whatever the page links
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # middleware: added last = outermost
@@ -191,13 +202,28 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     return app
 
 
+def router_cut_points(config: ChiarConfig) -> list[list[float]]:
+    """Per layer, the entropy values its router compares with ([] where the layer does not route)."""
+    cuts: list[list[float]] = [[] for _ in range(config.n_layers)]
+    for r in range(config.n_routing_layers):  # routing layers are 2..L-1 (indices 1..L-2)
+        cuts[r + 1] = list(config.bands[r]) if config.three_operators and config.bands else [config.resolved_thresholds()[r]]
+    return cuts
+
+
+def routing_payload(svc: Service, processed: list[int], prompt_tokens: int, trace: RoutingTrace) -> Routing:
+    return Routing(operator_names=list(OPERATORS), tokens=[svc.engine.token_str(t) for t in processed], token_ids=processed,
+                   prompt_tokens=prompt_tokens, operator=trace.operator, entropy=trace.entropy, gate=trace.gate,
+                   thresholds=router_cut_points(svc.config))
+
+
 def generate_response(svc: Service, rid: str, prompt_ids: list[int], result: GenerationResult) -> GenerateResponse:
     routing = None
     if result.routing is not None:
-        trace = result.routing
-        processed = (prompt_ids + result.token_ids)[: len(trace.operator)]
-        routing = Routing(operator_names=list(OPERATORS), tokens=[svc.engine.token_str(t) for t in processed], token_ids=processed,
-                          prompt_tokens=len(prompt_ids), operator=trace.operator, entropy=trace.entropy, gate=trace.gate)
+        processed = (prompt_ids + result.token_ids)[: len(result.routing.operator)]
+        routing = routing_payload(svc, processed, len(prompt_ids), result.routing)
+    logprobs = None
+    if result.prompt_logprobs is not None and result.token_logprobs is not None:
+        logprobs = [None, *(e.logprob for e in result.prompt_logprobs), *(e.logprob for e in result.token_logprobs)]
     dense = result.flops_dense
     return GenerateResponse(
         id=rid, model=svc.name, text=result.text, token_ids=result.token_ids, finish_reason=str(result.finish_reason),
@@ -207,4 +233,5 @@ def generate_response(svc: Service, rid: str, prompt_ids: list[int], result: Gen
                       total_seconds=result.total_seconds),
         flops=Flops(executed=result.flops_executed, dense=dense, ratio=result.flops_executed / dense if dense else 1.0),
         routing=routing,
+        logprobs=logprobs,
     )

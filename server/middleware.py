@@ -15,7 +15,7 @@ from server.metrics import NO_MODEL, Metrics
 ENDPOINTS = ("/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/completions", "/v1/chat/completions", "/v1/models",
              "/v1/tokenize", "/tokenize", "/detokenize", "/tokenizer_info",
              "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json")
-PUBLIC = {"/health", "/ready", "/metrics", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+PUBLIC = {"/health", "/ready", "/metrics", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
 def endpoint_label(path: str) -> str:

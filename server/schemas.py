@@ -118,6 +118,8 @@ class GenerateRequest(StrictRequest):
     stream: bool = Field(False, description="server-sent events, one per token batch")
     return_routing: bool = Field(False, description="per-token per-layer operator, entropy and MetaRouter gate")
     ignore_eos: bool = Field(False, description="keep generating past the EOS token")
+    return_logprobs: bool = Field(False, description="natural-log probability of every token (prompt and generated) "
+                                  "under the model's raw distribution (before temperature / top-k / top-p)")
 
     @field_validator("stop")
     @classmethod
@@ -151,6 +153,11 @@ class Routing(BaseModel):
     operator: list[list[int]] = Field(description="[token][layer] operator id (index into operator_names)")
     entropy: list[list[float | None]] = Field(description="[token][layer] spectral entropy (null where not computed)")
     gate: list[float | None] = Field(description="MetaRouter gate per token (null without MetaRouter)")
+    thresholds: list[list[float]] = Field(
+        default_factory=list,
+        description="[layer] entropy cut points of the layer's router: [] where the layer does not route (layer 1, "
+                    "layer L, the baseline), [tau] for the two-operator router (entropy >= tau -> attention, else DCT), "
+                    "[p33, p67] for the three-operator one (below p33 DCT, up to p67 RBF, above attention)")
 
 
 class GenerateResponse(BaseModel):
@@ -163,6 +170,10 @@ class GenerateResponse(BaseModel):
     timing: Timing
     flops: Flops
     routing: Routing | None = None
+    logprobs: list[float | None] | None = Field(
+        None, description="with return_logprobs: log-probability of each token, prompt (BOS first, null: it is never "
+                          "predicted) then generated, i.e. usage.total_tokens entries; routing.tokens is this order "
+                          "less the last generated token, which the model never processed")
 
 
 # ---------------------------------------------------------------- perplexity
@@ -172,6 +183,8 @@ class PerplexityRequest(StrictRequest):
     text: str | list[str] = Field(description="one text or a list of texts")
     stride: int | None = Field(None, ge=1, description="sliding-window stride in tokens (default: half the context)")
     return_logprobs: bool = Field(False, description="per-token log-probabilities")
+    return_routing: bool = Field(False, description="per-token per-layer operator, entropy and MetaRouter gate "
+                                 "(`token_routing` of each result)")
 
     @field_validator("text")
     @classmethod
@@ -213,6 +226,9 @@ class PerplexityResult(BaseModel):
     windows: int
     logprobs: list[TokenLogprob] | None = None
     routing: RoutingCounts
+    token_routing: Routing | None = Field(
+        None, description="with return_routing: routing of each input position (BOS, then every token but the last, "
+                          "which is only ever predicted), taken from the window that scores the next token")
 
 
 class PerplexityResponse(BaseModel):

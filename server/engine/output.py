@@ -245,6 +245,11 @@ class OutputProcessor:
             layer_idx = torch.arange(ops.shape[1]).expand_as(ops)
             counts.index_put_((layer_idx[valid], ops[valid]), torch.ones_like(ops[valid]), accumulate=True)
             job.counts[win.seq] = counts if job.counts[win.seq] is None else job.counts[win.seq] + counts
+            if job.routing is not None:
+                trace, rows = job.routing[win.seq], slice(lo - first, hi - first)
+                trace.operator[lo:hi] = o.operator[rows].tolist()
+                trace.entropy[lo:hi] = nan_to_none(o.entropy[rows].tolist())
+                trace.gate[lo:hi] = nan_to_none(o.gate[rows].tolist())
         if chunk.last:
             job.windows_left -= 1
 
@@ -254,4 +259,4 @@ class OutputProcessor:
         self.completed_seconds.append(now - job.arrival)
         job.post(DoneEvent(job.index, ScoreResult(
             logprobs=job.logprobs, top=job.top, counts=[c.tolist() if c is not None else [] for c in job.counts], windows=job.n_windows,
-            queue_seconds=(job.admitted or now) - job.arrival, total_seconds=now - job.arrival)))
+            queue_seconds=(job.admitted or now) - job.arrival, total_seconds=now - job.arrival, routing=job.routing)))

@@ -86,6 +86,7 @@ class ScoreResult:
     windows: list[int]
     queue_seconds: float
     total_seconds: float
+    routing: list[RoutingTrace] | None = None  # per sequence, per input position (return_routing)
 
 
 @dataclass
@@ -219,10 +220,13 @@ class ScoreJob(Job):
 
     kind = "score"
 
-    def __init__(self, seqs: list[list[int]], window: int, stride: int, top_n: int | None, **kw: Any) -> None:
+    def __init__(self, seqs: list[list[int]], window: int, stride: int, top_n: int | None, routing: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
         self.seqs = seqs
         self.top_n = top_n
+        # per input position (all but the last token): filled by the window that scores the next token
+        self.routing = [RoutingTrace([[]] * (len(ids) - 1), [[]] * (len(ids) - 1), [None] * (len(ids) - 1))
+                        for ids in seqs] if routing else None
         self.logprobs = [[0.0] * (len(ids) - 1) for ids in seqs]
         self.top: list[list[dict[int, float] | None]] | None = [[None] * (len(ids) - 1) for ids in seqs] if top_n else None
         self.counts: list[Any] = [None] * len(seqs)  # per sequence: [layers, operators] counts (torch)

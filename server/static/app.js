@@ -1,145 +1,226 @@
-// Playground: stream /v1/generate (SSE over fetch) and draw the routing heatmap from return_routing.
-"use strict";
-const OP_COLOURS = { identity: [120, 120, 120], dct: [60, 130, 230], rbf: [80, 200, 120], attention: [245, 150, 40] };
-const $ = (id) => document.getElementById(id);
-let controller = null;
-let routing = null;
+// Playground: modes, requests and wiring; views in render.js, colours in colour.js.
+import { PlainError, getJSON, postJSON, streamGenerate } from "./api.js";
+import { legend, renderGrid, renderTokens, streamToken, viewOptions } from "./render.js";
+import { generationTrace, perplexityTrace } from "./trace.js";
+import { bits } from "./colour.js";
 
-function headers() {
-  const h = { "Content-Type": "application/json" };
-  const key = $("api_key").value.trim();
-  if (key) h["Authorization"] = "Bearer " + key;
-  return h;
-}
+const $ = (id) => document.getElementById(id);
+const state = { mode: "generate", models: [], traces: [], controller: null };
+const LABELS = { generate: ["Prompt", "Generate"], perplexity: ["Text to score", "Score"], compare: ["Prompt", "Compare"] };
 
 function numberOrNull(id) {
   const v = $(id).value.trim();
   return v === "" ? null : Number(v);
 }
 
-async function loadModel() {
+// The `model` field only where the server serves several (a one-model server refuses unknown fields).
+const modelField = (id) => (state.models.length > 1 && id ? { model: id } : {});
+
+async function loadModels() {
   try {
-    const r = await fetch("/v1/models", { headers: headers() });
-    const body = await r.json();
-    $("model").textContent = r.ok ? `${body.data[0].id} (${body.data[0].arch}, context ${body.data[0].max_model_len})` : body.error.message;
-  } catch (e) { $("model").textContent = String(e); }
+    state.models = (await getJSON("/v1/models")).data;
+    const m = state.models;
+    $("model").textContent = m.map((c) => `${c.id} (${c.arch}, context ${c.max_model_len})`).join(" · ");
+    for (const [select, arch] of [[$("model_a"), "chiar"], [$("model_b"), "baseline"]]) {
+      select.replaceChildren(...m.map((c) => new Option(`${c.id} (${c.arch})`, c.id)));
+      const pick = m.find((c) => c.arch === arch) ?? m[select === $("model_a") ? 0 : m.length - 1];
+      if (pick) select.value = pick.id;
+    }
+    setMode(state.mode);
+  } catch (e) {
+    $("model").textContent = e.message;
+  }
 }
 
-function legend() {
-  $("legend").innerHTML = Object.entries(OP_COLOURS)
-    .map(([name, c]) => `<span><i style="background: rgb(${c.join(",")})"></i>${name}</span>`).join("") +
-    `<span><i style="background: rgb(200,60,200)"></i>MetaRouter gate</span>`;
+function setMode(mode) {
+  state.mode = mode;
+  for (const tab of document.querySelectorAll("[role=tab]")) tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
+  $("prompt-label").textContent = LABELS[mode][0];
+  $("run").textContent = LABELS[mode][1];
+  $("gen-params").hidden = mode === "perplexity";
+  $("compare-models").hidden = mode !== "compare" && state.models.length < 2;
+  $("model_b").parentElement.hidden = mode !== "compare";
+  $("model_a").parentElement.firstChild.textContent = mode === "compare" ? "left " : "model ";
+  $("single").hidden = mode === "compare";
+  $("compare").hidden = mode !== "compare";
+  if (mode === "compare") $("colour_by").value = "surprisal";
+  clearError();
 }
 
-async function generate() {
-  const body = {
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+// ------------------------------------------------------------------ views
+function currentView() {
+  const v = $("colour_by").value || "all";
+  return v === "all" || v === "surprisal" ? v : Number(v);
+}
+
+function refreshViews() {
+  const richest = [...state.traces].sort((a, b) => b.routingLayers.length - a.routingLayers.length)[0];
+  const select = $("colour_by"), was = select.value;
+  select.replaceChildren(...viewOptions(richest).map(([v, label]) => new Option(label, v)));
+  select.value = [...select.options].some((o) => o.value === was) ? was : "all";
+  const view = currentView();
+  legend($("legend"), select.value, richest);
+  if (state.mode === "compare") {
+    state.traces.forEach((trace, k) => {
+      const pane = $(k === 0 ? "pane-a" : "pane-b");
+      renderTokens(pane.querySelector(".tokens"), pane.querySelector(".details"), trace, view);
+    });
+  } else if (state.traces[0]) {
+    renderTokens($("tokens"), $("details"), state.traces[0], view);
+    renderGrid($("grid"), $("grid-caption"), state.traces[0]);
+  }
+}
+
+const ms = (s) => (s === null || s === undefined ? "n/a" : `${(s * 1000).toFixed(0)} ms`);
+
+function stat(name, label, value, text) {
+  const s = document.createElement("span");
+  s.dataset.stat = name;
+  s.className = "stat";
+  s.dataset.value = String(value);
+  s.textContent = `${label} ${text ?? value}`;
+  return s;
+}
+
+function meanBits(trace, generatedOnly) {
+  const lps = trace.tokens.filter((t) => t.logprob !== null && (!generatedOnly || !t.prompt)).map((t) => bits(t.logprob));
+  return lps.length ? lps.reduce((a, b) => a + b, 0) / lps.length : null;
+}
+
+function generationStats(done, trace) {
+  const f = done.flops;
+  return [
+    stat("stat-tokens", "tokens", done.usage.completion_tokens, `${done.usage.completion_tokens} (finish: ${done.finish_reason})`),
+    stat("stat-ttft", "first token", done.timing.time_to_first_token_seconds, ms(done.timing.time_to_first_token_seconds)),
+    stat("stat-latency", "latency", done.timing.total_seconds, ms(done.timing.total_seconds)),
+    stat("stat-flops", "FLOPs", f.ratio, `${(f.ratio * 100).toFixed(1)}% of dense`),
+    stat("stat-surprisal", "mean surprisal of the generated tokens", meanBits(trace, true), `${meanBits(trace, true)?.toFixed(2) ?? "n/a"} bits`),
+  ];
+}
+
+// ------------------------------------------------------------------ runs
+async function generateInto(tokensBox, body, signal) {
+  const pieces = [];
+  const prompt = document.createElement("span");
+  prompt.className = "tok prompt pending";
+  prompt.textContent = body.prompt;
+  tokensBox.replaceChildren(prompt);
+  const done = await streamGenerate(body, signal, (event) => {
+    event.token_ids.forEach((_, k) => pieces.push(k === 0 ? event.text : ""));
+    streamToken(tokensBox, event.text);
+  });
+  return [done, generationTrace(done, pieces)];
+}
+
+function generateBody(seed) {
+  return {
     prompt: $("prompt").value,
-    max_new_tokens: numberOrNull("max_new_tokens") ?? 64,
+    max_new_tokens: numberOrNull("max_new_tokens") ?? 48,
     temperature: numberOrNull("temperature") ?? 1.0,
     top_p: numberOrNull("top_p"),
-    seed: numberOrNull("seed"),
-    stream: true,
+    seed,
     return_routing: true,
+    return_logprobs: true,
   };
-  $("output").textContent = "";
-  $("stats").textContent = "";
+}
+
+async function runGenerate(signal) {
+  const body = { ...generateBody(numberOrNull("seed")), ...modelField($("model_a").value) };
+  $("stats").replaceChildren();
+  const [done, trace] = await generateInto($("tokens"), body, signal);
+  state.traces = [trace];
+  refreshViews();
+  $("stats").replaceChildren(...generationStats(done, trace));
+}
+
+async function runPerplexity(signal) {
+  const body = { text: $("prompt").value, return_logprobs: true, return_routing: true, ...modelField($("model_a").value) };
+  $("stats").replaceChildren();
+  const res = await postJSON("/v1/perplexity", body, signal);
+  const r = res.results[0];
+  state.traces = [perplexityTrace(res, r)];
+  refreshViews();
+  const num = (x, d) => (x === null ? "n/a" : x.toFixed(d));
+  $("stats").replaceChildren(
+    stat("ppl-token", "token PPL", r.perplexity, num(r.perplexity, 3)),
+    stat("ppl-word", "word PPL", r.word_perplexity, num(r.word_perplexity, 3)),
+    stat("ppl-bpb", "bits per byte", r.bits_per_byte, num(r.bits_per_byte, 4)),
+    stat("ppl-tokens", "tokens", r.tokens), stat("ppl-windows", "windows", r.windows),
+    stat("ppl-latency", "latency", res.timing.total_seconds, ms(res.timing.total_seconds)));
+}
+
+function pane(id, modelId) {
+  const card = state.models.find((c) => c.id === modelId);
+  const box = $(id);
+  const h = document.createElement("h3");
+  h.textContent = card ? `${card.id} (${card.arch})` : modelId;
+  const tokens = document.createElement("div");
+  tokens.className = "tokens";
+  tokens.setAttribute("role", "group");
+  tokens.setAttribute("aria-label", `Tokens of ${modelId}`);
+  const details = document.createElement("div");
+  details.className = "details";
+  details.setAttribute("aria-live", "polite");
+  const stats = document.createElement("p");
+  stats.className = "stats";
+  box.replaceChildren(h, tokens, details, stats);
+  box.dataset.model = modelId;
+  return { tokens, stats };
+}
+
+async function runCompare(signal) {
+  if (state.models.length < 2) {
+    throw new PlainError("This server serves one model; start it with two --checkpoint options (CHIAR and its baseline) to compare.");
+  }
+  // one seed for both sides, so they draw from the same random stream
+  const seed = numberOrNull("seed") ?? Math.floor(Math.random() * 2 ** 31);
+  $("seed").placeholder = `random (last: ${seed})`;
+  state.traces = [];
+  const ids = [$("model_a").value, $("model_b").value];
+  const panes = [pane("pane-a", ids[0]), pane("pane-b", ids[1])];
+  for (let k = 0; k < 2; k++) {  // one after the other: each latency is measured alone
+    const [done, trace] = await generateInto(panes[k].tokens, { ...generateBody(seed), model: ids[k] }, signal);
+    state.traces.push(trace);
+    panes[k].stats.replaceChildren(...generationStats(done, trace));
+    refreshViews();
+  }
+}
+
+async function run() {
+  clearError();
   $("status").textContent = "running…";
-  $("generate").disabled = true;
+  $("run").disabled = true;
   $("stop").disabled = false;
-  controller = new AbortController();
+  state.controller = new AbortController();
   try {
-    const r = await fetch("/v1/generate", { method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
-    if (!r.ok) {
-      const err = await r.json();
-      $("status").textContent = `${r.status}: ${err.error.message}`;
-      return;
-    }
-    const reader = r.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const line = buffer.slice(0, cut).trim();
-        buffer = buffer.slice(cut + 2);
-        if (!line.startsWith("data: ")) continue;
-        const data = line.slice(6);
-        if (data === "[DONE]") continue;
-        handle(JSON.parse(data));
-      }
-    }
+    await { generate: runGenerate, perplexity: runPerplexity, compare: runCompare }[state.mode](state.controller.signal);
     $("status").textContent = "done";
   } catch (e) {
-    $("status").textContent = e.name === "AbortError" ? "stopped" : String(e);
+    if (e.name === "AbortError") {
+      $("status").textContent = "stopped";
+    } else {
+      $("status").textContent = "failed";
+      showError(e instanceof PlainError ? e.message : `Something went wrong in the page: ${e.message}`);
+    }
   } finally {
-    $("generate").disabled = false;
+    $("run").disabled = false;
     $("stop").disabled = true;
   }
 }
 
-function handle(event) {
-  if (event.type === "token") {
-    $("output").textContent += event.text;
-  } else if (event.type === "done") {
-    const t = event.timing, f = event.flops;
-    $("stats").textContent = `${event.usage.completion_tokens} tokens, finish: ${event.finish_reason}, ` +
-      `TTFT ${(t.time_to_first_token_seconds * 1000).toFixed(1)} ms, total ${(t.total_seconds * 1000).toFixed(1)} ms, ` +
-      `FLOPs ${(f.ratio * 100).toFixed(1)}% of dense`;
-    routing = event.routing;
-    draw();
-  } else if (event.error) {
-    $("status").textContent = event.error.message;
-  }
-}
-
-function draw() {
-  if (!routing) return;
-  const canvas = $("heatmap");
-  const rows = routing.operator.length, layers = routing.operator[0].length;
-  const cell = Math.max(4, Math.min(24, Math.floor(780 / (layers + 1))));
-  const rowH = Math.max(3, Math.min(14, Math.floor(4000 / rows)));
-  canvas.width = (layers + 1) * cell + 2;
-  canvas.height = rows * rowH + 2;
-  const ctx = canvas.getContext("2d");
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  for (let t = 0; t < rows; t++) {
-    for (let l = 0; l < layers; l++) {
-      const name = routing.operator_names[routing.operator[t][l]] ?? "identity";
-      const ent = routing.entropy[t][l];
-      const k = ent === null ? 0.75 : 0.35 + 0.65 * ent;
-      const c = OP_COLOURS[name].map((v) => Math.round(v * k));
-      ctx.fillStyle = `rgb(${c.join(",")})`;
-      ctx.fillRect(1 + l * cell, 1 + t * rowH, cell - 1, rowH - 1);
-    }
-    const g = routing.gate[t];
-    ctx.fillStyle = g === null ? "#222" : `rgba(200, 60, 200, ${g})`;
-    ctx.fillRect(1 + layers * cell, 1 + t * rowH, cell - 1, rowH - 1);
-    if (t === routing.prompt_tokens) {
-      ctx.fillStyle = "#fff";
-      ctx.fillRect(0, t * rowH, canvas.width, 1);
-    }
-  }
-  canvas.onmousemove = (e) => {
-    const rect = canvas.getBoundingClientRect();
-    const x = (e.clientX - rect.left) * (canvas.width / rect.width), y = (e.clientY - rect.top) * (canvas.height / rect.height);
-    const t = Math.floor((y - 1) / rowH), l = Math.floor((x - 1) / cell);
-    if (t < 0 || t >= rows || l < 0 || l > layers) return;
-    const tok = JSON.stringify(routing.tokens[t]);
-    const where = t < routing.prompt_tokens ? "prompt" : "generated";
-    if (l === layers) {
-      $("hover").textContent = `token ${t} ${tok} (${where}): MetaRouter gate ${routing.gate[t]?.toFixed(3) ?? "n/a"}`;
-    } else {
-      const ent = routing.entropy[t][l];
-      $("hover").textContent = `token ${t} ${tok} (${where}), layer ${l + 1}: ` +
-        `${routing.operator_names[routing.operator[t][l]]}, entropy ${ent === null ? "n/a" : ent.toFixed(3)}`;
-    }
-  };
-}
-
-$("generate").addEventListener("click", generate);
-$("stop").addEventListener("click", () => controller && controller.abort());
-legend();
-loadModel();
+for (const tab of document.querySelectorAll("[role=tab]")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+$("run").addEventListener("click", run);
+$("stop").addEventListener("click", () => state.controller?.abort());
+$("colour_by").addEventListener("change", refreshViews);
+$("api_key").addEventListener("change", loadModels);
+refreshViews();
+loadModels();

@@ -1,88 +1,166 @@
-"""The playground page in real headless Chromium: generate, then read the routing heatmap's pixels."""
+"""The playground in real headless Chromium against a real server: the chiaroscuro token view, the grid,
+perplexity mode, errors in plain words, and no console errors."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.server.conftest import ServerProcess
+from tests.server.playground_driver import brightness, chromium, colour_by, console_errors, open_page, pixels, run_mode
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+PROMPT = "The history of the city begins"
+GEN = {"max_new_tokens": 8, "temperature": 0.9, "top_p": 1, "seed": 7}
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    assert CHROMIUM and CHROMEDRIVER, "chromium and chromium-driver are installed by deploy/install-system.sh"
-    profile = tempfile.mkdtemp(prefix="chiar-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
-# Cell centre colour -> operator, as app.js paints them: the dominant channel survives the entropy shading.
-READ_CELLS = """
-const canvas = document.getElementById('heatmap');
-const ctx = canvas.getContext('2d');
-const [rows, layers, cell, rowH] = arguments;
-const out = [];
-for (let t = 0; t < rows; t++) {
-  const row = [];
-  for (let l = 0; l < layers; l++) {
-    const p = ctx.getImageData(1 + l * cell + Math.floor(cell / 2), 1 + t * rowH + Math.floor(rowH / 2), 1, 1).data;
-    const [r, g, b] = p;
-    row.push(r === g && g === b ? 'identity' : (b > r && b > g ? 'dct' : (r > g && r > b ? 'attention' : 'rbf')));
-  }
-  out.push(row);
-}
-return out;
-"""
+@pytest.fixture(scope="module")
+def generated(server: ServerProcess, browser: webdriver.Chrome) -> dict:
+    """One seeded generation in the page, and the same request made with httpx."""
+    open_page(browser, server.url)
+    assert run_mode(browser, "generate", PROMPT, **GEN) == "done", browser.find_element(By.ID, "error").text
+    return httpx.post(server.url + "/v1/generate", timeout=60, json={
+        "prompt": PROMPT, **GEN, "return_routing": True, "return_logprobs": True}).json()
 
 
-def test_playground_generates_and_draws_the_routing_heatmap(server: ServerProcess, browser: webdriver.Chrome) -> None:
-    browser.get(server.url + "/")
-    wait = WebDriverWait(browser, 60)
-    wait.until(lambda d: "context" in d.find_element(By.ID, "model").text)  # /v1/models answered
-    prompt = "The history of the city begins"
-    for field, value in (("max_new_tokens", "6"), ("temperature", "0"), ("seed", "7")):
-        element = browser.find_element(By.ID, field)
-        element.clear()
-        element.send_keys(value)
-    browser.find_element(By.ID, "prompt").clear()
-    browser.find_element(By.ID, "prompt").send_keys(prompt)
-    browser.find_element(By.ID, "generate").click()
-    wait.until(lambda d: d.find_element(By.ID, "status").text == "done")
+def tokens(browser: webdriver.Chrome, box: str = "tokens") -> list:
+    return browser.find_elements(By.CSS_SELECTOR, f"#{box} .tok")
 
-    expected = httpx.post(server.url + "/v1/generate", timeout=60, json={
-        "prompt": prompt, "max_new_tokens": 6, "temperature": 0, "seed": 7, "return_routing": True}).json()
-    assert browser.execute_script("return document.getElementById('output').textContent") == expected["text"]
-    assert "tokens, finish" in browser.find_element(By.ID, "stats").text
 
-    routing = expected["routing"]
-    rows, layers = len(routing["operator"]), len(routing["operator"][0])
-    cell = max(4, min(24, 780 // (layers + 1)))
-    row_h = max(3, min(14, 4000 // rows))
-    width, height = browser.execute_script("const c = document.getElementById('heatmap'); return [c.width, c.height];")
-    assert (width, height) == ((layers + 1) * cell + 2, rows * row_h + 2)
-    drawn = browser.execute_script(READ_CELLS, rows, layers, cell, row_h)
+def test_tokens_carry_the_apis_text_and_routing(generated: dict, browser: webdriver.Chrome) -> None:
+    spans = tokens(browser)
+    routing = generated["routing"]
+    n_prompt = routing["prompt_tokens"] - 1  # BOS is not shown
+    # one element per token: the prompt's tokens (BOS left out), then every generated token
+    assert len(spans) == n_prompt + len(generated["token_ids"])
+    texts = [s.get_attribute("textContent") for s in spans]
+    assert "".join(texts[:n_prompt]) == PROMPT
+    assert "".join(texts[n_prompt:]) == generated["text"]
+    names, layers = routing["operator_names"], len(routing["operator"][0])
+    for i, span in enumerate(spans):
+        position = i + 1  # in routing.tokens (BOS = 0)
+        ops = [span.get_attribute(f"data-op-layer-{layer + 1}") for layer in range(layers)]
+        if position < len(routing["operator"]):
+            assert ops == [names[op] for op in routing["operator"][position]]
+        else:  # the last generated token is never fed to the model
+            assert ops == [None] * layers
+        assert float(span.get_attribute("data-logprob")) == generated["logprobs"][position]
+    assert "generated" not in spans[n_prompt - 1].get_attribute("class") and "boundary" in spans[n_prompt].get_attribute("class")
+    assert console_errors(browser) == []
+
+
+def test_token_details_on_hover_tap_and_keyboard(generated: dict, browser: webdriver.Chrome) -> None:
+    spans = tokens(browser)
+    spans[2].click()
+    details = browser.find_element(By.ID, "details").text
+    assert f"Token 3 {spans[2].get_attribute('textContent')!r}".replace("'", '"') in details or "Token 3" in details
+    tau = generated["routing"]["thresholds"][1][0]
+    assert f"{tau:.3f}" in details and "surprisal" in details and "gate" in details
+    spans[2].send_keys(Keys.ARROW_RIGHT)
+    assert browser.switch_to.active_element.get_attribute("data-index") == "3"
+    assert "Token 4" in browser.find_element(By.ID, "details").text
+    assert console_errors(browser) == []
+
+
+def test_pixels_follow_the_operators(generated: dict, browser: webdriver.Chrome) -> None:
+    routing = generated["routing"]
     names = routing["operator_names"]
-    want = [[names[op] for op in row] for row in routing["operator"]]
-    assert drawn == want
-    assert any("attention" in row[1:-1] for row in drawn) and any("dct" in row[1:-1] for row in drawn)
-    browser.save_screenshot(str(server.log_path.with_name("playground.png")))
+    layer = 1  # layer 2, the first routing layer
+    colour_by(browser, str(layer))
+    spans = tokens(browser)
+    picked = {}
+    for i in range(len(routing["operator"]) - 1):
+        picked.setdefault(names[routing["operator"][i + 1][layer]], i)
+    assert {"attention", "dct"} <= picked.keys(), picked
+    light, dark = pixels(browser, [spans[picked["attention"]], spans[picked["dct"]]], dx=3, dy=1)
+    assert brightness(light) > 150 and brightness(dark) < 90, (light, dark)
+    # the grid: same cells, layer rows, the boundary marked
+    cells = {(c.get_attribute("data-token"), c.get_attribute("data-layer")): c
+             for c in browser.find_elements(By.CSS_SELECTOR, "#grid .cell")}
+    assert len(cells) == len(spans) * (len(routing["thresholds"]) + 1)
+    light, dark = pixels(browser, [cells[(str(picked["attention"]), "2")], cells[(str(picked["dct"]), "2")]])
+    assert brightness(light) > 150 and brightness(dark) < 90, (light, dark)
+    assert cells[(str(picked["attention"]), "2")].get_attribute("data-op") == "attention"
+    heads = browser.find_elements(By.CSS_SELECTOR, "#grid .colhead")
+    assert [h.get_attribute("textContent") for h in heads][:3] == [s.get_attribute("textContent") for s in spans[:3]]
+    assert sum("boundary" in h.get_attribute("class") for h in heads) == 1
+    caption = browser.find_element(By.ID, "grid-caption").text
+    assert f"{(1 - generated['flops']['ratio']) * 100:.1f}% saved" in caption
+    colour_by(browser, "all")
+    assert console_errors(browser) == []
+
+
+def test_perplexity_mode_shows_the_apis_numbers(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    text = "Robert Boulter is an English film , television and theatre actor . He had a guest role in 2000 ."
+    open_page(browser, server.url)
+    assert run_mode(browser, "perplexity", text) == "done", browser.find_element(By.ID, "error").text
+    api = httpx.post(server.url + "/v1/perplexity", timeout=60, json={"text": text, "return_logprobs": True}).json()["results"][0]
+    for element, key in (("ppl-token", "perplexity"), ("ppl-word", "word_perplexity"), ("ppl-bpb", "bits_per_byte")):
+        shown = browser.find_element(By.CSS_SELECTOR, f"#stats [data-stat={element}]")
+        assert float(shown.get_attribute("data-value")) == api[key]
+        assert f"{api[key]:.3f}" in shown.text
+    spans = tokens(browser)
+    assert "".join(s.get_attribute("textContent") for s in spans) == text
+    assert [float(s.get_attribute("data-logprob")) for s in spans] == [e["logprob"] for e in api["logprobs"]]
+    colour_by(browser, "surprisal")  # the most and the least surprising tokens: deep and pale
+    spans = tokens(browser)  # drawn anew
+    order = sorted(range(len(spans)), key=lambda i: api["logprobs"][i]["logprob"])
+    deep, pale = pixels(browser, [spans[order[0]], spans[order[-1]]], dx=3, dy=1)
+    assert brightness(deep) < brightness(pale), (deep, pale)
+    # characters split across byte-level tokens still come out whole
+    unicode = "Café « naïve » — 東京 ☃"
+    assert run_mode(browser, "perplexity", unicode) == "done", browser.find_element(By.ID, "error").text
+    pieces = [s.get_attribute("textContent") for s in tokens(browser)]
+    assert "".join(pieces) == unicode and len(pieces) == len(httpx.post(
+        server.url + "/v1/perplexity", timeout=60, json={"text": unicode, "return_logprobs": True}).json()["results"][0]["logprobs"])
+    assert console_errors(browser) == []
+
+
+def test_overlong_prompt_is_explained_in_plain_words(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    open_page(browser, server.url)
+    console_errors(browser)
+    assert run_mode(browser, "generate", "word " * 400, **GEN) == "failed"
+    error = browser.find_element(By.ID, "error")
+    assert error.is_displayed() and error.text.startswith("Too long for this model:") and "Shorten the prompt" in error.text
+    # the only console entry is Chromium's own note of the 400 answer
+    assert all("status of 400" in m for m in console_errors(browser))
+
+
+def test_compare_needs_two_models(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    open_page(browser, server.url)
+    assert run_mode(browser, "compare", PROMPT, **GEN) == "failed"
+    assert "two --checkpoint" in browser.find_element(By.ID, "error").text
+    assert console_errors(browser) == []
+
+
+def test_works_with_an_api_key(tiny_checkpoint, tmp_path) -> None:
+    server = ServerProcess(tiny_checkpoint, tmp_path / "server.log", env={"CHIAR_API_KEY": "sesame"}).start()
+    try:
+        assert httpx.get(server.url + "/favicon.ico").status_code == 200  # public, like the page
+        with chromium() as driver:
+            driver.get(server.url + "/")
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: "API key" in d.find_element(By.ID, "model").text)  # said in plain words
+            assert run_mode(driver, "generate", PROMPT, **GEN) == "failed"
+            assert "needs an API key" in driver.find_element(By.ID, "error").text
+            assert all("status of 401" in m for m in console_errors(driver))
+            key = driver.find_element(By.ID, "api_key")
+            key.send_keys("sesame")
+            key.send_keys(Keys.TAB)  # change event: the models load again, with the key
+            wait.until(lambda d: "context" in d.find_element(By.ID, "model").text)
+            assert run_mode(driver, "generate", PROMPT, **GEN) == "done"
+            assert len(tokens(driver)) > 8
+            assert console_errors(driver) == []
+    finally:
+        server.stop()
