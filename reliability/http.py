@@ -50,6 +50,7 @@ def post_json(url: str, path: str, obj: object, headers: dict[str, str] | None =
 
 
 def metric_value(url: str, name: str) -> float | None:
-    """One unlabelled sample from /metrics (None when absent)."""
+    """The sum of `name`'s samples in /metrics, over every label set, e.g. every served model (None when absent)."""
     reply = raw_request(url, "GET", "/metrics", timeout=10)
-    return samples(reply.body.decode("utf-8", "replace")).get((name, ()))
+    values = [v for (sample, _), v in samples(reply.body.decode("utf-8", "replace")).items() if sample == name]
+    return sum(values) if values else None

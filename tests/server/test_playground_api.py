@@ -11,7 +11,7 @@ import torch
 from tests.server import test_api
 from tests.server.test_api import PROMPT, WIKI, ids_of
 
-client, local = test_api.client, test_api.local  # the fixtures test_api uses, shared
+local = test_api.local  # test_api's in-process copy of the served model (`client` is conftest's)
 
 
 def test_generate_logprobs_cover_prompt_and_generated_tokens(client: httpx.Client, local) -> None:
@@ -56,7 +56,7 @@ def test_routing_reports_each_layers_thresholds(client: httpx.Client, local) -> 
 @pytest.mark.parametrize("stride", [None, 48])
 def test_perplexity_token_routing_matches_the_scoring_windows(client: httpx.Client, local, stride: int | None) -> None:
     model, _ = local
-    text = WIKI.read_text(encoding="utf-8")[:600 if stride else 200]
+    text = (WIKI / "test.txt").read_text(encoding="utf-8")[:600 if stride else 200]
     ids = ids_of(local, text)
     r = client.post("/v1/perplexity", json={"text": text, "return_routing": True, **({"stride": stride} if stride else {})})
     assert r.status_code == 200, r.text
