@@ -18,26 +18,29 @@ def _grown(size: int, needed: int) -> int:
     return max(needed, int(size * 1.5) + 16)
 
 
+class LiveRows:
+    """The first `rows` rows of an over-allocated buffer attribute: a view, and assigning writes into it."""
+
+    def __init__(self, buffer: str, doc: str) -> None:
+        self.buffer, self.__doc__ = buffer, doc
+
+    def __get__(self, obj: object, owner: type | None = None) -> Tensor:
+        return getattr(obj, self.buffer)[: obj.rows]  # type: ignore[attr-defined]
+
+    def __set__(self, obj: object, value: Tensor) -> None:
+        getattr(obj, self.buffer)[: obj.rows] = value  # type: ignore[attr-defined]
+
+
 class LayerKV:
     """One layer's cache: the first `rows` rows of the buffers are live sequences."""
+
+    keys = LiveRows("_k", "[rows, H, capacity, hd], roped at true positions (entries past each length are garbage)")
+    values = LiveRows("_v", "[rows, H, capacity, hd]")
+    lengths = LiveRows("_len", "[rows] long, a view: in-place updates reach the cache")
 
     def __init__(self, keys: Tensor, values: Tensor, lengths: Tensor) -> None:
         self._k, self._v, self._len = keys, values, lengths
         self.rows = keys.shape[0]
-
-    @property
-    def keys(self) -> Tensor:
-        """[rows, H, capacity, hd], roped at true positions (entries past each length are garbage)."""
-        return self._k[: self.rows]
-
-    @property
-    def values(self) -> Tensor:
-        return self._v[: self.rows]
-
-    @property
-    def lengths(self) -> Tensor:
-        """[rows] long, a view: in-place updates reach the cache."""
-        return self._len[: self.rows]
 
     @property
     def capacity(self) -> int:
@@ -131,28 +134,14 @@ class DecodeState:
     of token embeddings that the MetaRouter's causal mean needs. Row b of every tensor is sequence b.
     """
 
+    lengths = LiveRows("_len", "[B] tokens so far (the next token's position); a view")
+    embed_sum = LiveRows("_sum", "[B, d] running sum of token embeddings; a view")
+
     def __init__(self, layers: list[LayerKV | None], lengths: Tensor, embed_sum: Tensor) -> None:
         self.layers = layers
         self._len, self._sum = lengths, embed_sum
         self.rows = lengths.shape[0]
 
-    @property
-    def lengths(self) -> Tensor:
-        """[B] tokens so far (the next token's position); a view."""
-        return self._len[: self.rows]
-
-    @lengths.setter
-    def lengths(self, value: Tensor) -> None:
-        self._len[: self.rows] = value
-
-    @property
-    def embed_sum(self) -> Tensor:
-        """[B, d]; a view."""
-        return self._sum[: self.rows]
-
-    @embed_sum.setter
-    def embed_sum(self, value: Tensor) -> None:
-        self._sum[: self.rows] = value
 
     def __len__(self) -> int:
         return self.rows

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from model import ChiarConfig
+from model import ChiarConfig, Operator
 from model.scoring import Perplexity, total_nll
 from server import chat, openai_api, openapi, perplexity_text, tokenizer_api
 from server.body_timeout import BodyTimeout
@@ -162,7 +162,8 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
                 logprobs=[TokenLogprob(token=svc.engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
                 if body.return_logprobs else None,
                 routing=RoutingCounts(operator_names=list(OPERATORS), per_layer=counts,
-                                      attention_share=(sum(row[3] for row in routing_layers) / routed) if routed else None),
+                                      attention_share=(sum(row[Operator.ATTENTION] for row in routing_layers) / routed) if routed else None),
+                flops=flops_of(*result.flops[i]) if result.flops else flops_of(0.0, 0.0),
                 token_routing=routing_payload(svc, seqs[i][:-1], len(seqs[i]), result.routing[i]) if result.routing else None,
             ))
         total = sum(len(s) - 1 for s in seqs)
@@ -224,14 +225,18 @@ def generate_response(svc: Service, rid: str, prompt_ids: list[int], result: Gen
     logprobs = None
     if result.prompt_logprobs is not None and result.token_logprobs is not None:
         logprobs = [None, *(e.logprob for e in result.prompt_logprobs), *(e.logprob for e in result.token_logprobs)]
-    dense = result.flops_dense
     return GenerateResponse(
         id=rid, model=svc.name, text=result.text, token_ids=result.token_ids, finish_reason=str(result.finish_reason),
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     total_tokens=result.prompt_tokens + result.completion_tokens),
         timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=result.ttft_seconds,
                       total_seconds=result.total_seconds),
-        flops=Flops(executed=result.flops_executed, dense=dense, ratio=result.flops_executed / dense if dense else 1.0),
+        flops=flops_of(result.flops_executed, result.flops_dense),
         routing=routing,
         logprobs=logprobs,
     )
+
+
+def flops_of(executed: float, dense: float) -> Flops:
+    """Executed vs dense-baseline FLOPs; the ratio is 1 where nothing ran."""
+    return Flops(executed=executed, dense=dense, ratio=executed / dense if dense else 1.0)

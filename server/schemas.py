@@ -226,6 +226,7 @@ class PerplexityResult(BaseModel):
     windows: int
     logprobs: list[TokenLogprob] | None = None
     routing: RoutingCounts
+    flops: Flops = Field(description="the forwards of this text's windows (overlapping windows recompute their shared context)")
     token_routing: Routing | None = Field(
         None, description="with return_routing: routing of each input position (BOS, then every token but the last, "
                           "which is only ever predicted), taken from the window that scores the next token")

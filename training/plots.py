@@ -18,8 +18,9 @@ from training.config import PlotConfig
 from training.errors import TrainingError
 from training.paths import check_path_usable, probe_writable
 
-# operator id -> colour: light = DCT, dark = attention (identity: near white, RBF: mid blue, pad: grey)
-OPERATOR_COLOURS = {-1: "#d9d9d9", 0: "#ffffff", 1: "#f6e3a1", 2: "#6fa8dc", 3: "#1f1d3d"}
+# operator id -> colour, the playground's chiaroscuro: light warm = attention, dark cool = DCT
+# (identity: near white, RBF: mid green, pad: grey)
+OPERATOR_COLOURS = {-1: "#d9d9d9", 0: "#ffffff", 1: "#1f2545", 2: "#4fae8a", 3: "#f6e3a1"}
 OPERATOR_LABELS = {int(op): op.label for op in Operator}
 
 
@@ -132,7 +133,7 @@ def plot_gate_by_source(run: str, label: str, out: Path) -> Path | None:
 
 @torch.no_grad()
 def plot_routing_heatmap(checkpoint: str, text: str, out: Path, path: str = "infer", max_tokens: int = 64) -> Path:
-    """Operators per token (x) and layer (y) for one text: light = DCT, dark = attention."""
+    """Operators per token (x) and layer (y) for one text: light = attention, dark = DCT."""
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch

@@ -250,6 +250,8 @@ class OutputProcessor:
                 trace.operator[lo:hi] = o.operator[rows].tolist()
                 trace.entropy[lo:hi] = nan_to_none(o.entropy[rows].tolist())
                 trace.gate[lo:hi] = nan_to_none(o.gate[rows].tolist())
+        job.flops[win.seq][0] += o.flops_executed
+        job.flops[win.seq][1] += o.flops_dense
         if chunk.last:
             job.windows_left -= 1
 
@@ -259,4 +261,5 @@ class OutputProcessor:
         self.completed_seconds.append(now - job.arrival)
         job.post(DoneEvent(job.index, ScoreResult(
             logprobs=job.logprobs, top=job.top, counts=[c.tolist() if c is not None else [] for c in job.counts], windows=job.n_windows,
-            queue_seconds=(job.admitted or now) - job.arrival, total_seconds=now - job.arrival, routing=job.routing)))
+            queue_seconds=(job.admitted or now) - job.arrival, total_seconds=now - job.arrival, routing=job.routing,
+            flops=job.flops)))

@@ -87,6 +87,7 @@ class ScoreResult:
     queue_seconds: float
     total_seconds: float
     routing: list[RoutingTrace] | None = None  # per sequence, per input position (return_routing)
+    flops: list[list[float]] | None = None  # per sequence: [executed, dense]
 
 
 @dataclass
@@ -231,6 +232,7 @@ class ScoreJob(Job):
         self.top: list[list[dict[int, float] | None]] | None = [[None] * (len(ids) - 1) for ids in seqs] if top_n else None
         self.counts: list[Any] = [None] * len(seqs)  # per sequence: [layers, operators] counts (torch)
         self.n_windows = [0] * len(seqs)
+        self.flops = [[0.0, 0.0] for _ in seqs]  # per sequence: executed, dense (its windows' forwards)
         self.pending: deque[Window] = deque()
         from model.scoring import plan_windows  # here, not at the top: the scheduler imports this module without torch
 

@@ -155,7 +155,8 @@ async function runPerplexity(signal) {
     stat("ppl-word", "word PPL", r.word_perplexity, num(r.word_perplexity, 3)),
     stat("ppl-bpb", "bits per byte", r.bits_per_byte, num(r.bits_per_byte, 4)),
     stat("ppl-tokens", "tokens", r.tokens), stat("ppl-windows", "windows", r.windows),
-    stat("ppl-latency", "latency", res.timing.total_seconds, ms(res.timing.total_seconds)));
+    stat("ppl-latency", "latency", res.timing.total_seconds, ms(res.timing.total_seconds)),
+    stat("ppl-flops", "FLOPs", r.flops.ratio, `${(r.flops.ratio * 100).toFixed(1)}% of dense`));
 }
 
 function pane(id, modelId) {

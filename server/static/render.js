@@ -158,6 +158,6 @@ export function renderGrid(grid, caption, trace) {
   const mean = routed.length ? routed.reduce((a, b) => a + b, 0) / routed.length : null;
   caption.textContent = (mean === null ? "No routing layers. " : `Attention share over routing layers: ${(mean * 100).toFixed(1)}%. `) +
     (trace.flops ? `FLOPs for this text: ${(trace.flops.ratio * 100).toFixed(1)}% of the dense baseline's (${((1 - trace.flops.ratio) * 100).toFixed(1)}% saved).`
-      : "FLOPs are reported for generation only.") +
+      : "") +
     (trace.promptCount < n ? " The bar marks where the generation starts." : "");
 }

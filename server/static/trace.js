@@ -56,7 +56,7 @@ export function perplexityTrace(body, result) {
     return { text: texts[k], prompt: true, eos: false, ops: routed ? r.operator[i] : null, ent: routed ? r.entropy[i] : null,
       gate: routed ? r.gate[i] : null, logprob: lp.logprob };
   });
-  return { ...fromRouting(r), model: body.model, tokens, promptCount: tokens.length, flops: null, timing: body.timing, result };
+  return { ...fromRouting(r), model: body.model, tokens, promptCount: tokens.length, flops: result.flops, timing: body.timing, result };
 }
 
 // Share of each layer's routed tokens sent to attention (null where the layer does not route).

@@ -164,6 +164,11 @@ def test_perplexity_matches_model_api(client: httpx.Client, local) -> None:
         counts = torch.tensor(result["routing"]["per_layer"])
         assert counts.sum(1).tolist() == [result["tokens"]] * model.config.n_layers
         assert counts.tolist() == model.infer(ids[:, :-1]).routing.counts.tolist()
+        # FLOPs of the text's forward (one window here): the model's own accounting, chunked or not
+        flops = model.infer(ids[:, :-1]).flops
+        assert result["flops"]["executed"] == pytest.approx(flops.per_sequence_executed[0], rel=1e-6)
+        assert result["flops"]["dense"] == pytest.approx(flops.per_sequence_dense[0], rel=1e-6)
+        assert 0 < result["flops"]["ratio"] < 1
 
 
 def test_perplexity_sliding_window_matches_independent_computation(client: httpx.Client, local) -> None:

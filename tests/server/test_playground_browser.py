@@ -110,6 +110,9 @@ def test_perplexity_mode_shows_the_apis_numbers(server: ServerProcess, browser: 
         shown = browser.find_element(By.CSS_SELECTOR, f"#stats [data-stat={element}]")
         assert float(shown.get_attribute("data-value")) == api[key]
         assert f"{api[key]:.3f}" in shown.text
+    flops = browser.find_element(By.CSS_SELECTOR, "#stats [data-stat=ppl-flops]")
+    assert float(flops.get_attribute("data-value")) == api["flops"]["ratio"] < 1  # the tiny CHIAR routes some tokens to DCT
+    assert f"{(1 - api['flops']['ratio']) * 100:.1f}% saved" in browser.find_element(By.ID, "grid-caption").text
     spans = tokens(browser)
     assert "".join(s.get_attribute("textContent") for s in spans) == text
     assert [float(s.get_attribute("data-logprob")) for s in spans] == [e["logprob"] for e in api["logprobs"]]
