@@ -43,7 +43,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="chiar-shots-"))
     extra = ["--checkpoint", str(args.baseline)] if args.baseline else []
-    server = ServerProcess(args.chiar, logs / "server.log", args=extra).start(timeout=600)  # a busy machine loads slowly
+    server = ServerProcess(args.chiar, logs / "server.log", args=extra).start(ready_timeout=600)  # a busy machine loads slowly
     try:
         with chromium(1200, 900) as driver:
             open_page(driver, server.url)
