@@ -14,7 +14,7 @@ BENCH_SERVER_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.txt requirements-dev.txt deploy/install.sh
+$(VENV)/.installed: pyproject.toml setup.py requirements.txt requirements-dev.txt deploy/install.sh $(wildcard csrc/*.cpp csrc/*.h)
 	bash deploy/install.sh --dev $(VENV)
 	touch $@
 

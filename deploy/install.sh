@@ -6,7 +6,8 @@
 #   1. torch==$TORCH_VERSION (default 2.13.0), from $TORCH_INDEX_URL when set
 #      (e.g. https://download.pytorch.org/whl/cpu or .../cu128 for a CUDA build);
 #   2. the pinned lock file: requirements.txt (runtime) or, with --dev, requirements-dev.txt;
-#   3. the project itself, without dependencies (editable with --dev).
+#   3. the project itself, without dependencies (editable with --dev), compiling the native kernels
+#      (csrc/ -> model._native) against the torch of step 1: a C++ compiler is needed.
 # Environment: PYTHON (interpreter used to create the venv, default python3.11 or python3),
 #   TORCH_VERSION, TORCH_INDEX_URL, PIP_NO_CACHE_DIR etc. are passed through to pip.
 set -euo pipefail
@@ -53,10 +54,12 @@ fi
 echo "install.sh: pinned dependencies from ${lock#"$root"/}"
 "${pip[@]}" install -r "$lock"
 
-echo "install.sh: the project"
+echo "install.sh: the project and its native kernels"
+# --no-build-isolation: the kernels build against the torch installed above (an isolated build
+# would download another torch only to compile against it)
 if (( dev )); then
-    "${pip[@]}" install --no-deps -e "$root"
+    "${pip[@]}" install --no-deps --no-build-isolation -e "$root"
 else
-    "${pip[@]}" install --no-deps "$root"
+    "${pip[@]}" install --no-deps --no-build-isolation "$root"
 fi
-"$venv/bin/python" -c "import torch; print('install.sh: done, torch', torch.__version__)"
+"$venv/bin/python" -c "import torch, model._native as n; print('install.sh: done, torch', torch.__version__, '| native kernels, AVX2:', n.has_avx2())"

@@ -1,15 +1,16 @@
-"""FLOPs of an inference call, counted from its routing result after the forward.
+"""FLOPs of an inference call, priced from its routing result after the forward.
 
-The forward only records which operator each token took (`operator` [N, L]); here one bincount
-turns that into tokens per (sequence, layer, operator), and each block's `executed_flops` prices
-them. Attention pairs follow from those counts and the cache lengths after the call: a sequence
-whose m new tokens attended in a layer whose cache now holds `after` entries attended
-m * (after - m) + m (m + 1) / 2 (query, key) pairs.
+The forward only records which operator each token took and how many cache entries it attended
+(`StepOutput.operator`, `.keys_seen`); here they become tokens per (sequence, layer, operator) and
+attended (query, key) pairs per (sequence, layer), and each block's `executed_flops` prices them.
+The engine keeps the same two tables per request across its steps and prices them once, when the
+request ends (`RequestCost`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ N_OPERATORS = len(Operator)
 
 
 def routing_counts(operator: Tensor, batch_idx: Tensor, batch_size: int) -> Tensor:
-    """operator [N, L] (flat valid tokens), batch_idx [N] -> tokens per (sequence, layer, operator) [B, L, 4]."""
+    """operator [N, L] (flat tokens), batch_idx [N] -> tokens per (sequence, layer, operator) [B, L, 4]."""
     n_layers = operator.shape[1]
     layer = torch.arange(n_layers, device=operator.device)
     key = (batch_idx.unsqueeze(1) * n_layers + layer) * N_OPERATORS + operator.long()
@@ -29,22 +30,58 @@ def routing_counts(operator: Tensor, batch_idx: Tensor, batch_size: int) -> Tens
     return counts.view(batch_size, n_layers, N_OPERATORS)
 
 
-def executed_flops(blocks: Sequence, counts: list[list[list[int]]], cache_after: list[list[int] | None] | None,
-                   gated: bool) -> tuple[fl.FlopCount, list[float]]:
-    """Per-layer FLOPs and each sequence's share, from counts [B][L][4] (`routing_counts(...).tolist()`).
+def attended_pairs(keys_seen: Tensor, batch_idx: Tensor, batch_size: int) -> Tensor:
+    """keys_seen [N, L] -> attended (query, key) pairs per (sequence, layer) [B, L]."""
+    pairs = torch.zeros((batch_size, keys_seen.shape[1]), dtype=torch.float64, device=keys_seen.device)
+    return pairs.index_add_(0, batch_idx, keys_seen.to(torch.float64))
 
-    cache_after[l][b]: entries of sequence b's cache in layer l after the call (None for a layer
-    without cache, or cache_after None: the call started from an empty cache, as a prefill does).
-    """
+
+def executed_flops(blocks: Sequence, counts: list[list[list[int]]], pairs: list[list[float]], gated: bool
+                   ) -> tuple[fl.FlopCount, list[float]]:
+    """Per-layer FLOPs and each sequence's share, from counts [B][L][4] and pairs [B][L]."""
     flops = fl.FlopCount.empty(len(blocks))
     per_sequence = [0.0] * len(counts)
-    for b, seq_counts in enumerate(counts):
-        for layer, (block, n) in enumerate(zip(blocks, seq_counts)):
-            m = n[Operator.ATTENTION]
-            lengths = cache_after[layer] if cache_after is not None else None
-            after = lengths[b] if lengths is not None else m
-            pairs = m * (after - m) + m * (m + 1) / 2
-            for key, value in block.executed_flops(n, pairs, gated).items():
+    for b, (seq_counts, seq_pairs) in enumerate(zip(counts, pairs)):
+        for layer, (block, n, p) in enumerate(zip(blocks, seq_counts, seq_pairs)):
+            for key, value in block.executed_flops(n, p, gated).items():
                 flops.per_layer[layer][key] += value
                 per_sequence[b] += value
     return flops, per_sequence
+
+
+def dense_flops(d_model: int, d_ff: int, n_layers: int, tokens: float, pairs: float) -> float:
+    """What the full-attention baseline spends on `tokens` new tokens attending `pairs` pairs (no LM head)."""
+    return n_layers * (fl.attention_flops(d_model, tokens, pairs) + fl.ffn_flops(d_model, d_ff, tokens))  # type: ignore[arg-type]
+
+
+@dataclass
+class RequestCost:
+    """A request's routing totals across its steps: priced once, when it ends."""
+
+    counts: list[list[int]] = field(default_factory=list)  # [L][4]
+    pairs: list[float] = field(default_factory=list)  # [L] attended pairs
+    tokens: int = 0  # tokens it fed through the model
+    dense_pairs: float = 0.0  # (query, key) pairs a full-attention model would attend for them
+    heads: int = 0  # positions whose logits it needed
+
+    def add(self, counts: list[list[int]], pairs: list[float], tokens: int, start: int, heads: int) -> None:
+        """One step's share: `tokens` new tokens after `start` earlier ones."""
+        if not self.counts:
+            self.counts = [[0] * N_OPERATORS for _ in counts]
+            self.pairs = [0.0] * len(pairs)
+        for mine, theirs in zip(self.counts, counts):
+            for op, n in enumerate(theirs):
+                mine[op] += n
+        self.pairs = [a + b for a, b in zip(self.pairs, pairs)]
+        self.tokens += tokens
+        self.dense_pairs += tokens * start + tokens * (tokens + 1) / 2
+        self.heads += heads
+
+    def price(self, model: object) -> tuple[float, float]:
+        """(executed, dense-equivalent) FLOPs of everything the request ran, the LM head included."""
+        cfg = model.config  # type: ignore[attr-defined]
+        head = fl.lm_head_flops(cfg.d_model, cfg.vocab_size, self.heads)
+        if not self.counts:
+            return head, head
+        _, (executed,) = executed_flops(model.blocks, [self.counts], [self.pairs], model.metarouter is not None)  # type: ignore[attr-defined]
+        return executed + head, dense_flops(cfg.d_model, cfg.d_ff, cfg.n_layers, self.tokens, self.dense_pairs) + head

@@ -2,8 +2,8 @@
 
 `Block` holds what every layer shares (the two norms, the FFN, the residual wiring) and runs it
 once for both paths; a subclass is a token mixer with a reference forward (`mix_reference`: dense,
-masks, soft or hard weights, used in training) and an inference forward (`mix_infer`: hard
-decisions, each operator only on the flat tokens routed to it):
+masks, soft or hard weights, used in training) and an inference forward (`mix_step`: hard
+decisions, each operator only on the flat tokens routed to it, through the step's kernels):
 
 - `GatedDCTBlock` (layer 1): DCT mixing where the MetaRouter gate is open, identity elsewhere;
 - `RoutedBlock` (layers 2..L-1): the router's `decide(u, entropy)` picks DCT / RBF / attention;
@@ -25,13 +25,14 @@ from torch import Tensor, nn
 from . import flops as fl
 from .attention import CausalSelfAttention, RotaryEmbedding
 from .config import ChiarConfig
-from .infer_batch import InferBatch
 from .layers import RMSNorm, SwiGLU
 from .operators import Operator
 from .routing import RBFLayer, make_router
 from .spectral import DCTMix, dct, entropy_from_coefficients, spectral_dtype
+from .step import StepContext
 
-DCT, RBF, ATTENTION = Operator.DCT, Operator.RBF, Operator.ATTENTION
+DCT, RBF, ATTENTION, IDENTITY = Operator.DCT, Operator.RBF, Operator.ATTENTION, Operator.IDENTITY
+GATE_OPEN = 0.5  # layer 1 mixes a token when its MetaRouter gate is at least this
 
 
 @dataclass
@@ -48,6 +49,8 @@ class ReferenceBatch:
 
 class Block(nn.Module):
     """norm -> mixer -> residual -> norm -> FFN -> residual. The FFN is shared by every operator."""
+
+    has_attention = False  # holds a KV cache
 
     def __init__(self, config: ChiarConfig) -> None:
         super().__init__()
@@ -68,19 +71,17 @@ class Block(nn.Module):
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x, operator, entropy, penalty
 
-    def forward_infer(self, x: Tensor, gate: Tensor | None, layer: int, batch: InferBatch) -> tuple[Tensor, Tensor | int, Tensor | None]:
-        """Hard-gated block on flat tokens x [N, d]; returns new x, operator ids ([N] or one id for
-        all tokens) and entropy [N] (None where the layer does not compute it)."""
-        u = self.mixer_norm(x)
-        y, operator, entropy = self.mix_infer(u, gate, layer, batch)
-        x = x + y
-        return x + self.ffn(self.ffn_norm(x)), operator, entropy
+    def forward_step(self, x: Tensor, ctx: StepContext, layer: int) -> Tensor:
+        """Hard-gated block on the step's flat tokens x [N, d]; records the routing in `ctx`."""
+        x = self.mix_step(ctx.kernels.rms_norm(self.mixer_norm, x), x, ctx, layer)
+        return ctx.kernels.ffn(layer, self, x)
 
     # ------------------------------------------------------------------ the mixer interface
     def mix_reference(self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch) -> tuple[Tensor, Tensor, Tensor | None]:
         raise NotImplementedError
 
-    def mix_infer(self, u: Tensor, gate: Tensor | None, layer: int, batch: InferBatch) -> tuple[Tensor, Tensor | int, Tensor | None]:
+    def mix_step(self, u: Tensor, x: Tensor, ctx: StepContext, layer: int) -> Tensor:
+        """x + the mixer's output on u = norm(x), each token through the operator it is routed to."""
         raise NotImplementedError
 
     def mixer_flops(self, n: list[int], pairs: float, gated: bool) -> dict[str, float]:
@@ -109,6 +110,8 @@ class Block(nn.Module):
 class AttentionBlock(Block):
     """Full causal attention on every token."""
 
+    has_attention = True
+
     def __init__(self, config: ChiarConfig, rope: RotaryEmbedding) -> None:
         super().__init__(config)
         self.attention = CausalSelfAttention(config.d_model, config.n_heads, rope)
@@ -117,8 +120,11 @@ class AttentionBlock(Block):
         y = self.attention.forward_dense(u, batch.positions, batch.causal_mask)
         return y, torch.full_like(batch.valid, ATTENTION, dtype=torch.int8), None
 
-    def mix_infer(self, u: Tensor, gate: Tensor | None, layer: int, batch: InferBatch) -> tuple[Tensor, Tensor | int, Tensor | None]:
-        return batch.attend(layer, self.attention, u, batch.all_tokens), int(ATTENTION), None
+    def mix_step(self, u: Tensor, x: Tensor, ctx: StepContext, layer: int) -> Tensor:
+        ctx.operator[layer].fill_(ATTENTION)
+        ctx.counts[layer][ATTENTION] = ctx.n_tokens
+        x, ctx.keys_seen[layer] = ctx.kernels.attention(layer, self.attention, u, x, ctx.rows, ctx.positions, ctx.cache)
+        return x
 
     def mixer_flops(self, n: list[int], pairs: float, gated: bool) -> dict[str, float]:
         return {ATTENTION.label: fl.attention_flops(self.config.d_model, n[ATTENTION], pairs)}
@@ -146,17 +152,23 @@ class GatedDCTBlock(Block):
             y = g * mixed + (1 - g) * u
         return y, torch.where(is_open, int(DCT), int(Operator.IDENTITY)).to(torch.int8), None
 
-    def mix_infer(self, u: Tensor, gate: Tensor | None, layer: int, batch: InferBatch) -> tuple[Tensor, Tensor | int, Tensor | None]:
-        if gate is None:
-            return self.dct_mix.infer(u), int(DCT), None
-        is_open = gate >= 0.5
-        operator = torch.where(is_open, int(DCT), int(Operator.IDENTITY)).to(torch.int8)
+    def mix_step(self, u: Tensor, x: Tensor, ctx: StepContext, layer: int) -> Tensor:
+        mix = ctx.kernels.gated_mix
+        n = ctx.n_tokens
+        if ctx.gate is None:
+            ctx.operator[layer].fill_(DCT)
+            ctx.counts[layer][DCT] = n
+            return mix(layer, self, u, x)
+        is_open = ctx.gate >= GATE_OPEN
+        ctx.operator[layer] = torch.where(is_open, int(DCT), int(IDENTITY))
         sel = is_open.nonzero().squeeze(1)  # the layer's one host read
-        if sel.numel() == u.shape[0]:  # every gate open: no gather or scatter
-            return self.dct_mix.infer(u), operator, None
-        if not sel.numel():
-            return u, operator, None
-        return u.index_copy(0, sel, self.dct_mix.infer(u.index_select(0, sel))), operator, None  # DCT only where open
+        ctx.counts[layer][DCT], ctx.counts[layer][IDENTITY] = sel.numel(), n - sel.numel()
+        if sel.numel() == n:  # every gate open: no gather or scatter
+            return mix(layer, self, u, x)
+        y = x + u  # a closed gate passes the token unmixed
+        if sel.numel():
+            y.index_copy_(0, sel, mix(layer, self, u.index_select(0, sel), x.index_select(0, sel)))
+        return y
 
     def mixer_flops(self, n: list[int], pairs: float, gated: bool) -> dict[str, float]:
         d = self.config.d_model
@@ -173,6 +185,8 @@ class GatedDCTBlock(Block):
 class RoutedBlock(Block):
     """Layers 2..L-1: each token goes to the operator its router decides (DCT / attention, or DCT / RBF / attention)."""
 
+    has_attention = True
+
     def __init__(self, config: ChiarConfig, rope: RotaryEmbedding, routing_index: int) -> None:
         super().__init__(config)
         # registration order = parameter order of existing checkpoints and optimizer states
@@ -181,16 +195,22 @@ class RoutedBlock(Block):
         self.router = make_router(config, routing_index)
         self.rbf = RBFLayer(config.d_model, config.rbf_centers) if config.three_operators else None
 
-    def _operator(self, op: Operator, u: Tensor, coefficients: Tensor, sel: Tensor, layer: int, batch: InferBatch) -> Tensor:
-        """Operator `op` on the flat tokens `sel` (of all N: u, coefficients [N, d]); gathers only what `op` reads."""
-        every = sel is batch.all_tokens
+    def _operator(self, op: Operator, u: Tensor, x: Tensor, coefficients: Tensor, sel: Tensor | None, ctx: StepContext,
+                  layer: int) -> Tensor:
+        """x + operator `op` on the flat tokens `sel` (None: all of them); gathers only what `op` reads."""
+        def pick(t: Tensor) -> Tensor:
+            return t if sel is None else t.index_select(0, sel)
+
         if op == DCT:  # inverse transform and filter (one matmul): the forward transform is the router's
-            return self.dct_mix.infer_from_coefficients(coefficients if every else coefficients.index_select(0, sel), u.dtype)
-        u_sel = u if every else u.index_select(0, sel)
+            return ctx.kernels.dct_mix(layer, self, pick(coefficients), pick(x))
         if op == RBF:
-            assert self.rbf is not None
-            return self.rbf(u_sel)
-        return batch.attend(layer, self.attention, u_sel, sel)
+            return ctx.kernels.rbf(layer, self, pick(u), pick(x))
+        out, seen = ctx.kernels.attention(layer, self.attention, pick(u), pick(x), pick(ctx.rows), pick(ctx.positions), ctx.cache)
+        if sel is None:
+            ctx.keys_seen[layer] = seen
+        else:
+            ctx.keys_seen[layer].index_copy_(0, sel, seen)
+        return out
 
     def mix_reference(self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch) -> tuple[Tensor, Tensor, Tensor | None]:
         """Dense: every operator on every token, blended by the (soft or hard) decision."""
@@ -216,32 +236,24 @@ class RoutedBlock(Block):
             penalty = (masked_mean(share, batch.valid) - cfg.target_attention_share).square()
         return y, operator, penalty  # type: ignore[return-value]
 
-    def mix_infer(self, u: Tensor, gate: Tensor | None, layer: int, batch: InferBatch) -> tuple[Tensor, Tensor | int, Tensor | None]:
-        coefficients = dct(u.to(spectral_dtype(u.dtype)))
-        entropy = entropy_from_coefficients(coefficients, self.config.entropy_eps)
-        operator = self.router.decide(u, entropy)
-        # The layer's one host read: how many tokens took each operator (sizes the work below).
-        n = u.shape[0]
-        if n == 1:
-            chosen = int(operator[0])
-            sizes = [int(op == chosen) for op in Operator]
-        else:
-            sizes = torch.bincount(operator.long(), minlength=len(Operator)).tolist()
-        if not sizes[ATTENTION]:
-            batch.no_attention(layer, self.attention, u)
+    def mix_step(self, u: Tensor, x: Tensor, ctx: StepContext, layer: int) -> Tensor:
+        # the layer's one host read: how many tokens took each operator (sizes the work below)
+        coefficients, sizes = ctx.kernels.spectral(layer, self, u, ctx.entropy[layer], ctx.operator[layer])
+        ctx.counts[layer] = sizes
+        n = ctx.n_tokens
         single = next((op for op in self.router.operators if sizes[op] == n), None)
         if single is not None:  # every token took one operator (always so at batch-1 decode): no gather, no scatter
-            return self._operator(single, u, coefficients, batch.all_tokens, layer, batch), operator, entropy
-        # Tokens grouped by operator id; stable, so each group keeps row-major order (packing needs it).
-        order = torch.argsort(operator, stable=True)
-        y = torch.empty_like(u)
+            return self._operator(single, u, x, coefficients, None, ctx, layer)
+        # tokens grouped by operator id; stable, so each group keeps flat order (a row's tokens stay in order)
+        order = torch.argsort(ctx.operator[layer], stable=True)
+        y = torch.empty_like(x)
         start = 0
         for op in Operator:
-            sel = order[start: start + sizes[op]]
-            start += sizes[op]
             if sizes[op]:
-                y.index_copy_(0, sel, self._operator(op, u, coefficients, sel, layer, batch))
-        return y, operator, entropy
+                sel = order[start: start + sizes[op]]
+                y.index_copy_(0, sel, self._operator(op, u, x, coefficients, sel, ctx, layer))
+            start += sizes[op]
+        return y
 
     def mixer_flops(self, n: list[int], pairs: float, gated: bool) -> dict[str, float]:
         cfg = self.config

@@ -10,22 +10,25 @@ Two forward paths over one set of weights:
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import flops as fl
-from .accounting import executed_flops, routing_counts
+from .accounting import routing_counts
 from .attention import RotaryEmbedding
 from .blocks import AttentionBlock, Block, GatedDCTBlock, ReferenceBatch, RoutedBlock, routed_mask
 from .config import ChiarConfig
-from .infer_batch import InferBatch
-from .kv_cache import DecodeState
+from .kernels import Kernels, choose_kernels
+from .kv_cache import BLOCK, DecodeState, PagedKVCache
 from .layers import RMSNorm
-from .operators import PAD
-from .output import ModelOutput, RoutingInfo
+from .operators import PAD, Operator
+from .output import ModelOutput, RoutingInfo, assemble
 from .routing import MetaRouter, SpectralRouter, ThreeWayRouter
 from .spectral import spectral_dtype
+from .step import StepContext, StepOutput, TokenBatch
 
 
 class ChiarLM(nn.Module):
@@ -51,6 +54,8 @@ class ChiarLM(nn.Module):
         self._init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self._kernel_choice = "auto"
+        self._kernels: Kernels | None = None
 
     def _init_weights(self) -> None:
         residual_std = 0.02 / (2 * self.config.n_layers) ** 0.5
@@ -161,152 +166,125 @@ class ChiarLM(nn.Module):
         return ModelOutput(logits, routing, flops, loss, aux_loss)
 
     # ------------------------------------------------------------------ inference path
-    def _run_blocks(self, x: Tensor, gate: Tensor | None, batch: InferBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """All blocks on flat tokens; returns x and operator / entropy [N, L] (NaN where not computed)."""
-        n, n_layers = x.shape[0], len(self.blocks)
-        operators = torch.empty((n, n_layers), dtype=torch.int8, device=x.device)
-        entropies = torch.full((n, n_layers), float("nan"), dtype=spectral_dtype(x.dtype), device=x.device)
-        for layer, block in enumerate(self.blocks):
-            x, operator, entropy = block.forward_infer(x, gate, layer, batch)
-            operators[:, layer] = operator
-            if entropy is not None:
-                entropies[:, layer] = entropy
-        return x, operators, entropies
+    def set_kernels(self, choice: str) -> None:
+        """Kernels of the inference path: "auto" (native where they can run), "native" or "eager"."""
+        self._kernel_choice = choice
+        self._kernels = choose_kernels(self, choice) if choice != "auto" else None
 
-    def _account(self, batch: InferBatch, operator: Tensor, cache_after: list[list[int] | None] | None,
-                 heads: list[float], tokens: list[float], pairs: list[float]) -> tuple[fl.FlopCount, Tensor]:
-        """FLOPs of the call from its routing (executed, dense equivalent, per sequence) and the [L, 4] counts.
-        heads / tokens / pairs per sequence: logits computed, new tokens, and full causal (query, key) pairs."""
+    @property
+    def kernels(self) -> Kernels:
+        if self._kernels is None:
+            self._kernels = choose_kernels(self, self._kernel_choice)
+        return self._kernels
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_kernels"] = None  # packed weights are rebuilt where the copy runs (deepcopy, pickling)
+        return state
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self._kernels = None  # a new dtype or device may change which kernels can run
+        return super()._apply(fn, recurse)
+
+    def attention_layers(self) -> int:
+        """Layers that hold a KV cache."""
+        return sum(1 for block in self.blocks if block.has_attention)
+
+    def kv_bytes_per_token(self) -> int:
+        """K+V bytes one token adds when it attends in every attention layer."""
         cfg = self.config
-        counts = routing_counts(operator, batch.batch_idx, batch.batch_size)
-        flops, per_sequence = executed_flops(self.blocks, counts.tolist(), cache_after, self.metarouter is not None)
-        head = fl.lm_head_flops(cfg.d_model, cfg.vocab_size, 1)
-        flops.lm_head = head * sum(heads)
-        flops.dense_per_layer = self._dense_per_layer(int(sum(tokens)), sum(pairs))
-        flops.per_sequence_executed = [executed + head * h for executed, h in zip(per_sequence, heads)]
-        flops.per_sequence_dense = [cfg.n_layers * (fl.attention_flops(cfg.d_model, t, p) + fl.ffn_flops(cfg.d_model, cfg.d_ff, t))  # type: ignore[arg-type]
-                                    + head * h for t, p, h in zip(tokens, pairs, heads)]
-        return flops, counts.sum(0)
+        return self.attention_layers() * 2 * cfg.d_model * next(self.parameters()).element_size()
 
-    @staticmethod
-    def _cache_lengths(state: DecodeState) -> list[list[int] | None]:
-        return [None if layer is None else layer.lengths.tolist() for layer in state.layers]
+    def new_cache(self, rows: int, tokens_per_row: int, growable: bool = True) -> PagedKVCache:
+        return PagedKVCache.for_model(self, rows=rows, tokens_per_row=tokens_per_row, growable=growable)
 
+    @torch.no_grad()
+    def forward_step(self, batch: TokenBatch, cache: PagedKVCache) -> StepOutput:
+        """The one inference forward: flat tokens continuing any rows of `cache` (prompt chunks, decode
+        tokens, scoring windows together), hard-gated, each operator only on the tokens routed to it.
+        Extends the cache in place and returns the logits at `batch.logits_at` and every token's routing."""
+        cfg = self.config
+        n = len(batch)
+        if n == 0:
+            raise ValueError("batch: no tokens")
+        for row, count in batch.spans:
+            if cache.positions[row] + count > cfg.max_seq_len:
+                raise ValueError(f"row {row}: {cache.positions[row]} + {count} tokens exceed max_seq_len {cfg.max_seq_len}")
+        kernels = self.kernels
+        kernels.refresh()
+        cache.reserve(cache.blocks_needed([count for _, count in batch.spans], self.attention_layers()))
+        x = self.embed(batch.tokens)
+        gate = None if self.metarouter is None else kernels.gate(self.metarouter, x, batch.rows, batch.positions, cache)
+        layers = cfg.n_layers
+        ctx = StepContext(kernels, cache, batch.rows, batch.positions, gate,
+                          operator=torch.empty((layers, n), dtype=torch.int8, device=x.device),
+                          entropy=torch.full((layers, n), float("nan"), dtype=spectral_dtype(x.dtype), device=x.device),
+                          keys_seen=torch.zeros((layers, n), dtype=torch.int32, device=x.device),
+                          counts=[[0] * len(Operator) for _ in range(layers)])
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_step(x, ctx, layer)
+        for row, count in batch.spans:
+            cache.positions[row] += count
+        h = x if batch.logits_at is None else x.index_select(0, batch.logits_at)
+        logits = kernels.logits(self, h) if h.shape[0] else x.new_zeros((0, cfg.vocab_size))
+        return StepOutput(logits, ctx.operator.T, ctx.entropy.T, gate, ctx.counts, ctx.keys_seen.T)
+
+    # ------------------------------------------------------------------ the batch-shaped API (tests, eval, generate)
     @torch.no_grad()
     def infer(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> ModelOutput:
-        """Hard-gated inference: each operator runs only on the tokens routed to it."""
-        return self._prefill(input_ids, attention_mask, collect_kv=False, all_logits=True)[0]
+        """Hard-gated inference of a right-padded batch: logits at every position [B, T, V]."""
+        output, state = self.prefill(input_ids, attention_mask, all_logits=True)
+        state.release()
+        return output
 
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                all_logits: bool = False, skip_logits: bool = False) -> tuple[ModelOutput, DecodeState]:
-        """`infer` plus the KV cache to continue from. Logits only at each sequence's last token
-        ([B, 1, V]) unless all_logits; none ([B, 0, V]) with skip_logits (a chunk more will follow)."""
-        output, state = self._prefill(input_ids, attention_mask, collect_kv=True, all_logits=all_logits, skip_logits=skip_logits)
-        assert state is not None
-        return output, state
-
-    def _prefill(self, input_ids: Tensor, attention_mask: Tensor | None, collect_kv: bool,
-                 all_logits: bool, skip_logits: bool = False) -> tuple[ModelOutput, DecodeState | None]:
-        cfg = self.config
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, all_logits: bool = False,
+                skip_logits: bool = False, cache: PagedKVCache | None = None) -> tuple[ModelOutput, DecodeState]:
+        """`infer` that keeps each sequence's cache (new rows of `cache`, or of a new cache). Logits at
+        each sequence's last token ([B, 1, V]) unless all_logits; none ([B, 0, V]) with skip_logits."""
         valid = self._check_inputs(input_ids, attention_mask)
-        batch, seq = input_ids.shape
-        dense = attention_mask is None or bool(valid.all())  # no padding: flat order is [B, T] order
-        batch_idx, positions = valid.nonzero(as_tuple=True)
-        embeddings = self.embed(input_ids)
-        x = embeddings.view(batch * seq, -1) if dense else embeddings[batch_idx, positions]
-        gate_full = self.metarouter(embeddings) if self.metarouter is not None else None
-        gate = None if gate_full is None else gate_full.reshape(-1) if dense else gate_full[batch_idx, positions]
-        run = InferBatch(batch_idx, positions, batch, cfg.n_layers, None, collect_kv)
-        x, operator, entropy = self._run_blocks(x, gate, run)
-        lengths = valid.sum(1)
-        if skip_logits:
-            logits = x.new_zeros((batch, 0, cfg.vocab_size))
-        elif all_logits and dense:
-            logits = self.lm_head(self.final_norm(x)).view(batch, seq, cfg.vocab_size)
-        elif all_logits:
-            logits = x.new_zeros((batch, seq, cfg.vocab_size))
-            logits[batch_idx, positions] = self.lm_head(self.final_norm(x))
-        else:
-            last = torch.cumsum(lengths, 0) - 1  # flat index of each sequence's last token
-            logits = self.lm_head(self.final_norm(x[last])).unsqueeze(1)
-        tokens = [float(n) for n in lengths.tolist()]
-        heads = [0.0] * batch if skip_logits else tokens if all_logits else [1.0] * batch
-        flops, counts = self._account(run, operator, None, heads, tokens, [t * (t + 1) / 2 for t in tokens])
-        if dense:
-            op_full, ent_full = operator.view(batch, seq, -1), entropy.view(batch, seq, -1)
-        else:
-            op_full = torch.full((batch, seq, cfg.n_layers), PAD, dtype=torch.int8, device=x.device)
-            op_full[batch_idx, positions] = operator
-            ent_full = torch.full((batch, seq, cfg.n_layers), float("nan"), dtype=entropy.dtype, device=x.device)
-            ent_full[batch_idx, positions] = entropy
-        gate_out = gate_full.masked_fill(~valid, float("nan")) if gate_full is not None else torch.full((batch, seq), float("nan"), device=x.device)
-        output = ModelOutput(logits, RoutingInfo(op_full, ent_full, gate_out, counts), flops)
-        state = None
-        if collect_kv:
-            embed_sum = (embeddings * valid.unsqueeze(-1).to(embeddings.dtype)).sum(1)
-            state = DecodeState(run.kv, lengths.clone(), embed_sum)
-        return output, state
+        batch, width = input_ids.shape
+        lengths = valid.sum(1).tolist()
+        cache = cache if cache is not None else self.new_cache(batch, max(lengths) + BLOCK)
+        rows = [cache.allocate() for _ in range(batch)]
+        ids = input_ids.tolist()
+        ends = list(itertools.accumulate(lengths))
+        wanted = [] if skip_logits else None if all_logits else [end - 1 for end in ends]
+        step = TokenBatch.build(cache, [(row, ids[b][: lengths[b]]) for b, row in enumerate(rows)], wanted, input_ids.device)
+        out = self.forward_step(step, cache)
+        heads = [0] * batch if skip_logits else lengths if all_logits else [1] * batch
+        shape = "none" if skip_logits else "all" if all_logits else "last"
+        return assemble(self, out, lengths, [0] * batch, heads, width, shape), DecodeState(cache, rows)
+
+    @torch.no_grad()
+    def extend(self, tokens: Tensor, state: DecodeState, all_logits: bool = False, skip_logits: bool = False) -> ModelOutput:
+        """Continue the one sequence of `state` by the n tokens `tokens` [n] (chunked prefill); equal to
+        prefilling the whole sequence at once. Logits [1, n, V] (all_logits), [1, 1, V] or [1, 0, V]."""
+        if len(state) != 1:
+            raise ValueError(f"state: extend continues one sequence, got {len(state)}")
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(f"tokens: expected a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+        self._check_tokens(tokens)
+        (row,) = state.rows
+        n, start = tokens.numel(), state.cache.positions[row]
+        if start + n > self.config.max_seq_len:
+            raise ValueError(f"tokens: {start} + {n} tokens exceed max_seq_len {self.config.max_seq_len}")
+        wanted = [] if skip_logits else None if all_logits else [n - 1]
+        out = self.forward_step(TokenBatch.build(state.cache, [(row, tokens.tolist())], wanted, tokens.device), state.cache)
+        shape = "none" if skip_logits else "all" if all_logits else "last"
+        return assemble(self, out, [n], [start], [0 if skip_logits else n if all_logits else 1], n, shape)
 
     @torch.no_grad()
     def decode_step(self, tokens: Tensor, state: DecodeState) -> ModelOutput:
         """One new token per sequence of `state` (tokens [B]); extends the cache in place.
         Returns logits [B, 1, V] and the routing of these tokens."""
-        cfg = self.config
         batch = len(state)
         if tokens.shape != (batch,):
             raise ValueError(f"tokens: expected shape ({batch},), got {tuple(tokens.shape)}")
-        longest = int(state.lengths.max())
-        if longest >= cfg.max_seq_len:
-            raise ValueError(f"state: a sequence reached max_seq_len {cfg.max_seq_len}")
+        starts = [state.cache.positions[row] for row in state.rows]
+        if max(starts) >= self.config.max_seq_len:
+            raise ValueError(f"state: a sequence reached max_seq_len {self.config.max_seq_len}")
         self._check_tokens(tokens)
-        state.reserve_step(longest)  # once per step, so no layer reads lengths back to grow its cache
-        x = self.embed(tokens)
-        positions = state.lengths.clone()
-        gate = None
-        state.embed_sum.add_(x)
-        if self.metarouter is not None:
-            gate = self.metarouter.gate_from_mean(state.embed_sum / (positions + 1).unsqueeze(-1).to(x.dtype))
-        run = InferBatch(torch.arange(batch, device=tokens.device), positions, batch, cfg.n_layers, state, collect_kv=False)
-        x, operator, entropy = self._run_blocks(x, gate, run)
-        state.lengths.add_(1)
-        logits = self.lm_head(self.final_norm(x)).unsqueeze(1)
-        ones = [1.0] * batch
-        flops, counts = self._account(run, operator, self._cache_lengths(state), ones, ones, [float(n) for n in state.lengths.tolist()])
-        gate_out = gate.unsqueeze(1) if gate is not None else torch.full((batch, 1), float("nan"), device=x.device)
-        return ModelOutput(logits, RoutingInfo(operator.unsqueeze(1), entropy.unsqueeze(1), gate_out, counts), flops)
-
-    @torch.no_grad()
-    def extend(self, tokens: Tensor, state: DecodeState, all_logits: bool = False, skip_logits: bool = False) -> ModelOutput:
-        """Continue the one sequence of `state` by the n tokens `tokens` [n] in one call (chunked
-        prefill); extends the cache in place. Equal to prefilling the whole sequence at once.
-        Returns logits [1, n, V] (all_logits), [1, 1, V] (the last token) or [1, 0, V] (skip_logits)."""
-        cfg = self.config
-        if len(state) != 1:
-            raise ValueError(f"state: extend continues one sequence, got {len(state)}")
-        if tokens.dim() != 1 or tokens.numel() == 0:
-            raise ValueError(f"tokens: expected a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
-        n = tokens.numel()
-        start = int(state.lengths[0])
-        if start + n > cfg.max_seq_len:
-            raise ValueError(f"tokens: {start} + {n} tokens exceed max_seq_len {cfg.max_seq_len}")
-        self._check_tokens(tokens)
-        x = self.embed(tokens)
-        positions = start + torch.arange(n, device=tokens.device)
-        gate = None
-        if self.metarouter is not None:
-            running = state.embed_sum[0] + x.cumsum(0)
-            gate = self.metarouter.gate_from_mean(running / (positions + 1).unsqueeze(-1).to(x.dtype))
-        state.embed_sum[0].add_(x.sum(0))
-        run = InferBatch(torch.zeros(n, dtype=torch.long, device=tokens.device), positions, 1, cfg.n_layers, state,
-                         collect_kv=False, extend=True)
-        x, operator, entropy = self._run_blocks(x, gate, run)
-        state.lengths[0] += n
-        if skip_logits:
-            logits = x.new_zeros((1, 0, cfg.vocab_size))
-        else:
-            logits = self.lm_head(self.final_norm(x if all_logits else x[-1:])).unsqueeze(0)
-        heads = [0.0] if skip_logits else [float(n)] if all_logits else [1.0]
-        flops, counts = self._account(run, operator, self._cache_lengths(state), heads, [float(n)], [n * start + n * (n + 1) / 2])
-        gate_out = gate.unsqueeze(0) if gate is not None else torch.full((1, n), float("nan"), device=x.device)
-        return ModelOutput(logits, RoutingInfo(operator.unsqueeze(0), entropy.unsqueeze(0), gate_out, counts), flops)
+        step = TokenBatch.build(state.cache, [(row, [t]) for row, t in zip(state.rows, tokens.tolist())], None, tokens.device)
+        out = self.forward_step(step, state.cache)
+        return assemble(self, out, [1] * batch, starts, [1] * batch, 1, "all")

@@ -1,239 +1,208 @@
-"""KV cache that, in routing layers, holds only the attention-routed tokens of each sequence.
+"""The routed KV cache: one pool of fixed-size blocks shared by every attention layer.
 
-One `LayerKV` per attention-capable layer: keys/values [rows, H, capacity, hd] packed per sequence
-in token order, and `lengths` [rows] = entries used. The buffers are over-allocated on both axes
-and grow geometrically, so a serving engine can add sequences (`DecodeState.add`) and drop them
-(`DecodeState.remove`) in place: the cost of an admission or a finish is the rows it touches, not a
-copy of the whole running cache. The memory a sequence holds follows the tokens that actually
-attended, not the sequence length.
+A sequence holds a *row*: per attention layer a block table and an entry count, plus its position
+(tokens seen) and the running embedding sum of the MetaRouter. In a routing layer a token takes a
+cache entry only if it was routed to attention, so each layer of a row fills at its own pace and
+takes blocks only for the tokens that attended. Blocks come from a free stack when a layer's entry
+count crosses a block boundary (the attention kernel pops them, see `model.kernels`), and go back
+when the row is freed; rows are allocated and freed in any order, so admitting or finishing a
+request touches only its own blocks (vLLM's paged cache, per layer because routing is per layer).
+
+The pool is allocated uninitialised: a block costs resident memory only once a token is written
+into it, and the free stack hands out recently freed blocks first.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-
-def _grown(size: int, needed: int) -> int:
-    return max(needed, int(size * 1.5) + 16)
+BLOCK = 16  # entries per block; a multiple of the kernels' 8 lanes
 
 
-class LiveRows:
-    """The first `rows` rows of an over-allocated buffer attribute: a view, and assigning writes into it."""
+@dataclass
+class CacheSnapshot:
+    """Everything a failed forward could have advanced in some rows (see `restore`)."""
 
-    def __init__(self, buffer: str, doc: str) -> None:
-        self.buffer, self.__doc__ = buffer, doc
+    rows: list[int]
+    lengths: Tensor
+    positions: list[int]
+    embed_sum: Tensor
+    free_top: int
+    n_blocks: int
+    tables: Tensor
 
-    def __get__(self, obj: object, owner: type | None = None) -> Tensor:
-        return getattr(obj, self.buffer)[: obj.rows]  # type: ignore[attr-defined]
 
-    def __set__(self, obj: object, value: Tensor) -> None:
-        getattr(obj, self.buffer)[: obj.rows] = value  # type: ignore[attr-defined]
+class PagedKVCache:
+    """Blocks of K/V entries [blocks, heads, BLOCK, head_dim], block tables [rows, layers, max_blocks]
+    (int32, -1 = none), entries per (row, layer), and per row its position and embedding sum."""
 
+    def __init__(self, n_layers: int, n_heads: int, head_dim: int, d_model: int, max_seq_len: int, *, blocks: int, rows: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", growable: bool = True) -> None:
+        self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, head_dim
+        self.max_blocks = math.ceil(max_seq_len / BLOCK)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.growable = growable
+        self.keys = torch.empty((blocks, n_heads, BLOCK, head_dim), dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.free_stack = torch.arange(blocks - 1, -1, -1, dtype=torch.int32)  # pops block 0 first
+        self.free_top = torch.tensor([blocks], dtype=torch.int64)
+        self.tables = torch.full((rows, n_layers, self.max_blocks), -1, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros((rows, n_layers), dtype=torch.int32, device=device)
+        self.embed_sum = torch.zeros((rows, d_model), dtype=dtype, device=device)
+        self.positions: list[int] = [0] * rows  # tokens each row has seen (host copy: no device read to plan a step)
+        self._free_rows = list(range(rows - 1, -1, -1))
+        self.n_rows_used = 0
 
-class LayerKV:
-    """One layer's cache: the first `rows` rows of the buffers are live sequences."""
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, *, rows: int, tokens_per_row: int, growable: bool = True) -> PagedKVCache:
+        """A cache for `rows` sequences of about `tokens_per_row` tokens each (it grows if allowed)."""
+        cfg = model.config
+        param = next(model.parameters())
+        blocks = rows * model.attention_layers() * math.ceil(max(tokens_per_row, 1) / BLOCK)
+        return cls(cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.d_model, cfg.max_seq_len, blocks=max(blocks, 1), rows=rows,
+                   dtype=param.dtype, device=param.device, growable=growable)
 
-    keys = LiveRows("_k", "[rows, H, capacity, hd], roped at true positions (entries past each length are garbage)")
-    values = LiveRows("_v", "[rows, H, capacity, hd]")
-    lengths = LiveRows("_len", "[rows] long, a view: in-place updates reach the cache")
-
-    def __init__(self, keys: Tensor, values: Tensor, lengths: Tensor) -> None:
-        self._k, self._v, self._len = keys, values, lengths
-        self.rows = keys.shape[0]
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_blocks(self) -> int:
+        return self.keys.shape[0]
 
     @property
-    def capacity(self) -> int:
-        return self._k.shape[2]
+    def free_blocks(self) -> int:
+        return int(self.free_top[0])
 
-    def reserve(self, rows: int, capacity: int) -> None:
-        """Make room for `rows` sequences of `capacity` entries (geometric growth; data kept)."""
-        r_alloc, _, c_alloc, _ = self._k.shape
-        if rows <= r_alloc and capacity <= c_alloc:
-            return
-        new_r = r_alloc if rows <= r_alloc else _grown(r_alloc, rows)
-        new_c = c_alloc if capacity <= c_alloc else _grown(c_alloc, capacity)
-        keys = self._k.new_zeros((new_r, self._k.shape[1], new_c, self._k.shape[3]))
-        values = torch.zeros_like(keys)
-        keys[: self.rows, :, :c_alloc] = self._k[: self.rows]
-        values[: self.rows, :, :c_alloc] = self._v[: self.rows]
-        lengths = self._len.new_zeros(new_r)
-        lengths[: self.rows] = self._len[: self.rows]
-        self._k, self._v, self._len = keys, values, lengths
+    @property
+    def block_bytes(self) -> int:
+        return 2 * self.n_heads * BLOCK * self.head_dim * self.keys.element_size()
 
-    def append(self, seq_idx: Tensor, keys: Tensor, values: Tensor, reserved: bool = False) -> None:
-        """Write one entry ([n, H, 1, hd]) at the end of each selected sequence's cache.
+    def row_blocks(self, row: int) -> int:
+        """Blocks row `row` holds, over all layers."""
+        return sum(math.ceil(n / BLOCK) for n in self.lengths[row].tolist())
 
-        reserved: the caller made room already (`DecodeState.reserve_step`), so no host read of
-        the lengths is needed here (decode calls this in every attending layer)."""
-        if seq_idx.numel() == 0:
-            return
-        slots = self.lengths[seq_idx]
-        if not reserved:
-            self.reserve(self.rows, int(slots.max()) + 1)
-        self._k[seq_idx, :, slots] = keys[:, :, 0]
-        self._v[seq_idx, :, slots] = values[:, :, 0]
-        self._len[seq_idx] += 1
+    def used_bytes(self) -> int:
+        return (self.n_blocks - self.free_blocks) * self.block_bytes
 
-    def extend_row(self, row: int, keys: Tensor, values: Tensor) -> int:
-        """Write n entries ([H, n, hd]) after row `row`'s cache; returns the length before."""
-        start = int(self._len[row])
-        n = keys.shape[1]
-        self.reserve(self.rows, start + n)
-        self._k[row, :, start: start + n] = keys
-        self._v[row, :, start: start + n] = values
-        self._len[row] += n
-        return start
+    def entry_bytes(self, rows: list[int] | None = None) -> int:
+        """Bytes of the K/V entries the rows hold (all rows in use by default); blocks round this up."""
+        lengths = self.lengths if rows is None else self.lengths[rows]
+        return int(lengths.sum()) * self.block_bytes // BLOCK
 
-    def add(self, other: LayerKV) -> None:
-        """Append other's sequences as new rows (in place)."""
-        n, span = other.rows, int(other.lengths.max()) if other.rows else 0
-        self.reserve(self.rows + n, span)
-        self._k[self.rows: self.rows + n, :, :span] = other.keys[:, :, :span]
-        self._v[self.rows: self.rows + n, :, :span] = other.values[:, :, :span]
-        self._len[self.rows: self.rows + n] = other.lengths
-        self.rows += n
+    # ------------------------------------------------------------------ rows
+    def allocate(self) -> int:
+        """A free row, empty (position 0)."""
+        if not self._free_rows:
+            self._grow_rows(max(2 * self.tables.shape[0], 4))
+        self.n_rows_used += 1
+        return self._free_rows.pop()
 
-    def move(self, moves: list[tuple[int, int]], rows: int) -> None:
-        """Copy row src to row dst for each (src, dst), then keep the first `rows` rows."""
-        if moves:
-            src = torch.tensor([s for s, _ in moves], device=self._len.device)
-            dst = torch.tensor([d for _, d in moves], device=self._len.device)
-            span = int(self._len[src].max())
-            self._k[dst, :, :span] = self._k[src, :, :span]
-            self._v[dst, :, :span] = self._v[src, :, :span]
-            self._len[dst] = self._len[src]
-        self.rows = rows
+    def free(self, row: int) -> None:
+        """Give the row's blocks back and make the row available."""
+        held = [self.tables[row, layer, : math.ceil(n / BLOCK)] for layer, n in enumerate(self.lengths[row].tolist()) if n]
+        if held:
+            ids = torch.cat(held).to(self.free_stack.device)
+            top = self.free_blocks
+            self.free_stack[top: top + ids.numel()] = ids
+            self.free_top[0] = top + ids.numel()
+        self.tables[row] = -1
+        self.lengths[row] = 0
+        self.embed_sum[row] = 0
+        self.positions[row] = 0
+        self._free_rows.append(row)
+        self.n_rows_used -= 1
 
-    def select(self, index: Tensor) -> LayerKV:
-        """A compact copy of the sequences at `index`."""
-        lengths = self.lengths[index]
-        span = int(lengths.max()) if lengths.numel() else 0
-        return LayerKV(self.keys[index, :, :span].clone(), self.values[index, :, :span].clone(), lengths.clone())
+    def _grow_rows(self, rows: int) -> None:
+        old = self.tables.shape[0]
+        self.tables = torch.cat([self.tables, self.tables.new_full((rows - old, *self.tables.shape[1:]), -1)])
+        self.lengths = torch.cat([self.lengths, self.lengths.new_zeros((rows - old, self.n_layers))])
+        self.embed_sum = torch.cat([self.embed_sum, self.embed_sum.new_zeros((rows - old, self.embed_sum.shape[1]))])
+        self.positions += [0] * (rows - old)
+        self._free_rows = list(range(rows - 1, old - 1, -1)) + self._free_rows
 
+    # ------------------------------------------------------------------ blocks
     @staticmethod
-    def concat(parts: list[LayerKV]) -> LayerKV:
-        span = max(p.capacity for p in parts)
-        keys = torch.cat([torch.nn.functional.pad(p.keys, (0, 0, 0, span - p.capacity)) for p in parts])
-        values = torch.cat([torch.nn.functional.pad(p.values, (0, 0, 0, span - p.capacity)) for p in parts])
-        return LayerKV(keys, values, torch.cat([p.lengths for p in parts]))
+    def blocks_needed(new_tokens: list[int], attention_layers: int) -> int:
+        """At most how many blocks a step that adds `new_tokens[i]` tokens to row i can take."""
+        return attention_layers * sum(math.ceil(n / BLOCK) + 1 for n in new_tokens if n)
 
-    def used_bytes(self) -> Tensor:
-        """Bytes of K and V entries each sequence holds, [rows]."""
-        per_entry = 2 * self._k.shape[1] * self._k.shape[3] * self._k.element_size()
-        return self.lengths * per_entry
+    def reserve(self, blocks: int) -> None:
+        """Make sure `blocks` blocks are free (grow the pool if allowed, else raise)."""
+        if blocks <= self.free_blocks:
+            return
+        if not self.growable:
+            raise RuntimeError(f"KV cache: {blocks} free blocks needed, {self.free_blocks} left")
+        old = self.n_blocks
+        new = max(2 * old, old + blocks - self.free_blocks)
+        keys = torch.empty((new, *self.keys.shape[1:]), dtype=self.dtype, device=self.device)
+        values = torch.empty_like(keys)
+        keys[:old], values[:old] = self.keys, self.values
+        self.keys, self.values = keys, values
+        top = self.free_blocks
+        stack = torch.empty(new, dtype=torch.int32)
+        stack[:top] = self.free_stack[:top]
+        stack[top: top + new - old] = torch.arange(new - 1, old - 1, -1, dtype=torch.int32)
+        self.free_stack = stack
+        self.free_top[0] = top + new - old
 
-    def allocated_bytes(self) -> int:
-        return self._k.nbytes + self._v.nbytes
+    # ------------------------------------------------------------------ undo
+    def snapshot(self, rows: list[int]) -> CacheSnapshot:
+        """Cheap copy of what a forward over `rows` can change (entries past restored lengths are ignored)."""
+        return CacheSnapshot(list(rows), self.lengths[rows].clone(), [self.positions[r] for r in rows], self.embed_sum[rows].clone(),
+                             self.free_blocks, self.n_blocks, self.tables[rows].clone())
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Undo a partly applied forward: lengths, positions, sums, and the blocks it took."""
+        self.lengths[snap.rows] = snap.lengths
+        self.embed_sum[snap.rows] = snap.embed_sum
+        self.tables[snap.rows] = snap.tables
+        for row, position in zip(snap.rows, snap.positions):
+            self.positions[row] = position
+        # blocks popped since are free again (their ids are still in the stack); a pool grown since (only
+        # ever at the start of a forward, before any pop) pushed its new blocks on top
+        self.free_top[0] = snap.free_top + self.n_blocks - snap.n_blocks
+
+    # ------------------------------------------------------------------ reading (eager kernels, tests)
+    def gather(self, row: int, layer: int, n: int) -> tuple[Tensor, Tensor]:
+        """The first n entries of a row in a layer, as keys and values [heads, n, head_dim]."""
+        blocks = self.tables[row, layer, : math.ceil(n / BLOCK)].long()
+        keys = self.keys[blocks].permute(1, 0, 2, 3).reshape(self.n_heads, -1, self.head_dim)[:, :n]
+        values = self.values[blocks].permute(1, 0, 2, 3).reshape(self.n_heads, -1, self.head_dim)[:, :n]
+        return keys, values
 
 
+@dataclass
 class DecodeState:
-    """Everything a batch of sequences needs to continue decoding.
+    """Sequences of a cache in batch order: what `ChiarLM.prefill` returns and `decode_step` continues."""
 
-    `layers[l]` is None for layers without attention (L1 of CHIAR). `embed_sum` is the running sum
-    of token embeddings that the MetaRouter's causal mean needs. Row b of every tensor is sequence b.
-    """
-
-    lengths = LiveRows("_len", "[B] tokens so far (the next token's position); a view")
-    embed_sum = LiveRows("_sum", "[B, d] running sum of token embeddings; a view")
-
-    def __init__(self, layers: list[LayerKV | None], lengths: Tensor, embed_sum: Tensor) -> None:
-        self.layers = layers
-        self._len, self._sum = lengths, embed_sum
-        self.rows = lengths.shape[0]
-
+    cache: PagedKVCache
+    rows: list[int]
 
     def __len__(self) -> int:
-        return self.rows
+        return len(self.rows)
 
-    def select(self, index: list[int] | Tensor) -> DecodeState:
-        """A compact copy holding only the sequences at `index` (in that order)."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self._len.device)
-        return DecodeState(
-            [None if layer is None else layer.select(index) for layer in self.layers],
-            self.lengths[index].clone(),
-            self.embed_sum[index].clone(),
-        )
+    @property
+    def lengths(self) -> Tensor:
+        """Tokens each sequence has seen, [B]."""
+        return torch.tensor([self.cache.positions[row] for row in self.rows])
 
-    @staticmethod
-    def concat(states: list[DecodeState]) -> DecodeState:
-        """A new state joining batches (copies); engines use `add` instead."""
-        states = [s for s in states if len(s)]
-        if not states:
-            raise ValueError("states: nothing to concatenate")
-        if len(states) == 1:
-            return states[0]
-        layers: list[LayerKV | None] = []
-        for per_layer in zip(*(s.layers for s in states)):
-            layers.append(None if per_layer[0] is None else LayerKV.concat(list(per_layer)))
-        return DecodeState(layers, torch.cat([s.lengths for s in states]), torch.cat([s.embed_sum for s in states]))
+    @property
+    def embed_sum(self) -> Tensor:
+        return self.cache.embed_sum[self.rows]
 
-    def add(self, other: DecodeState) -> None:
-        """Append other's sequences as new rows, in place; touches only those rows."""
-        n = len(other)
-        if self.rows + n > self._len.shape[0]:
-            size = _grown(self._len.shape[0], self.rows + n)
-            lengths = self._len.new_zeros(size)
-            lengths[: self.rows] = self.lengths
-            embed_sum = self._sum.new_zeros((size, self._sum.shape[1]))
-            embed_sum[: self.rows] = self.embed_sum
-            self._len, self._sum = lengths, embed_sum
-        self._len[self.rows: self.rows + n] = other.lengths
-        self._sum[self.rows: self.rows + n] = other.embed_sum
-        for mine, theirs in zip(self.layers, other.layers):
-            if mine is not None and theirs is not None:
-                mine.add(theirs)
-        self.rows += n
+    def select(self, index: list[int]) -> DecodeState:
+        """The sequences at `index` (same cache; the others keep their rows until released)."""
+        return DecodeState(self.cache, [self.rows[i] for i in index])
 
-    def remove(self, drop: list[int]) -> list[int]:
-        """Drop the rows in `drop` in place by moving tail rows into the holes.
-
-        Returns the new row order as old row indices (row i now holds what was row order[i])."""
-        dropped = set(drop)
-        keep = [r for r in range(self.rows) if r not in dropped]
-        n = len(keep)
-        holes = sorted(r for r in dropped if r < n)
-        tail = [r for r in range(n, self.rows) if r not in dropped]
-        moves = list(zip(tail, holes))
-        order = list(range(n))
-        for src, dst in moves:
-            order[dst] = src
-        if moves:
-            src = torch.tensor([s for s, _ in moves], device=self._len.device)
-            dst = torch.tensor([d for _, d in moves], device=self._len.device)
-            self._len[dst] = self._len[src]
-            self._sum[dst] = self._sum[src]
-        for layer in self.layers:
-            if layer is not None:
-                layer.move(moves, n)
-        self.rows = n
-        return order
-
-    def reserve_step(self, longest: int) -> None:
-        """Room for one more entry per sequence in every layer, given the longest sequence so far
-        (a layer's cache never holds more entries than its sequence has tokens)."""
-        for layer in self.layers:
-            if layer is not None:
-                layer.reserve(layer.rows, longest + 1)
-
-    def snapshot(self) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-        """Cheap copy of everything a failed step could have advanced (see `restore`)."""
-        return (self.lengths.clone(), self.embed_sum.clone(),
-                [None if layer is None else layer.lengths.clone() for layer in self.layers])
-
-    def restore(self, snap: tuple[Tensor, Tensor, list[Tensor | None]]) -> None:
-        """Undo a partly applied step: entries past the restored lengths are ignored and overwritten."""
-        lengths, embed_sum, layer_lengths = snap
-        self.lengths.copy_(lengths)
-        self.embed_sum.copy_(embed_sum)
-        for layer, saved in zip(self.layers, layer_lengths):
-            if layer is not None and saved is not None:
-                layer.lengths.copy_(saved)
+    def release(self) -> None:
+        """Free every row of this state."""
+        for row in self.rows:
+            self.cache.free(row)
+        self.rows = []
 
     def kv_cache_bytes(self) -> Tensor:
-        """K/V bytes held per sequence, [B] (entries actually used, all layers)."""
-        total = torch.zeros_like(self.lengths)
-        for layer in self.layers:
-            if layer is not None:
-                total += layer.used_bytes()
-        return total
+        """K/V bytes each sequence's entries take, [B] (entries actually written, all layers)."""
+        per_entry = self.cache.block_bytes // BLOCK
+        return self.cache.lengths[self.rows].sum(1).long() * per_entry

@@ -37,7 +37,8 @@ class SpectralRouter(nn.Module):
 
     Router interface (shared with `ThreeWayRouter`): `operators`, the operators it chooses between;
     `decide(u, entropy)`, the hard choice both forward paths run; `probabilities(u, entropy)`, the
-    soft weights over `operators` the reference path blends with.
+    soft weights over `operators` the reference path blends with; `entropy_threshold()`, the tau of a
+    decision that is a threshold on the entropy alone (the native kernels then decide it), else None.
     """
 
     operators = (Operator.DCT, Operator.ATTENTION)
@@ -56,6 +57,12 @@ class SpectralRouter(nn.Module):
         """Operator id per token (int8): ATTENTION where H >= tau, else DCT."""
         del u  # the entropy alone decides
         return torch.where(entropy >= self.threshold.to(entropy.dtype), int(Operator.ATTENTION), int(Operator.DCT)).to(torch.int8)
+
+    def entropy_threshold(self) -> float | None:
+        return float(self.threshold)
+
+    def projection(self) -> nn.Linear | None:
+        return None
 
     def probabilities(self, u: Tensor, entropy: Tensor) -> Tensor:
         """[..., 2] soft weights over `operators` (DCT, attention)."""
@@ -87,17 +94,24 @@ class ThreeWayRouter(nn.Module):
         for p in self.proj.parameters():
             p.requires_grad_(learnable)
 
-    def logits(self, u: Tensor, entropy: Tensor) -> Tensor:
-        """u [..., d], entropy [...] -> [..., 3] in THREE_WAY_ORDER."""
+    def logits(self, u: Tensor, entropy: Tensor, projected: Tensor | None = None) -> Tensor:
+        """u [..., d], entropy [...] -> [..., 3] in THREE_WAY_ORDER; `projected`: proj(u) computed elsewhere."""
         band = self.band.to(entropy.dtype)
         temperature = self.log_temperature.exp().to(entropy.dtype)
         prior = torch.stack([(band[0] - entropy) / temperature, torch.zeros_like(entropy), (entropy - band[1]) / temperature], -1)
-        return self.proj(u).to(entropy.dtype) + prior
+        return (self.proj(u) if projected is None else projected).to(entropy.dtype) + prior
 
-    def decide(self, u: Tensor, entropy: Tensor) -> Tensor:
+    def decide(self, u: Tensor, entropy: Tensor, projected: Tensor | None = None) -> Tensor:
         """Operator id per token (int8): the argmax of the logits."""
         ids = torch.tensor([int(op) for op in THREE_WAY_ORDER], dtype=torch.int8, device=u.device)
-        return ids[self.logits(u, entropy).argmax(-1)]
+        return ids[self.logits(u, entropy, projected).argmax(-1)]
+
+    def entropy_threshold(self) -> float | None:
+        return None  # the decision reads u too (the learned projection)
+
+    def projection(self) -> nn.Linear | None:
+        """The learned projection of u the decision adds to the entropy prior."""
+        return self.proj
 
     def probabilities(self, u: Tensor, entropy: Tensor) -> Tensor:
         """[..., 3] softmax of the logits, in THREE_WAY_ORDER."""
@@ -114,9 +128,12 @@ class RBFLayer(nn.Module):
         self.values = nn.Parameter(torch.randn(n_centers, d_model) * 0.02)
 
     def forward(self, x: Tensor) -> Tensor:
-        sq_dist = (x.square().sum(-1, keepdim=True) - 2 * x @ self.centers.T + self.centers.square().sum(-1)).clamp_min(0)
-        weights = torch.exp(-sq_dist / (2 * torch.exp(2 * self.log_scale)))
-        return weights @ self.values
+        return self.weights(x, x @ self.centers.T) @ self.values
+
+    def weights(self, x: Tensor, cross: Tensor) -> Tensor:
+        """The radial weights of each token, given cross = x @ centers^T."""
+        sq_dist = (x.square().sum(-1, keepdim=True) - 2 * cross + self.centers.square().sum(-1)).clamp_min(0)
+        return torch.exp(-sq_dist / (2 * torch.exp(2 * self.log_scale)))
 
 
 Router = SpectralRouter | ThreeWayRouter

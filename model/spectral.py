@@ -64,13 +64,13 @@ class DCTMix(nn.Module):
         self.filter = nn.Parameter(torch.ones(d_model))
         self._folded: tuple[tuple[object, ...], Tensor, Tensor] | None = None
 
-    def _folded_matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    def folded(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """(diag(w) C, C^T diag(w) C): the filter folded into the inverse transform, and the whole
         mix as one d x d matrix. Inference only (no autograd); rebuilt when the filter changes
         (in-place update, `load_state_dict`, `.to()`) or another dtype / device asks."""
         # inference tensors (a model built under inference_mode) carry no version counter
         version = None if self.filter.is_inference() else self.filter._version
-        key = (version, self.filter.data_ptr(), dtype, device)
+        key = (version, self.filter.data_ptr(), dtype, torch.device(device))
         if self._folded is None or self._folded[0] != key:
             with torch.inference_mode(False), torch.no_grad():
                 c = dct_matrix(self.filter.shape[0], device, dtype)
@@ -80,13 +80,13 @@ class DCTMix(nn.Module):
 
     def infer_from_coefficients(self, coefficients: Tensor, out_dtype: torch.dtype) -> Tensor:
         """`from_coefficients` as one matmul (inference path)."""
-        synthesis, _ = self._folded_matrices(coefficients.dtype, coefficients.device)
+        synthesis, _ = self.folded(coefficients.dtype, coefficients.device)
         return (coefficients @ synthesis).to(out_dtype)
 
     def infer(self, x: Tensor) -> Tensor:
         """`forward` as one matmul (inference path: x @ C^T diag(w) C)."""
         dtype = spectral_dtype(x.dtype)
-        _, mix = self._folded_matrices(dtype, x.device)
+        _, mix = self.folded(dtype, x.device)
         return (x.to(dtype) @ mix).to(x.dtype)
 
     def from_coefficients(self, coefficients: Tensor, out_dtype: torch.dtype) -> Tensor:

@@ -4,6 +4,7 @@ import torch
 
 from model import ChiarConfig, ChiarLM
 from model.generate import generate
+from model.kv_cache import DecodeState
 from model.routing import SpectralRouter
 from tests.model.helpers import make_model, tiny_config
 
@@ -81,25 +82,27 @@ def test_kv_cache_holds_only_routed_tokens() -> None:
     ids = torch.randint(0, 61, (1, 30), generator=torch.Generator().manual_seed(5))
     out, state = model.prefill(ids)
     counts = out.routing.counts
-    assert state.layers[0] is None  # L1 has no attention, so no cache
+    entries = state.cache.lengths[state.rows[0]].tolist()
+    assert entries[0] == 0  # L1 has no attention, so no cache
     for layer in (1, 2):
-        assert int(state.layers[layer].lengths[0]) == int(counts[layer, 3])
-    assert int(state.layers[3].lengths[0]) == 30
+        assert entries[layer] == int(counts[layer, 3])
+    assert entries[3] == 30
     baseline = make_model(tiny_config(arch="baseline"), seed=5)
     _, base_state = baseline.prefill(ids)
     assert int(state.kv_cache_bytes()[0]) < int(base_state.kv_cache_bytes()[0])
 
 
-def test_decode_state_select_and_concat() -> None:
+def test_sequences_of_one_cache_decode_together_and_apart() -> None:
     model = make_model(tiny_config(), seed=6)
     a_ids = torch.randint(0, 61, (1, 7))
     b_ids = torch.randint(0, 61, (1, 12))
     _, a_state = model.prefill(a_ids)
-    out_b, b_state = model.prefill(b_ids)
-    joined = type(a_state).concat([a_state, b_state])
+    out_b, b_state = model.prefill(b_ids, cache=a_state.cache)  # a second row of the same cache
+    joined = DecodeState(a_state.cache, a_state.rows + b_state.rows)
     tokens = torch.tensor([5, int(out_b.logits[0, -1].argmax())])
     step = model.decode_step(tokens, joined)
-    alone = model.decode_step(tokens[1:], b_state)
+    _, b_alone = model.prefill(b_ids)
+    alone = model.decode_step(tokens[1:], b_alone)
     torch.testing.assert_close(step.logits[1], alone.logits[0], rtol=0, atol=1e-10)
     kept = joined.select([1])
     again = model.decode_step(torch.tensor([3]), kept)

@@ -97,6 +97,7 @@ def test_the_kv_cache_is_held_in_the_model_dtype(reference: tuple[ChiarLM, torch
     model, ids = reference
     with torch.inference_mode():
         _, state = on(model, device, dtype).prefill(ids[:, :32].to(device))
-    entries = sum(int(layer.lengths.sum()) for layer in state.layers if layer is not None)
+    entries = int(state.cache.lengths[state.rows].sum())
     # K and V, d_model values each, in the model's element size: bf16 halves the float32 cache
+    assert state.cache.keys.dtype == dtype
     assert int(state.kv_cache_bytes().sum()) == entries * 2 * 64 * torch.finfo(dtype).bits // 8

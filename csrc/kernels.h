@@ -1,0 +1,56 @@
+// The native CPU kernels of CHIAR-Former's inference step (bound to Python in bindings.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include "simd.h"
+
+namespace chiar {
+
+// Whether the AVX2 paths run (the CPU has AVX2+FMA and `set_scalar(true)` was not called).
+bool use_avx2();
+void set_scalar(bool scalar);
+
+// ---------------------------------------------------------------- linear.cpp
+struct PackedWeight {
+    torch::Tensor data;  // [P, K, 16] float32 or bfloat16 panels
+    int64_t N = 0;
+    int64_t K = 0;
+    bool bf16 = false;
+};
+
+PackedWeight pack_weight(const torch::Tensor& weight, bool bf16);
+// y[m, :] = (residual[m, :] +) x[m, :] @ W^T for m < M; strides in floats.
+void linear_into(const PackedWeight& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, const float* residual,
+                 int64_t ldr);
+// out[m, j] = silu(h[m, j]) * h[m, F + j]
+void swiglu_into(const float* h, int64_t M, int64_t F, float* out);
+#if CHIAR_X86
+CHIAR_AVX2 void swiglu8_avx2(const float* gate, const float* up, float* out);
+#endif
+
+// ---------------------------------------------------------------- spectral.cpp
+// y = x / sqrt(mean(x^2) + eps) * w, per row
+void rms_norm_into(const float* x, int64_t M, int64_t d, int64_t ldx, const float* w, float eps, float* y);
+// normalised spectral entropy of each row of DCT coefficients
+void entropy_into(const float* coef, int64_t M, int64_t d, float eps, float* out);
+// MetaRouter gate of flat tokens: running sums per cache row (updated in place), causal mean, sigmoid(w . mean + b)
+void gate_into(const float* x, const int64_t* rows, const int64_t* positions, int64_t n, int64_t d, float* embed_sum,
+               const float* w, float b, float* gate);
+
+// ---------------------------------------------------------------- attention.cpp
+struct PagedCache {
+    torch::Tensor keys;       // [blocks, H, B, hd]
+    torch::Tensor values;     // [blocks, H, B, hd]
+    torch::Tensor tables;     // [rows, layers, max_blocks] int32
+    torch::Tensor lengths;    // [rows, layers] int32: entries held per (row, layer)
+    torch::Tensor free_stack; // [blocks] int32: free block ids in [0, free_top)
+    torch::Tensor free_top;   // [1] int64
+};
+
+// Append the roped K/V of flat tokens (qkv [n, 3 H hd]) to their rows' caches in `layer`, then
+// attend each token's query causally over its row's cache; y [n, H hd]. keys_seen[i] = entries token i attended.
+void attend(const torch::Tensor& qkv, const torch::Tensor& rows, const torch::Tensor& positions, int64_t layer, PagedCache& cache,
+            const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& y, torch::Tensor& keys_seen);
+
+}  // namespace chiar

@@ -1,0 +1,244 @@
+"""The operations of one inference step, in two implementations with one interface.
+
+- `EagerKernels`: PyTorch ops on the model's own modules. Any dtype and device; float64 makes it the
+  exactness reference the tests compare against.
+- `NativeKernels`: the csrc/ kernels (float32 on CPU) on prepacked weights: a handful of calls per
+  layer instead of dozens of aten ops, matrix products at memory speed, and every reduction in one
+  fixed order, so a token's result never depends on its batch neighbours or on how its prompt was
+  chunked (batch-invariant by construction; the scalar path gives the same bits as the AVX2 one).
+
+Blocks call these methods; `choose_kernels` picks the implementation for a model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import native as native_lib
+from .kv_cache import BLOCK, PagedKVCache
+from .operators import Operator
+from .spectral import dct, dct_matrix, entropy_from_coefficients, spectral_dtype
+
+if TYPE_CHECKING:
+    from .attention import CausalSelfAttention
+    from .blocks import Block
+    from .chiar import ChiarLM
+    from .layers import RMSNorm
+    from .routing import MetaRouter
+
+KERNEL_CHOICES = ("auto", "native", "eager")
+N_OPERATORS = len(Operator)
+
+
+class EagerKernels:
+    """Reference implementation: the model's modules and plain PyTorch ops."""
+
+    name = "eager"
+
+    def refresh(self) -> None:
+        pass
+
+    def rms_norm(self, norm: RMSNorm, x: Tensor) -> Tensor:
+        return norm(x)
+
+    def ffn(self, layer: int, block: Block, x: Tensor) -> Tensor:
+        return x + block.ffn(block.ffn_norm(x))
+
+    def spectral(self, layer: int, block: Block, u: Tensor, entropy_out: Tensor, operator_out: Tensor) -> tuple[Tensor, list[int]]:
+        """DCT coefficients of u; entropy and the router's decision written into the outputs; tokens per operator id."""
+        coefficients = dct(u.to(spectral_dtype(u.dtype)))
+        entropy = entropy_from_coefficients(coefficients, block.config.entropy_eps)
+        entropy_out.copy_(entropy)
+        operator_out.copy_(block.router.decide(u, entropy))
+        return coefficients, torch.bincount(operator_out.long(), minlength=N_OPERATORS).tolist()
+
+    def dct_mix(self, layer: int, block: Block, coefficients: Tensor, residual: Tensor) -> Tensor:
+        return residual + block.dct_mix.infer_from_coefficients(coefficients, residual.dtype)
+
+    def gated_mix(self, layer: int, block: Block, u: Tensor, residual: Tensor) -> Tensor:
+        return residual + block.dct_mix.infer(u)
+
+    def rbf(self, layer: int, block: Block, u: Tensor, residual: Tensor) -> Tensor:
+        return residual + block.rbf(u)
+
+    def attention(self, layer: int, attention: CausalSelfAttention, u: Tensor, residual: Tensor, rows: Tensor, positions: Tensor,
+                  cache: PagedKVCache) -> tuple[Tensor, Tensor]:
+        """residual + attention of the tokens `u` (appended to their rows' caches first); and the entries each attended."""
+        n = u.shape[0]
+        qkv = attention.qkv(u).view(n, 3, attention.n_heads, attention.head_dim)
+        pos = positions.unsqueeze(0)
+        q = attention.rope(qkv[:, 0].transpose(0, 1), pos)  # [H, n, hd]
+        k = attention.rope(qkv[:, 1].transpose(0, 1), pos)
+        slots = append_entries(cache, layer, rows.tolist(), k.transpose(0, 1), qkv[:, 2])
+        y = torch.empty_like(q)
+        start = 0
+        for row, count in _groups(rows.tolist()):
+            last = slots[start + count - 1] + 1
+            keys, values = cache.gather(row, layer, last)
+            mine = torch.tensor(slots[start: start + count], device=u.device)
+            mask = torch.arange(last, device=u.device) <= mine.unsqueeze(1)
+            y[:, start: start + count] = F.scaled_dot_product_attention(q[:, start: start + count], keys, values, attn_mask=mask)
+            start += count
+        seen = torch.tensor([s + 1 for s in slots], dtype=torch.int32)
+        return residual + attention.out(y.transpose(0, 1).reshape(n, -1)), seen
+
+    def gate(self, metarouter: MetaRouter, x: Tensor, rows: Tensor, positions: Tensor, cache: PagedKVCache) -> Tensor:
+        """MetaRouter gate of each token from its row's running embedding sum (advanced in place)."""
+        gate = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+        start = 0
+        for row, count in _groups(rows.tolist()):
+            part = x[start: start + count]
+            sums = torch.cat([cache.embed_sum[row: row + 1], part]).cumsum(0)[1:]  # (S + x1) + x2 ...: decode's order
+            cache.embed_sum[row] = sums[-1]
+            mean = sums / (positions[start: start + count] + 1).unsqueeze(-1).to(x.dtype)
+            gate[start: start + count] = metarouter.gate_from_mean(mean)
+            start += count
+        return gate
+
+    def logits(self, model: ChiarLM, x: Tensor) -> Tensor:
+        return model.lm_head(model.final_norm(x))
+
+
+class NativeKernels:
+    """The csrc/ kernels on packed weights (float32 CPU models)."""
+
+    name = "native"
+
+    def __init__(self, model: ChiarLM, native: object) -> None:
+        self.native = native
+        self.model = model
+        self.packs = native_lib.PackedWeights(native)  # type: ignore[arg-type]
+        d = model.config.d_model
+        self.packs.add("dct", [], lambda: dct_matrix(d))  # coefficients = u @ C^T
+        for layer, block in enumerate(model.blocks):
+            self.packs.add(f"{layer}.w_in", [block.ffn.w_in.weight], lambda b=block: b.ffn.w_in.weight)
+            self.packs.add(f"{layer}.w_out", [block.ffn.w_out.weight], lambda b=block: b.ffn.w_out.weight)
+            if hasattr(block, "attention"):
+                self.packs.add(f"{layer}.qkv", [block.attention.qkv.weight], lambda b=block: b.attention.qkv.weight)
+                self.packs.add(f"{layer}.out", [block.attention.out.weight], lambda b=block: b.attention.out.weight)
+            if hasattr(block, "dct_mix"):
+                mix = block.dct_mix
+                self.packs.add(f"{layer}.synthesis", [mix.filter], lambda m=mix: m.folded(torch.float32)[0].T)
+                self.packs.add(f"{layer}.mix", [mix.filter], lambda m=mix: m.folded(torch.float32)[1].T)
+            if getattr(block, "rbf", None) is not None:
+                self.packs.add(f"{layer}.rbf_centers", [block.rbf.centers], lambda b=block: b.rbf.centers)
+                self.packs.add(f"{layer}.rbf_values", [block.rbf.values], lambda b=block: b.rbf.values.T)
+            projection = block.router.projection() if hasattr(block, "router") else None
+            if projection is not None:
+                self.packs.add(f"{layer}.router", [projection.weight], lambda p=projection: p.weight)
+        self.packs.add("lm_head", [model.lm_head.weight], lambda: model.lm_head.weight)
+
+    def refresh(self) -> None:
+        self.packs.refresh()
+
+    def rms_norm(self, norm: RMSNorm, x: Tensor) -> Tensor:
+        return self.native.rms_norm(x, norm.weight.detach(), norm.eps)
+
+    def ffn(self, layer: int, block: Block, x: Tensor) -> Tensor:
+        norm = block.ffn_norm
+        return self.native.ffn(x, norm.weight.detach(), norm.eps, self.packs[f"{layer}.w_in"], self.packs[f"{layer}.w_out"])
+
+    def spectral(self, layer: int, block: Block, u: Tensor, entropy_out: Tensor, operator_out: Tensor) -> tuple[Tensor, list[int]]:
+        tau = block.router.entropy_threshold()
+        coefficients, counts = self.native.route(u, self.packs["dct"], block.config.entropy_eps, math.nan if tau is None else tau,
+                                                 entropy_out, operator_out, int(Operator.DCT), int(Operator.ATTENTION), N_OPERATORS)
+        if tau is None:  # the decision reads u too (three-operator router): its projection natively
+            projection = block.router.projection()
+            projected = self.native.linear(u, self.packs[f"{layer}.router"]) + projection.bias.detach()
+            operator_out.copy_(block.router.decide(u, entropy_out, projected))
+            counts = torch.bincount(operator_out.long(), minlength=N_OPERATORS).tolist()
+        return coefficients, counts
+
+    def dct_mix(self, layer: int, block: Block, coefficients: Tensor, residual: Tensor) -> Tensor:
+        return self.native.linear(coefficients, self.packs[f"{layer}.synthesis"], residual)
+
+    def gated_mix(self, layer: int, block: Block, u: Tensor, residual: Tensor) -> Tensor:
+        return self.native.linear(u, self.packs[f"{layer}.mix"], residual)
+
+    def rbf(self, layer: int, block: Block, u: Tensor, residual: Tensor) -> Tensor:
+        weights = block.rbf.weights(u, self.native.linear(u, self.packs[f"{layer}.rbf_centers"]))
+        return self.native.linear(weights, self.packs[f"{layer}.rbf_values"], residual)
+
+    def attention(self, layer: int, attention: CausalSelfAttention, u: Tensor, residual: Tensor, rows: Tensor, positions: Tensor,
+                  cache: PagedKVCache) -> tuple[Tensor, Tensor]:
+        qkv = self.native.linear(u, self.packs[f"{layer}.qkv"])
+        rope = attention.rope
+        y, seen = self.native.attend(qkv, rows, positions, layer, cache.keys, cache.values, cache.tables, cache.lengths,
+                                     cache.free_stack, cache.free_top, rope.cos, rope.sin)
+        return self.native.linear(y, self.packs[f"{layer}.out"], residual), seen
+
+    def gate(self, metarouter: MetaRouter, x: Tensor, rows: Tensor, positions: Tensor, cache: PagedKVCache) -> Tensor:
+        return self.native.gate(x, rows, positions, cache.embed_sum, metarouter.weight.detach(), float(metarouter.bias))
+
+    def logits(self, model: ChiarLM, x: Tensor) -> Tensor:
+        return self.native.linear(self.rms_norm(model.final_norm, x), self.packs["lm_head"])
+
+
+Kernels = EagerKernels | NativeKernels
+
+
+def native_unsupported(model: ChiarLM) -> str | None:
+    """Why the native kernels cannot run this model (None: they can)."""
+    param = next(model.parameters())
+    if param.device.type != "cpu":
+        return f"the native kernels run on the CPU; the model is on {param.device}"
+    if param.dtype != torch.float32:
+        return f"the native kernels compute in float32; the model is {param.dtype}"
+    return native_lib.unavailable_reason()
+
+
+def choose_kernels(model: ChiarLM, choice: str) -> Kernels:
+    """`auto`: native where they can run, else eager; `native` raises when they cannot; `eager`."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels: must be one of {KERNEL_CHOICES}, got {choice!r}")
+    if choice == "eager":
+        return EagerKernels()
+    reason = native_unsupported(model)
+    if reason is None:
+        return NativeKernels(model, native_lib.load())
+    if choice == "native":
+        raise ValueError(f"kernels: native requested but {reason}")
+    return EagerKernels()
+
+
+# ---------------------------------------------------------------------- eager cache writes
+def _groups(rows: list[int]) -> list[tuple[int, int]]:
+    """(row, count) of each run of equal consecutive rows."""
+    groups: list[tuple[int, int]] = []
+    for row in rows:
+        if groups and groups[-1][0] == row:
+            groups[-1] = (row, groups[-1][1] + 1)
+        else:
+            groups.append((row, 1))
+    return groups
+
+
+def append_entries(cache: PagedKVCache, layer: int, rows: list[int], keys: Tensor, values: Tensor) -> list[int]:
+    """Write each token's key and value ([n, H, hd]) at the next entry of its row in `layer`, taking
+    blocks from the free stack as the native kernel does; returns each token's slot."""
+    slots, blocks, offsets = [], [], []
+    lengths = cache.lengths[:, layer]
+    for row in rows:
+        slot = int(lengths[row])
+        if slot // BLOCK >= cache.max_blocks:
+            raise ValueError(f"row {row} is full ({slot} entries)")
+        if slot % BLOCK == 0:
+            top = cache.free_blocks
+            if top == 0:
+                raise RuntimeError("KV cache: no free block (reserve them before the step)")
+            cache.free_top[0] = top - 1
+            cache.tables[row, layer, slot // BLOCK] = cache.free_stack[top - 1]
+        lengths[row] = slot + 1
+        slots.append(slot)
+        blocks.append(int(cache.tables[row, layer, slot // BLOCK]))
+        offsets.append(slot % BLOCK)
+    index_b = torch.tensor(blocks, device=keys.device)
+    index_o = torch.tensor(offsets, device=keys.device)
+    cache.keys[index_b, :, index_o] = keys.to(cache.dtype)
+    cache.values[index_b, :, index_o] = values.to(cache.dtype)
+    return slots
