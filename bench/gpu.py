@@ -106,7 +106,7 @@ def server_smoke(checkpoint: Path | None, log_dir: Path, device: str = "cuda") -
 
 # ------------------------------------------------------------------------ 3. layer timings
 def block_times(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> tuple[dict[int, float], float]:
-    """Median ms of each block (timed around Block.forward_infer inside model.infer) and of the whole forward."""
+    """Median ms of each block (timed around Block.forward_step inside model.infer) and of the whole forward."""
     cuda = ids.device.type == "cuda"
     marks: list[tuple[int, Any, Any]] = []
 
@@ -126,7 +126,7 @@ def block_times(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> tupl
         return timed
 
     for index, block in enumerate(model.blocks):
-        block.forward_infer = wrap(index, block.forward_infer)  # instance attribute: shadows the method
+        block.forward_step = wrap(index, block.forward_step)  # instance attribute: shadows the method
     per_block: dict[int, list[float]] = {i: [] for i in range(len(model.blocks))}
     whole: list[float] = []
     try:
@@ -148,7 +148,7 @@ def block_times(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> tupl
                         per_block[i].append((e - s) * 1e3)
     finally:
         for block in model.blocks:
-            del block.forward_infer
+            del block.forward_step
     return {i: statistics.median(v) for i, v in per_block.items()}, statistics.median(whole)
 
 

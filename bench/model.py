@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from bench.report import interleaved_medians, machine_line, median_seconds, write_section
-from model.attention import PackedTokens
 from model.blocks import RoutedBlock
 from model.chiar import ChiarLM
 from model.config import ChiarConfig
@@ -133,32 +132,43 @@ def decode_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, c
 
 
 def routing_overhead(chiar: ChiarLM, seq: int, batch: int, repeats: int) -> dict:
-    """Cost of routing in one routing layer (DCT, entropy, compaction, scatter) vs the attention it saves."""
+    """Cost of routing in one routing layer (DCT, entropy, decision, gather and scatter) vs the attention
+    it saves, each through the model's own kernels (native on a float32 CPU model)."""
     block = chiar.routed_blocks()[0]
-    attention = block.attention
+    layer = list(chiar.blocks).index(block)
+    kernels = chiar.kernels
     d = SIZE["d_model"]
     u = torch.randn(batch * seq, d)
-    batch_idx = torch.arange(batch).repeat_interleave(seq)
+    rows = torch.arange(batch).repeat_interleave(seq)
     positions = torch.arange(seq).repeat(batch)
+    entropy = torch.empty(batch * seq, dtype=torch.float32)
+    operator = torch.empty(batch * seq, dtype=torch.int8)
     with torch.inference_mode():
-        entropy = entropy_from_coefficients(dct(u))
-        tau = float(entropy.median())
+        tau = float(entropy_from_coefficients(dct(u)).median())
+        block.router.threshold.fill_(tau)
+        kernels.refresh()
 
         def route() -> None:
-            coefficients = dct(u)
-            h = entropy_from_coefficients(coefficients)
-            sel = (h >= tau).nonzero().squeeze(1)
-            packed = PackedTokens.build(batch_idx[sel], batch)
+            coefficients, _ = kernels.spectral(layer, block, u, entropy, operator)
+            sel = (operator == 3).nonzero().squeeze(1)
             y = torch.empty_like(u)
-            y[sel] = packed.unpack(packed.pack(u[sel]))  # the gather into [B, M] and the scatter back
+            y.index_copy_(0, sel, u.index_select(0, sel))  # the gather of the attending tokens and the scatter back
+            del coefficients
 
-        sel = (entropy >= tau).nonzero().squeeze(1)
-        full = PackedTokens.build(batch_idx, batch)
-        half = PackedTokens.build(batch_idx[sel], batch)
+        def attend(sel: torch.Tensor) -> None:
+            cache = chiar.new_cache(batch, seq, growable=True)
+            for _ in range(batch):
+                cache.allocate()
+            kernels.attention(layer, block.attention, u.index_select(0, sel), u.index_select(0, sel), rows[sel], positions[sel], cache)
+
+        kernels.spectral(layer, block, u, entropy, operator)
+        sel = (operator == 3).nonzero().squeeze(1)
+        rest = (operator != 3).nonzero().squeeze(1)
+        coefficients = dct(u)
         t_route = median_seconds(route, repeats)
-        t_full = median_seconds(lambda: attention.forward_packed(u, positions, full), repeats)
-        t_half = median_seconds(lambda: attention.forward_packed(u[sel], positions[sel], half), repeats)
-        t_dct = median_seconds(lambda: block.dct_mix(u[(entropy < tau).nonzero().squeeze(1)]), repeats)
+        t_full = median_seconds(lambda: attend(torch.arange(batch * seq)), repeats)
+        t_half = median_seconds(lambda: attend(sel), repeats)
+        t_dct = median_seconds(lambda: kernels.dct_mix(layer, block, coefficients[rest], u[rest]), repeats)
     return dict(seq=seq, batch=batch, overhead_ms=t_route * 1e3, attention_full_ms=t_full * 1e3,
                 attention_half_ms=t_half * 1e3, dct_mix_ms=t_dct * 1e3)
 

@@ -1,17 +1,23 @@
 """Where one engine decode step spends its time, at batch 1 and batch 32 (`make bench-step`).
 
-Drives the real engine components in process (scheduler, runner, output processing, metrics, the
-per-step outbox to an asyncio loop in another thread) on a checkpoint, with every sequence decoding,
-and times each part of the step. Prints a markdown table; `--write FILE` puts it in BENCHMARKS.md's
-`bench-step` section.
+Drives the real engine (`Engine.step()`: scheduler, runner, output processing, metrics, the
+per-step outbox to an asyncio loop in another thread) on a checkpoint, with every sequence
+decoding, and times each part of the step. Also counts the aten ops one decode forward runs (torch
+profiler). `--before REF` measures a git ref the same way in the same run (in a temporary worktree,
+with the same interpreter), so the table shows before and after side by side.
 
-    python -m bench.step_profile [--checkpoint checkpoints/chiar-small] [--batches 1 32] [--steps 60]
+    python -m bench.step_profile [--checkpoint checkpoints/chiar-small] [--batches 1 32] [--steps 60] [--before REF]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -22,6 +28,26 @@ from typing import Any
 import torch
 
 from loadtests.server_process import ROOT
+
+# Runs in this tree or in an old one (public model API only): aten ops of one decode forward.
+OP_COUNT = """
+import json, sys, torch
+from torch.profiler import ProfilerActivity, profile
+from model import load_checkpoint
+model, _ = load_checkpoint(sys.argv[1])
+torch.set_grad_enabled(False)
+counts = {}
+for batch in map(int, sys.argv[2:]):
+    _, state = model.prefill(torch.randint(3, 8000, (batch, 24), generator=torch.Generator().manual_seed(0)))
+    tokens = torch.full((batch,), 5)
+    for _ in range(3):
+        model.decode_step(tokens, state)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.decode_step(tokens, state)
+    top = [e for e in prof.events() if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    counts[batch] = len(top)
+print(json.dumps(counts))
+"""
 
 
 class Timers:
@@ -67,36 +93,61 @@ def profile(checkpoint: Path, batch: int, steps: int) -> dict[str, float]:
     engine.scheduler.add(jobs)
     torch.set_grad_enabled(False)
     while len(engine.scheduler.running) < batch:  # prefill everything first
-        engine._step(engine.scheduler.schedule(time.perf_counter()))
+        engine.step()
         engine.outbox.flush()
 
     timers = Timers()
-    engine.runner.model = type("Timed", (), {})()  # a thin proxy: time the model's own forward
-    for name in ("decode_step", "prefill", "extend", "infer"):
-        setattr(engine.runner.model, name, timers.wrap("model forward", getattr(model, name)))
-    engine.runner.model.parameters = model.parameters
+    forward = model.forward_step
+    model.forward_step = timers.wrap("model forward", forward)  # type: ignore[method-assign]
     output_module.sample_tokens = timers.wrap("sampling (batched)", output_module.sample_tokens)
-    TextStream.push = timers.wrap("detokenisation + stop strings", TextStream.push)
-    engine.output._accept = timers.wrap("output processing", engine.output._accept)
+    push = TextStream.push
+    TextStream.push = timers.wrap("detokenisation + stop strings", push)  # type: ignore[method-assign]
+    engine.output.process = timers.wrap("output processing", engine.output.process)  # type: ignore[method-assign]
+    engine.runner.run = timers.wrap("runner (batch, KV fit, accounting)", engine.runner.run)  # type: ignore[method-assign]
     sched = engine.scheduler
-    sched.schedule = timers.wrap("scheduler", sched.schedule)
-    sched.update_from_output = timers.wrap("scheduler", sched.update_from_output)
-    metrics.record_forward = timers.wrap("metrics", metrics.record_forward)
-    metrics.record_step = timers.wrap("metrics", metrics.record_step)
-    engine.outbox.flush = timers.wrap("thread hand-off (outbox)", engine.outbox.flush)
-    engine.runner.remove = timers.wrap("KV cache bookkeeping", engine.runner.remove)
-    engine.runner.admit = timers.wrap("KV cache bookkeeping", engine.runner.admit)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine._step(sched.schedule(time.perf_counter()))
-        engine.outbox.flush()
-    total = time.perf_counter() - t0
+    sched.schedule = timers.wrap("scheduler", sched.schedule)  # type: ignore[method-assign]
+    sched.update_from_output = timers.wrap("scheduler", sched.update_from_output)  # type: ignore[method-assign]
+    engine.metrics.record_forward = timers.wrap("metrics", engine.metrics.record_forward)  # type: ignore[method-assign]
+    engine.metrics.record_step = timers.wrap("metrics", engine.metrics.record_step)  # type: ignore[method-assign]
+    engine.outbox.flush = timers.wrap("thread hand-off (outbox)", engine.outbox.flush)  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+            engine.outbox.flush()
+        total = time.perf_counter() - t0
+    finally:
+        model.forward_step = forward  # type: ignore[method-assign]
+        TextStream.push = push  # type: ignore[method-assign]
     loop.call_soon_threadsafe(loop.stop)
     parts = dict(timers.seconds)
-    parts["output processing"] -= parts.get("detokenisation + stop strings", 0.0)
+    # nested timers: report each part without what it contains
+    parts["runner (batch, KV fit, accounting)"] -= parts.get("model forward", 0.0)
+    parts["output processing"] -= parts.get("detokenisation + stop strings", 0.0) + parts.get("sampling (batched)", 0.0)
     parts["engine loop, other"] = total - sum(parts.values())
     parts["step total"] = total
     return {k: 1000 * v / steps for k, v in parts.items()}
+
+
+def op_counts(tree: Path, checkpoint: Path, batches: list[int]) -> dict[int, int]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", OP_COUNT, str(checkpoint), *map(str, batches)], cwd=tree, env=env,
+                         capture_output=True, text=True, check=True)
+    return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def measure_ref(ref: str, checkpoint: Path, batches: list[int], steps: int) -> tuple[str, dict[int, int]]:
+    """The same measurements at git ref `ref` (its own bench.step_profile table), in a temporary worktree."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=ROOT, check=True, capture_output=True)
+        try:
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            out = subprocess.run([sys.executable, "-m", "bench.step_profile", "--checkpoint", str(checkpoint), "--steps", str(steps),
+                                  "--batches", *map(str, batches)], cwd=tree, env=env, capture_output=True, text=True, check=True)
+            return out.stdout.strip(), op_counts(tree, checkpoint, batches)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False, capture_output=True)
 
 
 def table(results: dict[int, dict[str, float]]) -> str:
@@ -120,16 +171,27 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "chiar-small")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--before", default=None, help="a git ref to measure the same way in the same run")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
-    results = {b: profile(args.checkpoint, b, args.steps) for b in args.batches}
+    checkpoint = args.checkpoint.resolve()
+    before = measure_ref(args.before, checkpoint, args.batches, args.steps) if args.before else None
+    results = {b: profile(checkpoint, b, args.steps) for b in args.batches}
     text = table(results)
     print(text)
     if args.write:
-        from bench.report import machine_line, write_section
+        from bench.report import git_commit, machine_line, write_section
 
-        write_section(args.write, "bench-step", f"{machine_line()}\n\nCheckpoint `{args.checkpoint.name}`, "
-                      f"{args.steps} steps, temperature 1 with top-p 0.95, every sequence decoding.\n\n{text}\n")
+        ops = op_counts(ROOT, checkpoint, args.batches)
+        body = [f"{machine_line()}\n\nCheckpoint `{checkpoint.name}`, {args.steps} steps, temperature 1 with top-p 0.95, every sequence "
+                f"decoding.\n\n### After (commit {git_commit()})\n\n{text}\n"]
+        op_line = "aten ops in one decode forward (torch profiler, top level): " + ", ".join(f"batch {b}: {ops[b]}" for b in args.batches)
+        if before is not None:
+            before_table, before_ops = before
+            body.append(f"\n### Before (commit {args.before}), same run\n\n{before_table}\n")
+            op_line += " (before: " + ", ".join(f"batch {b}: {before_ops[b]}" for b in args.batches) + ")"
+        body.append(f"\n{op_line}\n")
+        write_section(args.write, "bench-step", "".join(body))
 
 
 if __name__ == "__main__":

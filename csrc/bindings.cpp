@@ -132,6 +132,22 @@ std::tuple<torch::Tensor, torch::Tensor> attend_py(const torch::Tensor& qkv, con
     return {y, seen};
 }
 
+torch::Tensor sample(const torch::Tensor& logits, const torch::Tensor& temperature, const torch::Tensor& top_k,
+                     const torch::Tensor& top_p, const torch::Tensor& uniform) {
+    TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == torch::kFloat32 && logits.device().is_cpu(),
+                "sample: logits must be a contiguous float32 CPU tensor [rows, vocab]");
+    const int64_t rows = logits.size(0);
+    auto f32 = [rows](const torch::Tensor& t, const char* name) {
+        TORCH_CHECK(t.numel() == rows && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), "sample: ", name, " must be float32 [rows]");
+        return t.data_ptr<float>();
+    };
+    TORCH_CHECK(top_k.numel() == rows && top_k.scalar_type() == torch::kInt64 && top_k.is_contiguous(), "sample: top_k must be int64 [rows]");
+    auto out = torch::empty({rows}, torch::kInt64);
+    sample_rows(logits.data_ptr<float>(), rows, logits.size(1), f32(temperature, "temperature"), top_k.data_ptr<int64_t>(),
+                f32(top_p, "top_p"), f32(uniform, "uniform"), out.data_ptr<int64_t>());
+    return out;
+}
+
 }  // namespace chiar
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -151,6 +167,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("route", &route, nogil);
     m.def("gate", &gate, nogil);
     m.def("attend", &attend_py, nogil);
+    m.def("sample", &sample, "one token per row: temperature (0: greedy), top-k (0: off), top-p, uniform draw", nogil);
     m.def("has_avx2", &cpu_has_avx2);
     m.def("set_scalar", &set_scalar, "force the scalar path (tests: it must give the AVX2 path's bits)");
     m.def("uses_avx2", &use_avx2);

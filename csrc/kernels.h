@@ -38,6 +38,17 @@ void entropy_into(const float* coef, int64_t M, int64_t d, float eps, float* out
 void gate_into(const float* x, const int64_t* rows, const int64_t* positions, int64_t n, int64_t d, float* embed_sum,
                const float* w, float b, float* gate);
 
+// ---------------------------------------------------------------- sampling.cpp
+// out[r] = the token of row r (-1: its logits give no distribution)
+void sample_rows(const float* logits, int64_t rows, int64_t vocab, const float* temperature, const int64_t* top_k, const float* top_p,
+                 const float* uniform, int64_t* out);
+#if CHIAR_X86
+CHIAR_AVX2 void exp8_shifted_avx2(float* v, float shift, float keep_from);
+CHIAR_AVX2 void divide8_avx2(const float* v, float t, float* e);
+CHIAR_AVX2 float block_sum_avx2(const float* v, int64_t n);
+CHIAR_AVX2 bool finite_range_avx2(const float* v, int64_t n, float& low, float& top);
+#endif
+
 // ---------------------------------------------------------------- attention.cpp
 struct PagedCache {
     torch::Tensor keys;       // [blocks, H, B, hd]

@@ -3,14 +3,13 @@
 The forward only records which operator each token took and how many cache entries it attended
 (`StepOutput.operator`, `.keys_seen`); here they become tokens per (sequence, layer, operator) and
 attended (query, key) pairs per (sequence, layer), and each block's `executed_flops` prices them.
-The engine keeps the same two tables per request across its steps and prices them once, when the
-request ends (`RequestCost`).
+Pricing is linear in token counts and attended pairs, so the engine keeps the two tables per request
+across its steps and prices their sums once, when the request ends (`server.engine.requests.RequestCost`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -52,36 +51,3 @@ def executed_flops(blocks: Sequence, counts: list[list[list[int]]], pairs: list[
 def dense_flops(d_model: int, d_ff: int, n_layers: int, tokens: float, pairs: float) -> float:
     """What the full-attention baseline spends on `tokens` new tokens attending `pairs` pairs (no LM head)."""
     return n_layers * (fl.attention_flops(d_model, tokens, pairs) + fl.ffn_flops(d_model, d_ff, tokens))  # type: ignore[arg-type]
-
-
-@dataclass
-class RequestCost:
-    """A request's routing totals across its steps: priced once, when it ends."""
-
-    counts: list[list[int]] = field(default_factory=list)  # [L][4]
-    pairs: list[float] = field(default_factory=list)  # [L] attended pairs
-    tokens: int = 0  # tokens it fed through the model
-    dense_pairs: float = 0.0  # (query, key) pairs a full-attention model would attend for them
-    heads: int = 0  # positions whose logits it needed
-
-    def add(self, counts: list[list[int]], pairs: list[float], tokens: int, start: int, heads: int) -> None:
-        """One step's share: `tokens` new tokens after `start` earlier ones."""
-        if not self.counts:
-            self.counts = [[0] * N_OPERATORS for _ in counts]
-            self.pairs = [0.0] * len(pairs)
-        for mine, theirs in zip(self.counts, counts):
-            for op, n in enumerate(theirs):
-                mine[op] += n
-        self.pairs = [a + b for a, b in zip(self.pairs, pairs)]
-        self.tokens += tokens
-        self.dense_pairs += tokens * start + tokens * (tokens + 1) / 2
-        self.heads += heads
-
-    def price(self, model: object) -> tuple[float, float]:
-        """(executed, dense-equivalent) FLOPs of everything the request ran, the LM head included."""
-        cfg = model.config  # type: ignore[attr-defined]
-        head = fl.lm_head_flops(cfg.d_model, cfg.vocab_size, self.heads)
-        if not self.counts:
-            return head, head
-        _, (executed,) = executed_flops(model.blocks, [self.counts], [self.pairs], model.metarouter is not None)  # type: ignore[attr-defined]
-        return executed + head, dense_flops(cfg.d_model, cfg.d_ff, cfg.n_layers, self.tokens, self.dense_pairs) + head

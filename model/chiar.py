@@ -186,9 +186,9 @@ class ChiarLM(nn.Module):
         self._kernels = None  # a new dtype or device may change which kernels can run
         return super()._apply(fn, recurse)
 
-    def attention_layers(self) -> int:
-        """Layers that hold a KV cache."""
-        return sum(1 for block in self.blocks if block.has_attention)
+    def attention_layers(self, always: bool = False) -> int:
+        """Layers that hold a KV cache (always: only those every token attends in)."""
+        return sum(1 for block in self.blocks if block.has_attention and (not always or isinstance(block, AttentionBlock)))
 
     def kv_bytes_per_token(self) -> int:
         """K+V bytes one token adds when it attends in every attention layer."""
@@ -212,7 +212,7 @@ class ChiarLM(nn.Module):
                 raise ValueError(f"row {row}: {cache.positions[row]} + {count} tokens exceed max_seq_len {cfg.max_seq_len}")
         kernels = self.kernels
         kernels.refresh()
-        cache.reserve(cache.blocks_needed([count for _, count in batch.spans], self.attention_layers()))
+        cache.reserve(sum(cache.blocks_needed(batch.spans)))
         x = self.embed(batch.tokens)
         gate = None if self.metarouter is None else kernels.gate(self.metarouter, x, batch.rows, batch.positions, cache)
         layers = cfg.n_layers

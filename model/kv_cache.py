@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-BLOCK = 16  # entries per block; a multiple of the kernels' 8 lanes
+BLOCK = 8  # entries per block: the attention kernel scores keys 8 at a time, one block per group
 
 
 @dataclass
@@ -40,9 +40,10 @@ class PagedKVCache:
     """Blocks of K/V entries [blocks, heads, BLOCK, head_dim], block tables [rows, layers, max_blocks]
     (int32, -1 = none), entries per (row, layer), and per row its position and embedding sum."""
 
-    def __init__(self, n_layers: int, n_heads: int, head_dim: int, d_model: int, max_seq_len: int, *, blocks: int, rows: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", growable: bool = True) -> None:
+    def __init__(self, n_layers: int, attention_layers: list[int], n_heads: int, head_dim: int, d_model: int, max_seq_len: int, *,
+                 blocks: int, rows: int, dtype: torch.dtype, device: torch.device | str = "cpu", growable: bool = True) -> None:
         self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, head_dim
+        self.attention_layers = attention_layers  # the layers that hold entries
         self.max_blocks = math.ceil(max_seq_len / BLOCK)
         self.dtype, self.device = dtype, torch.device(device)
         self.growable = growable
@@ -58,15 +59,24 @@ class PagedKVCache:
         self.n_rows_used = 0
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, *, rows: int, tokens_per_row: int, growable: bool = True) -> PagedKVCache:
-        """A cache for `rows` sequences of about `tokens_per_row` tokens each (it grows if allowed)."""
+    def for_model(cls, model: torch.nn.Module, *, rows: int, tokens_per_row: int | None = None, blocks: int | None = None,
+                  growable: bool = True) -> PagedKVCache:
+        """A cache for `rows` sequences of about `tokens_per_row` tokens each, or of `blocks` blocks (it grows if allowed)."""
         cfg = model.config
         param = next(model.parameters())
-        blocks = rows * model.attention_layers() * math.ceil(max(tokens_per_row, 1) / BLOCK)
-        return cls(cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.d_model, cfg.max_seq_len, blocks=max(blocks, 1), rows=rows,
+        layers = [i for i, block in enumerate(model.blocks) if block.has_attention]
+        if blocks is None:
+            blocks = rows * len(layers) * math.ceil(max(tokens_per_row or 1, 1) / BLOCK)
+        return cls(cfg.n_layers, layers, cfg.n_heads, cfg.head_dim, cfg.d_model, cfg.max_seq_len, blocks=max(blocks, 1), rows=rows,
                    dtype=param.dtype, device=param.device, growable=growable)
 
     # ------------------------------------------------------------------ sizes
+    @staticmethod
+    def bytes_per_block(model: torch.nn.Module) -> int:
+        """K+V bytes of one block of `model`'s cache."""
+        cfg = model.config
+        return 2 * cfg.n_heads * BLOCK * cfg.head_dim * next(model.parameters()).element_size()
+
     @property
     def n_blocks(self) -> int:
         return self.keys.shape[0]
@@ -123,10 +133,16 @@ class PagedKVCache:
         self._free_rows = list(range(rows - 1, old - 1, -1)) + self._free_rows
 
     # ------------------------------------------------------------------ blocks
-    @staticmethod
-    def blocks_needed(new_tokens: list[int], attention_layers: int) -> int:
-        """At most how many blocks a step that adds `new_tokens[i]` tokens to row i can take."""
-        return attention_layers * sum(math.ceil(n / BLOCK) + 1 for n in new_tokens if n)
+    def blocks_needed(self, spans: list[tuple[int | None, int]]) -> list[int]:
+        """For each (row, new tokens) (row None: a new row), the most blocks those tokens can take: as
+        if every one of them attended in every attention layer (one device read for all spans)."""
+        known = [row for row, _ in spans if row is not None]
+        lengths = iter(self.lengths[known][:, self.attention_layers].tolist() if known else [])
+        needs = []
+        for row, n in spans:
+            held = next(lengths) if row is not None else [0] * len(self.attention_layers)
+            needs.append(sum(-(-(m + n) // BLOCK) - (-(-m // BLOCK)) for m in held))
+        return needs
 
     def reserve(self, blocks: int) -> None:
         """Make sure `blocks` blocks are free (grow the pool if allowed, else raise)."""

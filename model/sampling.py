@@ -1,9 +1,19 @@
-"""Batched next-token sampling with one private RNG per sequence (temperature, top-k, top-p)."""
+"""Batched next-token sampling with one private RNG per sequence (temperature, top-k, top-p).
+
+A row draws one uniform number from its own generator and inverts the CDF of its filtered
+distribution, so its token does not depend on its batch neighbours. The native kernel
+(csrc/sampling.cpp) does it for every row in one call: greedy rows take the first maximum, top-k a
+partial selection, top-p a mass histogram instead of a sort of the vocabulary. The PyTorch version
+below is the fallback where the kernels are not built; both keep the same tokens, the native one
+walks the CDF in vocabulary order.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import native
 
 
 class SamplingError(ValueError):
@@ -24,47 +34,22 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return generator
 
 
-TOP_P_CANDIDATES = 1024  # top-p looks at the most likely tokens first; a full sort only when they hold < p
-
-
-def _filtered(sub: Tensor, ks: list[int], ps: list[float], uniform: Tensor) -> Tensor:
-    """Sample rows of scaled logits `sub` [n, V] under top-k / top-p, without sorting the whole vocabulary
-    when the candidates decide it. Returns token ids [n]."""
-    vocab = sub.shape[-1]
-    wanted = [k for k in ks if k < vocab] + ([TOP_P_CANDIDATES] if any(p < 1.0 for p in ps) else [])
-    width = min(vocab, max(wanted))
-    values, order = sub.topk(width, dim=-1)  # sorted, descending
-    k_t = torch.tensor(ks).unsqueeze(1)
-    values = values.masked_fill(torch.arange(width) >= k_t, float("-inf"))
-    # top-p over the top-k distribution, or over the full one when there is no top-k
-    full = (values - sub.logsumexp(-1, keepdim=True)).exp()
-    probs = torch.where(k_t < vocab, values.softmax(-1), full)
-    p_t = torch.tensor(ps, dtype=torch.float32).unsqueeze(1)
-    # drop a token once the tokens ranked before it already cover p; the first always stays
-    drop = (probs.cumsum(-1) - probs) >= p_t
-    drop[:, 0] = False
-    values = values.masked_fill(drop, float("-inf"))
-    mass = full.sum(-1)
-    short = [i for i, (k, p) in enumerate(zip(ks, ps)) if width < vocab and k >= vocab and p < 1.0 and float(mass[i]) < p]
-    picked = _inverse_cdf(values, uniform)
-    tokens = order.gather(1, picked.unsqueeze(1)).squeeze(1)
-    if short:  # the candidates hold less than p: sort everything for these rows, in one batch
-        tokens[short] = _filtered_full(sub[short], p_t[short], uniform[short])
-    return tokens
-
-
-def _filtered_full(rows: Tensor, p: Tensor, uniform: Tensor) -> Tensor:
-    """Top-p by a full sort: rows [n, V], p [n, 1]; token ids [n]."""
-    values, order = torch.sort(rows, dim=-1, descending=True)
+def kept_tokens(scores: Tensor, k: int, p: float) -> Tensor:
+    """Boolean mask of the tokens top-k (k < V) then top-p (p < 1) keep in each row of `scores` [n, V]: the
+    most probable ones whose mass, renormalised after top-k, first reaches p (a token is dropped once
+    the tokens ranked before it hold p)."""
+    values, order = torch.sort(scores, dim=-1, descending=True)
+    if k < scores.shape[-1]:
+        values[:, k:] = float("-inf")
     probs = values.softmax(-1)
     drop = (probs.cumsum(-1) - probs) >= p
     drop[:, 0] = False
-    picked = _inverse_cdf(values.masked_fill(drop, float("-inf")), uniform)
-    return order.gather(1, picked.unsqueeze(1)).squeeze(1)
+    drop |= values == float("-inf")
+    return torch.zeros_like(drop).scatter_(1, order, ~drop)
 
 
 def _inverse_cdf(scores: Tensor, uniform: Tensor) -> Tensor:
-    """Index per row drawn from softmax(scores) by inverting its CDF at `uniform`."""
+    """Index per row drawn from softmax(scores) by inverting its CDF, in vocabulary order, at `uniform`."""
     cdf = scores.softmax(-1).cumsum(-1)
     picked = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1)).squeeze(1)
     return picked.clamp(max=scores.shape[-1] - 1)
@@ -74,27 +59,39 @@ def sample_tokens(logits: Tensor, temperature: list[float], top_k: list[int | No
                   generators: list[torch.Generator | None]) -> tuple[list[int], list[int]]:
     """Next token per row of logits [B, V] and the rows that could not be sampled (their token is -1).
 
-    Temperature 0 is greedy. A sampled row draws one uniform number from its own generator and
-    inverts the CDF of its (top-k, top-p filtered) distribution, so a row's token does not depend on
-    its batch neighbours. Runs on the CPU in fp32 whatever the model's device."""
-    scores = logits.detach().float().cpu()
+    Temperature 0 is greedy. Runs on the CPU in fp32 whatever the model's device."""
+    scores = logits.detach().float().cpu().contiguous()
+    lib = native.load()
+    if lib is not None:
+        vocab = scores.shape[-1]
+        uniform = [float(torch.rand(1, generator=g)) if t > 0 else 0.0 for t, g in zip(temperature, generators)]
+        ks = [k if k is not None and 0 < k < vocab else 0 for k in top_k]
+        ps = [p if p is not None and p < 1.0 else 1.0 for p in top_p]
+        tokens = lib.sample(scores, torch.tensor(temperature, dtype=torch.float32), torch.tensor(ks, dtype=torch.long),
+                            torch.tensor(ps, dtype=torch.float32), torch.tensor(uniform, dtype=torch.float32)).tolist()
+        return tokens, [r for r, t in enumerate(tokens) if t < 0]
+    return _sample_tokens_torch(scores, temperature, top_k, top_p, generators)
+
+
+def _sample_tokens_torch(scores: Tensor, temperature: list[float], top_k: list[int | None], top_p: list[float | None],
+                         generators: list[torch.Generator | None]) -> tuple[list[int], list[int]]:
+    """The same rule in PyTorch ops (where the native kernels are not built): row by row."""
+    vocab = scores.shape[-1]
     ok = torch.isfinite(scores).all(-1)
     tokens = scores.argmax(-1)
-    vocab = scores.shape[-1]
-    rows = [r for r, t in enumerate(temperature) if t > 0]
-    uniform = {r: torch.rand(1, generator=generators[r]) for r in rows}
-    plain = [r for r in rows if (top_k[r] is None or not 0 < top_k[r] < vocab) and (top_p[r] is None or top_p[r] >= 1.0)]
-    filtered = [r for r in rows if r not in set(plain)]
-    if plain:
-        sub = scores[plain] / torch.tensor([temperature[r] for r in plain]).unsqueeze(1)
-        tokens[plain] = _inverse_cdf(sub, torch.cat([uniform[r] for r in plain]))
-        ok[plain] &= torch.isfinite(sub).all(-1)  # a temperature so small that logits / T overflow
-    if filtered:
-        sub = scores[filtered] / torch.tensor([temperature[r] for r in filtered]).unsqueeze(1)
-        ok[filtered] &= torch.isfinite(sub).all(-1)
-        ks = [top_k[r] if top_k[r] is not None and 0 < top_k[r] < vocab else vocab for r in filtered]
-        ps = [top_p[r] if top_p[r] is not None and top_p[r] < 1.0 else 1.0 for r in filtered]
-        tokens[filtered] = _filtered(sub, ks, ps, torch.cat([uniform[r] for r in filtered]))
+    for r, t in enumerate(temperature):
+        if t <= 0 or not ok[r]:
+            continue
+        uniform = torch.rand(1, generator=generators[r])
+        row = scores[r: r + 1] / t
+        if not torch.isfinite(row).all():  # a temperature so small that logits / T overflow
+            ok[r] = False
+            continue
+        k = top_k[r] if top_k[r] is not None and 0 < top_k[r] < vocab else vocab  # type: ignore[operator]
+        p = top_p[r] if top_p[r] is not None and top_p[r] < 1.0 else 1.0  # type: ignore[operator]
+        if k < vocab or p < 1.0:
+            row = row.masked_fill(~kept_tokens(row, k, p), float("-inf"))
+        tokens[r] = _inverse_cdf(row, uniform)[0]
     bad = (~ok).nonzero().squeeze(1).tolist()
     out = tokens.tolist()
     for r in bad:

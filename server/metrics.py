@@ -196,16 +196,18 @@ class ModelMetrics:
         self.running.set(running)
         self.step_budget.set(budget)
 
-    def record_forward(self, phase: str, seconds: float, batch: int, counts: torch.Tensor, gate: torch.Tensor | None,
+    def record_forward(self, phase: str, seconds: float, batch: int, counts: list[list[list[int]]], gate: torch.Tensor | None,
                        executed: float, dense: float) -> None:
-        """One model forward: latency, batch size, routed tokens per (layer, operator), gates, FLOPs."""
+        """One model forward: latency and batch size under `phase`; routed tokens per (layer, operator)
+        per token phase (counts[0]: decode tokens, counts[1]: prompt and scoring tokens); gates; FLOPs."""
         m, name = self._m, self.name
         m.forward_latency.labels(name, phase, self.device).observe(seconds)
         m.batch_size.labels(name, phase).observe(batch)
-        for layer, row in enumerate(counts.tolist(), start=1):
-            for op, n in enumerate(row):
-                if n:
-                    m.tokens_routed.labels(name, str(layer), OPERATORS[op], phase).inc(n)
+        for token_phase, table in zip(("decode", "prefill"), counts):
+            for layer, row in enumerate(table, start=1):
+                for op, n in enumerate(row):
+                    if n:
+                        m.tokens_routed.labels(name, str(layer), OPERATORS[op], token_phase).inc(n)
         if gate is not None:
             self.metarouter_gate.observe_many(gate)
         m.flops.labels(name, "executed").inc(executed)

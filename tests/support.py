@@ -6,7 +6,7 @@ one tiny-checkpoint builder. The server process and the Prometheus parser are th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -59,3 +59,17 @@ def save_tiny_checkpoint(path: Path, *, max_seq_len: int = 128, tokenizer: Token
     torch.manual_seed(0)
     model = ChiarLM(config.replace(thresholds=thresholds)).eval()
     return save_checkpoint(model, tokenizer, path)
+
+
+def ran(out: Any, seconds_per_token: float) -> Any:
+    """The RunnerOutput a runner returns when every part of SchedulerOutput `out` ran (scheduler tests)."""
+    from server.engine.outputs import Part, RunnerOutput
+
+    def part(job: Any, chunk: Any, n: int) -> Part:
+        return Part(job, chunk, (job.id, -1), [0] * n, 0)
+
+    decode = [part(j, None, 1) for j in out.decode]
+    prefill = [part(c.job, c, c.end - c.start) for c in out.prefill]
+    scored = [part(c.job, c, c.end - c.start) for c in out.score]
+    tokens = len(decode) + out.prefill_tokens + out.score_tokens
+    return RunnerOutput(decode, prefill, scored, [], [], tokens * seconds_per_token, [], None)

@@ -1,4 +1,4 @@
-"""The engine: one thread owns the model and loops schedule() -> run -> update_from_output().
+"""The engine: one thread owns the model and loops `step()`: schedule() -> run -> process -> update_from_output().
 
 Asyncio handlers submit jobs and read typed events from an asyncio.Queue per request.
 """
@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer
-from torch import Tensor
 
-from model import ModelOutput
-from model.blocks import AttentionBlock
+from model.kv_cache import PagedKVCache
+from model.step import TokenBatch
 from server.engine.output import OutputProcessor
-from server.engine.requests import GenerateJob, Job, Outbox, Unavailable
+from server.engine.outputs import RunnerOutput, SchedulerOutput, ScoreChunk
+from server.engine.requests import Job, Outbox, Unavailable
 from server.engine.runner import FaultInjector, ModelRunner
-from server.engine.scheduler import PrefillChunk, Scheduler, SchedulerLimits, SchedulerOutput, ScoreChunk, StepStats
+from server.engine.scheduler import Scheduler, SchedulerLimits, StepStats
 from server.engine.turns import DeviceTurns
 from server.metrics import Metrics
 from server.settings import Settings
@@ -46,22 +46,23 @@ class EngineStatus:
     cut_requests: int
 
 
-def kv_bytes_per_token(model: torch.nn.Module) -> float:
-    """K+V bytes one token adds when it attends in every attention-capable layer."""
-    cfg = model.config
-    layers = sum(1 for block in model.blocks if hasattr(block, "attention"))
-    element = next(model.parameters()).element_size()
-    return float(layers * 2 * cfg.d_model * element)
-
-
 def auto_batch_cap(model: torch.nn.Module, budget: int) -> int:
     """`--max-batch-size 0`: sequences the budget holds at full length in the layers every token attends
     in (all of the baseline's, CHIAR's full-attention ones); the routed cache is left to admission, so
     the cap never hides CHIAR's smaller cache (at most MAX_AUTO_BATCH)."""
     cfg = model.config
-    always = sum(1 for block in model.blocks if isinstance(block, AttentionBlock)) or 1
-    per_seq = always * 2 * cfg.d_model * next(model.parameters()).element_size() * cfg.max_seq_len
+    per_seq = max(model.attention_layers(always=True), 1) * 2 * cfg.d_model * next(model.parameters()).element_size() * cfg.max_seq_len
     return max(1, min(MAX_AUTO_BATCH, int(budget // per_seq)))
+
+
+@dataclass
+class StepReport:
+    """What one `Engine.step()` did (benchmarks read it)."""
+
+    decode_tokens: int
+    chunk_tokens: int
+    forward_seconds: float
+    seconds: float
 
 
 class Engine:
@@ -81,16 +82,22 @@ class Engine:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.token_str = TokenStrings(tokenizer)
-        per_token = kv_bytes_per_token(model)
+        per_token = model.kv_bytes_per_token()
         budget = int((settings.kv_cache_mb if kv_cache_mb is None else kv_cache_mb) * 2**20)
         max_batch = settings.max_batch_size or auto_batch_cap(model, budget)
+        # the cache is a fixed pool of the budget's blocks: used KV can never exceed the limit
+        # a pool of the budget's blocks; it can grow past the budget only when routing beats admission's
+        # headroom (no preemption yet), which chiar_kv_cache_bytes{kind="used"} then shows
+        blocks = max(1, budget // PagedKVCache.bytes_per_block(model))
+        cache = PagedKVCache.for_model(model, rows=max_batch, blocks=blocks, growable=True)
         self.scheduler = Scheduler(SchedulerLimits(
             max_batch_size=max_batch, queue_size=settings.queue_size, max_step_tokens=settings.max_tokens_per_step,
             step_target_seconds=settings.step_target_ms / 1000.0, kv_budget_bytes=budget, kv_bytes_per_token=per_token,
-            max_seq_len=self.config.max_seq_len))
+            max_seq_len=self.config.max_seq_len, kv_rounding_bytes=model.attention_layers() * PagedKVCache.bytes_per_block(model)))
         faults = FaultInjector.parse(settings.fault_inject)
-        self.runner = ModelRunner(model, self.config.pad_token_id, faults, self._record_forward)
-        self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults)
+        self.runner = ModelRunner(model, cache, faults)
+        self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults,
+                                      lambda cost: cost.price(model))
         self._cv = threading.Condition()
         self._ready = threading.Event()
         self._draining = False
@@ -192,13 +199,7 @@ class Engine:
                         self.outbox.flush()
                     if not self.scheduler.has_work:
                         continue
-                    out = self.scheduler.schedule(time.perf_counter())
-                try:
-                    self._step(out)
-                except Exception as exc:  # a bug outside the per-request guards: fail what this step touched
-                    log.error("engine step failed: %s", type(exc).__name__)
-                    log.debug("traceback", exc_info=True)
-                    self._fail_step(out, f"internal error: {type(exc).__name__}")
+                self.step()
             self.outbox.flush()
 
     def _cut_all(self) -> None:
@@ -210,7 +211,7 @@ class Engine:
         if jobs:
             log.error("drain timed out: %d requests cut", len(jobs))
         self.scheduler.drop(jobs)
-        self.runner.remove([j for j in jobs if isinstance(j, GenerateJob)])
+        self.runner.release(jobs)
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> None:
         jobs: list[Job] = [*out.decode, *(c.job for c in out.prefill), *(c.job for c in out.score)]
@@ -218,39 +219,52 @@ class Engine:
             job.fail("internal", message)
         with self._cv:
             self.scheduler.drop(jobs)
-        self.runner.remove([j for j in jobs if isinstance(j, GenerateJob)])
+        self.runner.release(jobs)
 
-    def _step(self, out: SchedulerOutput) -> None:
+    def step(self) -> StepReport | None:
+        """One engine step: schedule, one forward, sampling and outputs, then the scheduler learns.
+        A bug outside the per-request guards fails what the step touched, not the engine."""
+        with self._cv:
+            if not self.scheduler.has_work:
+                return None
+            out = self.scheduler.schedule(time.perf_counter())
         t0 = time.perf_counter()
+        try:
+            ro = self._run(out)
+        except Exception as exc:
+            log.error("engine step failed: %s", type(exc).__name__)
+            log.debug("traceback", exc_info=True)
+            self._fail_step(out, f"internal error: {type(exc).__name__}")
+            return None
+        seconds = time.perf_counter() - t0
+        if self._record:
+            self.metrics.record_step(len(ro.decode), sum(len(p.tokens) for p in ro.prefill), sum(len(p.tokens) for p in ro.score),
+                                     out.budget, seconds, self.scheduler.kv_used_bytes, self.scheduler.limits.kv_budget_bytes)
+        self._update_gauges()
+        return StepReport(len(ro.decode), ro.tokens - len(ro.decode), ro.seconds, seconds)
+
+    def _run(self, out: SchedulerOutput) -> RunnerOutput:
         for job, reason in out.expired:
             job.fail(reason, f"request {reason}" + ("" if job.admitted else " while waiting"))
-        self.runner.remove([j for j, _ in out.expired if isinstance(j, GenerateJob)])
+        self.runner.release([j for j, _ in out.expired])
         if self._record:
             for job in [*(c.job for c in out.prefill), *(c.job for c in out.score)]:
                 if not job.wait_recorded and job.admitted is not None:
                     job.wait_recorded = True
                     self.metrics.queue_wait.observe(job.admitted - job.arrival)
-        ro = self.runner.run(bool(out.decode), out.prefill, out.score)
-        for job, message in ro.failed:
-            job.fail("internal", message)
-        ended: list[Job] = [j for j, _ in ro.failed]
-        if ro.decode is not None:
-            ended += self.output.decode(ro.decode)
-        done, going_on = self.output.prefill([c for c in ro.chunks if isinstance(c.chunk, PrefillChunk)])
-        ended += done
-        ended += self.output.score([c for c in ro.chunks if isinstance(c.chunk, ScoreChunk)])
+        ro = self.runner.run(out)
+        self._record_forward(ro)
+        ended, started = self.output.process(ro)
         ended += self.output.score_nothing(self.scheduler.scoring)  # they get no chunk, so nothing else ends them
-        self.runner.remove([j for j in ended if isinstance(j, GenerateJob)])
-        self.runner.admit([o for o in going_on if not o.chunk.job.done])
-        # partly prefilled prompts hold cache too (their reservation only counts the tokens still to come)
-        kv_used, kv_tokens = self.runner.kv_bytes([j.prefill_state for j in self.scheduler.prefilling if j.prefill_state is not None])
-        stats = StepStats(len(out.decode), ro.decode_seconds, out.prefill_tokens + out.score_tokens, ro.chunk_seconds)
+        for part in ro.score:
+            chunk = part.chunk
+            assert isinstance(chunk, ScoreChunk)
+            if chunk.last:
+                self.runner.release_window(chunk.job, chunk.window.index)
+        self.runner.release(ended)
         with self._cv:
-            self.scheduler.update_from_output(out, stats, ended, [o.chunk.job for o in going_on], kv_used, kv_tokens)
-        if self._record:
-            self.metrics.record_step(len(out.decode), out.prefill_tokens, out.score_tokens, out.budget,
-                                     time.perf_counter() - t0, kv_used, self.scheduler.limits.kv_budget_bytes)
-        self._update_gauges()
+            self.scheduler.update_from_output(out, ro, ended, started, self.runner.kv_used_bytes(), self.runner.kv_tokens())
+        return ro
 
     def _update_gauges(self) -> None:
         # every step: only the counts the gauges show, not status()'s backlog and KV sums
@@ -261,40 +275,47 @@ class Engine:
             budget = sched.budget()
         self.metrics.update_queues(waiting_generate, waiting_score, active, budget)
 
-    def _record_forward(self, phase: str, seconds: float, batch: int, out: ModelOutput, gate: Tensor | None) -> None:
-        if self._record:
-            self.metrics.record_forward(phase, seconds, batch, out.routing.counts, gate, out.flops.executed, out.flops.dense)
+    def _record_forward(self, ro: RunnerOutput) -> None:
+        """The step's forward: a forward that carries prompt or scoring tokens counts as prefill."""
+        if not self._record or not ro.tokens:
+            return
+        chunks = len(ro.prefill) + len(ro.score)
+        phase, batch = ("prefill", chunks) if chunks else ("decode", len(ro.decode))
+        self.metrics.record_forward(phase, ro.seconds, batch, ro.counts, ro.gate, ro.executed_flops, ro.dense_flops)
 
     def _warmup(self) -> None:
-        """Each kind of forward once (prefill, extend, decode, add/remove, infer) and first cost estimates."""
+        """A prompt, a chunk and decode steps through the real cache; their timings seed the cost model."""
         self._record = False
         self.output.record = False
+        cache, model = self.runner.cache, self.model
         try:
-            cfg = self.config
-            n = min(64, cfg.max_seq_len - 4)
-            ids = torch.arange(n, device=self.device).remainder(cfg.vocab_size - 1).unsqueeze(0)
-            cost = self.scheduler.cost
-            for _ in range(2):  # the second round's timings seed the cost model (fixed + per token)
+            n = min(64, self.config.max_seq_len - 8)
+            ids = [(3 + i) % (self.config.vocab_size - 1) for i in range(n)]
+            rows = [cache.allocate() for _ in range(2)]
+            for _ in range(2):  # the second round's timings count (the first pays for first-call costs)
+                for row in rows:
+                    cache.free(row)
+                rows = [cache.allocate() for _ in range(2)]
                 t0 = time.perf_counter()
-                _, state = self.model.prefill(ids)
+                out = model.forward_step(TokenBatch.build(cache, [(rows[0], ids)], [n - 1], self.device), cache)
                 long = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                self.model.extend(ids[0, :4], state)
+                model.forward_step(TokenBatch.build(cache, [(rows[1], ids[:4])], [3], self.device), cache)
                 short = time.perf_counter() - t0
-            cost.observe(StepStats(0, 0.0, n, long))
-            cost.observe(StepStats(0, 0.0, 4, short))
+                t0 = time.perf_counter()
+                for token in range(3):
+                    model.forward_step(TokenBatch.build(cache, [(row, [token]) for row in rows], None, self.device), cache)
+                decode = (time.perf_counter() - t0) / 3
+            cost = self.scheduler.cost
+            cost.observe(StepStats(0, n, long))
+            cost.observe(StepStats(0, 4, short))
+            cost.observe(StepStats(2, 0, decode))
             # first estimate of the attending share (admission's estimate until steps measure it)
-            seen = float(state.lengths.sum()) * self.scheduler.limits.kv_bytes_per_token
-            self.scheduler.kv_share = min(1.0, max(0.05, float(state.kv_cache_bytes().sum()) / seen))
-            _, other = self.model.prefill(ids[:, :3])
-            state.add(other)
-            tokens = torch.tensor([3, 4], device=self.device)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                self.model.decode_step(tokens, state)
-            self.scheduler.cost.decode_seconds = (time.perf_counter() - t0) / 3
-            state.remove([0])
-            self.model.infer(ids)
+            seen = float(n + 3) * self.scheduler.limits.kv_bytes_per_token
+            self.scheduler.kv_share = min(1.0, max(0.05, cache.entry_bytes([rows[0]]) / seen))
+            del out
+            for row in rows:
+                cache.free(row)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         finally:

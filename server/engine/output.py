@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
 from model import FinishReason, Operator, StoppingCriteria, make_generator, sample_tokens
+from server.engine.outputs import Part, PrefillChunk, RunnerOutput, ScoreChunk
 from server.engine.requests import (
     DoneEvent,
     GenerateJob,
@@ -21,12 +23,12 @@ from server.engine.requests import (
     Job,
     LogprobEntry,
     PromptEvent,
+    RequestCost,
     ScoreJob,
     ScoreResult,
     TokenEvent,
 )
-from server.engine.runner import ChunkOutput, DecodeOutput, FaultInjector
-from server.engine.scheduler import PrefillChunk, ScoreChunk
+from server.engine.runner import FaultInjector
 from server.metrics import ModelMetrics
 from server.textstream import TextStream
 
@@ -51,12 +53,14 @@ def logprob_entries(logp: Tensor, targets: list[int], top_n: int) -> list[Logpro
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer, max_seq_len: int, eos: int, metrics: ModelMetrics, faults: FaultInjector) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_seq_len: int, eos: int, metrics: ModelMetrics, faults: FaultInjector,
+                 price: Callable[[RequestCost], tuple[float, float]]) -> None:
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.eos = eos
         self.metrics = metrics
         self.faults = faults
+        self.price = price  # (executed, dense) FLOPs of a request's routing totals
         self.record = True
         self.completed_seconds: list[float] = []  # arrival -> done of finished requests (retry estimates)
 
@@ -65,76 +69,75 @@ class OutputProcessor:
         log.warning("request %s failed: %s", job.id, message)
         job.fail("internal", message)
 
-    # ------------------------------------------------------------------ generation
-    def decode(self, d: DecodeOutput) -> list[Job]:
-        """Sample the next token of every running sequence; returns the requests that ended."""
+    # ------------------------------------------------------------------ one step
+    def process(self, ro: RunnerOutput) -> tuple[list[Job], list[GenerateJob]]:
+        """Book what the step computed; sample every decode and every completed prompt in one call.
+        Returns (requests that ended, requests whose prompt completed and that go on decoding)."""
         ended: list[Job] = []
-        flops_e, flops_d = d.out.flops.per_sequence_executed, d.out.flops.per_sequence_dense
-        for b, job in enumerate(d.jobs):  # before the result is assembled
-            job.flops[0] += flops_e[b]
-            job.flops[1] += flops_d[b]
-        for r, job, token, logits in self._sample(d.jobs, d.logits, ended):
+        for job, message in ro.failed:
+            job.fail("internal", message)
+            ended.append(job)
+        sample = [p for p in ro.decode if not p.job.done]
+        started = []
+        for part in ro.prefill:
+            job = part.job
+            assert isinstance(job, GenerateJob) and isinstance(part.chunk, PrefillChunk)
             try:
-                if job.routing is not None:
-                    job.routing.operator.append(d.out.routing.operator[r, 0].tolist())
-                    job.routing.entropy.append(nan_to_none(d.out.routing.entropy[r, 0].tolist()))
-                    job.routing.gate.append(nan_to_none([float(d.out.routing.gate[r, 0])])[0])
-                if self._accept(job, token, logits):
+                self._book_prompt_chunk(job, part)
+                if part.chunk.last:
+                    self._start(job)
+                    sample.append(part)
+                    started.append(job)
+            except Exception as exc:
+                self._fail(job, f"prompt processing failed: {type(exc).__name__}")
+                ended.append(job)
+        if sample:
+            ended += self._sample_and_accept(sample)
+        ended += self.score(ro.score)
+        return ended, [j for j in started if not j.done]
+
+    def _start(self, job: GenerateJob) -> None:
+        """The prompt is in the cache: the request's stream, generator and stopping rules, once."""
+        job.stream = TextStream(self.tokenizer, job.params.stop)
+        job.generator = make_generator(job.params.seed)
+        job.criteria = StoppingCriteria(job.params.max_new_tokens, self.max_seq_len, None if job.params.ignore_eos else self.eos)
+        if job.prompt_logprobs is not None:
+            job.post(PromptEvent(job.index, job.prompt_logprobs))
+
+    def _sample_and_accept(self, parts: list[Part]) -> list[Job]:
+        ended: list[Job] = []
+        jobs: list[GenerateJob] = [p.job for p in parts]  # type: ignore[misc]
+        logits = torch.cat([p.logits[-1:] for p in parts])  # type: ignore[index]
+        for r, job, token, row in self._sample(jobs, logits, ended):
+            part = parts[r]
+            try:
+                if job.routing is not None and part.chunk is None:
+                    operator, entropy, gate = part.routing()
+                    job.routing.operator.append(operator[0].tolist())
+                    job.routing.entropy.append(nan_to_none(entropy[0].tolist()))
+                    job.routing.gate.append(None if gate is None else nan_to_none([float(gate[0])])[0])
+                if self._accept(job, token, row):
                     ended.append(job)
             except Exception as exc:
                 self._fail(job, f"output processing failed: {type(exc).__name__}")
                 ended.append(job)
         return ended
 
-    def prefill(self, outputs: list[ChunkOutput]) -> tuple[list[Job], list[ChunkOutput]]:
-        """Book prompt chunks; sample the first token of prompts now complete.
-        Returns (requests that ended, last chunks whose request goes on decoding)."""
-        ended: list[Job] = []
-        last: list[ChunkOutput] = []
-        for o in outputs:
-            chunk = o.chunk
-            assert isinstance(chunk, PrefillChunk)
-            job = chunk.job
-            try:
-                self._book_prompt_chunk(job, chunk, o)
-                if chunk.last:
-                    job.stream = TextStream(self.tokenizer, job.params.stop)
-                    job.generator = make_generator(job.params.seed)
-                    if job.prompt_logprobs is not None:
-                        job.post(PromptEvent(job.index, job.prompt_logprobs))
-                    last.append(o)
-            except Exception as exc:
-                self._fail(job, f"prompt processing failed: {type(exc).__name__}")
-                ended.append(job)
-        if not last:
-            return ended, []
-        going_on = []
-        logits = torch.stack([o.logits[-1] for o in last])
-        by_job = {id(o.chunk.job): o for o in last}
-        for _, job, token, row in self._sample([o.chunk.job for o in last], logits, ended):  # type: ignore[misc]
-            try:
-                if self._accept(job, token, row):
-                    ended.append(job)
-                else:
-                    going_on.append(by_job[id(job)])
-            except Exception as exc:
-                self._fail(job, f"output processing failed: {type(exc).__name__}")
-                ended.append(job)
-        return ended, going_on
-
-    def _book_prompt_chunk(self, job: GenerateJob, chunk: PrefillChunk, o: ChunkOutput) -> None:
-        job.flops[0] += o.flops_executed
-        job.flops[1] += o.flops_dense
+    def _book_prompt_chunk(self, job: GenerateJob, part: Part) -> None:
+        chunk = part.chunk
+        assert isinstance(chunk, PrefillChunk)
         if self.record:
             self.metrics.prompt_tokens.inc(chunk.end - chunk.start)
         if job.routing is not None:
-            job.routing.operator += o.operator.tolist()
-            job.routing.entropy += nan_to_none(o.entropy.tolist())
-            job.routing.gate += nan_to_none(o.gate.tolist())
+            operator, entropy, gate = part.routing()
+            job.routing.operator += operator.tolist()
+            job.routing.entropy += nan_to_none(entropy.tolist())
+            job.routing.gate += [None] * operator.shape[0] if gate is None else nan_to_none(gate.tolist())
         if job.prompt_logprobs is not None:
             targets = job.prompt_ids[chunk.start + 1: chunk.end + 1]  # the last position predicts a new token
             if targets:
-                logp = torch.log_softmax(o.logits[: len(targets)].float(), dim=-1)
+                assert part.logits is not None
+                logp = torch.log_softmax(part.logits[: len(targets)].float(), dim=-1)
                 job.prompt_logprobs += logprob_entries(logp, targets, job.params.prompt_logprobs or 0)
 
     def _sample(self, jobs: list[GenerateJob], logits: Tensor, ended: list[Job]) -> list[tuple[int, GenerateJob, int, Tensor]]:
@@ -173,11 +176,12 @@ class OutputProcessor:
             logp = torch.log_softmax(logits.float(), dim=-1)[None]
             entries = logprob_entries(logp, [token], job.params.logprobs)
             job.token_logprobs += entries
-        criteria = StoppingCriteria(job.params.max_new_tokens, self.max_seq_len, None if job.params.ignore_eos else self.eos)
-        delta = "" if token == criteria.eos_token_id else job.stream.push(token)
-        finish = criteria.check(token, len(job.tokens), len(job.prompt_ids) + len(job.tokens), job.stream.stopped)
+        criteria, stream = job.criteria, job.stream
+        assert criteria is not None and stream is not None
+        delta = "" if token == criteria.eos_token_id else stream.push(token)
+        finish = criteria.check(token, len(job.tokens), len(job.prompt_ids) + len(job.tokens), stream.stopped)
         if finish is not None:
-            delta += job.stream.finish()
+            delta += stream.finish()
         job.post(TokenEvent(job.index, [token], delta, entries))
         if finish is None:
             return False
@@ -187,26 +191,27 @@ class OutputProcessor:
     def _finish(self, job: GenerateJob, finish: FinishReason, now: float) -> None:
         job.done = True
         self.completed_seconds.append(now - job.arrival)
+        executed, dense = self.price(job.cost)
+        assert job.stream is not None
         result = GenerationResult(
             finish_reason=finish, token_ids=job.tokens, text=job.stream.text, prompt_tokens=len(job.prompt_ids),
             completion_tokens=len(job.tokens), queue_seconds=(job.admitted or now) - job.arrival,
             ttft_seconds=(job.first_token - job.arrival) if job.first_token else None, total_seconds=now - job.arrival,
-            flops_executed=job.flops[0], flops_dense=job.flops[1], routing=job.routing, prompt_logprobs=job.prompt_logprobs,
+            flops_executed=executed, flops_dense=dense, routing=job.routing, prompt_logprobs=job.prompt_logprobs,
             token_logprobs=job.token_logprobs if job.params.logprobs is not None else None)
         job.post(DoneEvent(job.index, result))
 
     # ------------------------------------------------------------------ scoring
-    def score(self, outputs: list[ChunkOutput]) -> list[Job]:
+    def score(self, parts: list[Part]) -> list[Job]:
         """Book log-likelihoods of scored chunks; returns the scoring requests now complete."""
         ended: list[Job] = []
-        for o in outputs:
-            chunk = o.chunk
-            assert isinstance(chunk, ScoreChunk)
-            job = chunk.job
+        for part in parts:
+            job = part.job
+            assert isinstance(job, ScoreJob) and isinstance(part.chunk, ScoreChunk)
             if job.done:
                 continue
             try:
-                self._book_score_chunk(job, chunk, o)
+                self._book_score_chunk(job, part)
                 if job.windows_left == 0:
                     self._finish_score(job)
                     ended.append(job)
@@ -222,16 +227,18 @@ class OutputProcessor:
             self._finish_score(job)  # type: ignore[arg-type]
         return ended
 
-    def _book_score_chunk(self, job: ScoreJob, chunk: ScoreChunk, o: ChunkOutput) -> None:
+    def _book_score_chunk(self, job: ScoreJob, part: Part) -> None:
+        chunk = part.chunk
+        assert isinstance(chunk, ScoreChunk) and part.logits is not None
         win = chunk.window
         seq = job.seqs[win.seq]
         first = win.begin + chunk.start  # input position of the chunk's first row
-        lo = max(win.score_from - 1, first)  # first input position whose target is scored
+        lo = first + part.logits_from  # first input position whose target is scored (the runner computed logits from it)
         hi = win.begin + chunk.end
         if self.record:
             self.metrics.prompt_tokens.inc(chunk.end - chunk.start)
         if hi > lo:
-            logp = torch.log_softmax(o.logits[lo - first: hi - first].float(), dim=-1)
+            logp = torch.log_softmax(part.logits.float(), dim=-1)
             targets = seq[lo + 1: hi + 1]
             chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
             job.logprobs[win.seq][lo: hi] = chosen
@@ -239,19 +246,18 @@ class OutputProcessor:
                 values, indices = logp.topk(job.top_n, dim=-1)
                 for i, (ix, vs) in enumerate(zip(indices.tolist(), values.tolist())):
                     job.top[win.seq][lo + i] = dict(zip(ix, vs))
-            ops = o.operator[lo - first: hi - first].long().cpu()  # [n, L]
+            operator, entropy, gate = part.routing()
+            rows = slice(lo - first, hi - first)
+            ops = operator[rows].long().cpu()  # [n, L]
             counts = torch.zeros(ops.shape[1], N_OPERATORS, dtype=torch.long)
-            valid = ops >= 0
             layer_idx = torch.arange(ops.shape[1]).expand_as(ops)
-            counts.index_put_((layer_idx[valid], ops[valid]), torch.ones_like(ops[valid]), accumulate=True)
+            counts.index_put_((layer_idx.reshape(-1), ops.reshape(-1)), torch.ones(ops.numel(), dtype=torch.long), accumulate=True)
             job.counts[win.seq] = counts if job.counts[win.seq] is None else job.counts[win.seq] + counts
             if job.routing is not None:
-                trace, rows = job.routing[win.seq], slice(lo - first, hi - first)
-                trace.operator[lo:hi] = o.operator[rows].tolist()
-                trace.entropy[lo:hi] = nan_to_none(o.entropy[rows].tolist())
-                trace.gate[lo:hi] = nan_to_none(o.gate[rows].tolist())
-        job.flops[win.seq][0] += o.flops_executed
-        job.flops[win.seq][1] += o.flops_dense
+                trace = job.routing[win.seq]
+                trace.operator[lo:hi] = operator[rows].tolist()
+                trace.entropy[lo:hi] = nan_to_none(entropy[rows].tolist())
+                trace.gate[lo:hi] = [None] * (hi - lo) if gate is None else nan_to_none(gate[rows].tolist())
         if chunk.last:
             job.windows_left -= 1
 
@@ -262,4 +268,4 @@ class OutputProcessor:
         job.post(DoneEvent(job.index, ScoreResult(
             logprobs=job.logprobs, top=job.top, counts=[c.tolist() if c is not None else [] for c in job.counts], windows=job.n_windows,
             queue_seconds=(job.admitted or now) - job.arrival, total_seconds=now - job.arrival, routing=job.routing,
-            flops=job.flops)))
+            flops=[list(self.price(cost)) for cost in job.costs])))

@@ -14,10 +14,50 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:  # the scheduler imports this module and stays free of torch
     import torch
 
-    from model import FinishReason
+    from model import FinishReason, StoppingCriteria
+    from server.textstream import TextStream
+
+
+@dataclass
+class RequestCost:
+    """Routing totals of a request (or of one step) across forwards, priced when asked.
+
+    Pricing is linear in token counts and attended pairs, so the sum of many forwards' tables prices
+    exactly as the sum of their prices."""
+
+    counts: np.ndarray | None = None  # [L, 4] tokens per layer and operator id
+    pairs: np.ndarray | None = None  # [L] attended (query, key) pairs
+    tokens: int = 0  # tokens fed through the model
+    dense_pairs: float = 0.0  # pairs a full-attention model would attend for them
+    heads: int = 0  # positions whose logits were computed
+
+    def add(self, counts: np.ndarray, pairs: np.ndarray, tokens: int, start: int, heads: int) -> None:
+        """One forward's share: `tokens` new tokens after `start` earlier ones of the same sequence."""
+        if self.counts is None or self.pairs is None:
+            self.counts, self.pairs = counts.astype(np.int64), pairs.astype(np.float64)
+        else:
+            self.counts += counts
+            self.pairs += pairs
+        self.tokens += tokens
+        self.dense_pairs += tokens * start + tokens * (tokens + 1) / 2
+        self.heads += heads
+
+    def price(self, model: Any) -> tuple[float, float]:
+        """(executed, dense-equivalent) FLOPs, the LM head included."""
+        from model import flops as fl  # here, not at the top: the scheduler imports this module without torch
+        from model.accounting import dense_flops, executed_flops
+
+        cfg = model.config
+        head = fl.lm_head_flops(cfg.d_model, cfg.vocab_size, self.heads)
+        if self.counts is None or self.pairs is None:
+            return head, head
+        _, (executed,) = executed_flops(model.blocks, [self.counts.tolist()], [self.pairs.tolist()], model.metarouter is not None)
+        return executed + head, dense_flops(cfg.d_model, cfg.d_ff, cfg.n_layers, self.tokens, self.dense_pairs) + head
 
 
 class Unavailable(Exception):
@@ -175,6 +215,10 @@ class Job:
         """Input tokens still to process (the scheduler's shortest-remaining-first key)."""
         raise NotImplementedError
 
+    def cost_of(self, seq: int) -> RequestCost:
+        """The routing totals of sequence `seq` (the runner adds each forward's share; priced at the end)."""
+        raise NotImplementedError
+
 
 class GenerateJob(Job):
     kind = "generate"
@@ -184,19 +228,23 @@ class GenerateJob(Job):
         self.prompt_ids = prompt_ids
         self.params = params
         self.prefilled = 0  # prompt tokens already in the cache
-        self.prefill_state: object = None  # the runner's KV cache while the prompt is prefilled in chunks
         self.tokens: list[int] = []
         self.token_logprobs: list[LogprobEntry] = []
         self.prompt_logprobs: list[LogprobEntry] | None = [] if params.prompt_logprobs is not None else None
         self.routing: RoutingTrace | None = RoutingTrace() if params.return_routing else None
-        self.flops = [0.0, 0.0]  # executed, dense
+        self.cost = RequestCost()  # written by the runner only
         self.first_token: float | None = None
         self.last_token: float | None = None
-        self.stream: Any = None  # TextStream, set when the prompt is in the cache
+        # set once by the output processor when the prompt is in the cache
+        self.stream: TextStream | None = None
         self.generator: torch.Generator | None = None
+        self.criteria: StoppingCriteria | None = None
 
     def remaining_tokens(self) -> int:
         return len(self.prompt_ids) - self.prefilled
+
+    def cost_of(self, seq: int) -> RequestCost:
+        return self.cost
 
 
 @dataclass
@@ -204,12 +252,12 @@ class Window:
     """One scoring window (a model.scoring.Span) of sequence `seq`, with the engine's progress on it:
     inputs ids[begin:end], targets ids[score_from:end + 1]."""
 
+    index: int  # among the job's windows (the runner's row key)
     seq: int  # index into the job's sequences
     begin: int
     end: int
     score_from: int  # first target index (into ids) this window scores
     done: int = 0  # inputs of this window already processed (chunked windows)
-    state: object = None  # the runner's KV cache of a window processed in chunks
 
     @property
     def length(self) -> int:
@@ -232,15 +280,19 @@ class ScoreJob(Job):
         self.top: list[list[dict[int, float] | None]] | None = [[None] * (len(ids) - 1) for ids in seqs] if top_n else None
         self.counts: list[Any] = [None] * len(seqs)  # per sequence: [layers, operators] counts (torch)
         self.n_windows = [0] * len(seqs)
-        self.flops = [[0.0, 0.0] for _ in seqs]  # per sequence: executed, dense (its windows' forwards)
+        self.costs = [RequestCost() for _ in seqs]  # per sequence, written by the runner only
         self.pending: deque[Window] = deque()
         from model.scoring import plan_windows  # here, not at the top: the scheduler imports this module without torch
 
         for s, ids in enumerate(seqs):
             spans = plan_windows(len(ids), window, stride)
-            self.pending.extend(Window(s, span.begin, span.end, span.score_from) for span in spans)
+            first = len(self.pending)
+            self.pending.extend([Window(first + k, s, span.begin, span.end, span.score_from) for k, span in enumerate(spans)])
             self.n_windows[s] = len(spans)
         self.windows_left = len(self.pending)
 
     def remaining_tokens(self) -> int:
         return sum(w.length - w.done for w in self.pending)
+
+    def cost_of(self, seq: int) -> RequestCost:
+        return self.costs[seq]

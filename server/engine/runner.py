@@ -1,25 +1,28 @@
-"""The model runner: builds batches, calls the model, keeps the running batch's KV cache, measures time.
+"""The model runner: one forward per engine step, over the paged routed KV cache it owns.
 
-Row b of the running `DecodeState` is `self.rows[b]`. Admissions append rows and finished requests
-are removed in place (DecodeState.add / remove), so no step copies the whole running cache.
-A batched call that raises is retried per request to find the culprit; only the culprit fails.
+A step's decode tokens, prompt chunks and scoring chunks are flat tokens of their cache rows and go
+through `ChiarLM.forward_step` together (vLLM v1's one forward per step): eight new prompts cost one
+forward, not eight. The runner alone knows which row each request holds (`rows`, keyed by request
+id, and by (request id, window) for scoring windows); a row is taken at a request's first chunk and
+given back when it ends. A step takes what fits the cache's free blocks; chunks that do not fit wait
+(`deferred`). A forward that raises is rerun per request on a restored cache to find the culprit;
+only the culprit fails.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
 
-from model import DecodeState, ModelOutput
-from model.scoring import right_pad
-from server.engine.requests import GenerateJob, Job
-from server.engine.scheduler import PrefillChunk, ScoreChunk
+from model.accounting import attended_pairs, routing_counts
+from model.kv_cache import PagedKVCache
+from model.step import StepOutput, TokenBatch
+from server.engine.outputs import Part, PrefillChunk, RunnerOutput, SchedulerOutput, ScoreChunk
+from server.engine.requests import GenerateJob, Job, RequestCost, ScoreJob
 
 log = logging.getLogger("server.engine")
 
@@ -47,228 +50,161 @@ class FaultInjector:
             raise InjectedFault(f"injected {stage} fault")
 
 
-@dataclass
-class DecodeOutput:
-    jobs: list[GenerateJob]  # in row order
-    logits: Tensor  # [B, V]
-    out: ModelOutput
-
-
-@dataclass
-class ChunkOutput:
-    """One prefill or scoring chunk: logits for its positions (all, or only the last) and routing."""
-
-    chunk: PrefillChunk | ScoreChunk
-    logits: Tensor  # [n, V] (all positions) or [1, V] (last only)
-    operator: Tensor  # [n, L]
-    entropy: Tensor  # [n, L]
-    gate: Tensor  # [n]
-    flops_executed: float
-    flops_dense: float
-    state: DecodeState | None = None  # prefill: the cache to join the running batch with
-    row: int = 0  # the chunk's row in `state`
-
-
-@dataclass
-class RunnerOutput:
-    decode: DecodeOutput | None
-    chunks: list[ChunkOutput]
-    failed: list[tuple[Job, str]]
-    decode_seconds: float
-    chunk_seconds: float
-
-
-Recorder = Callable[[str, float, int, ModelOutput, Tensor | None], None]
-
-
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pad: int, faults: FaultInjector, record: Recorder) -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, faults: FaultInjector) -> None:
         self.model = model
-        self.pad = pad
+        self.cache = cache
         self.faults = faults
-        self.record = record
         self.device = next(model.parameters()).device
-        self.state: DecodeState | None = None
-        self.rows: list[GenerateJob] = []
+        self.rows: dict[tuple[str, int], int] = {}
 
-    # ------------------------------------------------------------------ timing
-    def _timed(self, fn: Callable[[], Any]) -> tuple[Any, float]:
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = fn()
-            end.record()
-            end.synchronize()
-            return result, start.elapsed_time(end) / 1000.0
-        t0 = time.perf_counter()
-        result = fn()
-        return result, time.perf_counter() - t0
+    # ------------------------------------------------------------------ rows
+    def release(self, jobs: list[Job]) -> None:
+        """Give back every row the jobs hold (finished, failed or cancelled)."""
+        ids = {j.id for j in jobs}
+        for key in [k for k in self.rows if k[0] in ids]:
+            self.cache.free(self.rows.pop(key))
 
-    # ------------------------------------------------------------------ running batch
-    def remove(self, jobs: list[GenerateJob]) -> None:
-        gone = {id(j) for j in jobs}
-        drop = [r for r, job in enumerate(self.rows) if id(job) in gone]
-        if not drop or self.state is None:
-            return
-        order = self.state.remove(drop)
-        self.rows = [self.rows[i] for i in order]
-        if not self.rows:
-            self.state = None
+    def release_window(self, job: ScoreJob, window: int) -> None:
+        row = self.rows.pop((job.id, window), None)
+        if row is not None:
+            self.cache.free(row)
 
-    def admit(self, outputs: list[ChunkOutput]) -> None:
-        """Join prefilled requests (their last chunk's cache rows) to the running batch."""
-        by_state: dict[int, tuple[DecodeState, list[ChunkOutput]]] = {}
-        for o in outputs:
-            assert o.state is not None
-            by_state.setdefault(id(o.state), (o.state, []))[1].append(o)
-        for state, outs in by_state.values():
-            rows = [o.row for o in outs]
-            part = state if rows == list(range(len(state))) else state.select(rows)
-            if self.state is None:
-                self.state = part
-            else:
-                self.state.add(part)
-            self.rows.extend(o.chunk.job for o in outs)  # type: ignore[misc]
-
-    def kv_bytes(self, partial: Sequence[DecodeState] = ()) -> tuple[int, int]:
-        """(K/V bytes the running batch and the `partial` prefill caches hold, tokens they have seen)."""
-        states = [s for s in (self.state, *partial) if s is not None]
-        return (int(sum(int(s.kv_cache_bytes().sum()) for s in states)), int(sum(int(s.lengths.sum()) for s in states)))
+    def row_of(self, job: Job) -> int | None:
+        return self.rows.get((job.id, -1))
 
     # ------------------------------------------------------------------ step
-    def run(self, decode: bool, prefill: list[PrefillChunk], score: list[ScoreChunk]) -> RunnerOutput:
-        failed: list[tuple[Job, str]] = []
-        decode_out, decode_seconds = None, 0.0
-        if decode and self.rows:
-            decode_out, decode_seconds = self._decode(failed)
+    def run(self, out: SchedulerOutput) -> RunnerOutput:
         t0 = time.perf_counter()
-        chunks = (self._chunks(prefill, self._prefill_batch, self._prefill_partial, failed, "prefill")
-                  + self._chunks(score, self._score_batch, self._score_partial, failed, "scoring"))
-        return RunnerOutput(decode_out, chunks, failed, decode_seconds, time.perf_counter() - t0)
+        parts = [self._decode_part(j) for j in out.decode] + [self._prefill_part(c) for c in out.prefill]
+        parts += [self._score_part(c) for c in out.score]
+        parts, deferred = self._fit(parts)
+        failed: list[tuple[Job, str]] = []
+        step = self._forward_isolated(parts, failed)
+        ran = [p for p in parts if p.output is not None]
+        result = RunnerOutput([p for p in ran if p.chunk is None], [p for p in ran if isinstance(p.chunk, PrefillChunk)],
+                              [p for p in ran if isinstance(p.chunk, ScoreChunk)], failed, deferred, time.perf_counter() - t0,
+                              [], None if step is None else step.gate)
+        if step is not None:
+            self._account(ran, step, result)
+        return result
 
-    def _decode(self, failed: list[tuple[Job, str]]) -> tuple[DecodeOutput | None, float]:
-        state = self.state
-        assert state is not None
-        snap = state.snapshot()
-        try:
-            tokens = torch.tensor([job.tokens[-1] for job in self.rows], dtype=torch.long, device=self.device)
-            for job in self.rows:
-                self.faults.check("model", job.prompt_ids)
-            out, seconds = self._timed(lambda: self.model.decode_step(tokens, state))
-        except Exception as exc:  # find the culprits on copies, drop them, run the rest again
-            state.restore(snap)
-            bad = []
-            for row, job in enumerate(self.rows):
-                try:
-                    self.faults.check("model", job.prompt_ids)
-                    self.model.decode_step(torch.tensor([job.tokens[-1]], device=self.device), state.select([row]))
-                except Exception as solo:
-                    bad.append(job)
-                    failed.append((job, f"decoding failed: {type(solo).__name__}: {solo}"))
-            if not bad:
-                log.error("batched decode failed but no request fails alone: %s: %s", type(exc).__name__, exc)
-                log.debug("traceback", exc_info=True)
-                raise exc
-            self.remove(bad)
-            if not self.rows:
-                return None, 0.0
-            return self._decode(failed)
-        self.record("decode", seconds, len(self.rows), out, out.routing.gate[:, 0] if out.routing.gate is not None else None)
-        return DecodeOutput(list(self.rows), out.logits[:, 0], out), seconds
+    def _decode_part(self, job: GenerateJob) -> Part:
+        return Part(job, None, (job.id, -1), [job.tokens[-1]], 0)
 
-    # ------------------------------------------------------------------ chunks
-    def _isolated(self, items: list[Any], batched: Callable[[list[Any]], list[ChunkOutput]],
-                  failed: list[tuple[Job, str]], what: str) -> list[ChunkOutput]:
-        """Run items together; if that raises, one by one, failing only those that fail alone."""
-        if not items:
-            return []
+    def _prefill_part(self, chunk: PrefillChunk) -> Part:
+        job = chunk.job
+        want_all = job.params.prompt_logprobs is not None
+        n = chunk.end - chunk.start
+        return Part(job, chunk, (job.id, -1), job.prompt_ids[chunk.start:chunk.end], 0 if want_all else n if not chunk.last else n - 1)
+
+    def _score_part(self, chunk: ScoreChunk) -> Part:
+        w = chunk.window
+        ids = chunk.job.seqs[w.seq]
+        first = w.begin + chunk.start  # input position of the chunk's first token
+        scored_from = max(w.score_from - 1, first) - first  # positions before only give context
+        return Part(chunk.job, chunk, (chunk.job.id, w.index), ids[first: w.begin + chunk.end], min(scored_from, chunk.end - chunk.start))
+
+    def _fit(self, parts: list[Part]) -> tuple[list[Part], list[PrefillChunk | ScoreChunk]]:
+        """Decode tokens always; chunks in order while the cache's free blocks hold their worst case."""
+        free = self.cache.free_blocks
+        kept: list[Part] = []
+        deferred: list[PrefillChunk | ScoreChunk] = []
+        needs = self.cache.blocks_needed([(self.rows.get(p.key), len(p.tokens)) for p in parts])
+        for part, need in zip(parts, needs):
+            if part.chunk is not None and need > free:
+                deferred.append(part.chunk)
+                continue
+            free -= need
+            kept.append(part)
+        return kept, deferred
+
+    def _forward_isolated(self, parts: list[Part], failed: list[tuple[Job, str]]) -> StepOutput | None:
+        """The step's forward; if it raises, each part alone on a restored cache, then the rest again."""
+        if not parts:
+            return None
+        for part in parts:
+            if part.key not in self.rows:
+                self.rows[part.key] = self.cache.allocate()
+            part.row = self.rows[part.key]
+        snap = self.cache.snapshot([p.row for p in parts])
         try:
-            return batched(items)
+            return self._forward(parts)
         except Exception as exc:
-            if len(items) == 1:
-                item = items[0]
+            self.cache.restore(snap)
+            batch_error = exc
+            if len(parts) == 1:
+                (part,) = parts
                 # no traceback at the default level: logs carry no request content (RELIABILITY.md)
-                log.warning("%s failed for request %s: %s", what, item.job.id, type(exc).__name__)
+                log.warning("forward failed for request %s: %s", part.job.id, type(exc).__name__)
                 log.debug("traceback", exc_info=True)
-                failed.append((item.job, f"{what} failed"))
-                return []
-        outputs: list[ChunkOutput] = []
-        for item in items:
-            outputs += self._isolated([item], batched, failed, what)
-        return outputs
+                what = "scoring failed" if part.stage == "score" else "decoding failed" if part.chunk is None else "prefill failed"
+                failed.append((part.job, f"{what}: {type(exc).__name__}: {exc}"))
+                part.output = None
+                return None
+        bad = []
+        for part in parts:
+            solo_failed: list[tuple[Job, str]] = []
+            self._forward_isolated([part], solo_failed)
+            self.cache.restore(snap)
+            if solo_failed:
+                bad.append(part)
+                failed += solo_failed
+        if not bad:
+            log.error("a batched forward failed (%s) but no request fails alone", type(batch_error).__name__)
+            log.debug("batched forward error: %s", batch_error)
+            raise RuntimeError("batched forward failed with no culprit") from batch_error
+        rest = [p for p in parts if p not in bad]
+        for part in rest:
+            part.output = None
+        return self._forward_isolated(rest, failed)
 
-    def _chunks(self, chunks: list[Any], batched: Callable[[list[Any]], list[ChunkOutput]],
-                partial: Callable[[list[Any]], list[ChunkOutput]], failed: list[tuple[Job, str]], what: str) -> list[ChunkOutput]:
-        """Whole sequences in one batched call; chunks of longer ones one by one (each continues its own cache)."""
-        outputs = self._isolated([c for c in chunks if c.whole], batched, failed, what)
-        for chunk in chunks:
-            if not chunk.whole:
-                outputs += self._isolated([chunk], partial, failed, what)
-        return outputs
+    def _forward(self, parts: list[Part]) -> StepOutput:
+        for part in parts:
+            ids = part.job.seqs[part.chunk.window.seq] if isinstance(part.chunk, ScoreChunk) else part.job.prompt_ids  # type: ignore[union-attr]
+            self.faults.check(part.stage, ids)
+        wanted: list[int] = []
+        start = 0
+        for part in parts:
+            part.span = slice(start, start + len(part.tokens))
+            wanted += range(start + part.logits_from, start + len(part.tokens))
+            start += len(part.tokens)
+        batch = TokenBatch.build(self.cache, [(p.row, p.tokens) for p in parts], wanted, self.device)
+        out = self.model.forward_step(batch, self.cache)
+        at = 0
+        for part in parts:
+            n = len(part.tokens) - part.logits_from
+            part.logits, part.output = out.logits[at: at + n], out
+            at += n
+        return out
 
-    def _batch(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor, list[int]]:
-        ids, mask = right_pad(seqs, self.pad)
-        return ids.to(self.device), mask.to(self.device), [len(s) for s in seqs]
+    def _account(self, parts: list[Part], step: StepOutput, result: RunnerOutput) -> None:
+        """Each request's routing counts and attended pairs (priced when it ends), the step's per-phase
+        counts and its FLOPs (pricing is linear, so the step prices from its sums)."""
+        index = torch.cat([torch.full((len(p.tokens),), k, dtype=torch.long) for k, p in enumerate(parts)])
+        counts = routing_counts(step.operator, index, len(parts)).numpy()
+        pairs = attended_pairs(step.keys_seen, index, len(parts)).numpy()
+        total = RequestCost()
+        decode = np.zeros(counts.shape[1:], dtype=np.int64)
+        for k, part in enumerate(parts):
+            n = len(part.tokens)
+            start, heads = self.cache.positions[part.row] - n, n - part.logits_from
+            seq = part.chunk.window.seq if isinstance(part.chunk, ScoreChunk) else 0
+            part.job.cost_of(seq).add(counts[k], pairs[k], n, start, heads)
+            total.add(counts[k], pairs[k], n, start, heads)
+            if part.chunk is None:
+                decode += counts[k]
+        assert total.counts is not None
+        result.counts = [decode.tolist(), (total.counts - decode).tolist()]
+        result.executed_flops, result.dense_flops = total.price(self.model)
 
-    def _batched(self, chunks: list[Any], seqs: list[list[int]], run: Callable[[Tensor, Tensor], tuple[ModelOutput, Any]],
-                 last_only: bool = False) -> list[ChunkOutput]:
-        """One right-padded forward over `seqs`; a ChunkOutput per chunk (logits of its last position only if asked)."""
-        ids, mask, lens = self._batch(seqs)
-        (out, state), seconds = self._timed(lambda: run(ids, mask))
-        self.record("prefill", seconds, len(chunks), out, out.routing.gate[mask.bool()] if out.routing.gate is not None else None)
-        return [_output(c, out, b, lens[b], out.logits[b, :1] if last_only else out.logits[b, : lens[b]], state)
-                for b, c in enumerate(chunks)]
+    # ------------------------------------------------------------------ cache state for admission
+    def kv_used_bytes(self) -> int:
+        return self.cache.used_bytes()
 
-    def _partial(self, chunk: PrefillChunk | ScoreChunk, ids: list[int], state: DecodeState | None,
-                 all_logits: bool, skip: bool) -> ChunkOutput:
-        """One chunk of one long sequence: a prefill for its first chunk, else an extension of `state`."""
-        x = torch.tensor(ids, dtype=torch.long, device=self.device)
-        if state is None:
-            (out, state), seconds = self._timed(lambda: self.model.prefill(x[None], all_logits=all_logits, skip_logits=skip))
-        else:
-            cache = state
-            out, seconds = self._timed(lambda: self.model.extend(x, cache, all_logits=all_logits, skip_logits=skip))
-        self.record("prefill", seconds, 1, out, out.routing.gate[0] if out.routing.gate is not None else None)
-        return _output(chunk, out, 0, len(ids), out.logits[0], state)
-
-    def _prefill_batch(self, chunks: list[PrefillChunk]) -> list[ChunkOutput]:
-        for c in chunks:
-            self.faults.check("model", c.job.prompt_ids)
-        all_logits = any(c.job.params.prompt_logprobs is not None for c in chunks)
-        return self._batched(chunks, [c.job.prompt_ids for c in chunks],
-                             lambda ids, mask: self.model.prefill(ids, mask, all_logits=all_logits), last_only=not all_logits)
-
-    def _prefill_partial(self, chunks: list[PrefillChunk]) -> list[ChunkOutput]:
-        (c,) = chunks
-        self.faults.check("model", c.job.prompt_ids)
-        all_logits = c.job.params.prompt_logprobs is not None
-        skip = not (all_logits or c.last)  # only the prompt's last position predicts a token we need
-        o = self._partial(c, c.job.prompt_ids[c.start:c.end], None if c.start == 0 else c.job.prefill_state, all_logits, skip)
-        c.job.prefill_state = None if c.last else o.state
-        return [o]
-
-    def _score_batch(self, chunks: list[ScoreChunk]) -> list[ChunkOutput]:
-        seqs = []
-        for c in chunks:
-            ids = c.job.seqs[c.window.seq]
-            self.faults.check("score", ids)
-            seqs.append(ids[c.window.begin: c.window.end])
-        return self._batched(chunks, seqs, lambda ids, mask: (self.model.infer(ids, mask), None))
-
-    def _score_partial(self, chunks: list[ScoreChunk]) -> list[ChunkOutput]:
-        (c,) = chunks
-        seq = c.job.seqs[c.window.seq]
-        self.faults.check("score", seq)
-        w = c.window
-        o = self._partial(c, seq[w.begin + c.start: w.begin + c.end], None if c.start == 0 else w.state, True, False)  # type: ignore[arg-type]
-        w.state = None if c.last else o.state
-        o.state = None  # a scoring window never joins the running batch
-        return [o]
-
-
-def _output(chunk: PrefillChunk | ScoreChunk, out: ModelOutput, b: int, n: int, logits: Tensor,
-            state: DecodeState | None) -> ChunkOutput:
-    """Row b's first n positions of a forward's routing and FLOPs, with the given logits."""
-    r = out.routing
-    return ChunkOutput(chunk, logits, r.operator[b, :n], r.entropy[b, :n], r.gate[b, :n],
-                       out.flops.per_sequence_executed[b], out.flops.per_sequence_dense[b], state, b)
+    def kv_tokens(self) -> tuple[int, int]:
+        """(cache entry bytes of the rows in use, tokens they have seen)."""
+        rows = list(self.rows.values())
+        if not rows:
+            return 0, 0
+        return self.cache.entry_bytes(rows), sum(self.cache.positions[r] for r in rows)

@@ -2,13 +2,15 @@
 
 Every step decodes one token for every running sequence first. What is left of the step's token
 budget goes to chunks of work: prompt prefill (generation lane) and scoring windows (scoring lane).
-- The budget comes from a latency target: (target step time - measured decode time - fixed cost of
-  a forward) / measured seconds per chunk token, so the same setting fits a 2-core CPU and a GPU.
-  With nothing decoding a step may take 4 targets (no stream to keep smooth).
+- Everything a step schedules runs in one forward (decode tokens, prompt chunks, scoring chunks).
+  The budget comes from a latency target: (target step time - fixed cost - measured cost of the
+  step's decode tokens) / measured seconds per chunk token, so the same setting fits a 2-core CPU
+  and a GPU. With nothing decoding a step may take 4 targets (no stream to keep smooth).
 - When both lanes have work each gets half the budget; a lane's unused share goes to the other.
 - Within a lane, the request with the fewest input tokens left goes first, aged: a request that has
   waited as long as it takes to process N tokens counts N tokens shorter, so nothing starves.
-- Long prompts and long scoring windows are cut into chunks that fit the lane's share.
+- Long prompts and long scoring windows are cut into chunks that fit the lane's share; a prompt is
+  never cut into a chunk or a remainder under MIN_CHUNK tokens (a short prompt goes whole).
 - A generation request is admitted while the batch cap and the KV-cache budget allow: the bytes the
   running and prefilling sequences hold (measured, routed), plus what each may still add (its tokens
   to go times the measured share of attending tokens) must stay within the budget. The rest queue.
@@ -19,79 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from server.engine.requests import GenerateJob, Job, ScoreJob, Unavailable, Window
+from server.engine.outputs import PrefillChunk, RunnerOutput, SchedulerOutput, ScoreChunk
+from server.engine.requests import GenerateJob, Job, ScoreJob, Unavailable
 
-MIN_CHUNK = 16  # smallest chunk worth a forward of its own
+MIN_CHUNK = 16  # no chunk smaller than this unless it ends the prompt, and no remainder smaller than this is left
 IDLE_STEP_FACTOR = 4  # with nothing decoding, a step may take this many step targets
 # Routing varies with the text: one sequence's attending share can sit a few percent above the
 # measured mean (0.63-0.68 against 0.63 on the test model), so admission reserves 10% above it.
 KV_SHARE_HEADROOM = 1.1
-
-
-@dataclass
-class PrefillChunk:
-    """Prompt tokens [start, end) of a generation request."""
-
-    job: GenerateJob
-    start: int
-    end: int
-
-    @property
-    def last(self) -> bool:
-        return self.end == len(self.job.prompt_ids)
-
-    @property
-    def whole(self) -> bool:
-        return self.start == 0 and self.last
-
-
-@dataclass
-class ScoreChunk:
-    """Inputs [start, end) (relative to the window) of one scoring window."""
-
-    job: ScoreJob
-    window: Window
-    start: int
-    end: int
-
-    @property
-    def last(self) -> bool:
-        return self.end == self.window.length
-
-    @property
-    def whole(self) -> bool:
-        return self.start == 0 and self.last
-
-
-@dataclass
-class SchedulerOutput:
-    decode: list[GenerateJob]
-    prefill: list[PrefillChunk]
-    score: list[ScoreChunk]
-    expired: list[tuple[Job, str]]
-    budget: int  # chunk tokens this step may spend
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(c.end - c.start for c in self.prefill)
-
-    @property
-    def score_tokens(self) -> int:
-        return sum(c.end - c.start for c in self.score)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.decode or self.prefill or self.score)
-
-
-@dataclass
-class StepStats:
-    """What one step cost (the runner measures, the scheduler learns)."""
-
-    decode_batch: int
-    decode_seconds: float
-    chunk_tokens: int
-    chunk_seconds: float
 
 
 @dataclass
@@ -103,55 +40,86 @@ class SchedulerLimits:
     kv_budget_bytes: int
     kv_bytes_per_token: float  # K+V of one token attending in every attention layer
     max_seq_len: int
+    kv_rounding_bytes: float = 0.0  # a sequence's last, partly filled block in each attention layer
+
+
+@dataclass
+class StepStats:
+    """What one step ran and what it cost (the runner measures, the scheduler learns)."""
+
+    decode_tokens: int
+    chunk_tokens: int
+    seconds: float
 
 
 @dataclass
 class CostModel:
-    """Measured costs: decode step time (moving average), and chunk time as fixed + per-token cost,
-    fitted by least squares with exponential forgetting over the steps' (tokens, seconds)."""
+    """Measured step cost: seconds = fixed + per_decode * decode tokens + per_token * chunk tokens,
+    fitted by least squares over exponentially forgotten (tokens, seconds) samples of every step."""
 
+    fixed_seconds: float = 0.0
+    decode_seconds_per_token: float = 2e-4
     chunk_seconds_per_token: float = 2e-4
-    chunk_fixed_seconds: float = 0.0
-    decode_seconds: float = 0.0
     alpha: float = 0.1
     samples: int = 0
-    _n: float = 0.0
-    _t: float = 0.0
-    _nn: float = 0.0
-    _nt: float = 0.0
+    _xx: list[list[float]] = field(default_factory=lambda: [[0.0] * 3 for _ in range(3)])
+    _xy: list[float] = field(default_factory=lambda: [0.0] * 3)
 
     def observe(self, stats: StepStats) -> None:
-        if stats.decode_batch:
-            self.decode_seconds += self.alpha * (stats.decode_seconds - self.decode_seconds)
-        n, t = float(stats.chunk_tokens), stats.chunk_seconds
-        if n <= 0:
+        x = (1.0, float(stats.decode_tokens), float(stats.chunk_tokens))
+        if x[1] + x[2] == 0:
             return
         a = self.alpha if self.samples else 1.0
-        self._n += a * (n - self._n)
-        self._t += a * (t - self._t)
-        self._nn += a * (n * n - self._nn)
-        self._nt += a * (n * t - self._nt)
+        for i in range(3):
+            self._xy[i] += a * (x[i] * stats.seconds - self._xy[i])
+            for j in range(3):
+                self._xx[i][j] += a * (x[i] * x[j] - self._xx[i][j])
         self.samples += 1
-        var = self._nn - self._n ** 2
-        slope = (self._nt - self._n * self._t) / var if var > 1e-6 * max(self._nn, 1.0) else 0.0
-        if slope > 0:
-            self.chunk_seconds_per_token = slope
-            self.chunk_fixed_seconds = max(0.0, self._t - slope * self._n)
-        else:  # one chunk size so far (or noise): all of it per token
-            self.chunk_seconds_per_token = max(self._t / self._n, 1e-9)
-            self.chunk_fixed_seconds = 0.0
+        self._solve()
+
+    def _solve(self) -> None:
+        """The least-squares fit, with a small ridge so one step shape so far still gives an answer;
+        a negative coefficient (noise, too few shapes) keeps the previous estimate."""
+        scale = max(self._xx[0][0], 1e-12)
+        m = [[self._xx[i][j] + (1e-3 * scale * (self._xx[i][i] or 1.0) if i == j else 0.0) for j in range(3)] for i in range(3)]
+        theta = _solve3(m, list(self._xy))
+        if theta is None:
+            return
+        fixed, per_decode, per_chunk = theta
+        if per_decode > 0:
+            self.decode_seconds_per_token = per_decode
+        if per_chunk > 0:
+            self.chunk_seconds_per_token = per_chunk
+        self.fixed_seconds = max(0.0, fixed)
 
     @property
     def tokens_per_second(self) -> float:
         return 1.0 / max(self.chunk_seconds_per_token, 1e-9)
 
+    def decode_seconds(self, running: int) -> float:
+        return self.fixed_seconds + self.decode_seconds_per_token * running
+
     def budget(self, spare_seconds: float, least: int, most: int) -> int:
-        """Chunk tokens that fit `spare_seconds`, but never so few that the fixed cost of a forward
-        outweighs its tokens (then throughput, not the step time, would collapse)."""
-        per_token = max(self.chunk_seconds_per_token, 1e-9)
-        fit = (spare_seconds - self.chunk_fixed_seconds) / per_token
-        amortised = self.chunk_fixed_seconds / per_token
-        return int(max(least, min(most, max(fit, amortised))))
+        """Chunk tokens that fit `spare_seconds`, within [least, most]."""
+        return int(max(least, min(most, spare_seconds / max(self.chunk_seconds_per_token, 1e-9))))
+
+
+def _solve3(m: list[list[float]], y: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting for a 3x3 system (None if singular)."""
+    a = [[*row, v] for row, v in zip(m, y)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-300:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(col + 1, 3):
+            f = a[r][col] / a[col][col]
+            for c in range(col, 4):
+                a[r][c] -= f * a[col][c]
+    out = [0.0] * 3
+    for r in (2, 1, 0):
+        out[r] = (a[r][3] - sum(a[r][c] * out[c] for c in range(r + 1, 3))) / a[r][r]
+    return out
 
 
 @dataclass
@@ -201,22 +169,22 @@ class Scheduler:
 
     def retry_after(self) -> int:
         """Seconds until the backlog drains at the measured throughput (1..60)."""
-        seconds = self.backlog_tokens() / self.cost.tokens_per_second + len(self.running) * self.cost.decode_seconds
-        seconds += self.cost.chunk_fixed_seconds * len(self.waiting)
+        seconds = self.backlog_tokens() / self.cost.tokens_per_second + self.cost.decode_seconds(len(self.running))
         return max(1, min(60, math.ceil(seconds)))
 
     # ------------------------------------------------------------------ budget
     def budget(self) -> int:
         if self.running:
-            spare = self.limits.step_target_seconds - self.cost.decode_seconds
+            spare = self.limits.step_target_seconds - self.cost.decode_seconds(len(self.running))
         else:  # no stream to keep smooth: larger chunks, only a newcomer's first token waits for them
-            spare = IDLE_STEP_FACTOR * self.limits.step_target_seconds
+            spare = IDLE_STEP_FACTOR * self.limits.step_target_seconds - self.cost.fixed_seconds
         return self.cost.budget(spare, MIN_CHUNK, self.limits.max_step_tokens)
 
     def _reserve(self, job: GenerateJob) -> float:
         """KV bytes a generation request may still add (measured share of attending tokens)."""
         todo = len(job.prompt_ids) - job.prefilled + job.params.max_new_tokens - len(job.tokens)
-        return min(todo, self.limits.max_seq_len) * self.limits.kv_bytes_per_token * min(1.0, self.kv_share * KV_SHARE_HEADROOM)
+        share = min(1.0, self.kv_share * KV_SHARE_HEADROOM)
+        return min(todo, self.limits.max_seq_len) * self.limits.kv_bytes_per_token * share + self.limits.kv_rounding_bytes
 
     def kv_needed(self, tokens: int) -> int:
         """KV bytes a sequence of `tokens` tokens holds at the measured attention share."""
@@ -268,9 +236,10 @@ class Scheduler:
                 self.prefilling.append(job)
                 job.admitted = now
                 reserved += self._reserve(job)
-            n = min(job.remaining_tokens(), share - used)
-            chunks.append(PrefillChunk(job, job.prefilled, job.prefilled + n))
-            used += n
+            n = chunk_size(job.remaining_tokens(), share - used)
+            if n:
+                chunks.append(PrefillChunk(job, job.prefilled, job.prefilled + n))
+                used += n
         return used
 
     def _scoring_lane(self, share: int, now: float, chunks: list[ScoreChunk]) -> int:
@@ -309,12 +278,16 @@ class Scheduler:
         return SchedulerOutput(list(self.running), prefill, score, expired, budget)
 
     # ------------------------------------------------------------------ update
-    def update_from_output(self, out: SchedulerOutput, stats: StepStats, finished: list[Job],
-                           started: list[GenerateJob], kv_used_bytes: int, kv_tokens: int) -> None:
-        """Advance cursors, move requests between phases, learn the costs."""
-        for chunk in out.prefill:
-            chunk.job.prefilled = chunk.end
-        for sc in out.score:
+    def update_from_output(self, out: SchedulerOutput, ro: RunnerOutput, finished: list[Job], started: list[GenerateJob],
+                           kv_used_bytes: int, kv_sample: tuple[int, int]) -> None:
+        """Advance the cursors of the chunks that ran (not those deferred), move requests between
+        phases, learn the costs and the attending share (kv_sample: cache entry bytes, tokens seen)."""
+        del out  # what ran is in the runner's output; the rest (deferred, failed) did not advance
+        for part in ro.prefill:
+            part.chunk.job.prefilled = part.chunk.end  # type: ignore[union-attr]
+        for part in ro.score:
+            sc = part.chunk
+            assert isinstance(sc, ScoreChunk)
             sc.window.done = sc.end
             if sc.last and sc.window in sc.job.pending:
                 sc.job.pending.remove(sc.window)
@@ -323,10 +296,12 @@ class Scheduler:
         self.prefilling = [j for j in self.prefilling if id(j) not in gone and id(j) not in begun]
         self.running = [j for j in self.running if id(j) not in gone] + [j for j in started if id(j) not in gone]
         self.scoring = [j for j in self.scoring if id(j) not in gone]
-        self.cost.observe(stats)
+        if ro.tokens:
+            self.cost.observe(StepStats(len(ro.decode), ro.tokens - len(ro.decode), ro.seconds))
         self.kv_used_bytes = kv_used_bytes
-        if kv_tokens:
-            measured = kv_used_bytes / (kv_tokens * self.limits.kv_bytes_per_token)
+        entry_bytes, tokens = kv_sample
+        if tokens:
+            measured = entry_bytes / (tokens * self.limits.kv_bytes_per_token)
             self.kv_share = min(1.0, max(0.05, 0.8 * self.kv_share + 0.2 * measured))
 
     def drop(self, jobs: list[Job]) -> None:
@@ -350,3 +325,12 @@ class Scheduler:
             budget_tokens=self.budget(), kv_reserved_bytes=self.kv_reserved(), kv_budget_bytes=self.limits.kv_budget_bytes,
             retry_after=self.retry_after(),
         )
+
+
+def chunk_size(remaining: int, room: int) -> int:
+    """Prompt tokens to take now: what fits `room`, but never a chunk or a remainder under MIN_CHUNK
+    unless it ends the prompt (so a short prompt goes whole, in the step it starts in)."""
+    n = min(remaining, max(room, 0))
+    if remaining - n < MIN_CHUNK:
+        return remaining
+    return n if n >= MIN_CHUNK else 0

@@ -1,4 +1,4 @@
-"""Batched sampling: the candidate shortcut picks exactly what a full sort would, and rows are independent."""
+"""Batched sampling: the native kernel and the PyTorch fallback pick exactly what a full sort defines, and rows are independent."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ from model import SamplingError, make_generator, sample_next, sample_tokens, sam
 
 
 def reference(row: torch.Tensor, temperature: float, k: int | None, p: float | None, u: float) -> int:
-    """Top-k, then top-p over the renormalised top-k distribution, by a full sort; inverse CDF at u
-    (over the sorted tokens when filtered, in vocabulary order when not)."""
+    """Top-k, then top-p over the renormalised top-k distribution, by a full sort; then the inverse CDF
+    at u over the kept tokens in vocabulary order."""
     vocab = row.numel()
-    if (k is None or k >= vocab) and (p is None or p >= 1.0):
-        cdf = (row / temperature).softmax(-1).cumsum(-1)
-        return min(int(torch.searchsorted(cdf, u * cdf[-1])), vocab - 1)
-    values, order = torch.sort(row / temperature, descending=True)
+    scores = row / temperature
+    values, order = torch.sort(scores, descending=True)
     if k is not None and k < vocab:
         values[k:] = float("-inf")
     if p is not None and p < 1.0:
@@ -25,27 +23,32 @@ def reference(row: torch.Tensor, temperature: float, k: int | None, p: float | N
         drop = (probs.cumsum(-1) - probs) >= p
         drop[0] = False
         values = values.masked_fill(drop, float("-inf"))
-    cdf = values.softmax(-1).cumsum(-1)
-    return int(order[min(int(torch.searchsorted(cdf, u * cdf[-1])), vocab - 1)])
+    kept = torch.full_like(scores, float("-inf")).scatter(0, order, values)
+    cdf = kept.double().softmax(-1).cumsum(-1)
+    return min(int(torch.searchsorted(cdf, u * cdf[-1])), vocab - 1)
 
 
 @settings(max_examples=80, deadline=None)
-@given(vocab=st.integers(2, 300), rows=st.integers(1, 5), seed=st.integers(0, 10**6), candidates=st.sampled_from([4, 16, 1024]),
+@given(vocab=st.integers(2, 300), rows=st.integers(1, 5), seed=st.integers(0, 10**6), native=st.booleans(),
        params=st.lists(st.tuples(st.sampled_from([0.5, 1.0, 1.7]), st.one_of(st.none(), st.integers(1, 320)),
                                  st.one_of(st.none(), st.floats(0.05, 1.0))), min_size=5, max_size=5))
-def test_sampling_matches_a_full_sort(vocab: int, rows: int, seed: int, candidates: int, params: list) -> None:
-    old = sampling.TOP_P_CANDIDATES
-    sampling.TOP_P_CANDIDATES = candidates  # small values force the full-sort fallback
-    try:
-        logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 4
-        temps, ks, ps = zip(*params[:rows])
-        tokens, bad = sample_tokens(logits, list(temps), list(ks), list(ps), [make_generator(seed + r) for r in range(rows)])
-    finally:
-        sampling.TOP_P_CANDIDATES = old
+def test_sampling_matches_a_full_sort(vocab: int, rows: int, seed: int, native: bool, params: list) -> None:
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 4
+    temps, ks, ps = zip(*params[:rows])
+    run = sample_tokens if native else sampling._sample_tokens_torch
+    tokens, bad = run(logits, list(temps), list(ks), list(ps), [make_generator(seed + r) for r in range(rows)])
     assert bad == []
     for r in range(rows):
         u = float(torch.rand(1, generator=make_generator(seed + r)))
         assert tokens[r] == reference(logits[r], temps[r], ks[r], ps[r], u)
+
+
+def test_the_native_kernel_samples_the_demo_vocabulary_like_the_fallback() -> None:
+    logits = torch.randn(32, 8192, generator=torch.Generator().manual_seed(2)) * 3
+    temps, ks, ps = [0.0, 0.8, 1.0, 1.3] * 8, [None, None, 40, 1] * 8, [None, 0.95, 0.5, None] * 8
+    native, _ = sample_tokens(logits, temps, ks, ps, [make_generator(i) for i in range(32)])
+    fallback, _ = sampling._sample_tokens_torch(logits, temps, ks, ps, [make_generator(i) for i in range(32)])
+    assert native == fallback
 
 
 def test_a_row_does_not_depend_on_its_neighbours() -> None:

@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from server.engine.requests import GenerateJob, GenParams
-from server.engine.scheduler import CostModel, Scheduler, SchedulerLimits, StepStats
+from server.engine.scheduler import CostModel, Scheduler, SchedulerLimits
 from tests.server.conftest import ServerProcess, metric, scrape
+from tests.support import ran
 
 LOOP = asyncio.new_event_loop()
 BUDGET_MB = 0.02  # 20,971 bytes; the tiny model holds 768 bytes per token attending in its 3 attention layers
@@ -33,7 +34,7 @@ def admitted_after_measuring(share: float) -> int:
     s.add([first])
     out = s.schedule(0.0)
     # the runner measured 100 tokens in the cache holding `share` of the full-attention bytes
-    s.update_from_output(out, StepStats(0, 0.0, 96, 0.01), [], [first], int(100 * 100 * share), 100)
+    s.update_from_output(out, ran(out, 1e-4), [], [first], int(100 * 100 * share), (int(100 * 100 * share), 100))
     s.kv_share = share  # as if measured for a while (the moving average converges to it)
     s.cost = CostModel(chunk_seconds_per_token=1e-9)  # the step budget never binds: only admission does
     s.add([gen(96) for _ in range(40)])
@@ -125,10 +126,10 @@ def test_metrics_show_kv_bytes_used_and_the_limit_and_admission_keeps_within_it(
 
 def test_the_automatic_batch_cap_leaves_the_routed_cache_to_admission(tiny_checkpoint: Path) -> None:
     from model import load_checkpoint
-    from server.engine.engine import auto_batch_cap, kv_bytes_per_token
+    from server.engine.engine import auto_batch_cap
 
     model, _ = load_checkpoint(tiny_checkpoint)
-    full_seq = kv_bytes_per_token(model) * model.config.max_seq_len  # 3 attention layers x 128 tokens
+    full_seq = model.kv_bytes_per_token() * model.config.max_seq_len  # 3 attention layers x 128 tokens
     # CHIAR: only the last layer attends for every token, so the cap is 3x what full attention would allow
     assert auto_batch_cap(model, int(10 * full_seq)) == 30
     assert auto_batch_cap(model, 1) == 1

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.engine.requests import GenerateJob, GenParams, ScoreJob
-from server.engine.scheduler import MIN_CHUNK, CostModel, Scheduler, SchedulerLimits, StepStats
+from server.engine.scheduler import MIN_CHUNK, CostModel, Scheduler, SchedulerLimits, StepStats, chunk_size
 from tests.server.conftest import REPO
+from tests.support import ran
 
 LOOP = asyncio.new_event_loop()
 
@@ -40,9 +41,8 @@ def score(n_tokens: int, window: int = 128, arrival: float = 0.0) -> ScoreJob:
 def run_step(s: Scheduler, now: float, seconds_per_token: float = 1e-4):
     """schedule, pretend the runner ran it, update; prompts that complete start decoding."""
     out = s.schedule(now)
-    tokens = out.prefill_tokens + out.score_tokens
     started = [c.job for c in out.prefill if c.last]
-    s.update_from_output(out, StepStats(len(out.decode), 0.01, tokens, tokens * seconds_per_token), [], started, 0, 0)
+    s.update_from_output(out, ran(out, seconds_per_token), [], started, 0, (0, 0))
     s.drop([job for job in s.scoring if not job.pending])  # the output processor ends scoring jobs with no window left
     return out
 
@@ -63,9 +63,11 @@ def test_no_step_exceeds_its_budget_and_all_work_finishes(prompts: list[int], te
         if not (s.waiting or s.prefilling or s.scoring):
             break
         out = run_step(s, step * 0.01, per_token)
-        assert out.prefill_tokens + out.score_tokens <= out.budget
+        # a prompt may end up to MIN_CHUNK past the budget rather than leave a tiny remainder
+        assert out.prefill_tokens + out.score_tokens <= out.budget + MIN_CHUNK * len(out.prefill)
         assert out.budget >= MIN_CHUNK
         assert all(c.end > c.start for c in [*out.prefill, *out.score])
+        assert all(c.end - c.start >= MIN_CHUNK or c.last for c in out.prefill)
     assert not (s.waiting or s.prefilling or s.scoring), "work left over"
     assert len(s.running) == len(prompts)
     assert all(job.prefilled == len(job.prompt_ids) for job in s.running)
@@ -93,7 +95,7 @@ def test_a_short_request_overtakes_long_ones_and_long_ones_are_not_starved() -> 
     # a stream of new short requests cannot hold a long one back for ever: aging lifts it
     for step in range(3, 400):
         done = [c.job for c in out.prefill if c.last]  # each request ends with its first token
-        s.update_from_output(out, StepStats(0, 0.0, out.prefill_tokens, out.prefill_tokens * 1e-3), done, done, 0, 0)
+        s.update_from_output(out, ran(out, 1e-3), done, done, 0, (0, 0))
         s.add([gen(3, arrival=step * 0.05)])
         out = s.schedule(step * 0.05)
     assert all(job.prefilled == 400 for job in longs)
@@ -120,12 +122,39 @@ def test_retry_after_follows_the_backlog() -> None:
     assert 35 <= s.retry_after() <= 45  # ~40k window inputs (stride = window / 2) at 1000 tokens/s
 
 
-def test_cost_model_separates_fixed_and_per_token_costs() -> None:
+def test_cost_model_separates_fixed_decode_and_chunk_costs() -> None:
     cost = CostModel()
-    for n in [16, 300, 64, 500, 32, 200] * 5:
-        cost.observe(StepStats(0, 0.0, n, 0.02 + 1e-4 * n))
-    assert cost.chunk_seconds_per_token == pytest.approx(1e-4, rel=1e-6)
-    assert cost.chunk_fixed_seconds == pytest.approx(0.02, rel=1e-6)
-    assert abs(cost.budget(0.05, 16, 4096) - 300) <= 1  # (50 ms - 20 ms fixed) / 0.1 ms
-    # a fixed cost above the target: chunks stay large enough to amortise it
-    assert abs(cost.budget(0.01, 16, 4096) - 200) <= 1
+    for decode, chunk in [(0, 16), (4, 300), (32, 64), (8, 500), (1, 32), (16, 200), (2, 0), (24, 0)] * 5:
+        cost.observe(StepStats(decode, chunk, 0.02 + 5e-4 * decode + 1e-4 * chunk))
+    assert cost.fixed_seconds == pytest.approx(0.02, rel=1e-2)
+    assert cost.decode_seconds_per_token == pytest.approx(5e-4, rel=1e-2)
+    assert cost.chunk_seconds_per_token == pytest.approx(1e-4, rel=1e-2)
+    assert abs(cost.budget(0.03, 16, 4096) - 300) <= 3  # 30 ms spare / 0.1 ms
+    assert cost.budget(0.0001, 16, 4096) == 16  # never below the least chunk
+
+
+def test_the_budget_leaves_room_for_the_running_decodes() -> None:
+    s = Scheduler(limits(step_target_seconds=0.05))
+    s.cost.fixed_seconds, s.cost.decode_seconds_per_token, s.cost.chunk_seconds_per_token = 0.005, 1e-3, 1e-4
+    s.running = [gen(3) for _ in range(20)]
+    assert abs(s.budget() - (0.05 - 0.005 - 0.020) / 1e-4) <= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(remaining=st.integers(1, 5000), room=st.integers(-10, 5000))
+def test_prompts_are_never_cut_into_tiny_pieces(remaining: int, room: int) -> None:
+    n = chunk_size(remaining, room)
+    assert 0 <= n <= remaining
+    if n:
+        assert n >= MIN_CHUNK or n == remaining  # no tiny chunk unless it ends the prompt
+        assert remaining - n == 0 or remaining - n >= MIN_CHUNK  # and no tiny remainder
+        assert n <= max(room, 0) + MIN_CHUNK
+    if remaining <= room:
+        assert n == remaining  # what fits goes whole
+
+
+def test_every_scoring_window_of_a_request_has_its_own_index() -> None:
+    """The runner keys a window's cache row by (request, window index): indices must not repeat."""
+    job = ScoreJob([list(range(n)) for n in (300, 90, 700, 2)], 128, 64, None, queue=asyncio.Queue(), loop=LOOP, index=0, timeout=1e9)
+    indices = [w.index for w in job.pending]
+    assert sorted(indices) == list(range(len(indices))) and len(indices) > 4
