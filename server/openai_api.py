@@ -41,6 +41,7 @@ from server.schemas import (
     Usage,
 )
 from server.service import ServedModels, Service, sse
+from server.stream_usage import StreamUsage
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid input (the error names the field)"},
@@ -227,14 +228,16 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                                   usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                               total_tokens=prompt_tokens + completion_tokens))
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    usage = StreamUsage.of(body.stream_options, [len(prompts[i // body.n].ids) for i in range(n_choices)], prompt_tokens)
 
     def chunk(index: int, text: str, finish: str | None, lp: dict[str, list] | None = None) -> bytes:
-        return sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
-                    "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]})
+        data: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": svc.name,
+                                "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]}
+        if usage.include:
+            data["usage"] = usage.of_choice(index)
+        return sse(data)
 
     async def stream() -> AsyncIterator[bytes]:
-        completion_tokens = 0
         if not jobs or isinstance(jobs[0], ScoreJob):  # max_tokens == 0: the echo is the whole answer
             score: ScoreResult | None = None
             if jobs:
@@ -259,6 +262,7 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                     sent_echo.add(i)
                     yield chunk(i, prompts[i // body.n].text, None, prompt_lp(i // body.n, event.logprobs))
                 elif isinstance(event, TokenEvent):
+                    usage.generated(i, len(event.token_ids))
                     lp = None
                     if body.logprobs is not None and event.logprobs is not None:
                         base = (len(prompts[i // body.n].text) if body.echo else 0) + emitted[i]
@@ -268,12 +272,11 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                         yield chunk(i, event.text, None, lp)
                 elif isinstance(event, DoneEvent):
                     result: GenerationResult = event.result  # type: ignore[assignment]
-                    completion_tokens += result.completion_tokens
+                    usage.finished(i, result.completion_tokens)
                     yield chunk(i, "", "length" if result.finish_reason == "length" else "stop")
-        if include_usage:
+        if usage.include:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": [],
-                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens}})
+                       "usage": usage.totals()})
 
     return svc.sse_response(stream(), request)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
-from server.schemas import MAX_STOP, AnyText, ModelId, Usage, utf8_text
+from server.schemas import MAX_STOP, AnyText, ModelId, StreamOptions, Usage, utf8_text
 
 STRICT = ConfigDict(extra="ignore")
 STRICT_FORBID = ConfigDict(extra="forbid")
@@ -69,11 +69,6 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
-
-
-class StreamOptions(BaseModel):
-    model_config = STRICT
-    include_usage: StrictBool = False
 
 
 class ResponseFormat(BaseModel):

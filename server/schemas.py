@@ -257,8 +257,19 @@ class TokenizeResponse(BaseModel):
 
 
 # ---------------------------------------------------------------- OpenAI completions
-class StreamOptions(StrictRequest):
-    include_usage: bool = False
+class StreamOptions(BaseModel):
+    """`stream_options` of /v1/completions and /v1/chat/completions (the one definition of both).
+
+    OpenAI's `include_usage` and vLLM's `continuous_usage_stats` (load generators such as guidellm send
+    it); other keys are ignored like unknown request fields, so a client's newer option never fails a run.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = Field(False, description="a last chunk with `choices: []` carries the request's usage; "
+                                "every other chunk has `usage: null`")
+    continuous_usage_stats: bool = Field(False, description="vLLM's extension, with include_usage: every chunk carries "
+                                         "the usage of its choice so far (prompt tokens and tokens generated up to it)")
 
 
 class CompletionRequest(StrictRequest):
