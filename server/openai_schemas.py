@@ -232,4 +232,6 @@ class TokenizerInfo(BaseModel):
     vocab_size: int
     model_max_length: int
     chat_template: str
-    add_bos_token: bool = Field(description="the server prepends BOS to every prompt (text prompts and id prompts not starting with it)")
+    add_bos_token: bool = Field(description="the server prepends BOS to every prompt (text prompts and id prompts not "
+                                "starting with it); the checkpoint's tokenizer files do the same")
+    add_eos_token: bool = Field(description="never: generation ends at EOS, prompts do not")
