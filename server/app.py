@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from model import ChiarConfig, Operator
 from model.scoring import Perplexity, total_nll
-from server import chat, openai_api, openapi, perplexity_text, tokenizer_api
+from server import chat, docs_pages, openai_api, openapi, perplexity_text, tokenizer_api
 from server.body_timeout import BodyTimeout
 from server.engine import DoneEvent, GenerateJob, GenerationResult, GenParams, ScoreJob, ScoreResult, TokenEvent
 from server.engine.requests import RoutingTrace
@@ -60,8 +60,9 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
         # all engines drain together: each gets the whole drain timeout, not one after the other
         await asyncio.gather(*(asyncio.to_thread(engine.stop, settings.drain_timeout) for engine in engines))
 
-    app = FastAPI(title="CHIAR-Former inference server", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="CHIAR-Former inference server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Hard-gated CHIAR-Former: native generate/perplexity, OpenAI-compatible completions.")
+    docs_pages.register(app)  # /docs and /redoc with their assets served here (offline)
     app.state.served = served
     install_handlers(app, lambda request, err: metrics.error(endpoint_label(request.url.path), err.reason,
                                                              getattr(request.state, "model", NO_MODEL)))
