@@ -24,6 +24,7 @@ from server.engine.requests import RoutingTrace
 from server.errors import install_handlers, invalid
 from server.metrics import NO_MODEL, OPERATORS, Metrics
 from server.middleware import BearerAuth, BodyLimit, RequestMetrics, endpoint_label
+from server.openapi_limits import DocLimits, ModelLimits
 from server.schemas import (
     Flops,
     GenerateRequest,
@@ -100,8 +101,10 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     async def generate(body: GenerateRequest, request: Request) -> Any:
         svc = served.get(body.model, request)
         ids, _ = (await svc.encode([body.prompt]))[0]
-        svc.check_length(ids, body.max_new_tokens, "max_new_tokens")
-        params = GenParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_k=body.top_k,
+        new_tokens = svc.new_tokens(body.max_new_tokens if "max_new_tokens" in body.model_fields_set else None,
+                                    body.max_new_tokens, "max_new_tokens", ids)
+        svc.check_length(ids, new_tokens, "max_new_tokens")
+        params = GenParams(max_new_tokens=new_tokens, temperature=body.temperature, top_k=body.top_k,
                            top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
                            return_routing=body.return_routing,
                            logprobs=0 if body.return_logprobs else None, prompt_logprobs=0 if body.return_logprobs else None)
@@ -178,8 +181,9 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     chat.register(app, served)
     tokenizer_api.register(app, served)
     perplexity_text.register(app, served, perplexity)
-    openapi.install(app, api_key=settings.api_key is not None, vocab_size=max(svc.config.vocab_size for svc in served),
-                    context=max(svc.context for svc in served))
+    openapi.install(app, api_key=settings.api_key is not None, limits=DocLimits(
+        vocab_size=max(svc.config.vocab_size for svc in served), max_prompts=settings.max_prompts,
+        models=tuple(ModelLimits(svc.name, svc.context, svc.max_new_tokens) for svc in served)))
 
     # ---------------------------------------------------------------- playground
     @app.get("/", include_in_schema=False)

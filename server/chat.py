@@ -122,7 +122,9 @@ def _finish(reason: str) -> str:
 async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionRequest, request: Request) -> Any:
     ids = await asyncio.to_thread(template.encode, svc, body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    new_tokens = body.new_tokens if body.new_tokens is not None else max(1, svc.context - len(ids))
+    if body.max_completion_tokens is not None and body.max_tokens is not None:  # both within the limit, though one wins
+        svc.new_tokens(body.max_tokens, svc.context, "max_tokens", ids)
+    new_tokens = svc.new_tokens(body.new_tokens, svc.context, param, ids)
     svc.check_length(ids, new_tokens, param, prompt_param="messages")
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     queue: asyncio.Queue = asyncio.Queue()

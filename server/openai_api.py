@@ -144,9 +144,11 @@ async def encode_prompts(svc: Service, items: list[tuple[list[int] | None, str |
 
 async def openai_completions(svc: Service, body: CompletionRequest, request: Request) -> Any:
     prompts = await encode_prompts(svc, _prompts(svc, body))
-    max_tokens = body.max_tokens
-    for pr in prompts:
-        new = max_tokens if max_tokens is not None else max(1, svc.context - len(pr.ids))
+    # absent: OpenAI's 16; null: the rest of the context; either capped at max_new_tokens and what each prompt leaves
+    sent = body.max_tokens if "max_tokens" in body.model_fields_set else None
+    default = 16 if "max_tokens" not in body.model_fields_set else svc.context
+    new_per_prompt = [svc.new_tokens(sent, default, "max_tokens", pr.ids) for pr in prompts]
+    for pr, new in zip(prompts, new_per_prompt):
         svc.check_length(pr.ids, new, "max_tokens")
     rid = "cmpl-" + uuid.uuid4().hex[:24]
     created = int(time.time())
@@ -154,14 +156,14 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     jobs: list[Job] = []
-    if max_tokens == 0:
+    if sent == 0:
         if want_prompt_lp:
             jobs.append(ScoreJob([pr.ids for pr in prompts], svc.context, svc.context, body.logprobs, queue=queue, loop=loop,
                                  index=0, timeout=svc.settings.request_timeout))
     else:
         for i, pr in enumerate(prompts):
             for j in range(body.n):
-                params = GenParams(max_new_tokens=max_tokens if max_tokens is not None else svc.context - len(pr.ids),
+                params = GenParams(max_new_tokens=new_per_prompt[i],
                                    temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                    seed=None if body.seed is None else body.seed + j, stop=body.stop,
                                    logprobs=body.logprobs, prompt_logprobs=body.logprobs if want_prompt_lp else None)
