@@ -133,7 +133,8 @@ async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionReq
     temperature, top_k, top_p = sampling(body)
     for j in range(body.n):
         params = GenParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=None if body.seed is None else body.seed + j, stop=[*(body.stop or []), *template.stop], logprobs=top_n)
+                           seed=None if body.seed is None else body.seed + j, stop=[*(body.stop or []), *template.stop],
+                           logprobs=top_n, ignore_eos=body.ignore_eos)
         jobs.append(GenerateJob(ids, params, queue=queue, loop=loop, index=j, timeout=svc.settings.request_timeout))
     svc.submit(jobs)
     rid = "chatcmpl-" + uuid.uuid4().hex[:24]

@@ -165,7 +165,7 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
             for j in range(body.n):
                 params = GenParams(max_new_tokens=new_per_prompt[i],
                                    temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                   seed=None if body.seed is None else body.seed + j, stop=body.stop,
+                                   seed=None if body.seed is None else body.seed + j, stop=body.stop, ignore_eos=body.ignore_eos,
                                    logprobs=body.logprobs, prompt_logprobs=body.logprobs if want_prompt_lp else None)
                 jobs.append(GenerateJob(pr.ids, params, queue=queue, loop=loop, index=i * body.n + j,
                                         timeout=svc.settings.request_timeout))

@@ -92,6 +92,8 @@ class ChatCompletionRequest(BaseModel):
     n: Int = Field(1, ge=1, le=8)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = Field(False, description="vLLM's extension: keep generating past EOS (load generators such as "
+                                   "guidellm send it to get exactly max_completion_tokens)")
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
         None, description=f"up to {MAX_STOP} non-empty stop strings (cut from the text)")
     seed: Seed | None = None

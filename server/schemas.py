@@ -286,6 +286,8 @@ class CompletionRequest(StrictRequest):
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past EOS (load generators such as "
+                             "guidellm send it to get exactly max_tokens)")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     stop: str | list[str] | None = None
