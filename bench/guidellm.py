@@ -119,9 +119,13 @@ def bench_one(guidellm: str, server: ServerProcess, checkpoint: Path, name: str,
             "ours": server_figures(before, scrape(server.url), report.duration_s)}
 
 
+def shown_path(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def render(rows: list[dict], args: argparse.Namespace) -> str:
     lines = ["## guidellm against the server (`make bench-guidellm`)", "", f"Machine: {machine_line()}.",
-             f"Checkpoint `{args.checkpoint}`; guidellm 0.8.1 (own venv, requirements-guidellm.txt), streaming, "
+             f"Checkpoint `{shown_path(args.checkpoint)}`; guidellm 0.8.1 (own venv, requirements-guidellm.txt), streaming, "
              f"synthetic prompts of {args.prompt_tokens} tokens (the checkpoint's tokenizer files), {args.output_tokens} "
              f"output tokens (`ignore_eos`), {args.requests} requests per row. guidellm's figures are measured by its client; "
              "ours are the server's own histograms (`chiar_time_to_first_token_seconds`, `chiar_inter_token_latency_seconds`) "
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not Path(args.guidellm).is_file():
         parser.error(f"--guidellm: {args.guidellm} not found; run `make setup-guidellm`")
+    args.guidellm = str(Path(args.guidellm).resolve())  # guidellm runs in a temporary directory
+    args.checkpoint = args.checkpoint.resolve()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-guidellm-") as tmp:
         work = Path(tmp)
