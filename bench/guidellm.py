@@ -37,6 +37,7 @@ class Report:
     prompt_tokens: float  # mean per request, as guidellm counted them
     output_tokens: float
     ttft_ms: float  # median
+    ttft_mean_ms: float
     ttft_p95_ms: float
     itl_ms: float  # mean over all inter-token gaps
     output_tokens_per_s: float  # mean, as guidellm's "Server Throughput" table
@@ -66,7 +67,8 @@ def parse_report(path: Path) -> Report:
     totals = m["request_totals"]
     return Report(successful=totals["successful"], errored=totals["errored"], incomplete=totals["incomplete"],
                   prompt_tokens=ok("prompt_token_count")["mean"], output_tokens=ok("output_token_count")["mean"],
-                  ttft_ms=ok("time_to_first_token_ms")["median"], ttft_p95_ms=ok("time_to_first_token_ms")["percentiles"]["p95"],
+                  ttft_ms=ok("time_to_first_token_ms")["median"], ttft_mean_ms=ok("time_to_first_token_ms")["mean"],
+                  ttft_p95_ms=ok("time_to_first_token_ms")["percentiles"]["p95"],
                   itl_ms=ok("inter_token_latency_ms")["mean"], output_tokens_per_s=ok("output_tokens_per_second")["mean"],
                   requests_per_s=ok("requests_per_second")["mean"], duration_s=bench["duration"])
 
@@ -130,18 +132,22 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
              f"output tokens (`ignore_eos`), {args.requests} requests per row. guidellm's figures are measured by its client; "
              "ours are the server's own histograms (`chiar_time_to_first_token_seconds`, `chiar_inter_token_latency_seconds`) "
              "and generated tokens over the same run. TTFT and ITL in ms.", "",
-             "| format | concurrency | ok | errors | prompt tok | output tok | TTFT p50 (guidellm) | TTFT p95 (guidellm) "
-             "| TTFT mean (server) | ITL mean (guidellm) | ITL mean (server) | output tok/s (guidellm) | output tok/s (server) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| format | concurrency | ok | errors | prompt tok | output tok | TTFT mean (guidellm) | TTFT mean (server) "
+             "| TTFT p50 (guidellm) | TTFT p95 (guidellm) | ITL mean (guidellm) | ITL mean (server) | output tok/s (guidellm) "
+             "| output tok/s (server) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         r, o = row["report"], row["ours"]
         lines.append(f"| {row['format']} | {row['concurrency']} | {r.successful} | {r.errored + r.incomplete} | "
-                     f"{fmt(r.prompt_tokens)} | {fmt(r.output_tokens)} | {fmt(r.ttft_ms)} | {fmt(r.ttft_p95_ms)} | "
-                     f"{fmt(o.ttft_ms)} | {fmt(r.itl_ms)} | {fmt(o.itl_ms)} | {fmt(r.output_tokens_per_s)} | "
-                     f"{fmt(o.output_tokens_per_s)} |")
+                     f"{fmt(r.prompt_tokens)} | {fmt(r.output_tokens)} | {fmt(r.ttft_mean_ms)} | {fmt(o.ttft_ms)} | "
+                     f"{fmt(r.ttft_ms)} | {fmt(r.ttft_p95_ms)} | {fmt(r.itl_ms)} | {fmt(o.itl_ms)} | "
+                     f"{fmt(r.output_tokens_per_s)} | {fmt(o.output_tokens_per_s)} |")
     lines += ["", "Prompt tokens are guidellm's count (BOS and, for chat, the template's turn text included, as the server "
-              "counts them in `usage`). The server's TTFT starts when the request reaches the engine and ends at its first "
-              "token; guidellm's adds HTTP, tokenization and the first SSE event, so it reads a little higher."]
+              "counts them in `usage`). TTFT: the server's clock starts when the request reaches the engine, guidellm's "
+              "when it sends the request, so guidellm's adds HTTP, tokenization and the first SSE event. ITL: both are "
+              "the mean gap between a request's tokens. Output tok/s (server) is the server's generated-token counter "
+              "over guidellm's run time: equal to guidellm's figure, it says guidellm's per-request counts (from the "
+              "streamed usage) are the tokens the server generated."]
     return "\n".join(lines) + "\n"
 
 
