@@ -2,11 +2,13 @@
 # 127.0.0.1:8000) and `make test` (system tools if missing, sets up, ruff + the whole test suite).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# guidellm has a venv of its own: it pins click~=8.4, our lock has click 8.5 (requirements-guidellm.txt)
+GUIDELLM_VENV ?= .venv-guidellm
 CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step bench-kv bench-gpu loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
+.PHONY: setup setup-guidellm bench-guidellm lock-guidellm system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step bench-kv bench-gpu loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
 LOADTEST_ARGS ?=
 # e.g. BENCH_SERVER_ARGS=--llamacpp adds llama.cpp's server to the peers (built once from the llama-cpp-python sdist)
 # BENCH_SERVER_ARGS=--long-only runs only the long-context rows (1-2k-token prompts), --no-long skips them
@@ -18,6 +20,12 @@ $(VENV)/.installed: pyproject.toml setup.py requirements.txt requirements-dev.tx
 	bash deploy/install.sh --dev $(VENV)
 	touch $@
 
+setup-guidellm: $(GUIDELLM_VENV)/.installed
+
+$(GUIDELLM_VENV)/.installed: requirements-guidellm.txt deploy/install.sh
+	bash deploy/install.sh --tool guidellm $(GUIDELLM_VENV)
+	touch $@
+
 # Debian packages the tests run (prometheus, promtool, chromium, chromedriver): the script does
 # nothing when they are on PATH, installs them as root, else stops with one line naming them.
 system:
@@ -26,7 +34,7 @@ system:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: system setup lint
+test: system setup setup-guidellm lint
 	$(VENV)/bin/pytest -q
 
 # Property tests with a fresh random seed and more examples (profile "random" in tests/conftest.py;
@@ -37,13 +45,17 @@ test-random: setup
 serve: setup
 	$(PY) -m server --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT)
 
-bench: bench-model bench-server bench-fairness bench-step bench-kv
+bench: bench-model bench-server bench-fairness bench-step bench-kv bench-guidellm
 
 bench-model: setup
 	$(PY) -m bench.model --write BENCHMARKS.md
 
 bench-server: setup
 	$(PY) -m bench.server --write BENCHMARKS.md $(BENCH_SERVER_ARGS)
+
+# guidellm (a load generator nobody here wrote) against our server: its TTFT/ITL/throughput beside ours
+bench-guidellm: setup setup-guidellm
+	$(PY) -m bench.guidellm --guidellm $(GUIDELLM_VENV)/bin/guidellm --write BENCHMARKS.md
 
 bench-fairness: setup
 	$(PY) -m bench.fairness --write BENCHMARKS.md
@@ -78,6 +90,9 @@ dashboard: setup
 lock: setup
 	$(PY) deploy/freeze_requirements.py
 
+lock-guidellm: setup-guidellm
+	$(GUIDELLM_VENV)/bin/python deploy/freeze_requirements.py --tool guidellm
+
 # The paper-reproduction experiments (EXPERIMENTS.md); e.g. EXPERIMENT_ARGS="--size tiny --root /tmp/exp".
 EXPERIMENT_ARGS ?= --size cpu --threads 2 --publish
 experiments: setup
@@ -94,4 +109,4 @@ reliability-short: setup
 	$(PY) -m reliability --short --checkpoint $(CHECKPOINT) --write RELIABILITY.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(GUIDELLM_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -55,7 +55,7 @@ def random_checkpoints(root: Path, max_seq_len: int = RANDOM_SIZE["max_seq_len"]
     text = (ROOT / "data" / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
     tokenizer = train_tokenizer([text], vocab_size=RANDOM_SIZE["vocab_size"])
     config = ChiarConfig(**{**RANDOM_SIZE, "vocab_size": tokenizer.get_vocab_size(), "max_seq_len": max_seq_len})
-    ids = torch.tensor([[config.bos_token_id, *tokenizer.encode(text[: 20 * max_seq_len]).ids[: config.max_seq_len - 1]]])
+    ids = torch.tensor([[config.bos_token_id, *tokenizer.encode(text[: 20 * max_seq_len], add_special_tokens=False).ids[: config.max_seq_len - 1]]])
     torch.manual_seed(0)
     probe = ChiarLM(config).eval()
     thresholds = [float(t) for t in probe.infer(ids).routing.entropy[0, :, 1:-1].nanmedian(dim=0).values]
@@ -117,11 +117,11 @@ def hf_sequential(checkpoint: Path, prompts: list[str], max_new_tokens: int, n: 
                                       bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)).eval()
     results = []
     with torch.inference_mode():
-        ids = torch.tensor([[cfg.bos_token_id, *tokenizer.encode(prompts[0]).ids]])
+        ids = torch.tensor([[cfg.bos_token_id, *tokenizer.encode(prompts[0], add_special_tokens=False).ids]])
         hf.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
         start_all = time.perf_counter()
         for i in range(n):
-            ids = torch.tensor([[cfg.bos_token_id, *tokenizer.encode(prompts[i % len(prompts)]).ids]])
+            ids = torch.tensor([[cfg.bos_token_id, *tokenizer.encode(prompts[i % len(prompts)], add_special_tokens=False).ids]])
             start = time.perf_counter()
             hf(ids)  # prefill alone: the TTFT a sequential server would give
             ttft = time.perf_counter() - start

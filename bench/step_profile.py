@@ -84,7 +84,7 @@ def profile(checkpoint: Path, batch: int, steps: int) -> dict[str, float]:
     text = (ROOT / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8")[:20000].split()
     jobs = []
     for i in range(batch):
-        ids = [model.config.bos_token_id, *tokenizer.encode(" ".join(text[i * 24:(i + 1) * 24])).ids]
+        ids = [model.config.bos_token_id, *tokenizer.encode(" ".join(text[i * 24:(i + 1) * 24]), add_special_tokens=False).ids]
         params = GenParams(max_new_tokens=model.config.max_seq_len - len(ids) - 1, temperature=1.0, top_p=0.95, seed=i,
                            ignore_eos=True)
         jobs.append(GenerateJob(ids, params, queue=queue, loop=loop, index=i, timeout=3600))

@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # The one install script shared by the Dockerfile, CI (.ci/run) and `make setup`.
 #
-# Usage: deploy/install.sh [--dev] VENV_DIR
+# Usage: deploy/install.sh [--dev | --tool NAME] VENV_DIR
 #   Creates (or reuses) a virtual environment at VENV_DIR and installs, in this order:
 #   1. torch==$TORCH_VERSION (default 2.13.0), from $TORCH_INDEX_URL when set
 #      (e.g. https://download.pytorch.org/whl/cpu or .../cu128 for a CUDA build);
-#   2. the pinned lock file: requirements.txt (runtime) or, with --dev, requirements-dev.txt;
-#   3. the project itself, without dependencies (editable with --dev), compiling the native kernels
-#      (csrc/ -> model._native) against the torch of step 1: a C++ compiler is needed.
+#   2. the pinned lock file: requirements.txt (runtime) or, with --dev, requirements-dev.txt, or with
+#      --tool NAME requirements-NAME.txt (a client whose pins clash with ours, e.g. guidellm);
+#   3. the project itself, without dependencies (editable with --dev; not with --tool), compiling the
+#      native kernels (csrc/ -> model._native) against the torch of step 1: a C++ compiler is needed.
 # Environment: PYTHON (interpreter used to create the venv, default python3.11 or python3),
 #   TORCH_VERSION, TORCH_INDEX_URL, PIP_NO_CACHE_DIR etc. are passed through to pip.
 set -euo pipefail
 
-usage() { echo "usage: $0 [--dev] VENV_DIR" >&2; exit 2; }
+usage() { echo "usage: $0 [--dev | --tool NAME] VENV_DIR" >&2; exit 2; }
 
 dev=0
 venv=""
-for arg in "$@"; do
+tool=""
+while (( $# )); do
+    arg="$1"
+    shift
     case "$arg" in
         --dev) dev=1 ;;
+        --tool) [[ $# -gt 0 ]] || usage; tool="$1"; shift ;;
         -h|--help) usage ;;
         -*) echo "install.sh: unknown option: $arg" >&2; usage ;;
         *) [[ -z "$venv" ]] || usage; venv="$arg" ;;
@@ -43,17 +48,24 @@ if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
     torch_args+=(--extra-index-url "$TORCH_INDEX_URL")
 fi
 echo "install.sh: torch==$torch_version ${TORCH_INDEX_URL:+from $TORCH_INDEX_URL}"
-# Constrained by the runtime lock, so torch's own dependencies get the pinned versions too.
-"${pip[@]}" install "${torch_args[@]}" -c "$root/requirements.txt" "torch==$torch_version"
-
-if (( dev )); then
+if [[ -n "$tool" ]]; then
+    lock="$root/requirements-$tool.txt"
+    [[ -f "$lock" ]] || { echo "install.sh: no lock file requirements-$tool.txt" >&2; exit 2; }
+elif (( dev )); then
     lock="$root/requirements-dev.txt"
 else
     lock="$root/requirements.txt"
 fi
+# Constrained by the lock, so torch's own dependencies get the pinned versions too.
+"${pip[@]}" install "${torch_args[@]}" -c "$lock" "torch==$torch_version"
+
 echo "install.sh: pinned dependencies from ${lock#"$root"/}"
 "${pip[@]}" install -r "$lock"
 
+if [[ -n "$tool" ]]; then
+    "$venv/bin/python" -c "import torch; print('install.sh: done ($tool), torch', torch.__version__)"
+    exit 0
+fi
 echo "install.sh: the project and its native kernels"
 # --no-build-isolation: the kernels build against the torch installed above (an isolated build
 # would download another torch only to compile against it)

@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from model import CheckpointError, load_checkpoint
+    from model.hf_tokenizer import stale_files
     from model.storage import TORCH_DTYPES
     from server.app import create_app
     from server.engine import Engine
@@ -82,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = Engine(model, tokenizer, settings, metrics, name=name, kv_cache_mb=kv_share, turns=turns)
         engine.metrics.info(model.config.arch, model.num_parameters())
         services.append(Service(settings, engine, tokenizer, path))
+        if stale := stale_files(path):
+            log.warning("%s: %s out of date, so AutoTokenizer gives other ids than the server; upgrade with "
+                        "`python -m model.hf_tokenizer %s`", path, ", ".join(stale), path)
         log.info("serving %s (%s, %d parameters) on %s as %r", path, model.config.arch, model.num_parameters(), device, name)
     engines = [svc.engine for svc in services]
     app = create_app(settings, services, metrics)

@@ -17,13 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from model import ChiarConfig, Operator
 from model.scoring import Perplexity, total_nll
-from server import chat, openai_api, openapi, perplexity_text, tokenizer_api
+from server import chat, docs_pages, openai_api, openapi, perplexity_text, tokenizer_api
 from server.body_timeout import BodyTimeout
 from server.engine import DoneEvent, GenerateJob, GenerationResult, GenParams, ScoreJob, ScoreResult, TokenEvent
 from server.engine.requests import RoutingTrace
 from server.errors import install_handlers, invalid
 from server.metrics import NO_MODEL, OPERATORS, Metrics
 from server.middleware import BearerAuth, BodyLimit, RequestMetrics, endpoint_label
+from server.openapi_limits import DocLimits, ModelLimits
 from server.schemas import (
     Flops,
     GenerateRequest,
@@ -60,8 +61,9 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
         # all engines drain together: each gets the whole drain timeout, not one after the other
         await asyncio.gather(*(asyncio.to_thread(engine.stop, settings.drain_timeout) for engine in engines))
 
-    app = FastAPI(title="CHIAR-Former inference server", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="CHIAR-Former inference server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Hard-gated CHIAR-Former: native generate/perplexity, OpenAI-compatible completions.")
+    docs_pages.register(app)  # /docs and /redoc with their assets served here (offline)
     app.state.served = served
     install_handlers(app, lambda request, err: metrics.error(endpoint_label(request.url.path), err.reason,
                                                              getattr(request.state, "model", NO_MODEL)))
@@ -99,8 +101,10 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     async def generate(body: GenerateRequest, request: Request) -> Any:
         svc = served.get(body.model, request)
         ids, _ = (await svc.encode([body.prompt]))[0]
-        svc.check_length(ids, body.max_new_tokens, "max_new_tokens")
-        params = GenParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_k=body.top_k,
+        new_tokens = svc.new_tokens(body.max_new_tokens if "max_new_tokens" in body.model_fields_set else None,
+                                    body.max_new_tokens, "max_new_tokens", ids)
+        svc.check_length(ids, new_tokens, "max_new_tokens")
+        params = GenParams(max_new_tokens=new_tokens, temperature=body.temperature, top_k=body.top_k,
                            top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
                            return_routing=body.return_routing,
                            logprobs=0 if body.return_logprobs else None, prompt_logprobs=0 if body.return_logprobs else None)
@@ -177,8 +181,9 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     chat.register(app, served)
     tokenizer_api.register(app, served)
     perplexity_text.register(app, served, perplexity)
-    openapi.install(app, api_key=settings.api_key is not None, vocab_size=max(svc.config.vocab_size for svc in served),
-                    context=max(svc.context for svc in served))
+    openapi.install(app, api_key=settings.api_key is not None, limits=DocLimits(
+        vocab_size=max(svc.config.vocab_size for svc in served), max_prompts=settings.max_prompts,
+        models=tuple(ModelLimits(svc.name, svc.context, svc.max_new_tokens) for svc in served)))
 
     # ---------------------------------------------------------------- playground
     @app.get("/", include_in_schema=False)

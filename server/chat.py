@@ -35,6 +35,7 @@ from server.openai_schemas import (
 )
 from server.schemas import Usage
 from server.service import ServedModels, Service, sse
+from server.stream_usage import StreamUsage
 
 
 @dataclass
@@ -121,7 +122,9 @@ def _finish(reason: str) -> str:
 async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionRequest, request: Request) -> Any:
     ids = await asyncio.to_thread(template.encode, svc, body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    new_tokens = body.new_tokens if body.new_tokens is not None else max(1, svc.context - len(ids))
+    if body.max_completion_tokens is not None and body.max_tokens is not None:  # both within the limit, though one wins
+        svc.new_tokens(body.max_tokens, svc.context, "max_tokens", ids)
+    new_tokens = svc.new_tokens(body.new_tokens, svc.context, param, ids)
     svc.check_length(ids, new_tokens, param, prompt_param="messages")
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     queue: asyncio.Queue = asyncio.Queue()
@@ -130,7 +133,8 @@ async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionReq
     temperature, top_k, top_p = sampling(body)
     for j in range(body.n):
         params = GenParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=None if body.seed is None else body.seed + j, stop=[*(body.stop or []), *template.stop], logprobs=top_n)
+                           seed=None if body.seed is None else body.seed + j, stop=[*(body.stop or []), *template.stop],
+                           logprobs=top_n, ignore_eos=body.ignore_eos)
         jobs.append(GenerateJob(ids, params, queue=queue, loop=loop, index=j, timeout=svc.settings.request_timeout))
     svc.submit(jobs)
     rid = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -147,31 +151,32 @@ async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionReq
                                       usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                                                   total_tokens=prompt_tokens + completion))
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    usage = StreamUsage.of(body.stream_options, [prompt_tokens] * body.n, prompt_tokens)
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+    def chunk(choices: list[dict[str, Any]], counts: dict[str, int] | None = None) -> bytes:
         data: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name,
                                 "choices": choices}
-        if include_usage:
-            data["usage"] = usage
+        if usage.include:
+            data["usage"] = counts
         return sse(data)
 
     async def stream() -> AsyncIterator[bytes]:
-        completion = 0
         for j in range(body.n):
-            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+                        usage.of_choice(j))
         async for event in svc.events(jobs, queue, None):
             j = event.index
             if isinstance(event, TokenEvent):
+                usage.generated(j, len(event.token_ids))
                 lp = chat_logprobs(svc, event.logprobs or []).model_dump() if body.logprobs else None
                 if event.text or lp:
-                    yield chunk([{"index": j, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}])
+                    yield chunk([{"index": j, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}],
+                                usage.of_choice(j))
             elif isinstance(event, DoneEvent):
-                completion += event.result.completion_tokens  # type: ignore[union-attr]
+                usage.finished(j, event.result.completion_tokens)  # type: ignore[union-attr]
                 yield chunk([{"index": j, "delta": {}, "logprobs": None,
-                              "finish_reason": _finish(event.result.finish_reason)}])  # type: ignore[union-attr]
-        if include_usage:
-            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                             "total_tokens": prompt_tokens + completion})
+                              "finish_reason": _finish(event.result.finish_reason)}], usage.of_choice(j))  # type: ignore[union-attr]
+        if usage.include:
+            yield chunk([], usage.totals())
 
     return svc.sse_response(stream(), request)

@@ -16,13 +16,14 @@ ENDPOINTS = ("/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/compl
              "/v1/tokenize", "/tokenize", "/detokenize", "/tokenizer_info",
              "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json")
 PUBLIC = {"/health", "/ready", "/metrics", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+PUBLIC_PREFIXES = ("/static/", "/docs-assets/")  # the playground's and the docs pages' own files (no model data)
 
 
 def endpoint_label(path: str) -> str:
     """Bounded label values: known routes, 'static' or 'other'."""
     if path in ENDPOINTS:
         return path
-    return "static" if path.startswith("/static/") else "other"
+    return "static" if path.startswith(PUBLIC_PREFIXES) else "other"
 
 
 async def send_error(send: Send, status: int, message: str, type_: str, param: str | None, code: str,
@@ -67,7 +68,7 @@ class BearerAuth:
         self.digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.digest is None or scope["type"] != "http" or scope["path"] in PUBLIC or scope["path"].startswith("/static/") \
+        if self.digest is None or scope["type"] != "http" or scope["path"] in PUBLIC or scope["path"].startswith(PUBLIC_PREFIXES) \
                 or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return

@@ -41,6 +41,7 @@ from server.schemas import (
     Usage,
 )
 from server.service import ServedModels, Service, sse
+from server.stream_usage import StreamUsage
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid input (the error names the field)"},
@@ -143,9 +144,11 @@ async def encode_prompts(svc: Service, items: list[tuple[list[int] | None, str |
 
 async def openai_completions(svc: Service, body: CompletionRequest, request: Request) -> Any:
     prompts = await encode_prompts(svc, _prompts(svc, body))
-    max_tokens = body.max_tokens
-    for pr in prompts:
-        new = max_tokens if max_tokens is not None else max(1, svc.context - len(pr.ids))
+    # absent: OpenAI's 16; null: the rest of the context; either capped at max_new_tokens and what each prompt leaves
+    sent = body.max_tokens if "max_tokens" in body.model_fields_set else None
+    default = 16 if "max_tokens" not in body.model_fields_set else svc.context
+    new_per_prompt = [svc.new_tokens(sent, default, "max_tokens", pr.ids) for pr in prompts]
+    for pr, new in zip(prompts, new_per_prompt):
         svc.check_length(pr.ids, new, "max_tokens")
     rid = "cmpl-" + uuid.uuid4().hex[:24]
     created = int(time.time())
@@ -153,16 +156,16 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     jobs: list[Job] = []
-    if max_tokens == 0:
+    if sent == 0:
         if want_prompt_lp:
             jobs.append(ScoreJob([pr.ids for pr in prompts], svc.context, svc.context, body.logprobs, queue=queue, loop=loop,
                                  index=0, timeout=svc.settings.request_timeout))
     else:
         for i, pr in enumerate(prompts):
             for j in range(body.n):
-                params = GenParams(max_new_tokens=max_tokens if max_tokens is not None else svc.context - len(pr.ids),
+                params = GenParams(max_new_tokens=new_per_prompt[i],
                                    temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                   seed=None if body.seed is None else body.seed + j, stop=body.stop,
+                                   seed=None if body.seed is None else body.seed + j, stop=body.stop, ignore_eos=body.ignore_eos,
                                    logprobs=body.logprobs, prompt_logprobs=body.logprobs if want_prompt_lp else None)
                 jobs.append(GenerateJob(pr.ids, params, queue=queue, loop=loop, index=i * body.n + j,
                                         timeout=svc.settings.request_timeout))
@@ -227,14 +230,16 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                                   usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                               total_tokens=prompt_tokens + completion_tokens))
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    usage = StreamUsage.of(body.stream_options, [len(prompts[i // body.n].ids) for i in range(n_choices)], prompt_tokens)
 
     def chunk(index: int, text: str, finish: str | None, lp: dict[str, list] | None = None) -> bytes:
-        return sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
-                    "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]})
+        data: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": svc.name,
+                                "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]}
+        if usage.include:
+            data["usage"] = usage.of_choice(index)
+        return sse(data)
 
     async def stream() -> AsyncIterator[bytes]:
-        completion_tokens = 0
         if not jobs or isinstance(jobs[0], ScoreJob):  # max_tokens == 0: the echo is the whole answer
             score: ScoreResult | None = None
             if jobs:
@@ -259,6 +264,7 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                     sent_echo.add(i)
                     yield chunk(i, prompts[i // body.n].text, None, prompt_lp(i // body.n, event.logprobs))
                 elif isinstance(event, TokenEvent):
+                    usage.generated(i, len(event.token_ids))
                     lp = None
                     if body.logprobs is not None and event.logprobs is not None:
                         base = (len(prompts[i // body.n].text) if body.echo else 0) + emitted[i]
@@ -268,12 +274,11 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                         yield chunk(i, event.text, None, lp)
                 elif isinstance(event, DoneEvent):
                     result: GenerationResult = event.result  # type: ignore[assignment]
-                    completion_tokens += result.completion_tokens
+                    usage.finished(i, result.completion_tokens)
                     yield chunk(i, "", "length" if result.finish_reason == "length" else "stop")
-        if include_usage:
+        if usage.include:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": [],
-                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens}})
+                       "usage": usage.totals()})
 
     return svc.sse_response(stream(), request)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
-from server.schemas import MAX_STOP, AnyText, ModelId, Usage, utf8_text
+from server.schemas import MAX_STOP, AnyText, ModelId, StreamOptions, Usage, utf8_text
 
 STRICT = ConfigDict(extra="ignore")
 STRICT_FORBID = ConfigDict(extra="forbid")
@@ -71,11 +71,6 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
-    model_config = STRICT
-    include_usage: StrictBool = False
-
-
 class ResponseFormat(BaseModel):
     model_config = STRICT
     type: Literal["text"] = Field(description="only plain text is supported")
@@ -97,6 +92,8 @@ class ChatCompletionRequest(BaseModel):
     n: Int = Field(1, ge=1, le=8)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = Field(False, description="vLLM's extension: keep generating past EOS (load generators such as "
+                                   "guidellm send it to get exactly max_completion_tokens)")
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
         None, description=f"up to {MAX_STOP} non-empty stop strings (cut from the text)")
     seed: Seed | None = None
@@ -237,4 +234,6 @@ class TokenizerInfo(BaseModel):
     vocab_size: int
     model_max_length: int
     chat_template: str
-    add_bos_token: bool = Field(description="the server prepends BOS to every prompt (text prompts and id prompts not starting with it)")
+    add_bos_token: bool = Field(description="the server prepends BOS to every prompt (text prompts and id prompts not "
+                                "starting with it); the checkpoint's tokenizer files do the same")
+    add_eos_token: bool = Field(description="never: generation ends at EOS, prompts do not")

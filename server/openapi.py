@@ -4,6 +4,7 @@
 - Streaming routes also answer `text/event-stream` (documented with the event format).
 - /metrics is Prometheus text, not JSON.
 - With an API key configured, a bearer security scheme covers every non-public route.
+- Every limit the server enforces is declared (server/openapi_limits.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from server.middleware import PUBLIC
+from server.openapi_limits import DocLimits, declare_limits
 
 
 class ErrorDetail(BaseModel):
@@ -49,6 +51,20 @@ SSE = {
                        "usage chunk with `choices: []` (`stream_options.include_usage`), then `data: [DONE]`",
     "/v1/chat/completions": "`data: <chat.completion.chunk>` events (ChatCompletionChunk), an optional usage chunk with "
                             "`choices: []`, then `data: [DONE]`",
+}
+# OpenAPI links: what a client does next with an answer (schemathesis' stateful phase follows them).
+LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("/v1/models", "get"): {
+        "GetModel": {"operationRef": "#/paths/~1v1~1models~1{model_id}/get", "parameters": {"model_id": "$response.body#/data/0/id"}},
+        "GetTokenizer": {"operationRef": "#/paths/~1tokenizer_info/get", "parameters": {"model": "$response.body#/data/0/id"}}},
+    ("/tokenize", "post"): {
+        "Detokenize": {"operationRef": "#/paths/~1detokenize/post", "requestBody": {"tokens": "$response.body#/tokens"}}},
+    ("/v1/tokenize", "post"): {
+        "Detokenize": {"operationRef": "#/paths/~1detokenize/post", "requestBody": {"tokens": "$response.body#/token_ids"}},
+        "ScorePrompt": {"operationRef": "#/paths/~1v1~1completions/post", "requestBody": {
+            "prompt": "$response.body#/token_ids", "max_tokens": 0, "echo": True, "logprobs": 1}}},
+    ("/detokenize", "post"): {
+        "Tokenize": {"operationRef": "#/paths/~1tokenize/post", "requestBody": {"prompt": "$response.body#/prompt"}}},
 }
 STREAM_ERROR = " An error after the stream has started arrives as one `data: {\"error\": {...}}` event (the ErrorBody shape)."
 
@@ -123,7 +139,7 @@ def _declare_native(schemas: dict[str, Any], context: int) -> None:
                 option.update(bounds)
 
 
-def build_openapi(app: FastAPI, api_key: bool, vocab_size: int, context: int) -> dict[str, Any]:
+def build_openapi(app: FastAPI, api_key: bool, limits: DocLimits) -> dict[str, Any]:
     """FastAPI's document with the corrections listed in the module docstring."""
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
@@ -135,8 +151,9 @@ def build_openapi(app: FastAPI, api_key: bool, vocab_size: int, context: int) ->
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schema.pop("$defs", None)
         schemas.setdefault(model.__name__, schema)
-    _declare_vocab(schemas, vocab_size)
-    _declare_native(schemas, context)
+    _declare_vocab(schemas, limits.vocab_size)
+    _declare_native(schemas, limits.context)
+    declare_limits(schemas, limits)
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     if api_key:
@@ -161,6 +178,8 @@ def build_openapi(app: FastAPI, api_key: bool, vocab_size: int, context: int) ->
                     responses[str(status)] = _error(status)
                 elif path != "/ready":
                     responses.pop(str(status), None)
+            if (path, method) in LINKS:
+                responses.setdefault("200", {"description": "OK"})["links"] = LINKS[(path, method)]
             if path in SSE:
                 ok = responses.setdefault("200", {"description": "OK"})
                 ok["description"] = "JSON; with `stream: true` server-sent events: " + SSE[path] + "." + STREAM_ERROR
@@ -172,12 +191,12 @@ def build_openapi(app: FastAPI, api_key: bool, vocab_size: int, context: int) ->
     return doc
 
 
-def install(app: FastAPI, api_key: bool, vocab_size: int, context: int) -> None:
+def install(app: FastAPI, api_key: bool, limits: DocLimits) -> None:
     """Serve the corrected document at /openapi.json (built once, on first request)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, api_key, vocab_size, context)
+            app.openapi_schema = build_openapi(app, api_key, limits)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

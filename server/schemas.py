@@ -257,8 +257,19 @@ class TokenizeResponse(BaseModel):
 
 
 # ---------------------------------------------------------------- OpenAI completions
-class StreamOptions(StrictRequest):
-    include_usage: bool = False
+class StreamOptions(BaseModel):
+    """`stream_options` of /v1/completions and /v1/chat/completions (the one definition of both).
+
+    OpenAI's `include_usage` and vLLM's `continuous_usage_stats` (load generators such as guidellm send
+    it); other keys are ignored like unknown request fields, so a client's newer option never fails a run.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = Field(False, description="a last chunk with `choices: []` carries the request's usage; "
+                                "every other chunk has `usage: null`")
+    continuous_usage_stats: bool = Field(False, description="vLLM's extension, with include_usage: every chunk carries "
+                                         "the usage of its choice so far (prompt tokens and tokens generated up to it)")
 
 
 class CompletionRequest(StrictRequest):
@@ -275,6 +286,8 @@ class CompletionRequest(StrictRequest):
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past EOS (load generators such as "
+                             "guidellm send it to get exactly max_tokens)")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     stop: str | list[str] | None = None

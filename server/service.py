@@ -39,6 +39,8 @@ class Service:
         # Advertised context: the server's BOS takes one position, so what clients send + generate must fit in one less.
         self.max_model_len = self.context - 1
         self.bos = engine.config.bos_token_id
+        # the most new tokens one choice may ask for: the context less BOS and one prompt token, or --max-new-tokens
+        self.max_new_tokens = min(self.max_model_len - 1, settings.max_new_tokens or self.max_model_len)
         self.name = engine.name
         self.created = int(time.time())
         self.tokenizer.encode_special_tokens = True  # "<eos>" typed by a user is text, not a control token
@@ -53,6 +55,18 @@ class Service:
         if sum(len(t) for t in texts) < 4096:
             return self.encode_now(texts)
         return await asyncio.to_thread(self.encode_now, texts)
+
+    def new_tokens(self, asked: int | None, default: int, param: str, prompt: list[int]) -> int:
+        """A request's new-token count: `asked` up to max_new_tokens (400 naming `param` beyond), else `default`
+        capped there and at what the context leaves after `prompt` (a default never makes a request fail)."""
+        if asked is None:
+            return max(1, min(default, self.max_new_tokens, self.context - len(prompt)))
+        if asked > self.max_new_tokens:
+            why = "the server's --max-new-tokens" if self.settings.max_new_tokens == self.max_new_tokens else \
+                f"the context of {self.context} tokens less BOS and one prompt token"
+            raise invalid(param, f"must be at most {self.max_new_tokens} for model {self.name} ({why}), got {asked}",
+                          code="context_length_exceeded")
+        return asked
 
     def check_length(self, ids: list[int], new_tokens: int, new_param: str, prompt_param: str = "prompt") -> None:
         if len(ids) >= self.context + (1 if new_tokens == 0 else 0):

@@ -97,6 +97,9 @@ class Settings(BaseModel):
     warmup: bool = Field(True, description="run warm-up forwards before /ready turns 200")
     log_level: str = Field("info", description="uvicorn log level")
     body_timeout: float = Field(30.0, gt=0, description="seconds to receive a request body before 408")
+    max_new_tokens: Annotated[int | None, NoneWord] = Field(
+        None, ge=1, description="most new tokens one request may ask for per choice (max_tokens, max_completion_tokens, "
+        "max_new_tokens; 400 beyond, and declared in /openapi.json); default: what each model's context leaves")
     max_score_tokens: int = Field(131_072, ge=1, description="most tokens one perplexity request may score (400 beyond)")
     fault_inject: Annotated[str | None, NoneWord, AfterValidator(_fault_spec)] = Field(
         None, description="testing only: STAGE:TOKEN_ID makes requests containing that token fail at STAGE (model, sample, score)")

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from tokenizers import Tokenizer
 
+from model.hf_tokenizer import hf_settings
 from server.chat import templates
 from server.errors import invalid
 from server.openai_api import ERRORS
@@ -91,19 +92,17 @@ def register(app: FastAPI, served: ServedModels) -> None:
             raise invalid("tokens", f"tokens[{bad[0]}] = {body.tokens[bad[0]]} is outside [0, {vocab})")
         return DetokenizeResponse(prompt=svc.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
+    settings = {svc.name: hf_settings(svc.checkpoint) for svc in served}
+
     @app.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"])
     async def tokenizer_info(request: Request, model: str | None = None) -> TokenizerInfo:
-        """The tokenizer of `model` (query parameter; default: the default model)."""
+        """The tokenizer of `model` (query parameter; default: the default model): the settings its
+        tokenizer_config.json holds (`python -m model.hf_tokenizer` writes them), and the special-token ids."""
         svc = served.get(model, request)
-        cfg = svc.config
-
-        def token_name(token_id: int | None) -> str | None:
-            return None if token_id is None else svc.tokenizer.id_to_token(token_id)
-
+        cfg, hf = svc.config, settings[svc.name]
         return TokenizerInfo(
-            tokenizer_class="PreTrainedTokenizerFast",
-            bos_token=token_name(cfg.bos_token_id), eos_token=token_name(cfg.eos_token_id),
-            pad_token=token_name(cfg.pad_token_id), bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-            pad_token_id=cfg.pad_token_id, vocab_size=cfg.vocab_size, model_max_length=svc.max_model_len,
-            chat_template=template[svc.name].source, add_bos_token=True,
+            tokenizer_class=hf["tokenizer_class"], bos_token=hf.get("bos_token"), eos_token=hf.get("eos_token"),
+            pad_token=hf.get("pad_token"), bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+            pad_token_id=cfg.pad_token_id, vocab_size=cfg.vocab_size, model_max_length=hf["model_max_length"],
+            chat_template=template[svc.name].source, add_bos_token=hf["add_bos_token"], add_eos_token=hf["add_eos_token"],
         )

@@ -144,7 +144,11 @@ def save_model_only(path: Path, model: ChiarLM, tokenizer: Tokenizer, extra_file
     _atomic_write(path, write)
 
 
-def copy_checkpoint(src: Path, dst: Path, names: tuple[str, ...] = ("config.json", "model.safetensors", "tokenizer.json", "metrics.json")) -> None:
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "metrics.json")
+
+
+def copy_checkpoint(src: Path, dst: Path, names: tuple[str, ...] = MODEL_FILES) -> None:
     """Atomically copy the model files of a checkpoint directory (no training state)."""
     def write(staging: Path) -> None:
         _write_file(staging, lambda p: p.mkdir())

@@ -5,8 +5,15 @@ import { generationTrace, perplexityTrace } from "./trace.js";
 import { bits } from "./colour.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { mode: "generate", models: [], traces: [], controller: null };
+// Each mode keeps its own results (its own section of the page), colour-by choice, status and error, so
+// switching modes never shows one mode's numbers, legend or status in another.
+const fresh = (view) => ({ view, traces: [], status: "", error: "" });
+const state = { mode: "generate", models: [], controller: null,
+  modes: { generate: fresh("all"), perplexity: fresh("all"), compare: fresh("surprisal") } };
 const LABELS = { generate: ["Prompt", "Generate"], perplexity: ["Text to score", "Score"], compare: ["Prompt", "Compare"] };
+const part = (mode, name) => document.querySelector(`#result-${mode} .${name}`);
+const ONE_MODEL = "Compare needs two models, and this server serves one: start it with two --checkpoint options " +
+  "(CHIAR and its baseline) to compare them.";
 
 function numberOrNull(id) {
   const v = $(id).value.trim();
@@ -41,44 +48,58 @@ function setMode(mode) {
   $("compare-models").hidden = mode !== "compare" && state.models.length < 2;
   $("model_b").parentElement.hidden = mode !== "compare";
   $("model_a").parentElement.firstChild.textContent = mode === "compare" ? "left " : "model ";
-  $("single").hidden = mode === "compare";
-  $("compare").hidden = mode !== "compare";
-  if (mode === "compare") $("colour_by").value = "surprisal";
-  clearError();
+  for (const m of Object.keys(LABELS)) $(`result-${m}`).hidden = m !== mode;
+  const single = state.models.length === 1;
+  $("compare-note").textContent = single ? ONE_MODEL : "Runs the same prompt and seed on two models side by side.";
+  if (mode === "compare" && single) $("compare-models").hidden = true;
+  showStatus();
+  refreshViews();
 }
 
-function showError(message) {
-  $("error").textContent = message;
-  $("error").hidden = false;
+// The status line and the error box show the visible mode's own.
+function showStatus() {
+  const m = state.modes[state.mode];
+  $("status").textContent = m.status;
+  $("error").textContent = m.error;
+  $("error").hidden = !m.error;
+  $("run").disabled = state.controller !== null || (state.mode === "compare" && state.models.length === 1);
 }
-function clearError() {
-  $("error").hidden = true;
-  $("error").textContent = "";
+
+function setStatus(mode, status, error = "") {
+  Object.assign(state.modes[mode], { status, error });
+  if (mode === state.mode) showStatus();
 }
 
 // ------------------------------------------------------------------ views
-function currentView() {
-  const v = $("colour_by").value || "all";
-  return v === "all" || v === "surprisal" ? v : Number(v);
-}
+const asView = (v) => (v === "all" || v === "surprisal" ? v : Number(v));
 
-function refreshViews() {
-  const richest = [...state.traces].sort((a, b) => b.routingLayers.length - a.routingLayers.length)[0];
-  const select = $("colour_by"), was = select.value;
-  select.replaceChildren(...viewOptions(richest).map(([v, label]) => new Option(label, v)));
-  select.value = [...select.options].some((o) => o.value === was) ? was : "all";
-  const view = currentView();
-  legend($("legend"), select.value, richest);
-  if (state.mode === "compare") {
-    state.traces.forEach((trace, k) => {
+// Draw a mode's results in its own section with its own colour-by (visible or not).
+function renderMode(mode) {
+  const m = state.modes[mode], view = asView(m.view);
+  if (mode === "compare") {
+    m.traces.forEach((trace, k) => {
       const pane = $(k === 0 ? "pane-a" : "pane-b");
       renderTokens(pane.querySelector(".tokens"), pane.querySelector(".details"), trace, view);
     });
-  } else if (state.traces[0]) {
-    renderTokens($("tokens"), $("details"), state.traces[0], view);
-    renderGrid($("grid"), $("grid-caption"), state.traces[0]);
+  } else if (m.traces[0]) {
+    renderTokens(part(mode, "tokens"), part(mode, "details"), m.traces[0], view);
+    renderGrid(part(mode, "grid"), part(mode, "grid-caption"), m.traces[0]);
   }
 }
+
+// The colour-by options and legend of the visible mode, then its results.
+function refreshViews() {
+  const m = state.modes[state.mode];
+  const richest = [...m.traces].sort((a, b) => b.routingLayers.length - a.routingLayers.length)[0];
+  const select = $("colour_by");
+  select.replaceChildren(...viewOptions(richest).map(([v, label]) => new Option(label, v)));
+  select.value = [...select.options].some((o) => o.value === m.view) ? m.view : "all";
+  m.view = select.value;
+  legend($("legend"), m.view, richest);
+  renderMode(state.mode);
+}
+
+const shown = (mode) => (state.mode === mode ? refreshViews() : renderMode(mode));
 
 const ms = (s) => (s === null || s === undefined ? "n/a" : `${(s * 1000).toFixed(0)} ms`);
 
@@ -135,22 +156,21 @@ function generateBody(seed) {
 
 async function runGenerate(signal) {
   const body = { ...generateBody(numberOrNull("seed")), ...modelField($("model_a").value) };
-  $("stats").replaceChildren();
-  const [done, trace] = await generateInto($("tokens"), body, signal);
-  state.traces = [trace];
-  refreshViews();
-  $("stats").replaceChildren(...generationStats(done, trace));
+  const [done, trace] = await generateInto(part("generate", "tokens"), body, signal);
+  state.modes.generate.traces = [trace];
+  shown("generate");
+  part("generate", "stats").replaceChildren(...generationStats(done, trace));
 }
 
 async function runPerplexity(signal) {
   const body = { text: $("prompt").value, return_logprobs: true, return_routing: true, ...modelField($("model_a").value) };
-  $("stats").replaceChildren();
   const res = await postJSON("/v1/perplexity", body, signal);
   const r = res.results[0];
-  state.traces = [perplexityTrace(res, r)];
-  refreshViews();
+  const trace = perplexityTrace(res, r);
+  state.modes.perplexity.traces = [trace];
+  shown("perplexity");
   const num = (x, d) => (x === null ? "n/a" : x.toFixed(d));
-  $("stats").replaceChildren(
+  part("perplexity", "stats").replaceChildren(
     stat("ppl-token", "token PPL", r.perplexity, num(r.perplexity, 3)),
     stat("ppl-word", "word PPL", r.word_perplexity, num(r.word_perplexity, 3)),
     stat("ppl-bpb", "bits per byte", r.bits_per_byte, num(r.bits_per_byte, 4)),
@@ -175,53 +195,72 @@ function pane(id, modelId) {
   stats.className = "stats";
   box.replaceChildren(h, tokens, details, stats);
   box.dataset.model = modelId;
+  box.hidden = false;
   return { tokens, stats };
 }
 
 async function runCompare(signal) {
-  if (state.models.length < 2) {
-    throw new PlainError("This server serves one model; start it with two --checkpoint options (CHIAR and its baseline) to compare.");
-  }
+  if (state.models.length < 2) throw new PlainError(ONE_MODEL);
   // one seed for both sides, so they draw from the same random stream
   const seed = numberOrNull("seed") ?? Math.floor(Math.random() * 2 ** 31);
   $("seed").placeholder = `random (last: ${seed})`;
-  state.traces = [];
+  const m = state.modes.compare;
+  m.traces = [];
   const ids = [$("model_a").value, $("model_b").value];
   const panes = [pane("pane-a", ids[0]), pane("pane-b", ids[1])];
   for (let k = 0; k < 2; k++) {  // one after the other: each latency is measured alone
     const [done, trace] = await generateInto(panes[k].tokens, { ...generateBody(seed), model: ids[k] }, signal);
-    state.traces.push(trace);
+    m.traces.push(trace);
     panes[k].stats.replaceChildren(...generationStats(done, trace));
-    refreshViews();
+    shown("compare");
   }
 }
 
+// A run belongs to the mode it started in: its results, status and error stay there if the user switches.
 async function run() {
-  clearError();
-  $("status").textContent = "running…";
-  $("run").disabled = true;
-  $("stop").disabled = false;
+  const mode = state.mode;
+  clearResults(mode);
   state.controller = new AbortController();
+  setStatus(mode, "running…");
+  $("stop").disabled = false;
   try {
-    await { generate: runGenerate, perplexity: runPerplexity, compare: runCompare }[state.mode](state.controller.signal);
-    $("status").textContent = "done";
+    await { generate: runGenerate, perplexity: runPerplexity, compare: runCompare }[mode](state.controller.signal);
+    state.controller = null;
+    setStatus(mode, "done");
   } catch (e) {
+    state.controller = null;
     if (e.name === "AbortError") {
-      $("status").textContent = "stopped";
+      setStatus(mode, "stopped");  // what streamed in before Stop stays
     } else {
-      $("status").textContent = "failed";
-      showError(e instanceof PlainError ? e.message : `Something went wrong in the page: ${e.message}`);
+      clearResults(mode);  // nothing of a failed request (its pending prompt) stays beside the error
+      setStatus(mode, "failed", e instanceof PlainError ? e.message : `Something went wrong in the page: ${e.message}`);
     }
   } finally {
-    $("run").disabled = false;
+    state.controller = null;
     $("stop").disabled = true;
+    showStatus();
   }
+}
+
+// A new run replaces the mode's results, so "failed" never sits next to an earlier run's text.
+function clearResults(mode) {
+  state.modes[mode].traces = [];
+  if (mode === "compare") {
+    for (const id of ["pane-a", "pane-b"]) Object.assign($(id), { hidden: true }).replaceChildren();
+  } else {
+    for (const name of ["tokens", "stats", "grid", "grid-caption"]) part(mode, name).replaceChildren();
+    part(mode, "details").textContent = "";
+  }
+  shown(mode);
 }
 
 for (const tab of document.querySelectorAll("[role=tab]")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
 $("run").addEventListener("click", run);
 $("stop").addEventListener("click", () => state.controller?.abort());
-$("colour_by").addEventListener("change", refreshViews);
+$("colour_by").addEventListener("change", () => {
+  state.modes[state.mode].view = $("colour_by").value;
+  refreshViews();
+});
 $("api_key").addEventListener("change", loadModels);
-refreshViews();
+setMode("generate");
 loadModels();

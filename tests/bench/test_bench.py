@@ -55,7 +55,8 @@ def test_same_size_llama_has_the_checkpoint_shapes_and_tokens(tiny_checkpoint: P
                                            cfg["vocab_size"], cfg["max_seq_len"])
     assert model.dtype.is_floating_point and str(model.dtype) == "torch.float32"
     text = "The tower is 324 metres tall ."
-    ours = [cfg["bos_token_id"], *Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")).encode(text).ids]
+    ours = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")).encode(text).ids  # the checkpoint's own BOS post-processor
+    assert ours[0] == cfg["bos_token_id"] and ours.count(cfg["bos_token_id"]) == 1
     assert AutoTokenizer.from_pretrained(out)(text).input_ids == ours
 
 
@@ -83,3 +84,18 @@ def test_compare_measures_our_server_with_completions(tiny_checkpoint: Path, tmp
     assert row["requests"] == 2 and 1 <= row["tokens_per_request"] <= 3
     lines = compare.render(compare.Comparison(rows=rows, notes=["note"]), work)
     assert "| ours: tiny | 1 | 2 |" in "\n".join(lines) and "- note" in lines
+
+
+@pytest.mark.slow
+def test_bench_guidellm_writes_its_section(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from bench import guidellm
+
+    target = tmp_path / "BENCHMARKS.md"
+    code = guidellm.main(["--checkpoint", str(tiny_checkpoint), "--concurrency", "2", "--requests", "4", "--prompt-tokens", "16",
+                          "--output-tokens", "8", "--write", str(target)])
+    assert code == 0  # every guidellm request succeeded
+    section = target.read_text().split(f"<!-- {guidellm.SECTION}:start -->")[1].split(f"<!-- {guidellm.SECTION}:end -->")[0]
+    rows = [line for line in section.splitlines() if line.startswith(("| completions", "| chat"))]
+    assert [row.split(" | ")[:4] for row in rows] == [["| completions", "2", "4", "0"], ["| chat", "2", "4", "0"]]
+    for row in rows:  # guidellm's and the server's figures, all measured
+        assert "-" not in [cell.strip() for cell in row.strip("|").split("|")][6:]

@@ -117,6 +117,9 @@ def test_lock_files_pin_every_dependency() -> None:
         assert canon(req) == "torch" or canon(req) in runtime, f"{req} not pinned in requirements.txt"
     for req in project["optional-dependencies"]["dev"]:
         assert canon(req) in runtime or canon(req) in dev, f"{req} not pinned in requirements-dev.txt"
+    guidellm = pins("requirements-guidellm.txt")  # its own venv: click~=8.4 clashes with our click 8.5
+    assert guidellm["guidellm"] == "0.8.1" and "torch" not in guidellm
+    assert guidellm["click"].startswith("8.4.") and runtime["click"].startswith("8.5.")
 
 
 # ----------------------------------------------------------------------------- compose

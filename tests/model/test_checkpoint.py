@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, ChiarLM, load_checkpoint, save_checkpoint
 from model.checkpoint import FORMAT_VERSION
+from model.hf_tokenizer import stale_files
 from tests.model.helpers import make_model, tiny_config
 from tests.support import REPO
 from training.tokenizer import train_tokenizer
@@ -33,7 +34,10 @@ def test_round_trip_is_bit_exact(saved, tokenizer) -> None:
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert loaded.lm_head.weight is loaded.embed.weight  # tying survives the round trip
-    assert tok.encode("lazy dog").ids == tokenizer.encode("lazy dog").ids
+    # the saved tokenizer puts BOS first by default, as the server does (model.hf_tokenizer)
+    assert tok.encode("lazy dog").ids == [1, *tokenizer.encode("lazy dog").ids]
+    assert tok.encode("lazy dog", add_special_tokens=False).ids == tokenizer.encode("lazy dog").ids
+    assert stale_files(path) == []
     assert loaded.config.thresholds == model.routing_thresholds()
     ids = torch.randint(0, 280, (2, 9))
     assert torch.equal(model.eval().infer(ids).logits, loaded.infer(ids).logits)

@@ -52,7 +52,7 @@ def checkpoint(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, torch.T
     model, tokenizer = load_checkpoint(REPO / "checkpoints" / request.param)
     words = (WIKI / "test.txt").read_text(encoding="utf-8").split()[:4000]
     texts = [" ".join(words[i * 250:(i + 1) * 250]) for i in range(4)]
-    ids = [[model.config.bos_token_id, *tokenizer.encode(t).ids][:192] for t in texts]
+    ids = [[model.config.bos_token_id, *tokenizer.encode(t, add_special_tokens=False).ids][:192] for t in texts]
     return model, torch.tensor(ids)
 
 

@@ -18,7 +18,8 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @contextmanager
-def chromium(width: int = 1200, height: int = 1000) -> Iterator[webdriver.Chrome]:
+def chromium(width: int = 1200, height: int = 1000, offline: bool = False) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium; `offline`: every host name but the loopback address fails to resolve (no CDN, no fonts)."""
     assert CHROMIUM and CHROMEDRIVER, "chromium and chromium-driver are installed by deploy/install-system.sh"
     profile = tempfile.mkdtemp(prefix="chiar-chromium-")
     options = webdriver.ChromeOptions()
@@ -28,6 +29,8 @@ def chromium(width: int = 1200, height: int = 1000) -> Iterator[webdriver.Chrome
                  "--disable-dev-shm-usage", "--force-device-scale-factor=1", f"--user-data-dir={profile}",
                  f"--window-size={width},{height}"):
         options.add_argument(flag)
+    if offline:
+        options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:

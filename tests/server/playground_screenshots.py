@@ -48,10 +48,10 @@ def main() -> None:
         with chromium(1200, 900) as driver:
             open_page(driver, server.url)
             assert run_mode(driver, "generate", PROMPT, **GEN) == "done", driver.find_element(By.ID, "error").text
-            driver.find_elements(By.CSS_SELECTOR, "#tokens .tok")[9].click()
+            driver.find_elements(By.CSS_SELECTOR, "#result-generate .tokens .tok")[9].click()
             shot(driver, "generate")
             colour_by(driver, "1")  # layer 2
-            driver.find_elements(By.CSS_SELECTOR, "#tokens .tok")[9].click()
+            driver.find_elements(By.CSS_SELECTOR, "#result-generate .tokens .tok")[9].click()
             shot(driver, "layer")
             assert run_mode(driver, "perplexity", TEXT) == "done", driver.find_element(By.ID, "error").text
             colour_by(driver, "surprisal")

@@ -55,7 +55,9 @@ def test_health_ready_docs_playground(client: httpx.Client) -> None:
     for path in ("/v1/generate", "/v1/perplexity", "/v1/completions", "/v1/models", "/v1/tokenize"):
         assert path in schema["paths"]
     page = client.get("/")
-    assert page.status_code == 200 and 'id="tokens"' in page.text and "/static/app.js" in page.text
+    assert page.status_code == 200 and 'id="result-generate"' in page.text and "/static/app.js" in page.text
+    docs = client.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
     assert "return_routing" in client.get("/static/app.js").text
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 
 from model.hf_tokenizer import write_tokenizer_files
 from tests.server.conftest import ServerProcess
+from tests.support import REPO
 
 DOCS = [
     "The history of the city begins in the Roman period, when a fort stood by the river.",
@@ -48,13 +50,28 @@ def write_tasks(root: Path) -> None:
         + "metric_list:\n  - metric: acc\n    higher_is_better: true\n")
 
 
+def readme_lm_eval() -> str:
+    """The README's lm-eval block (max_length from /v1/models, then lm_eval run), as one bash script."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "lm_eval run" in b]
+    return block
+
+
+def replaced(text: str, old: str, new: str) -> str:
+    assert old in text, f"README's lm-eval command no longer has {old!r}"
+    return text.replace(old, new)
+
+
 def run_lm_eval(server: ServerProcess, root: Path, tasks: str, out: Path, extra: str = "") -> dict:
-    max_model_len = httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"]
-    model_args = f"base_url={server.url}/v1/completions,model=chiar-tiny,max_length={max_model_len}{extra}"
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
-           "--tasks", tasks, "--include_path", str(root), "--output_path", str(out), "--log_samples"]
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    """README's command as it stands, pointed at the test server, its model id and the local tasks."""
+    script = replaced(readme_lm_eval(), "127.0.0.1:8000", server.url.removeprefix("http://"))
+    script = replaced(script, "model=chiar-small", "model=chiar-tiny")
+    script = replaced(script, "--tasks wikitext", f"--tasks {tasks} --include_path {root} --output_path {out} --log_samples")
+    script = replaced(script, "max_length=$MAX_MODEL_LEN", "max_length=$MAX_MODEL_LEN" + extra)
+    # lm_eval and python3 from this venv, as `pip install` puts them on a user's PATH; no network, no downloads
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf")}
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     samples = {task: [json.loads(line) for line in next(out.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()]
@@ -77,6 +94,12 @@ def echo_loglikelihood(client: httpx.Client, context: str, continuation: str) ->
     lps = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["token_logprobs"]
     assert len(lps) == len(whole)
     return sum(lps[len(ctx):])
+
+
+def test_readme_takes_max_length_from_the_server() -> None:
+    script = readme_lm_eval()
+    assert "/v1/models" in script and "max_model_len" in script and "max_length=$MAX_MODEL_LEN" in script
+    assert not re.search(r"max_length=\d", script)  # no number that goes stale when the context changes
 
 
 @pytest.mark.slow

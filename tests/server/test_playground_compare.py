@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import httpx
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
 from tests.server import test_multi_model
 from tests.server.conftest import ServerProcess
@@ -36,4 +37,14 @@ def test_compare_shows_both_models_side_by_side(two_models: ServerProcess) -> No
             stats = {s.get_attribute("data-stat"): s for s in box.find_elements(By.CSS_SELECTOR, ".stat")}
             assert float(stats["stat-flops"].get_attribute("data-value")) == api["flops"]["ratio"]
             assert float(stats["stat-latency"].get_attribute("data-value")) > 0
+        # Generate keeps its own colour-by and legend (not Compare's surprisal), and shows no compare result
+        driver.find_element(By.ID, "tab-generate").click()
+        assert Select(driver.find_element(By.ID, "colour_by")).first_selected_option.get_attribute("value") == "all"
+        assert "share of routing layers" in driver.find_element(By.ID, "legend").text
+        assert driver.find_elements(By.CSS_SELECTOR, "#result-generate .tokens .tok") == []
+        assert not driver.find_element(By.ID, "pane-a").is_displayed() and driver.find_element(By.ID, "status").text == ""
+        driver.find_element(By.ID, "tab-compare").click()
+        assert Select(driver.find_element(By.ID, "colour_by")).first_selected_option.get_attribute("value") == "surprisal"
+        assert all(driver.find_element(By.ID, p).find_elements(By.CSS_SELECTOR, ".tok") for p in ("pane-a", "pane-b"))
+        assert driver.find_element(By.ID, "status").text == "done"
         assert console_errors(driver) == []

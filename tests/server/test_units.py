@@ -86,7 +86,7 @@ def test_textstream_stop_strings_are_held_back_and_cut(tokenizer: Tokenizer) -> 
 def test_token_strings(tokenizer: Tokenizer) -> None:
     names = TokenStrings(tokenizer)
     assert names(2) == "<eos>"
-    ids = tokenizer.encode(" the").ids
+    ids = tokenizer.encode(" the", add_special_tokens=False).ids
     assert "".join(names(i) for i in ids) == " the"
     partial = next(i for i in range(3, tokenizer.get_vocab_size()) if names(i).startswith("bytes:"))
     assert names(partial).startswith("bytes:\\x")

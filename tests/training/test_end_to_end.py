@@ -12,6 +12,7 @@ import torch
 
 from model import load_checkpoint
 from model.generate import generate
+from model.hf_tokenizer import stale_files
 from tests.training.helpers import read_log, tiny_train_config, write_config
 from training.__main__ import main
 from training.calibrate import collect_entropy
@@ -22,6 +23,7 @@ def test_train_calibrate_train_eval_load(tmp_path: Path, corpus_dir: Path, capsy
     base = tiny_train_config(tmp_path / "base", corpus_dir, export_dir=str(tmp_path / "ckpt" / "baseline"))
     base["model"]["n_layers"] = 4
     assert main(["train", "--config", str(write_config(tmp_path / "base.yaml", base))]) == 0
+    assert stale_files(tmp_path / "ckpt" / "baseline") == []  # the export carries AutoTokenizer's files
 
     template = tiny_train_config(tmp_path / "chiar", corpus_dir, export_dir=str(tmp_path / "ckpt" / "chiar"))
     template["model"].update(arch="chiar", routing="threshold_reg", n_layers=4, weights_dtype="bfloat16")
@@ -44,7 +46,7 @@ def test_train_calibrate_train_eval_load(tmp_path: Path, corpus_dir: Path, capsy
     # the thresholds are the midpoints of p33/p67 of the frozen baseline's entropy at those layers
     frozen, tok = load_checkpoint(tmp_path / "ckpt" / "baseline")
     text = (corpus_dir / "train.txt").read_text()
-    ids = torch.tensor([1, *tok.encode(text).ids, 2])[:3000]
+    ids = torch.tensor([1, *tok.encode(text, add_special_tokens=False).ids, 2])[:3000]
     entropy = collect_entropy(frozen, ids, 32, 8, torch.device("cpu"))
     for layer, tau in zip((1, 2), cfg.model.thresholds):
         p33, p67 = np.percentile(entropy[:, layer], [33, 67])
