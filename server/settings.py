@@ -81,6 +81,8 @@ class Settings(BaseModel):
     dtype: Literal[DTYPES] = Field("auto", description="weights dtype: " + ", ".join(DTYPES) + " (auto: as stored)")
     max_batch_size: int = Field(0, ge=0, description="most sequences decoded together (0: from the KV-cache budget, at most 256)")
     max_tokens_per_step: int = Field(4096, ge=1, description="most prefill + scoring tokens in one engine step")
+    score_stretch: float = Field(1.25, ge=1.0, description="while sequences decode, scoring chunks may lengthen a step to at most "
+                                 "this many times its decode-only time (a perplexity flood cannot slow the streams beyond that)")
     step_target_ms: float = Field(50.0, gt=0, description="target engine step time (bounds the inter-token latency); prefill and "
                                   "scoring chunks are sized from the measured throughput to fit it")
     kv_cache_mb: float = Field(512.0, gt=0, description="KV-cache memory budget in MiB; admission counts each sequence's actual routed cache against it")

@@ -93,7 +93,8 @@ class Engine:
         self.scheduler = Scheduler(SchedulerLimits(
             max_batch_size=max_batch, queue_size=settings.queue_size, max_step_tokens=settings.max_tokens_per_step,
             step_target_seconds=settings.step_target_ms / 1000.0, kv_budget_bytes=budget, kv_bytes_per_token=per_token,
-            max_seq_len=self.config.max_seq_len, kv_rounding_bytes=model.attention_layers() * PagedKVCache.bytes_per_block(model)))
+            max_seq_len=self.config.max_seq_len, kv_rounding_bytes=model.attention_layers() * PagedKVCache.bytes_per_block(model),
+            score_stretch=settings.score_stretch))
         faults = FaultInjector.parse(settings.fault_inject)
         self.runner = ModelRunner(model, cache, faults)
         self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults,
