@@ -212,8 +212,9 @@ class ChiarLM(nn.Module):
                 raise ValueError(f"row {row}: {cache.positions[row]} + {count} tokens exceed max_seq_len {cfg.max_seq_len}")
         kernels = self.kernels
         kernels.refresh()
-        cache.reserve(sum(cache.blocks_needed(batch.spans)))
-        x = self.embed(batch.tokens)
+        if cache.growable:  # a fixed pool: the caller fitted the step to its free blocks
+            cache.reserve(sum(cache.blocks_needed(batch.spans)))
+        x = F.embedding(batch.tokens, self.embed.weight)
         gate = None if self.metarouter is None else kernels.gate(self.metarouter, x, batch.rows, batch.positions, cache)
         layers = cfg.n_layers
         ctx = StepContext(kernels, cache, batch.rows, batch.positions, gate,

@@ -44,6 +44,7 @@ class PagedKVCache:
                  blocks: int, rows: int, dtype: torch.dtype, device: torch.device | str = "cpu", growable: bool = True) -> None:
         self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, head_dim
         self.attention_layers = attention_layers  # the layers that hold entries
+        self._attention_index = torch.tensor(attention_layers, dtype=torch.long)
         self.max_blocks = math.ceil(max_seq_len / BLOCK)
         self.dtype, self.device = dtype, torch.device(device)
         self.growable = growable
@@ -136,13 +137,11 @@ class PagedKVCache:
     def blocks_needed(self, spans: list[tuple[int | None, int]]) -> list[int]:
         """For each (row, new tokens) (row None: a new row), the most blocks those tokens can take: as
         if every one of them attended in every attention layer (one device read for all spans)."""
-        known = [row for row, _ in spans if row is not None]
-        lengths = iter(self.lengths[known][:, self.attention_layers].tolist() if known else [])
-        needs = []
-        for row, n in spans:
-            held = next(lengths) if row is not None else [0] * len(self.attention_layers)
-            needs.append(sum(-(-(m + n) // BLOCK) - (-(-m // BLOCK)) for m in held))
-        return needs
+        rows = torch.tensor([0 if row is None else row for row, _ in spans])
+        new = torch.tensor([n for _, n in spans]).unsqueeze(1)
+        held = self.lengths.index_select(0, rows).index_select(1, self._attention_index).long()
+        held[[i for i, (row, _) in enumerate(spans) if row is None]] = 0
+        return ((held + new + BLOCK - 1) // BLOCK - (held + BLOCK - 1) // BLOCK).sum(1).tolist()
 
     def reserve(self, blocks: int) -> None:
         """Make sure `blocks` blocks are free (grow the pool if allowed, else raise)."""

@@ -40,9 +40,10 @@ class TokenBatch:
             rows += [row] * len(ids)
             positions += range(start, start + len(ids))
             spans.append((row, len(ids)))
-        index = None if logits_at is None else torch.tensor(list(logits_at), dtype=torch.long, device=device)
-        return cls(torch.tensor(tokens, dtype=torch.long, device=device), torch.tensor(rows, dtype=torch.long, device=device),
-                   torch.tensor(positions, dtype=torch.long, device=device), spans, index)
+        n = len(tokens)
+        wanted = [] if logits_at is None else list(logits_at)
+        flat = torch.tensor(tokens + rows + positions + wanted, dtype=torch.long, device=device)  # one allocation, four views
+        return cls(flat[:n], flat[n: 2 * n], flat[2 * n: 3 * n], spans, None if logits_at is None else flat[3 * n:])
 
     def __len__(self) -> int:
         return self.tokens.numel()

@@ -80,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot load checkpoint {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         model.eval()
-        engine = Engine(model, tokenizer, settings, metrics, name=name, kv_cache_mb=kv_share, turns=turns)
+        try:
+            engine = Engine(model, tokenizer, settings, metrics, name=name, kv_cache_mb=kv_share, turns=turns)
+        except ValueError as exc:  # --kernels native where they cannot run
+            print(f"error: --kernels / CHIAR_KERNELS: {exc}", file=sys.stderr)
+            return 2
         engine.metrics.info(model.config.arch, model.num_parameters())
         services.append(Service(settings, engine, tokenizer, path))
         if stale := stale_files(path):

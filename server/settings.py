@@ -95,6 +95,9 @@ class Settings(BaseModel):
     model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the API (default: checkpoint directory "
                                                         "name); only with one checkpoint")
     threads: Annotated[int | None, NoneWord] = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    kernels: Literal["auto", "native", "eager"] = Field("auto", description="the inference step's kernels: native (csrc/, float32 on "
+                                                        "the CPU: batch-invariant, the fast path), eager (PyTorch ops, any device and "
+                                                        "dtype), auto: native where they can run, else eager")
     drain_timeout: float = Field(30.0, gt=0, description="seconds SIGTERM waits for in-flight requests")
     warmup: bool = Field(True, description="run warm-up forwards before /ready turns 200")
     log_level: str = Field("info", description="uvicorn log level")

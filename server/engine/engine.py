@@ -96,6 +96,8 @@ class Engine:
             max_seq_len=self.config.max_seq_len, kv_rounding_bytes=model.attention_layers() * PagedKVCache.bytes_per_block(model),
             score_stretch=settings.score_stretch))
         faults = FaultInjector.parse(settings.fault_inject)
+        model.set_kernels(settings.kernels)
+        model.kernels.freeze()  # served weights never change: no per-step check for edited weights
         self.runner = ModelRunner(model, cache, faults)
         self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults,
                                       lambda cost: cost.price(model))
@@ -186,7 +188,8 @@ class Engine:
             self.fatal = exc
             return
         self._ready.set()
-        log.info("engine %r ready on %s (batch cap %d)", self.name, self.device, self.scheduler.limits.max_batch_size)
+        log.info("engine %r ready on %s (batch cap %d, %s kernels)", self.name, self.device, self.scheduler.limits.max_batch_size,
+                 self.model.kernels.name)
         while True:
             with self._cv:
                 while not (self.scheduler.has_work or self._stopping):
