@@ -11,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.engine.requests import GenerateJob, GenParams, ScoreJob
-from server.engine.scheduler import MIN_CHUNK, MIN_SCORE_CHUNK, CostModel, Scheduler, SchedulerLimits, StepStats, chunk_size
+from server.engine.scheduler import (
+    MIN_CHUNK,
+    MIN_SCORE_CHUNK,
+    CostModel,
+    Scheduler,
+    SchedulerLimits,
+    StepStats,
+    chunk_size,
+)
 from tests.server.conftest import REPO
 from tests.support import ran
 
