@@ -29,11 +29,11 @@ class CacheSnapshot:
 
     rows: list[int]
     lengths: Tensor
+    entries: list[list[int]]
     positions: list[int]
     embed_sum: Tensor
     free_top: int
     n_blocks: int
-    tables: Tensor
 
 
 class PagedKVCache:
@@ -42,9 +42,10 @@ class PagedKVCache:
 
     def __init__(self, n_layers: int, attention_layers: list[int], n_heads: int, head_dim: int, d_model: int, max_seq_len: int, *,
                  blocks: int, rows: int, dtype: torch.dtype, device: torch.device | str = "cpu", growable: bool = True) -> None:
+        # `lengths` (device) is what the kernels read and advance; `entries` mirrors it on the host from
+        # the routing counts every forward returns anyway, so planning a step reads no device memory
         self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, head_dim
         self.attention_layers = attention_layers  # the layers that hold entries
-        self._attention_index = torch.tensor(attention_layers, dtype=torch.long)
         self.max_blocks = math.ceil(max_seq_len / BLOCK)
         self.dtype, self.device = dtype, torch.device(device)
         self.growable = growable
@@ -56,6 +57,7 @@ class PagedKVCache:
         self.lengths = torch.zeros((rows, n_layers), dtype=torch.int32, device=device)
         self.embed_sum = torch.zeros((rows, d_model), dtype=dtype, device=device)
         self.positions: list[int] = [0] * rows  # tokens each row has seen (host copy: no device read to plan a step)
+        self.entries: list[list[int]] = [[0] * n_layers for _ in range(rows)]  # host mirror of `lengths` (see `advance`)
         self._free_rows = list(range(rows - 1, -1, -1))
         self.n_rows_used = 0
 
@@ -84,7 +86,7 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return int(self.free_top[0])
+        return int(self.free_top.item())
 
     @property
     def block_bytes(self) -> int:
@@ -92,15 +94,15 @@ class PagedKVCache:
 
     def row_blocks(self, row: int) -> int:
         """Blocks row `row` holds, over all layers."""
-        return sum(math.ceil(n / BLOCK) for n in self.lengths[row].tolist())
+        return sum(math.ceil(n / BLOCK) for n in self.entries[row])
 
     def used_bytes(self) -> int:
         return (self.n_blocks - self.free_blocks) * self.block_bytes
 
     def entry_bytes(self, rows: list[int] | None = None) -> int:
         """Bytes of the K/V entries the rows hold (all rows in use by default); blocks round this up."""
-        lengths = self.lengths if rows is None else self.lengths[rows]
-        return int(lengths.sum()) * self.block_bytes // BLOCK
+        rows = range(len(self.entries)) if rows is None else rows
+        return sum(sum(self.entries[row]) for row in rows) * self.block_bytes // BLOCK
 
     # ------------------------------------------------------------------ rows
     def allocate(self) -> int:
@@ -112,7 +114,7 @@ class PagedKVCache:
 
     def free(self, row: int) -> None:
         """Give the row's blocks back and make the row available."""
-        held = [self.tables[row, layer, : math.ceil(n / BLOCK)] for layer, n in enumerate(self.lengths[row].tolist()) if n]
+        held = [self.tables[row, layer, : math.ceil(n / BLOCK)] for layer, n in enumerate(self.entries[row]) if n]
         if held:
             ids = torch.cat(held).to(self.free_stack.device)
             top = self.free_blocks
@@ -120,6 +122,7 @@ class PagedKVCache:
             self.free_top[0] = top + ids.numel()
         self.tables[row] = -1
         self.lengths[row] = 0
+        self.entries[row] = [0] * self.n_layers
         self.embed_sum[row] = 0
         self.positions[row] = 0
         self._free_rows.append(row)
@@ -131,17 +134,28 @@ class PagedKVCache:
         self.lengths = torch.cat([self.lengths, self.lengths.new_zeros((rows - old, self.n_layers))])
         self.embed_sum = torch.cat([self.embed_sum, self.embed_sum.new_zeros((rows - old, self.embed_sum.shape[1]))])
         self.positions += [0] * (rows - old)
+        self.entries += [[0] * self.n_layers for _ in range(rows - old)]
         self._free_rows = list(range(rows - 1, old - 1, -1)) + self._free_rows
 
     # ------------------------------------------------------------------ blocks
     def blocks_needed(self, spans: list[tuple[int | None, int]]) -> list[int]:
         """For each (row, new tokens) (row None: a new row), the most blocks those tokens can take: as
         if every one of them attended in every attention layer (one device read for all spans)."""
-        rows = torch.tensor([0 if row is None else row for row, _ in spans])
-        new = torch.tensor([n for _, n in spans]).unsqueeze(1)
-        held = self.lengths.index_select(0, rows).index_select(1, self._attention_index).long()
-        held[[i for i, (row, _) in enumerate(spans) if row is None]] = 0
-        return ((held + new + BLOCK - 1) // BLOCK - (held + BLOCK - 1) // BLOCK).sum(1).tolist()
+        layers = self.attention_layers
+        needs = []
+        for row, n in spans:
+            held = self.entries[row] if row is not None else None
+            needs.append(sum(-(-(held[layer] + n) // BLOCK) + (held[layer] // -BLOCK) for layer in layers)
+                         if held is not None else len(layers) * -(-n // BLOCK))
+        return needs
+
+    def advance(self, spans: list[tuple[int, int]], attended: list[list[int]]) -> None:
+        """After a forward: each span's row saw its tokens, of which attended[k][layer] took an entry."""
+        for (row, n), per_layer in zip(spans, attended):
+            self.positions[row] += n
+            mirror = self.entries[row]
+            for layer, m in enumerate(per_layer):
+                mirror[layer] += m
 
     def reserve(self, blocks: int) -> None:
         """Make sure `blocks` blocks are free (grow the pool if allowed, else raise)."""
@@ -165,14 +179,16 @@ class PagedKVCache:
     # ------------------------------------------------------------------ undo
     def snapshot(self, rows: list[int]) -> CacheSnapshot:
         """Cheap copy of what a forward over `rows` can change (entries past restored lengths are ignored)."""
-        return CacheSnapshot(list(rows), self.lengths[rows].clone(), [self.positions[r] for r in rows], self.embed_sum[rows].clone(),
-                             self.free_blocks, self.n_blocks, self.tables[rows].clone())
+        return CacheSnapshot(list(rows), self.lengths[rows], [list(self.entries[r]) for r in rows], [self.positions[r] for r in rows],
+                             self.embed_sum[rows], self.free_blocks, self.n_blocks)
 
     def restore(self, snap: CacheSnapshot) -> None:
-        """Undo a partly applied forward: lengths, positions, sums, and the blocks it took."""
+        """Undo a partly applied forward: lengths, positions, sums, and the blocks it took (table entries
+        past a restored length are never read, and the blocks they name are free again)."""
         self.lengths[snap.rows] = snap.lengths
         self.embed_sum[snap.rows] = snap.embed_sum
-        self.tables[snap.rows] = snap.tables
+        for row, entries in zip(snap.rows, snap.entries):
+            self.entries[row] = list(entries)
         for row, position in zip(snap.rows, snap.positions):
             self.positions[row] = position
         # blocks popped since are free again (their ids are still in the stack); a pool grown since (only

@@ -25,6 +25,7 @@ class TokenBatch:
     positions: Tensor  # [N] int64: its position in its sequence
     spans: list[tuple[int, int]]  # (row, tokens) per contiguous run, in order
     logits_at: Tensor | None  # flat indices whose logits are wanted; None = every token
+    fitted: bool = False  # the caller made room in the cache for the batch's worst case already
 
     @classmethod
     def build(cls, cache: PagedKVCache, parts: Sequence[tuple[int, Sequence[int]]], logits_at: Sequence[int] | None = None,
@@ -76,3 +77,4 @@ class StepOutput:
     gate: Tensor | None  # [N]
     counts: list[list[int]]  # [L][4]
     keys_seen: Tensor  # [N, L] int32
+    span_counts: list[list[list[int]]]  # [S][L][4]: tokens per operator id of each span (TokenBatch.spans)

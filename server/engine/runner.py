@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.accounting import attended_pairs, routing_counts
+from model.accounting import attended_pairs
 from model.kv_cache import PagedKVCache
 from model.step import StepOutput, TokenBatch
 from server.engine.outputs import Part, PrefillChunk, RunnerOutput, SchedulerOutput, ScoreChunk
@@ -106,11 +106,15 @@ class ModelRunner:
         return Part(chunk.job, chunk, (chunk.job.id, w.index), ids[first: w.begin + chunk.end], min(scored_from, chunk.end - chunk.start))
 
     def _fit(self, parts: list[Part]) -> tuple[list[Part], list[PrefillChunk | ScoreChunk]]:
-        """Decode tokens always; chunks in order while the cache's free blocks hold their worst case."""
+        """Decode tokens always; chunks in order while the cache's free blocks hold their worst case
+        (a growable cache grows instead)."""
+        needs = self.cache.blocks_needed([(self.rows.get(p.key), len(p.tokens)) for p in parts])
+        if self.cache.growable:
+            self.cache.reserve(sum(needs))
+            return parts, []
         free = self.cache.free_blocks
         kept: list[Part] = []
         deferred: list[PrefillChunk | ScoreChunk] = []
-        needs = self.cache.blocks_needed([(self.rows.get(p.key), len(p.tokens)) for p in parts])
         for part, need in zip(parts, needs):
             if part.chunk is not None and need > free:
                 deferred.append(part.chunk)
@@ -170,6 +174,7 @@ class ModelRunner:
             wanted += range(start + part.logits_from, start + len(part.tokens))
             start += len(part.tokens)
         batch = TokenBatch.build(self.cache, [(p.row, p.tokens) for p in parts], wanted, self.device)
+        batch.fitted = True  # `_fit` made room for the worst case
         out = self.model.forward_step(batch, self.cache)
         at = 0
         for part in parts:
@@ -181,8 +186,10 @@ class ModelRunner:
     def _account(self, parts: list[Part], step: StepOutput, result: RunnerOutput) -> None:
         """Each request's routing counts and attended pairs (priced when it ends), the step's per-phase
         counts and its FLOPs (pricing is linear, so the step prices from its sums)."""
-        index = torch.cat([torch.full((len(p.tokens),), k, dtype=torch.long) for k, p in enumerate(parts)])
-        counts = routing_counts(step.operator, index, len(parts)).numpy()
+        sizes = [len(p.tokens) for p in parts]
+        index = torch.arange(len(parts)) if len(sizes) == len(step.operator) else torch.repeat_interleave(
+            torch.arange(len(parts)), torch.tensor(sizes))
+        counts = np.asarray(step.span_counts, dtype=np.int64)  # spans are the parts, in order
         pairs = attended_pairs(step.keys_seen, index, len(parts)).numpy()
         total = RequestCost()
         decode = np.zeros(counts.shape[1:], dtype=np.int64)
