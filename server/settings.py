@@ -95,6 +95,9 @@ class Settings(BaseModel):
     model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the API (default: checkpoint directory "
                                                         "name); only with one checkpoint")
     threads: Annotated[int | None, NoneWord] = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    serial_below: int = Field(256, ge=0, description="a step carrying fewer tokens than this runs its forward on one thread: "
+                              "small steps lose more to thread hand-offs (and to the HTTP thread taking a core) than a second "
+                              "core gives them; 0: every step on --threads")
     kernels: Literal["auto", "native", "eager"] = Field("auto", description="the inference step's kernels: native (csrc/, float32 on "
                                                         "the CPU: batch-invariant, the fast path), eager (PyTorch ops, any device and "
                                                         "dtype), auto: native where they can run, else eager")

@@ -98,7 +98,7 @@ class Engine:
         faults = FaultInjector.parse(settings.fault_inject)
         model.set_kernels(settings.kernels)
         model.kernels.freeze()  # served weights never change: no per-step check for edited weights
-        self.runner = ModelRunner(model, cache, faults)
+        self.runner = ModelRunner(model, cache, faults, settings.serial_below)
         self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults,
                                       lambda cost: cost.price(model))
         self._cv = threading.Condition()

@@ -51,10 +51,12 @@ class FaultInjector:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, faults: FaultInjector) -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, faults: FaultInjector, serial_below: int = 0) -> None:
         self.model = model
         self.cache = cache
         self.faults = faults
+        self.serial_below = serial_below  # steps of fewer tokens run on one thread
+        self.threads = torch.get_num_threads()
         self.device = next(model.parameters()).device
         self.rows: dict[tuple[str, int], int] = {}
 
@@ -175,6 +177,9 @@ class ModelRunner:
             start += len(part.tokens)
         batch = TokenBatch.build(self.cache, [(p.row, p.tokens) for p in parts], wanted, self.device)
         batch.fitted = True  # `_fit` made room for the worst case
+        threads = 1 if len(batch) < self.serial_below else self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         out = self.model.forward_step(batch, self.cache)
         at = 0
         for part in parts:
