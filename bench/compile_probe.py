@@ -1,4 +1,10 @@
-"""torch.compile against the native kernels on the dense parts of a decode step (`make bench-compile`).
+"""Routes to the step's matrix products, and torch.compile against the native kernels (`make bench-compile`).
+
+1. Matrix products at batch 1, 8 and 32 over the checkpoint's 25 weight matrices, in GB/s of weights
+   read (llama.cpp reads the same f32 model at ~33 GB/s on this CPU): stock `F.linear` in fp32 and
+   bf16, oneDNN's prepacked linear, inductor with max-autotune (its CPU GEMM templates), and the
+   native packed panels in fp32 and bf16.
+2. The dense parts of a decode step:
 
 The fast-step issue asks for inductor on the dense parts of a step (norms, projections, FFN, the DCT
 with its entropy, the LM head), with routed counts padded to buckets. This measures, on a demo
@@ -76,6 +82,65 @@ def native_part(model: torch.nn.Module, name: str) -> Callable[[torch.Tensor], o
     return lambda x: kernels.spectral(layer, block, kernels.rms_norm(block.mixer_norm, x), entropy[: x.shape[0]], operator[: x.shape[0]])
 
 
+def matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weight matrices one decode step reads: per layer the attention or mixing ones and the FFN, and the LM head."""
+    out = []
+    for block in model.blocks:
+        if block.has_attention:
+            out += [block.attention.qkv.weight, block.attention.out.weight]
+        out += [block.ffn.w_in.weight, block.ffn.w_out.weight]
+    return [*out, model.lm_head.weight]
+
+
+def gemv_routes(checkpoint: Path, batches: list[int]) -> list[dict]:
+    """ms and GB/s (weights read once per call) of each route over the model's matrices."""
+    from model import load_checkpoint, native
+
+    model, _ = load_checkpoint(checkpoint.parent / "baseline-small" if checkpoint.name != "baseline-small" else checkpoint)
+    weights = [w.detach().contiguous() for w in matrices(model)]
+    bf16 = [w.to(torch.bfloat16) for w in weights]
+    lib = native.load()
+    packed32 = [lib.pack(w, False) for w in weights]
+    packed16 = [lib.pack(w, True) for w in weights]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+    rows = []
+    for batch in batches:
+        for name, (fn, element) in _routes(batch, weights, bf16, onednn, packed32, packed16, lib).items():
+            us = micros(fn, 20)
+            nbytes = sum(w.numel() for w in weights) * element
+            rows.append({"route": name, "batch": batch, "ms": us / 1000, "gbs": nbytes / us / 1000})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _chain(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [F.linear(x, w) for x, w in zip(xs, ws)]  # returned: a compiled chain must not drop them as dead code
+
+
+def _routes(batch: int, weights: list, bf16: list, onednn: list, packed32: list, packed16: list,
+            lib: object) -> dict[str, tuple[Callable[[], object], int]]:
+    """Each route over the matrices at `batch` rows, with the bytes a weight element takes."""
+    xs = [torch.randn(batch, w.shape[1]) for w in weights]
+    xs16 = [x.to(torch.bfloat16) for x in xs]
+    torch._dynamo.reset()
+    tuned = torch.compile(_chain, dynamic=False, mode="max-autotune-no-cudagraphs")
+    tuned(xs, weights)
+    return {
+        "F.linear fp32": (lambda: _chain(xs, weights), 4),
+        "F.linear bf16": (lambda: _chain(xs16, bf16), 2),
+        "oneDNN prepacked fp32": (lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for x, w in zip(xs, onednn)], 4),
+        "inductor max-autotune fp32": (lambda: tuned(xs, weights), 4),
+        "native panels fp32": (lambda: [lib.linear(x, w) for x, w in zip(xs, packed32)], 4),  # type: ignore[attr-defined]
+        "native panels bf16": (lambda: [lib.linear(x, w) for x, w in zip(xs, packed16)], 2),  # type: ignore[attr-defined]
+    }
+
+
+def render_routes(rows: list[dict]) -> str:
+    lines = ["| route | batch | ms (25 matrices) | GB/s of weights |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['route']} | {r['batch']} | {r['ms']:.3f} | {r['gbs']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def measure(checkpoint: Path, batches: list[int]) -> list[dict]:
     from model import load_checkpoint
 
@@ -126,13 +191,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
+    routes = render_routes(gemv_routes(args.checkpoint, [1, 8, 32]))
     text = render(measure(args.checkpoint, args.batches))
-    print(text)
+    print(routes, text, sep="\n\n")
     if args.write:
         from bench.report import machine_line, write_section
 
-        write_section(args.write, "bench-compile", f"{machine_line()}\n\nCheckpoint `{args.checkpoint.name}` (its weights), "
-                      f"fp32, median of 7 x 200 calls; inductor's C++ backend for the CPU.\n\n{text}\n")
+        write_section(args.write, "bench-compile", f"{machine_line()}\n\n### Matrix products: routes (baseline-small's 25 "
+                      f"matrices, one call each, median of 7 x 20)\n\n{routes}\n\n### Dense parts of a decode step: eager, "
+                      f"torch.compile, native (checkpoint `{args.checkpoint.name}`, fp32, median of 7 x 200 calls; inductor's "
+                      f"C++ backend for the CPU)\n\n{text}\n")
 
 
 if __name__ == "__main__":
