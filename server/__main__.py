@@ -65,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    # The engine thread and the event loop share the GIL; with the default 5 ms switch interval a
+    # thread that wants it can wait 5 ms for the other's pure-Python stretch (JSON, output processing),
+    # which shows up as inter-token latency. 1 ms bounds that wait; the forward releases the GIL anyway.
+    sys.setswitchinterval(0.001)
     metrics = Metrics(device.type)
     turns = DeviceTurns()  # the engines take turns on the one device
     kv_share = settings.kv_cache_mb / len(settings.checkpoint)  # --kv-cache-mb is split evenly between the models
