@@ -23,7 +23,7 @@ from server.engine import DoneEvent, GenerateJob, GenerationResult, GenParams, S
 from server.engine.requests import RoutingTrace
 from server.errors import install_handlers, invalid
 from server.metrics import NO_MODEL, OPERATORS, Metrics
-from server.middleware import BearerAuth, BodyLimit, RequestMetrics, endpoint_label
+from server.middleware import BearerAuth, BodyBudget, BodyLimit, RequestMetrics, endpoint_label
 from server.schemas import (
     Flops,
     GenerateRequest,
@@ -89,7 +89,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS, tags=["native"])
     async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         svc = served.get(body.model, request)
-        ids, _ = (await svc.encode([body.text]))[0]
+        ids = (await svc.scored_ids([body.text], "text", "tokenize"))[0].ids
         if not body.add_bos:
             ids = ids[1:]
         return TokenizeResponse(token_ids=ids, tokens=[svc.engine.token_str(i) for i in ids], count=len(ids), max_context=svc.context)
@@ -98,7 +98,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, tags=["native"])
     async def generate(body: GenerateRequest, request: Request) -> Any:
         svc = served.get(body.model, request)
-        ids, _ = (await svc.encode([body.prompt]))[0]
+        ids = (await svc.prompt_ids([body.prompt]))[0].ids
         svc.check_length(ids, body.max_new_tokens, "max_new_tokens")
         params = GenParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_k=body.top_k,
                            top_p=body.top_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
@@ -137,12 +137,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
         stride = body.stride if body.stride is not None else max(1, svc.context // 2)
         if stride > svc.context:
             raise invalid("stride", f"must be <= the context ({svc.context} tokens), got {stride}")
-        encoded = await svc.encode(texts)
-        seqs = [ids for ids, _ in encoded]
-        scored = sum(len(ids) - 1 for ids in seqs)
-        if scored > settings.max_score_tokens:
-            raise invalid("text", f"is {scored} tokens; one request may score at most {settings.max_score_tokens} "
-                          "(the server's --max-score-tokens)", code="too_many_tokens")
+        seqs = [encoded.ids for encoded in await svc.scored_ids(texts, "text")]  # refused before tokenizing past the limit
         queue: asyncio.Queue = asyncio.Queue()
         job = ScoreJob(seqs, svc.context, stride, None, routing=body.return_routing, queue=queue, loop=asyncio.get_running_loop(), index=0,
                        timeout=settings.request_timeout)
@@ -193,7 +188,8 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
 
     # middleware: added last = outermost
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_error=metrics.error,
-                       per_path={perplexity_text.PATH: perplexity_text.body_limit(settings.max_body_bytes)})
+                       budget=BodyBudget(settings.max_inflight_body_bytes),
+                       per_path={perplexity_text.PATH: perplexity_text.body_limit(served, settings)})
     app.add_middleware(BodyTimeout, seconds=settings.body_timeout)
     app.add_middleware(BearerAuth, api_key=settings.api_key)
     if settings.cors_origins:

@@ -82,58 +82,116 @@ class BearerAuth:
                          [(b"www-authenticate", b'Bearer realm="chiar"')])
 
 
-class BodyLimit:
-    """Buffer request bodies up to `limit` bytes (413 beyond; `per_path` overrides it) and reject non-UTF-8 JSON (400)."""
+class BodyBudget:
+    """Bytes of request bodies that in-flight requests hold (`limit` at most); used on the event loop only."""
 
-    def __init__(self, app: ASGIApp, limit: int, on_error: Callable[[str, str], None], per_path: dict[str, int] | None = None) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+class BodyLimit:
+    """Buffer request bodies up to `limit` bytes (413 beyond; `per_path` overrides it with (limit, why)), hold at most
+    `budget` bytes of bodies over all in-flight requests (503 + Retry-After beyond) and reject non-UTF-8 JSON (400).
+
+    A body's bytes stay booked until its request has answered: the body, its parsed text and its token ids
+    live that long."""
+
+    def __init__(self, app: ASGIApp, limit: int, on_error: Callable[[str, str], None], budget: BodyBudget,
+                 per_path: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
         self.default = limit
         self.per_path = per_path or {}
         self.on_error = on_error
+        self.budget = budget
+
+    def _limit(self, path: str) -> tuple[int, str]:
+        limit, why = self.per_path.get(path, (self.default, ""))
+        if limit > self.budget.limit:
+            return self.budget.limit, " (the server's --max-inflight-body-bytes)"
+        return limit, why
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        booked = [0]
+        try:
+            body = await self._read(scope, receive, send, booked)
+            if body is None:
+                return
+
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
+        finally:
+            self.budget.give(booked[0])
+
+    async def _refuse(self, send: Send, label: str, status: int, message: str, code: str) -> None:
+        self.on_error(label, "overloaded" if status == 503 else "validation")
+        if status == 503:
+            await send_error(send, 503, message, "overloaded_error", None, code, [(b"retry-after", b"1")])
+        else:
+            await send_error(send, status, message, "invalid_request_error", "body", code)
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send, booked: list[int]) -> bytes | None:
+        """The whole body, booked against the budget as it arrives; None when a refusal was sent (or the client left)."""
         headers = dict(scope["headers"])
         label = endpoint_label(scope["path"])
-        limit = self.per_path.get(scope["path"], self.default)
-        too_large = f"body: request body exceeds the limit of {limit} bytes"
+        limit, why = self._limit(scope["path"])
+        too_large = f"body: request body exceeds the limit of {limit} bytes{why}"
+        busy = (f"server is holding {self.budget.held} bytes of request bodies; with this one it would exceed "
+                f"--max-inflight-body-bytes {self.budget.limit}, retry later")
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            self.on_error(label, "validation")
-            await send_error(send, 413, too_large, "invalid_request_error", "body", "body_too_large")
-            return
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                await self._refuse(send, label, 413, too_large, "body_too_large")
+                return None
+            if not self.budget.take(int(declared)):  # booked before a byte is read
+                await self._refuse(send, label, 503, busy, "overloaded")
+                return None
+            booked[0] = int(declared)
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                self.on_error(label, "validation")
-                await send_error(send, 413, too_large, "invalid_request_error", "body", "body_too_large")
-                return
+                await self._refuse(send, label, 413, too_large, "body_too_large")
+                return None
+            if size > booked[0]:
+                if not self.budget.take(size - booked[0]):
+                    await self._refuse(send, label, 503, busy, "overloaded")
+                    return None
+                booked[0] = size
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        chunks.clear()
         if b"json" in headers.get(b"content-type", b"application/json"):
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as exc:
-                self.on_error(label, "validation")
-                await send_error(send, 400, f"body: not valid UTF-8 (byte {exc.start})", "invalid_request_error", "body", "invalid_utf8")
-                return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+                await self._refuse(send, label, 400, f"body: not valid UTF-8 (byte {exc.start})", "invalid_utf8")
+                return None
+        return body
