@@ -51,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.malloc_trim:
+        from server.memory import limit_arenas
+
+        limit_arenas()  # before torch and the server start their threads
     import torch  # heavy imports only once the settings are known to be valid
     import uvicorn
 
@@ -64,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.malloc_trim:
+        from server.memory import Trimmer
+
+        Trimmer().start()  # after loading: the weights' allocation is the baseline
     metrics = Metrics(device.type)
     turns = DeviceTurns()  # the engines take turns on the one device
     kv_share = settings.kv_cache_mb / len(settings.checkpoint)  # --kv-cache-mb is split evenly between the models

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -15,6 +16,8 @@ from server.metrics import NO_MODEL, Metrics
 ENDPOINTS = ("/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/completions", "/v1/chat/completions", "/v1/models",
              "/v1/tokenize", "/tokenize", "/detokenize", "/tokenizer_info",
              "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json")
+HEAVY_BODY = 65536  # bodies this large take milliseconds of the event loop to parse and validate
+YIELDS = 4  # loop turns others get after each big body's parsing step: a /health request needs about four
 PUBLIC = {"/health", "/ready", "/metrics", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
@@ -104,7 +107,9 @@ class BodyLimit:
     `budget` bytes of bodies over all in-flight requests (503 + Retry-After beyond) and reject non-UTF-8 JSON (400).
 
     A body's bytes stay booked until its request has answered: the body, its parsed text and its token ids
-    live that long."""
+    live that long. Bodies of HEAVY_BODY bytes or more enter the app one at a time until its first wait, so the
+    event loop never queues more than one body's JSON parsing and validation (up to ~20 ms for 1 MiB) ahead of
+    /health."""
 
     def __init__(self, app: ASGIApp, limit: int, on_error: Callable[[str, str], None], budget: BodyBudget,
                  per_path: dict[str, tuple[int, str]] | None = None) -> None:
@@ -113,6 +118,7 @@ class BodyLimit:
         self.per_path = per_path or {}
         self.on_error = on_error
         self.budget = budget
+        self.parsing = asyncio.Semaphore(1)
 
     def _limit(self, path: str) -> tuple[int, str]:
         limit, why = self.per_path.get(path, (self.default, ""))
@@ -139,7 +145,17 @@ class BodyLimit:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
-            await self.app(scope, replay, send)
+            if len(body) < HEAVY_BODY:
+                await self.app(scope, replay, send)
+                return
+            async with self.parsing:  # one big body at a time is parsed on the event loop (see HEAVY_BODY)
+                app = asyncio.ensure_future(self.app(scope, replay, send))
+                for _ in range(YIELDS):
+                    await asyncio.sleep(0)  # runs after the app's first step: parsing, validation, checks, up to its first wait
+            try:
+                await app
+            finally:
+                app.cancel()  # a no-op once done; stops the app when this request is cancelled
         finally:
             self.budget.give(booked[0])
 

@@ -93,7 +93,7 @@ def _prompts(svc: Service, body: CompletionRequest) -> list[tuple[list[int] | No
     prompt = body.prompt
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
+    elif prompt and isinstance(prompt[0], int):  # the schema allows ids only after an id
         items = [prompt]
     else:
         items = list(prompt)

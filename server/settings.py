@@ -89,7 +89,7 @@ class Settings(BaseModel):
     api_key: ApiKey = Field(None, description="require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)")
     cors_origins: CommaList = Field([], description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body; larger ones get 413")
-    max_inflight_body_bytes: int = Field(33_554_432, ge=1, description="most bytes of request bodies all in-flight requests "
+    max_inflight_body_bytes: int = Field(16_777_216, ge=1, description="most bytes of request bodies all in-flight requests "
                                          "hold together; a body beyond it gets 503 + Retry-After (one larger than it, 413)")
     max_prompts: int = Field(16, ge=1, description="most prompts/texts in one request")
     model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the API (default: checkpoint directory "
@@ -99,6 +99,8 @@ class Settings(BaseModel):
     warmup: bool = Field(True, description="run warm-up forwards before /ready turns 200")
     log_level: str = Field("info", description="uvicorn log level")
     body_timeout: float = Field(30.0, gt=0, description="seconds to receive a request body before 408")
+    malloc_trim: bool = Field(True, description="give freed heap memory back to the OS after request bursts (glibc "
+                              "malloc_trim whenever the RSS grew by 16 MiB; docs/ARCHITECTURE.md)")
     max_score_tokens: int = Field(131_072, ge=1, description="most tokens one perplexity or tokenize request may score or "
                                   "return (400 beyond, refused before the text is tokenized whole)")
     fault_inject: Annotated[str | None, NoneWord, AfterValidator(_fault_spec)] = Field(

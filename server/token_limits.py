@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 WHITESPACE = "\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _CUT = re.compile(f"(?<=[^{WHITESPACE}])[{WHITESPACE}]")  # a whitespace character after a non-whitespace one
 _RUN = re.compile(f"[^{WHITESPACE}]+")
+_PY_ONLY_SPACE = re.compile("[\x1c-\x1f]")  # whitespace to str.split(), punctuation to the pre-tokenizer
 PIECE_CHARS = 16384  # ~1.6 MB of tokenizer memory at the worst (one token per character)
 MAX_RUN_CHARS = 65536  # most characters tokenized in one piece beyond PIECE_CHARS
 INLINE_CHARS = 4096  # shorter batches are tokenized on the caller's thread (about a millisecond)
@@ -114,28 +115,40 @@ class LimitedEncoder:
                     raise TooManyTokens(i, math.ceil(total / self.max_token_chars))
         if not self.splittable:
             return self._whole(texts, limit, per_text, offsets)
-        cuts = [list(self._pieces(i, text)) for i, text in enumerate(texts)]
-        floors = [[self._floor(text[a:b]) for a, b in pieces] for text, pieces in zip(texts, cuts)]
+        plans = self._plan(texts, limit, per_text)
         out: list[Encoded] = []
         counted = 0
-        for i, (text, pieces) in enumerate(zip(texts, cuts)):
+        for i, (text, plan) in enumerate(zip(texts, plans)):
             counted = 0 if per_text else counted
-            later = 0 if per_text else sum(sum(f) for f in floors[i + 1:])  # later texts' bounds count too
-            remaining = sum(floors[i]) + later
+            ahead = sum(floor for _, _, floor in plan) + (0 if per_text else sum(f for p in plans[i + 1:] for _, _, f in p))
             ids, spans = [self.bos], [(0, 0)] if offsets else None
-            for (start, end), floor in zip(pieces, floors[i]):
-                if counted + remaining > limit:
-                    raise TooManyTokens(i, counted + remaining)
+            for start, end, floor in plan:
                 encoding = self.tokenizer.encode_batch([text[start:end]], add_special_tokens=False)[0]  # releases the GIL
                 ids += encoding.ids
                 counted += len(encoding.ids)
-                remaining -= floor
+                ahead -= floor
+                if counted + ahead > limit:  # this piece's ids + the least the rest can add
+                    raise TooManyTokens(i, counted + ahead)
                 if spans is not None:
                     spans += [(a + start, b + start) for a, b in encoding.offsets]
-            if counted + remaining > limit:
-                raise TooManyTokens(i, counted + remaining)
             out.append(Encoded(ids, spans))
         return out
+
+    def _plan(self, texts: list[str], limit: int, per_text: bool) -> list[list[tuple[int, int, int]]]:
+        """(start, end, fewest tokens) of each text's pieces; refuses as soon as those floors pass `limit`."""
+        plans: list[list[tuple[int, int, int]]] = []
+        least = 0
+        for i, text in enumerate(texts):
+            least = 0 if per_text else least
+            plan = []
+            for start, end in self._pieces(i, text):
+                floor = self._floor(text[start:end])
+                plan.append((start, end, floor))
+                least += floor
+                if least > limit:
+                    raise TooManyTokens(i, least)
+            plans.append(plan)
+        return plans
 
     def _whole(self, texts: list[str], limit: int, per_text: bool, offsets: bool) -> list[Encoded]:
         out: list[Encoded] = []
@@ -150,7 +163,9 @@ class LimitedEncoder:
     def _floor(self, piece: str) -> int:
         """Fewest tokens `piece` can have: one per run of non-whitespace, and at least its length / longest token."""
         assert self.max_token_chars is not None  # splittable tokenizers have no normalizer
-        return max(len(_RUN.findall(piece)), math.ceil(len(piece) / self.max_token_chars))
+        # str.split() is 2.5x faster than the regex; its whitespace is the regex's plus U+001C-U+001F
+        runs = len(_RUN.findall(piece)) if _PY_ONLY_SPACE.search(piece) else len(piece.split())
+        return max(runs, math.ceil(len(piece) / self.max_token_chars))
 
     def _pieces(self, index: int, text: str) -> Iterator[tuple[int, int]]:
         """(start, end) of pieces of about `piece_chars`, each ending just before a cut point or at the end."""
