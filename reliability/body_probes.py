@@ -63,7 +63,7 @@ def send_big(url: str, path: str, body: bytes, chunked: bool, timeout: float = 6
         return None, seconds
 
 
-def json_bodies(text: str, context: int) -> list[tuple[str, bytes]]:
+def json_bodies(text: str) -> list[tuple[str, bytes]]:
     """One 1 MiB body per JSON route that turns text (or ids) into tokens, each over that route's limit."""
     ids = ", ".join(["1234"] * ((SMALL - 40) // 6))
 
@@ -137,7 +137,7 @@ def probe_big_bodies(env: Env) -> ProbeResult:
             raw = _concurrently([lambda c=c: send_big(server.url, "/v1/perplexity/text", big, c) for c in (False, False, False)])
             chunked = _concurrently([lambda: send_big(server.url, "/v1/perplexity/text", big, True) for _ in range(3)])
             t1 = time.monotonic()
-            bodies = json_bodies(text, env.context)
+            bodies = json_bodies(text)
             small = _concurrently([lambda i=i: _timed_json(server.url, *bodies[i % len(bodies)]) for i in range(64)])
             t2 = time.monotonic()
             time.sleep(1.0)

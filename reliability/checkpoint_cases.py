@@ -140,7 +140,8 @@ def _config_cases() -> dict[str, Edit]:
                          ("d_ff", 10**8), ("n_layers", 300)):
         out[f"absurd {field}={value}"] = _edit_json(CONFIG, **{field: value})
     out[f"max_seq_len at its documented maximum ({MAX_SEQ_LEN})"] = _edit_json(CONFIG, max_seq_len=MAX_SEQ_LEN)
-    out["max_seq_len maximum with one head (rotary tables over budget)"] = _edit_json(CONFIG, max_seq_len=MAX_SEQ_LEN, n_heads=1)
+    out["max_seq_len maximum with head_dim 1024 (rotary tables over budget)"] = _edit_json(CONFIG, max_seq_len=MAX_SEQ_LEN,
+                                                                                           d_model=1024, n_heads=1)
     out["d_model as a string"] = _edit_json(CONFIG, d_model="256")
     out["n_heads not dividing d_model"] = _edit_json(CONFIG, n_heads=7)
     out["rope_theta NaN"] = _edit_json(CONFIG, rope_theta=float("nan"))
