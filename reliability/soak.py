@@ -31,36 +31,39 @@ def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
     return 60.0 * sum((t - mean_t) * (v - mean_v) for t, v in samples) / var if var else float("nan")
 
 
-def _requests(text: str, rng: random.Random) -> list[tuple[str, str, Callable[[], bytes]]]:
-    """(name, path, body maker) of the mix: every route a client turns text into tokens or tokens into text on."""
+def _requests(text: str, rng: random.Random, context: int, vocab: int) -> list[tuple[str, str, Callable[[], bytes]]]:
+    """(name, path, body maker) of the mix: every route a client turns text into tokens or tokens into text on,
+    each sized to fit the model (a prompt of at most `context` characters is well within `context` tokens)."""
     def words(lo: int, hi: int) -> str:
         start = rng.randrange(len(text) - 20_000)
-        return text[start:start + rng.randrange(lo, hi)]
+        return text[start:start + rng.randrange(lo, max(lo + 1, hi))]
 
     def seed() -> int:
         return rng.randrange(10**6)
 
+    short, new = min(400, context // 2), max(2, min(48, context // 4))
     return [
-        ("generate", "/v1/generate", lambda: json.dumps({"prompt": words(20, 400), "max_new_tokens": rng.randrange(4, 48),
+        ("generate", "/v1/generate", lambda: json.dumps({"prompt": words(20, short), "max_new_tokens": rng.randrange(1, new),
                                                           "temperature": 0.8, "seed": seed()}).encode()),
-        ("generate stream", "/v1/generate", lambda: json.dumps({"prompt": words(20, 400), "max_new_tokens": rng.randrange(4, 48),
+        ("generate stream", "/v1/generate", lambda: json.dumps({"prompt": words(20, short), "max_new_tokens": rng.randrange(1, new),
                                                                  "stream": True, "return_logprobs": True}).encode()),
-        ("completions", "/v1/completions", lambda: json.dumps({"prompt": [words(20, 200), words(20, 200)], "max_tokens": 16,
-                                                                "logprobs": 2, "echo": True, "seed": seed()}).encode()),
-        ("chat", "/v1/chat/completions", lambda: json.dumps({"messages": [{"role": "user", "content": words(20, 300)}],
-                                                              "max_tokens": 16, "stream": rng.random() < 0.5}).encode()),
+        ("completions", "/v1/completions", lambda: json.dumps({"prompt": [words(20, short), words(20, short)],
+                                                                "max_tokens": new, "logprobs": 2, "echo": True, "seed": seed()}).encode()),
+        ("chat", "/v1/chat/completions", lambda: json.dumps({"messages": [{"role": "user", "content": words(20, short)}],
+                                                              "max_tokens": new, "stream": rng.random() < 0.5}).encode()),
         ("perplexity", "/v1/perplexity", lambda: json.dumps({"text": words(500, 6000), "return_logprobs": True,
                                                              "return_routing": rng.random() < 0.3}).encode()),
         ("tokenize", "/v1/tokenize", lambda: json.dumps({"text": words(100, 20_000)}).encode()),
         ("vllm tokenize", "/tokenize", lambda: json.dumps({"prompt": words(100, 20_000), "return_token_strs": True}).encode()),
-        ("detokenize", "/detokenize", lambda: json.dumps({"tokens": [rng.randrange(3, 5000) for _ in range(rng.randrange(1, 500))]}).encode()),
+        ("detokenize", "/detokenize", lambda: json.dumps({"tokens": [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 500))]}).encode()),
     ]
 
 
-def _client(url: str, until: float, seed: int, text: str, statuses: Counter, lock: threading.Lock, errors: list[str]) -> None:
+def _client(url: str, until: float, seed: int, mix: Callable[[random.Random], list], statuses: Counter, lock: threading.Lock,
+            errors: list[str]) -> None:
     """Requests back to back until `until`; `statuses` counts "<name> <status>" and "failed"."""
     rng = random.Random(seed)
-    mix = _requests(text, rng)
+    mix = mix(rng)
     while time.monotonic() < until:
         name, path, body = rng.choice(mix)
         reply = raw_request(url, "POST", path, body(), AUTH, timeout=180)
@@ -75,6 +78,10 @@ def _client(url: str, until: float, seed: int, text: str, statuses: Counter, loc
 def probe_soak(env: Env) -> ProbeResult:
     minutes = 1.0 if env.short else 10.0
     text = (ROOT / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
+    vocab = json.loads((env.checkpoint / "config.json").read_text())["vocab_size"]
+
+    def mix(rng: random.Random) -> list:
+        return _requests(text, rng, env.context, vocab)
     server = start(env, "server-soak")
     statuses: Counter = Counter()
     errors: list[str] = []
@@ -84,7 +91,7 @@ def probe_soak(env: Env) -> ProbeResult:
         rss.start()
         began = time.monotonic()
         until = began + 60 * minutes
-        clients = [threading.Thread(target=_client, args=(server.url, until, 23 + i, text, statuses, lock, errors))
+        clients = [threading.Thread(target=_client, args=(server.url, until, 23 + i, mix, statuses, lock, errors))
                    for i in range(CLIENTS)]
         for t in clients:
             t.start()
