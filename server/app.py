@@ -39,7 +39,7 @@ from server.schemas import (
     TokenLogprob,
     Usage,
 )
-from server.service import ServedModels, Service, sse
+from server.service import ServedModels, Service, off_loop, sse
 from server.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -129,7 +129,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
 
     # ---------------------------------------------------------------- perplexity
     @app.post("/v1/perplexity", response_model=PerplexityResponse, responses=ERRORS, tags=["native"])
-    async def perplexity(body: PerplexityRequest, request: Request) -> PerplexityResponse:
+    async def perplexity(body: PerplexityRequest, request: Request) -> Response:
         svc = served.get(body.model, request)
         texts = [body.text] if isinstance(body.text, str) else body.text
         if len(texts) > settings.max_prompts:
@@ -143,29 +143,12 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
                        timeout=settings.request_timeout)
         svc.submit([job])
         result: ScoreResult = (await svc.collect([job], queue, request))[0]
-        results = []
-        for i, text in enumerate(texts):
-            lps = result.logprobs[i]
-            p = Perplexity.of_text(text, total_nll(lps), len(lps))
-            counts = result.counts[i]
-            routing_layers = [row for layer, row in enumerate(counts) if 0 < layer < len(counts) - 1]
-            routed = sum(sum(row) for row in routing_layers)
-            results.append(PerplexityResult(
-                index=i, tokens=p.tokens, words=p.words, bytes=p.bytes, nll=p.nll, mean_nll=p.mean_nll,
-                perplexity=p.token_ppl or float("nan"), word_perplexity=p.word_ppl, bits_per_byte=p.bits_per_byte,
-                windows=result.windows[i],
-                logprobs=[TokenLogprob(token=svc.engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
-                if body.return_logprobs else None,
-                routing=RoutingCounts(operator_names=list(OPERATORS), per_layer=counts,
-                                      attention_share=(sum(row[Operator.ATTENTION] for row in routing_layers) / routed) if routed else None),
-                flops=flops_of(*result.flops[i]) if result.flops else flops_of(0.0, 0.0),
-                token_routing=routing_payload(svc, seqs[i][:-1], len(seqs[i]), result.routing[i]) if result.routing else None,
-            ))
-        total = sum(len(s) - 1 for s in seqs)
-        return PerplexityResponse(model=svc.name, window=svc.context, stride=stride, results=results,
-                                  usage=Usage(prompt_tokens=total, completion_tokens=0, total_tokens=total),
-                                  timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=None,
-                                                total_seconds=result.total_seconds))
+
+        def render() -> bytes:
+            return perplexity_response(svc, body, texts, seqs, stride, result).model_dump_json().encode()
+
+        # 131072 log-probabilities are ~1 s of objects and response validation: built off the event loop
+        return Response(await off_loop(sum(map(len, seqs)), render), media_type="application/json")
 
     # ---------------------------------------------------------------- OpenAI, chat, tokenizer (own modules)
     openai_api.register(app, served)
@@ -197,6 +180,33 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
+
+
+def perplexity_response(svc: Service, body: PerplexityRequest, texts: list[str], seqs: list[list[int]], stride: int,
+                        result: ScoreResult) -> PerplexityResponse:
+    results = []
+    for i, text in enumerate(texts):
+        lps = result.logprobs[i]
+        p = Perplexity.of_text(text, total_nll(lps), len(lps))
+        counts = result.counts[i]
+        routing_layers = [row for layer, row in enumerate(counts) if 0 < layer < len(counts) - 1]
+        routed = sum(sum(row) for row in routing_layers)
+        results.append(PerplexityResult(
+            index=i, tokens=p.tokens, words=p.words, bytes=p.bytes, nll=p.nll, mean_nll=p.mean_nll,
+            perplexity=p.token_ppl or float("nan"), word_perplexity=p.word_ppl, bits_per_byte=p.bits_per_byte,
+            windows=result.windows[i],
+            logprobs=[TokenLogprob(token=svc.engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
+            if body.return_logprobs else None,
+            routing=RoutingCounts(operator_names=list(OPERATORS), per_layer=counts,
+                                  attention_share=(sum(row[Operator.ATTENTION] for row in routing_layers) / routed) if routed else None),
+            flops=flops_of(*result.flops[i]) if result.flops else flops_of(0.0, 0.0),
+            token_routing=routing_payload(svc, seqs[i][:-1], len(seqs[i]), result.routing[i]) if result.routing else None,
+        ))
+    total = sum(len(s) - 1 for s in seqs)
+    return PerplexityResponse(model=svc.name, window=svc.context, stride=stride, results=results,
+                              usage=Usage(prompt_tokens=total, completion_tokens=0, total_tokens=total),
+                              timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=None,
+                                            total_seconds=result.total_seconds))
 
 
 def router_cut_points(config: ChiarConfig) -> list[list[float]]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from server.errors import APIError, invalid
@@ -66,7 +67,7 @@ def body_limit(served: ServedModels, settings: Settings) -> tuple[int, str]:
 
 
 def register(app: FastAPI, served: ServedModels,
-             score: Callable[[PerplexityRequest, Request], Awaitable[PerplexityResponse]]) -> None:
+             score: Callable[[PerplexityRequest, Request], Awaitable[Response]]) -> None:
     """Add the raw-text perplexity route; `score` is the /v1/perplexity handler."""
 
     context = max(svc.context for svc in served)
