@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import statistics
@@ -160,7 +161,7 @@ def _result(baseline: float, after: float, ok: bool, big: list, small: list, dur
                 "/health p99 (ms)": max(during_big["/health p99 (ms)"], during_small["/health p99 (ms)"]),
                 "stream longest gap (ms)": max(during_big["stream longest gap (ms)"], during_small["stream longest gap (ms)"])}
     missed = [f"{k} {measured[k]:.3g} > {TARGETS[k]:g}" for k in TARGETS if not measured[k] <= TARGETS[k]]
-    figures: dict = {"statuses": dict(sorted(statuses.items())), "RSS baseline (MB)": round(baseline, 1), "RSS peak (MB)": round(peak, 1),
+    figures: dict = {"load average (1 min) at the end": round(os.getloadavg()[0], 2), "statuses": dict(sorted(statuses.items())), "RSS baseline (MB)": round(baseline, 1), "RSS peak (MB)": round(peak, 1),
                      "RSS after (MB)": round(after, 1), "slowest refusal, 30 MB bodies (s)": round(max(s for _, s in big), 3),
                      "slowest refusal, 1 MiB bodies (s)": round(max(s for _, s in small), 3),
                      "median refusal, 1 MiB bodies (s)": round(statistics.median(s for _, s in small), 3)}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import statistics
 import threading
 import time
 from collections import Counter
@@ -118,6 +120,9 @@ def probe_soak(env: Env) -> ProbeResult:
                  "RSS after warm-up (MB)": round(settled[0][1], 1) if settled else "n/a",
                  "RSS at end (MB)": round(samples[-1][1], 1) if samples else "n/a",
                  "RSS max (MB)": round(max(v for _, v in samples), 1) if samples else "n/a",
+                 "RSS median per minute (MB)": [round(statistics.median(v for t, v in samples if m * 60 <= t < (m + 1) * 60), 1)
+                                                for m in range(int(minutes)) if any(m * 60 <= t < (m + 1) * 60 for t, _ in samples)],
                  "RSS slope after warm-up (MB/min)": round(slope, 3),
+                 "load average (1 min) at the end": round(os.getloadavg()[0], 2),
                  f"target slope <= {SLOPE_TARGET:g} MB/min": "met" if met else "MISSED"},
         failures=errors)

@@ -13,6 +13,7 @@ import ctypes.util
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("server.memory")
@@ -78,13 +79,14 @@ class Trimmer(threading.Thread):
 
     def trim_now(self) -> int:
         """Trim at once; returns the RSS after."""
-        before = rss_bytes()
+        before, start = rss_bytes(), time.perf_counter()
         if self.trim is not None:
-            self.trim(0)
-        after = rss_bytes()
+            self.trim(0)  # ctypes releases the GIL; malloc calls of other threads wait for the arena it trims
+        after, seconds = rss_bytes(), time.perf_counter() - start
         self.trims += 1
         self.returned += max(0, before - after)
-        log.debug("malloc_trim: RSS %.1f -> %.1f MB", before / 2**20, after / 2**20)
+        (log.warning if seconds > 0.05 else log.debug)("malloc_trim: RSS %.1f -> %.1f MB in %.1f ms", before / 2**20,
+                                                        after / 2**20, seconds * 1e3)
         return after
 
     def stop(self) -> None:

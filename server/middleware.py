@@ -17,7 +17,7 @@ ENDPOINTS = ("/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/compl
              "/v1/tokenize", "/tokenize", "/detokenize", "/tokenizer_info",
              "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json")
 HEAVY_BODY = 65536  # bodies this large take milliseconds of the event loop to parse and validate
-YIELDS = 4  # loop turns others get after each big body's parsing step: a /health request needs about four
+MAX_PAUSE = 0.05  # seconds the loop is left to other work after one big body's parsing step, at most
 PUBLIC = {"/health", "/ready", "/metrics", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
 
 
@@ -107,9 +107,9 @@ class BodyLimit:
     `budget` bytes of bodies over all in-flight requests (503 + Retry-After beyond) and reject non-UTF-8 JSON (400).
 
     A body's bytes stay booked until its request has answered: the body, its parsed text and its token ids
-    live that long. Bodies of HEAVY_BODY bytes or more enter the app one at a time until its first wait, so the
-    event loop never queues more than one body's JSON parsing and validation (up to ~20 ms for 1 MiB) ahead of
-    /health."""
+    live that long. Bodies of HEAVY_BODY bytes or more enter the app one at a time until its first wait, then
+    leave the loop to other work for as long as that step took: the loop never queues more than one body's JSON
+    parsing and validation (up to ~20 ms for 1 MiB) ahead of /health, and spends at most half its time on them."""
 
     def __init__(self, app: ASGIApp, limit: int, on_error: Callable[[str, str], None], budget: BodyBudget,
                  per_path: dict[str, tuple[int, str]] | None = None) -> None:
@@ -149,9 +149,11 @@ class BodyLimit:
                 await self.app(scope, replay, send)
                 return
             async with self.parsing:  # one big body at a time is parsed on the event loop (see HEAVY_BODY)
+                started = time.perf_counter()
                 app = asyncio.ensure_future(self.app(scope, replay, send))
-                for _ in range(YIELDS):
-                    await asyncio.sleep(0)  # runs after the app's first step: parsing, validation, checks, up to its first wait
+                await asyncio.sleep(0)  # runs after the app's first step: parsing, validation, checks, up to its first wait
+                # as long again for everything else (/health, streams, replies): big bodies get at most half the loop
+                await asyncio.sleep(min(MAX_PAUSE, time.perf_counter() - started))
             try:
                 await app
             finally:

@@ -89,7 +89,7 @@ class Settings(BaseModel):
     api_key: ApiKey = Field(None, description="require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)")
     cors_origins: CommaList = Field([], description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body; larger ones get 413")
-    max_inflight_body_bytes: int = Field(16_777_216, ge=1, description="most bytes of request bodies all in-flight requests "
+    max_inflight_body_bytes: int = Field(8_388_608, ge=1, description="most bytes of request bodies all in-flight requests "
                                          "hold together; a body beyond it gets 503 + Retry-After (one larger than it, 413)")
     max_prompts: int = Field(16, ge=1, description="most prompts/texts in one request")
     model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the API (default: checkpoint directory "
