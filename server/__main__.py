@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             # waits a little longer so those answers reach the clients
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 5, lifespan="on", access_log=False)
     server = draining_server(config, engines)
+    from server.memory import freeze_startup_objects
+
+    log.info("froze %d start-up objects out of the garbage collector's reach", freeze_startup_objects())
     server.run()
     for engine in engines:
         if engine.fatal is not None:

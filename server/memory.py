@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import threading
@@ -42,6 +43,15 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
         return bool(libc.mallopt(ctypes.c_int(M_ARENA_MAX), ctypes.c_int(arenas)))
     except (OSError, AttributeError):
         return False
+
+
+def freeze_startup_objects() -> int:
+    """Collect, then move every object alive now (torch, the model, FastAPI, pydantic schemas) to the GC's permanent
+    generation: later full collections skip them (in the server a full collection took 70-120 ms, stalling the
+    event loop and the engine alike). Returns how many objects were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def rss_bytes() -> int:
