@@ -207,9 +207,12 @@ class ChiarLM(nn.Module):
         n = len(batch)
         if n == 0:
             raise ValueError("batch: no tokens")
+        last = 0
         for row, count in batch.spans:
             if cache.positions[row] + count > cfg.max_seq_len:
                 raise ValueError(f"row {row}: {cache.positions[row]} + {count} tokens exceed max_seq_len {cfg.max_seq_len}")
+            last = max(last, cache.positions[row] + count - 1)
+        self.rope.cover(last)  # the kernels read the rotary tables directly
         kernels = self.kernels
         kernels.refresh()
         if not batch.fitted:

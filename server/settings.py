@@ -91,6 +91,8 @@ class Settings(BaseModel):
     api_key: ApiKey = Field(None, description="require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)")
     cors_origins: CommaList = Field([], description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body; larger ones get 413")
+    max_inflight_body_bytes: int = Field(8_388_608, ge=1, description="most bytes of request bodies all in-flight requests "
+                                         "hold together; a body beyond it gets 503 + Retry-After (one larger than it, 413)")
     max_prompts: int = Field(16, ge=1, description="most prompts/texts in one request")
     model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the API (default: checkpoint directory "
                                                         "name); only with one checkpoint")
@@ -108,7 +110,10 @@ class Settings(BaseModel):
     max_new_tokens: Annotated[int | None, NoneWord] = Field(
         None, ge=1, description="most new tokens one request may ask for per choice (max_tokens, max_completion_tokens, "
         "max_new_tokens; 400 beyond, and declared in /openapi.json); default: what each model's context leaves")
-    max_score_tokens: int = Field(131_072, ge=1, description="most tokens one perplexity request may score (400 beyond)")
+    malloc_trim: bool = Field(True, description="give freed heap memory back to the OS after request bursts (glibc "
+                              "malloc_trim whenever the RSS grew by 16 MiB; docs/ARCHITECTURE.md)")
+    max_score_tokens: int = Field(131_072, ge=1, description="most tokens one perplexity or tokenize request may score or "
+                                  "return (400 beyond, refused before the text is tokenized whole)")
     fault_inject: Annotated[str | None, NoneWord, AfterValidator(_fault_spec)] = Field(
         None, description="testing only: STAGE:TOKEN_ID makes requests containing that token fail at STAGE (model, sample, score)")
 
