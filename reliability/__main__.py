@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         results = run(args.checkpoint, work, args.short, set(args.only))
-    write(args.write, results, command, args.short)
+    write(args.write, results, command, args.short, partial=bool(args.only))
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=str))
     for r in results:
