@@ -158,6 +158,7 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
     jobs: list[Job] = []
     if sent == 0:
         if want_prompt_lp:
+            svc.check_score_kv([pr.ids for pr in prompts], "prompt")
             jobs.append(ScoreJob([pr.ids for pr in prompts], svc.context, svc.context, body.logprobs, queue=queue, loop=loop,
                                  index=0, timeout=svc.settings.request_timeout))
     else:
@@ -225,10 +226,12 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                 results[job.index] = r
                 echoes[job.index] = r.prompt_logprobs
         completion_tokens = sum(r.completion_tokens for r in results if r)
+        # each prompt once, as prompt_tokens counts it: its first choice's cached tokens
+        cached = sum(score.cached_tokens or []) if jobs and isinstance(jobs[0], ScoreJob) else \
+            sum(r.cached_tokens for i, r in enumerate(results) if r and i % body.n == 0)
         return CompletionResponse(id=rid, created=created, model=svc.name,
                                   choices=[choice(i, results[i], echoes[i]) for i in range(n_choices)],
-                                  usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=prompt_tokens + completion_tokens))
+                                  usage=Usage.of(prompt_tokens, completion_tokens, cached))
 
     usage = StreamUsage.of(body.stream_options, [len(prompts[i // body.n].ids) for i in range(n_choices)], prompt_tokens)
 
@@ -246,6 +249,7 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                 async for event in svc.events(jobs, queue, None):
                     if isinstance(event, DoneEvent):
                         score = event.result  # type: ignore[assignment]
+                        usage.finished(0, 0, sum(score.cached_tokens or []))  # type: ignore[union-attr]
             for i in range(n_choices):
                 p = i // body.n
                 entries = scored_entries(score, p) if score is not None else None
@@ -274,7 +278,7 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                         yield chunk(i, event.text, None, lp)
                 elif isinstance(event, DoneEvent):
                     result: GenerationResult = event.result  # type: ignore[assignment]
-                    usage.finished(i, result.completion_tokens)
+                    usage.finished(i, result.completion_tokens, result.cached_tokens if i % body.n == 0 else 0)
                     yield chunk(i, "", "length" if result.finish_reason == "length" else "stop")
         if usage.include:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": [],

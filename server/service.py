@@ -89,6 +89,15 @@ class Service:
                       f"KV cache at the measured attention share {share:.2f}; the server's KV-cache budget "
                       f"(--kv-cache-mb) is {budget / 2**20:.2f} MiB", code="kv_cache_exceeded")
 
+    def check_score_kv(self, seqs: list[list[int]], param: str) -> None:
+        """A scoring request whose longest window could never fit the KV budget is refused (400) like a generation."""
+        longest = max((min(len(ids) - 1, self.context) for ids in seqs), default=0)
+        need, budget, share = self.engine.kv_needed(longest)
+        if longest and need > budget:
+            raise invalid(param, f"has a window of {longest} tokens that needs about {need / 2**20:.2f} MiB of KV cache at the "
+                          f"measured attention share {share:.2f}; the server's KV-cache budget (--kv-cache-mb) is "
+                          f"{budget / 2**20:.2f} MiB", code="kv_cache_exceeded")
+
     # ---------------------------------------------------------------- jobs
     def submit(self, jobs: list[Job]) -> None:
         try:
@@ -202,6 +211,8 @@ def engine_error(event: ErrorEvent) -> APIError:
         return APIError(499, "request cancelled", code="cancelled", reason="cancelled")
     if event.reason == "shutdown":
         return APIError(503, event.message, code="shutdown", type_="server_error", reason="shutdown")
+    if event.reason == "kv_cache_exceeded":  # it outgrew the whole pool alone (routing above the measured share)
+        return APIError(400, event.message, code="kv_cache_exceeded", reason="validation")
     return APIError(500, event.message, code="internal_error", type_="server_error", reason="internal")
 
 

@@ -32,6 +32,12 @@ EXPECTED = {  # name -> (type, label names); every series carries the served mod
     "chiar_step_over_budget": ("counter", {"model"}),
     "chiar_step_score_tokens_max": ("gauge", {"model"}),
     "chiar_kv_cache_bytes": ("gauge", {"model", "kind"}),
+    "chiar_prefix_cache_queried_tokens": ("counter", {"model"}),
+    "chiar_prefix_cache_hit_tokens": ("counter", {"model"}),
+    "chiar_prefix_cache_evictions": ("counter", {"model"}),
+    "chiar_prefix_cache_bytes": ("gauge", {"model"}),
+    "chiar_prefix_cache_tokens": ("gauge", {"model"}),
+    "chiar_preemptions": ("counter", {"model"}),
 }
 
 
