@@ -162,21 +162,23 @@ class PrefixCache:
             node = child
         return path
 
-    def usable(self, ids: list[int], outputs: bool) -> tuple[list[Node], int]:
-        """The matched blocks and how many a new row for `ids` starts from: at least one token is left to
-        compute (its logits sample or score the next one); with `outputs`, the block after those attached
-        must be cached too (it holds the log-probability of the first token the row computes)."""
+    def usable(self, ids: list[int], outputs: bool, inputs: int) -> tuple[list[Node], int]:
+        """The matched blocks of `ids` (a row's `inputs` tokens, then possibly the token its last one predicts)
+        and how many a new row starts from: at least one input is left to compute (its logits sample or score
+        the next token); with `outputs`, the block after those attached must be cached too (it holds the
+        log-probability of the first token the row computes)."""
         path = self.match(ids, outputs)
-        depth = min(len(path) - (1 if outputs else 0), (len(ids) - 1) // TOKENS)
+        depth = min(len(path) - (1 if outputs else 0), (inputs - 1) // TOKENS)
         return path, max(depth, 0)
 
     def peek(self, ids: list[int], outputs: bool) -> int:
         """Tokens a new row for `ids` would start with (no side effects)."""
-        return self.usable(ids, outputs)[1] * TOKENS
+        return self.usable(ids, outputs, len(ids))[1] * TOKENS
 
-    def attach(self, row: int, ids: list[int], outputs: bool) -> CachedPrefix | None:
-        """Start the new row `row` from the longest usable cached prefix of `ids`, and trace it from there."""
-        path, depth = self.usable(ids, outputs)
+    def attach(self, row: int, ids: list[int], outputs: bool, inputs: int | None = None) -> CachedPrefix | None:
+        """Start the new row `row` from the longest usable cached prefix of `ids` (its first `inputs` tokens are
+        the row's inputs; default: all), and trace it from there."""
+        path, depth = self.usable(ids, outputs, len(ids) if inputs is None else inputs)
         self.rows[row] = RowTrace(self.root)
         self._start_targets(self.rows[row], None)
         if depth == 0:

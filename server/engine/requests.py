@@ -235,6 +235,7 @@ class GenerateJob(Job):
         self.input_ids = prompt_ids
         self.prefilled = 0  # input tokens already in the cache
         self.booked = 0  # prompt positions whose routing, logprobs and counts are booked (a recompute books none twice)
+        self.costed = 0  # positions whose routing is in `cost` (a cached prefix is priced as if computed, a recompute not again)
         self.cached_tokens = 0  # prompt tokens the first admission took from the prefix cache
         self.preemptions = 0
         self.tokens: list[int] = []
@@ -273,6 +274,7 @@ class Window:
     score_from: int  # first target index (into ids) this window scores
     done: int = 0  # inputs of this window already processed (chunked windows)
     booked: int = 0  # inputs of this window whose outputs are booked (a recompute after preemption books none twice)
+    costed: int = 0  # inputs of this window whose routing is in the sequence's cost (as GenerateJob.costed)
     started: bool = False  # holds a cache row (looked up in the prefix cache when it took it)
     admission: int = 0  # order of the row's admission (preemption frees the most recent first)
     queried: bool = False  # counted once in the prefix-cache queries and the cached tokens

@@ -23,12 +23,14 @@ import torch
 
 from model.accounting import attended_pairs, routing_counts
 from model.kv_cache import PagedKVCache
+from model.operators import Operator
 from model.step import StepOutput, TokenBatch
 from server.engine.outputs import Part, PrefillChunk, RunnerOutput, SchedulerOutput, ScoreChunk
 from server.engine.prefix_cache import CachedPrefix, PrefixCache, Processed
 from server.engine.requests import GenerateJob, Job, RequestCost, ScoreJob, Window
 
 log = logging.getLogger("server.engine")
+N_OPERATORS = len(Operator)
 
 
 class InjectedFault(RuntimeError):
@@ -102,16 +104,17 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ the prefix cache (the scheduler's PrefixHook)
     @staticmethod
-    def _sequence(job: Job, window: Window | None) -> tuple[list[int], bool]:
-        """A sequence's input tokens, and whether a cached prefix must carry log-probabilities for it."""
+    def _sequence(job: Job, window: Window | None) -> tuple[list[int], bool, int]:
+        """A sequence's tokens to look up, whether a cached prefix must carry log-probabilities for it, and how
+        many of the tokens are its inputs (a window's last target follows them: a block it completes counts)."""
         if window is not None:
             assert isinstance(job, ScoreJob)
-            return job.seqs[window.seq][window.begin: window.end], True
+            return job.seqs[window.seq][window.begin: window.end + 1], True, window.length
         assert isinstance(job, GenerateJob)
-        return job.input_ids, job.params.prompt_logprobs is not None and job.booked < len(job.prompt_ids) - 1
+        return job.input_ids, job.params.prompt_logprobs is not None and job.booked < len(job.prompt_ids) - 1, len(job.input_ids)
 
     def peek(self, job: GenerateJob) -> int:
-        return 0 if self.prefix is None else self.prefix.peek(*self._sequence(job, None))
+        return 0 if self.prefix is None else self.prefix.peek(*self._sequence(job, None)[:2])
 
     def attach(self, job: Job, window: Window | None) -> CachedPrefix | None:
         """The sequence's row, started from the longest usable cached prefix of its tokens."""
@@ -120,12 +123,14 @@ class ModelRunner:
         row = self.rows[key] = self.cache.allocate()
         if self.prefix is None:
             return None
-        ids, outputs = self._sequence(job, window)
-        hit = self.prefix.attach(row, ids, outputs)
+        ids, outputs, inputs = self._sequence(job, window)
+        hit = self.prefix.attach(row, ids, outputs, inputs)
+        if hit is not None:
+            self._cost_cached(job, window, hit)
         cached = hit.tokens if hit is not None else 0
         if window is not None and not window.queried:
             window.queried = True
-            self.stats.queries, self.stats.hits = self.stats.queries + len(ids), self.stats.hits + cached
+            self.stats.queries, self.stats.hits = self.stats.queries + inputs, self.stats.hits + cached
             job.cached_tokens[window.seq] += cached  # type: ignore[attr-defined]
         elif isinstance(job, GenerateJob) and job.preemptions == 0:
             self.stats.queries, self.stats.hits = self.stats.queries + len(ids), self.stats.hits + cached
@@ -276,23 +281,53 @@ class ModelRunner:
 
     def _account(self, parts: list[Part], step: StepOutput, result: RunnerOutput) -> None:
         """Each request's routing counts and attended pairs (priced when it ends), the step's per-phase
-        counts and its FLOPs (pricing is linear, so the step prices from its sums)."""
-        index = torch.cat([torch.full((len(p.tokens),), k, dtype=torch.long) for k, p in enumerate(parts)])
-        counts = routing_counts(step.operator, index, len(parts)).numpy()
-        pairs = attended_pairs(step.keys_seen, index, len(parts)).numpy()
+        counts and its FLOPs (pricing is linear, so the step prices from its sums). A request pays for each
+        of its positions once: a recompute after preemption is in the step's figures, not in its own."""
+        skips = [min(len(p.tokens), max(0, self._costed(p) - p.start)) for p in parts]
+        index = torch.cat([torch.tensor([len(parts)] * skip + [k] * (len(p.tokens) - skip), dtype=torch.long)
+                           for k, (p, skip) in enumerate(zip(parts, skips))])  # bucket len(parts): recomputed positions
+        counts = routing_counts(step.operator, index, len(parts) + 1).numpy()
+        pairs = attended_pairs(step.keys_seen, index, len(parts) + 1).numpy()
         total = RequestCost()
+        total.add(counts.sum(0), pairs.sum(0), 0, 0, 0)
         decode = np.zeros(counts.shape[1:], dtype=np.int64)
-        for k, part in enumerate(parts):
+        for k, (part, skip) in enumerate(zip(parts, skips)):
             n = len(part.tokens)
-            start, heads = self.cache.positions[part.row] - n, n - part.logits_from
+            total.add(0 * counts[k], 0 * pairs[k], n, part.start, n - part.logits_from)
             seq = part.chunk.window.seq if isinstance(part.chunk, ScoreChunk) else 0
-            part.job.cost_of(seq).add(counts[k], pairs[k], n, start, heads)
-            total.add(counts[k], pairs[k], n, start, heads)
+            part.job.cost_of(seq).add(counts[k], pairs[k], n - skip, part.start + skip, n - max(part.logits_from, skip))
+            self._set_costed(part, part.start + n)
             if part.chunk is None:
                 decode += counts[k]
         assert total.counts is not None
         result.counts = [decode.tolist(), (total.counts - decode).tolist()]
         result.executed_flops, result.dense_flops = total.price(self.model)
+
+    @staticmethod
+    def _costed(part: Part) -> int:
+        return part.chunk.window.costed if isinstance(part.chunk, ScoreChunk) else part.job.costed  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _set_costed(part: Part, position: int) -> None:
+        holder = part.chunk.window if isinstance(part.chunk, ScoreChunk) else part.job
+        holder.costed = max(holder.costed, position)  # type: ignore[union-attr]
+
+    def _cost_cached(self, job: Job, window: Window | None, hit: CachedPrefix) -> None:
+        """Price a cached prefix into its request as if computed: a request's FLOPs are those of its tokens'
+        routing, whatever the server had cached (chiar_flops_total counts what ran)."""
+        holder = window if window is not None else job
+        lo, hi = holder.costed, hit.tokens  # type: ignore[union-attr]
+        if hi <= lo:
+            return
+        attended = hit.operator == int(Operator.ATTENTION)  # [tokens, L]
+        seen = np.cumsum(attended, axis=0) * attended  # each attending token's keys: the entries up to its own
+        counts = np.stack([np.bincount(hit.operator[lo:hi, layer], minlength=N_OPERATORS) for layer in range(hit.operator.shape[1])])
+        if window is not None:
+            heads = max(0, hi - max(lo, window.score_from - 1 - window.begin))  # positions whose logits scoring computes
+        else:
+            heads = hi - lo if job.params.prompt_logprobs is not None else 0  # type: ignore[attr-defined]
+        job.cost_of(window.seq if window is not None else 0).add(counts, seen[lo:hi].sum(0).astype(np.float64), hi - lo, lo, heads)
+        holder.costed = hi  # type: ignore[union-attr]
 
     def _record(self, parts: list[Part], step: StepOutput) -> None:
         """Hand every row's tokens of this forward to the prefix cache, which caches the blocks they complete."""
