@@ -17,6 +17,7 @@ from model.kv_cache import PagedKVCache
 from model.step import TokenBatch
 from server.engine.output import OutputProcessor
 from server.engine.outputs import RunnerOutput, SchedulerOutput, ScoreChunk
+from server.engine.preemption import make_room
 from server.engine.prefix_cache import PrefixCache
 from server.engine.requests import Job, Outbox, Unavailable
 from server.engine.runner import FaultInjector, ModelRunner
@@ -230,7 +231,7 @@ class Engine:
             if not self.scheduler.has_work:
                 return None
             out = self.scheduler.schedule(time.perf_counter())
-            self._make_room(out)
+            self.preemptions += make_room(self.scheduler, self.runner, out)
         t0 = time.perf_counter()
         try:
             ro = self._run(out)
@@ -248,32 +249,6 @@ class Engine:
                                        prefix.cached_bytes if prefix else 0, prefix.cached_tokens if prefix else 0, self.preemptions)
         self._update_gauges()
         return StepReport(len(ro.decode), ro.tokens - len(ro.decode), ro.seconds, seconds)
-
-    def _make_room(self, out: SchedulerOutput) -> None:
-        """Evict cached prefixes, then preempt the most recently admitted sequences, until this step's
-        decode tokens fit the pool at worst (with none decoding: one token of its first chunk). A
-        sequence that cannot fit even with the pool to itself fails (kv_cache_exceeded)."""
-        while True:
-            need, owner = self.runner.step_need(out)
-            if self.runner.make_room(need):
-                return
-            victims = [(job, window) for job, window in self.scheduler.victims()
-                       if self.runner.holds(job, window) and not (owner and job is owner[0] and window is owner[1])]
-            if not victims:
-                assert owner is not None  # decoding sequences hold rows, so they would be victims
-                job = owner[0]
-                job.fail("kv_cache_exceeded", "the sequence needs more KV cache than the server's budget holds "
-                         f"({self.scheduler.limits.kv_budget_bytes / 2**20:.2f} MiB, --kv-cache-mb)")
-                self.scheduler.drop([job])
-                self.runner.release([job])
-                out.drop(job, None)
-                continue
-            job, window = victims[0]
-            self.scheduler.preempt(job, window)
-            self.runner.release_sequence(job, window)
-            out.drop(job, window)
-            self.preemptions += 1
-            log.info("preempted request %s to free KV cache (%d preemptions so far)", job.id, self.preemptions)
 
     def _run(self, out: SchedulerOutput) -> RunnerOutput:
         for job, reason in out.expired:

@@ -63,6 +63,35 @@ def logprob_entries(logp: Tensor, targets: list[int], top_n: int) -> list[Logpro
     return [LogprobEntry(t, lp) for t, lp in zip(targets, chosen)]
 
 
+def book_prompt(job: GenerateJob, lo: int, hi: int, operator: Any, entropy: Any, gate: Any, entries: list[LogprobEntry] | None) -> None:
+    """Prompt positions [lo, hi), the next ones not booked: their routing (tensors or arrays) and logprob entries."""
+    assert lo == job.booked, (lo, job.booked)
+    if job.routing is not None:
+        job.routing.operator += operator.tolist()
+        job.routing.entropy += nan_to_none(entropy.tolist())
+        job.routing.gate += [None] * (hi - lo) if gate is None else nan_to_none(gate.tolist())
+    if job.prompt_logprobs is not None and entries is not None:
+        job.prompt_logprobs += entries
+    job.booked = hi
+
+
+def book_scored(job: ScoreJob, win: Window, lo: int, hi: int, chosen: list[float], tops: list[dict] | None, ops: Tensor, entropy: Any,
+                gate: Any) -> None:
+    """Scored input positions [lo, hi) of a window: log-likelihoods, alternatives, routing counts and trace."""
+    job.logprobs[win.seq][lo: hi] = chosen
+    if tops is not None and job.top is not None:
+        job.top[win.seq][lo: hi] = tops
+    counts = torch.zeros(ops.shape[1], N_OPERATORS, dtype=torch.long)
+    layer_idx = torch.arange(ops.shape[1]).expand_as(ops)
+    counts.index_put_((layer_idx.reshape(-1), ops.reshape(-1)), torch.ones(ops.numel(), dtype=torch.long), accumulate=True)
+    job.counts[win.seq] = counts if job.counts[win.seq] is None else job.counts[win.seq] + counts
+    if job.routing is not None:
+        trace = job.routing[win.seq]
+        trace.operator[lo:hi] = ops.tolist()
+        trace.entropy[lo:hi] = nan_to_none(entropy.tolist())
+        trace.gate[lo:hi] = [None] * (hi - lo) if gate is None else nan_to_none(gate.tolist())
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int, eos: int, metrics: ModelMetrics, faults: FaultInjector,
                  price: Callable[[RequestCost], tuple[float, float]]) -> None:
@@ -155,16 +184,9 @@ class OutputProcessor:
 
     def _book_prompt(self, job: GenerateJob, lo: int, hi: int, operator: Any, entropy: Any, gate: Any,
                      entries: list[LogprobEntry] | None) -> None:
-        """Prompt positions [lo, hi): their routing (tensors or arrays) and logprob entries."""
         if self.record:
             self.metrics.prompt_tokens.inc(hi - lo)
-        if job.routing is not None:
-            job.routing.operator += operator.tolist()
-            job.routing.entropy += nan_to_none(entropy.tolist())
-            job.routing.gate += [None] * (hi - lo) if gate is None else nan_to_none(gate.tolist())
-        if job.prompt_logprobs is not None and entries is not None:
-            job.prompt_logprobs += entries
-        job.booked = hi
+        book_prompt(job, lo, hi, operator, entropy, gate, entries)
 
     def book_reuse(self, reuse: Reuse) -> None:
         """A sequence started from a cached prefix: book the prefix's outputs as if its forwards had run."""
@@ -295,7 +317,7 @@ class OutputProcessor:
                 tops = [dict(zip(ix[: job.top_n], vs[: job.top_n])) for ix, vs in zip(indices.tolist(), values.tolist())]
             operator, entropy, gate = part.routing()
             rows = slice(lo - first, hi - first)
-            self._book_scored(job, win, lo, hi, chosen, tops, operator[rows].long().cpu(), entropy[rows],
+            book_scored(job, win, lo, hi, chosen, tops, operator[rows].long().cpu(), entropy[rows],
                               None if gate is None else gate[rows])
         win.booked = max(win.booked, chunk.end)
         if chunk.last:
@@ -311,25 +333,9 @@ class OutputProcessor:
             rows = slice(lo - win.begin, hi - win.begin)
             tops = [cached_top(prefix, p, job.top_n) or {} for p in range(rows.start, rows.stop)] \
                 if job.top is not None and job.top_n else None
-            self._book_scored(job, win, lo, hi, prefix.logprob[rows].tolist(), tops, torch.from_numpy(prefix.operator[rows]).long(),
+            book_scored(job, win, lo, hi, prefix.logprob[rows].tolist(), tops, torch.from_numpy(prefix.operator[rows]).long(),
                               prefix.entropy[rows], None if prefix.gate is None else prefix.gate[rows])
         win.booked = max(win.booked, prefix.tokens)
-
-    def _book_scored(self, job: ScoreJob, win: Window, lo: int, hi: int, chosen: list[float], tops: list[dict] | None,
-                     ops: Tensor, entropy: Any, gate: Any) -> None:
-        """Scored input positions [lo, hi) of a window: log-likelihoods, alternatives, routing counts and trace."""
-        job.logprobs[win.seq][lo: hi] = chosen
-        if tops is not None and job.top is not None:
-            job.top[win.seq][lo: hi] = tops
-        counts = torch.zeros(ops.shape[1], N_OPERATORS, dtype=torch.long)
-        layer_idx = torch.arange(ops.shape[1]).expand_as(ops)
-        counts.index_put_((layer_idx.reshape(-1), ops.reshape(-1)), torch.ones(ops.numel(), dtype=torch.long), accumulate=True)
-        job.counts[win.seq] = counts if job.counts[win.seq] is None else job.counts[win.seq] + counts
-        if job.routing is not None:
-            trace = job.routing[win.seq]
-            trace.operator[lo:hi] = ops.tolist()
-            trace.entropy[lo:hi] = nan_to_none(entropy.tolist())
-            trace.gate[lo:hi] = [None] * (hi - lo) if gate is None else nan_to_none(gate.tolist())
 
     def _finish_score(self, job: ScoreJob) -> None:
         now = time.perf_counter()

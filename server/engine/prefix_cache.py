@@ -191,40 +191,15 @@ class PrefixCache:
             node.locks -= 1
             self._maybe_evictable(node)
             return None
-        tables = self._tables(path[:depth])
+        tables = block_tables(path[:depth], self.layers, self.n_layers)
         self.cache.attach(row, tables, [int(n) for n in node.lengths], depth * TOKENS, node.embed_sum, copy=self.copy)
         for n in path[: depth + 1]:
             self._touch(n)
         trace = self.rows[row]
         trace.node = node
-        hit = self._outputs(path, depth, outputs)
+        hit = cached_outputs(path, depth, outputs, self.gated)
         self._start_targets(trace, path[depth] if len(path) > depth else None)
         return hit
-
-    def _tables(self, path: list[Node]) -> list[list[int]]:
-        """Per layer, the block ids of the prefix ending with path[-1]: each node adds its own blocks after
-        its parent's full ones."""
-        tables: list[list[int]] = [[] for _ in range(self.n_layers)]
-        before = self.root.lengths
-        for node in path:
-            for layer in self.layers:
-                tables[layer] = tables[layer][: int(before[layer]) // BLOCK] + node.own[layer].tolist()
-            before = node.lengths
-        return tables
-
-    def _outputs(self, path: list[Node], depth: int, outputs: bool) -> CachedPrefix:
-        outs = [n.out for n in path[:depth]]
-        assert all(o is not None for o in outs)
-        operator = np.concatenate([o.operator for o in outs])  # type: ignore[union-attr]
-        entropy = np.concatenate([o.entropy for o in outs])  # type: ignore[union-attr]
-        gate = np.concatenate([o.gate for o in outs]) if self.gated else None  # type: ignore[union-attr,misc]
-        logprob = top_ids = top_lps = None
-        if outputs:  # position p predicts token p + 1: the blocks' own tokens from the second on
-            chain = [n.out for n in path[: depth + 1]]
-            logprob = np.concatenate([o.logprob for o in chain])[1: depth * TOKENS + 1]  # type: ignore[union-attr,misc]
-            top_ids = np.concatenate([o.top_ids for o in chain])[1: depth * TOKENS + 1]  # type: ignore[union-attr,misc]
-            top_lps = np.concatenate([o.top_logprobs for o in chain])[1: depth * TOKENS + 1]  # type: ignore[union-attr,misc]
-        return CachedPrefix(depth * TOKENS, operator, entropy, gate, logprob, top_ids, top_lps)
 
     # ------------------------------------------------------------------ recording
     def _start_targets(self, trace: RowTrace, next_node: Node | None) -> None:
@@ -245,27 +220,9 @@ class PrefixCache:
         gate = done.gate[:, None] if done.gate is not None else np.full((n, 1), np.nan)
         trace.tokens += done.tokens
         trace.positions.append(np.concatenate([done.operator, done.entropy, gate, done.attended], axis=1).astype(np.float64))
-        trace.targets.append(self._targets(done))
+        trace.targets.append(targets_of(done))
         if len(trace.tokens) >= TOKENS:
             self._complete_blocks(done.row, trace)
-
-    def _targets(self, done: Processed) -> np.ndarray:
-        """[n, 2 + 2 TOP] per target start + 1 ... start + n: known, log-probability, top ids, top log-probabilities."""
-        n = len(done.tokens)
-        out = np.full((n, 2 + 2 * TOP), np.nan)
-        out[:, 0] = 0.0
-        known = min(n, len(done.inputs) - 1 - done.start) - done.logits_from  # positions with logits and a known target
-        if done.logp is not None and known > 0:
-            logp = done.logp()[:known]
-            first = done.start + done.logits_from + 1
-            targets = torch.tensor(done.inputs[first: first + known])
-            rows = slice(done.logits_from, done.logits_from + known)
-            out[rows, 0] = 1.0
-            out[rows, 1] = logp.gather(1, targets.to(logp.device)[:, None])[:, 0].double().cpu().numpy()
-            values, indices = logp.topk(TOP, dim=-1)
-            out[rows, 2: 2 + TOP] = indices.cpu().numpy()
-            out[rows, 2 + TOP:] = values.double().cpu().numpy()
-        return out
 
     def _complete_blocks(self, row: int, trace: RowTrace) -> None:
         blocks = len(trace.tokens) // TOKENS
@@ -373,3 +330,51 @@ class PrefixCache:
             if self._valid(entry):
                 return entry[2]
         return None
+
+
+def block_tables(path: list[Node], layers: list[int], n_layers: int) -> list[list[int]]:
+    """Per layer, the block ids of the prefix ending with path[-1]: each node adds its own blocks after its
+    parent's full ones."""
+    tables: list[list[int]] = [[] for _ in range(n_layers)]
+    before = np.zeros(n_layers, dtype=np.int32)
+    for node in path:
+        for layer in layers:
+            tables[layer] = tables[layer][: int(before[layer]) // BLOCK] + node.own[layer].tolist()
+        before = node.lengths
+    return tables
+
+
+def cached_outputs(path: list[Node], depth: int, outputs: bool, gated: bool) -> CachedPrefix:
+    """The outputs of positions [0, depth * TOKENS) from the matched blocks (with `outputs`: their log-
+    probabilities too, the last from block `depth`, which holds the first computed token's)."""
+    outs = [n.out for n in path[:depth]]
+    assert all(o is not None for o in outs)
+    operator = np.concatenate([o.operator for o in outs])  # type: ignore[union-attr]
+    entropy = np.concatenate([o.entropy for o in outs])  # type: ignore[union-attr]
+    gate = np.concatenate([o.gate for o in outs]) if gated else None  # type: ignore[union-attr,misc]
+    logprob = top_ids = top_lps = None
+    if outputs:  # position p predicts token p + 1: the blocks' own tokens from the second on
+        chain = [n.out for n in path[: depth + 1]]
+        logprob = np.concatenate([o.logprob for o in chain])[1: depth * TOKENS + 1]  # type: ignore[union-attr,misc]
+        top_ids = np.concatenate([o.top_ids for o in chain])[1: depth * TOKENS + 1]  # type: ignore[union-attr,misc]
+        top_lps = np.concatenate([o.top_logprobs for o in chain])[1: depth * TOKENS + 1]  # type: ignore[union-attr,misc]
+    return CachedPrefix(depth * TOKENS, operator, entropy, gate, logprob, top_ids, top_lps)
+
+
+def targets_of(done: Processed) -> np.ndarray:
+    """[n, 2 + 2 TOP] per target start + 1 ... start + n: known, log-probability, top ids, top log-probabilities."""
+    n = len(done.tokens)
+    out = np.full((n, 2 + 2 * TOP), np.nan)
+    out[:, 0] = 0.0
+    known = min(n, len(done.inputs) - 1 - done.start) - done.logits_from  # positions with logits and a known target
+    if done.logp is not None and known > 0:
+        logp = done.logp()[:known]
+        first = done.start + done.logits_from + 1
+        targets = torch.tensor(done.inputs[first: first + known])
+        rows = slice(done.logits_from, done.logits_from + known)
+        out[rows, 0] = 1.0
+        out[rows, 1] = logp.gather(1, targets.to(logp.device)[:, None])[:, 0].double().cpu().numpy()
+        values, indices = logp.topk(TOP, dim=-1)
+        out[rows, 2: 2 + TOP] = indices.cpu().numpy()
+        out[rows, 2 + TOP:] = values.double().cpu().numpy()
+    return out

@@ -18,19 +18,16 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from model.accounting import attended_pairs, routing_counts
 from model.kv_cache import PagedKVCache
-from model.operators import Operator
 from model.step import StepOutput, TokenBatch
+from server.engine.costs import account, cost_cached
 from server.engine.outputs import Part, PrefillChunk, RunnerOutput, SchedulerOutput, ScoreChunk
 from server.engine.prefix_cache import CachedPrefix, PrefixCache, Processed
-from server.engine.requests import GenerateJob, Job, RequestCost, ScoreJob, Window
+from server.engine.requests import GenerateJob, Job, ScoreJob, Window
 
 log = logging.getLogger("server.engine")
-N_OPERATORS = len(Operator)
 
 
 class InjectedFault(RuntimeError):
@@ -126,7 +123,7 @@ class ModelRunner:
         ids, outputs, inputs = self._sequence(job, window)
         hit = self.prefix.attach(row, ids, outputs, inputs)
         if hit is not None:
-            self._cost_cached(job, window, hit)
+            cost_cached(job, window, hit)
         cached = hit.tokens if hit is not None else 0
         if window is not None and not window.queried:
             window.queried = True
@@ -143,18 +140,6 @@ class ModelRunner:
             return self.cache.free_blocks >= blocks
         return self.prefix.make_room(blocks)
 
-    def step_need(self, out: SchedulerOutput) -> tuple[int, tuple[Job, Window | None] | None]:
-        """Blocks this step needs at worst to make progress: every decode token, or with none one token of
-        the first chunk (whose owner is returned: preempting it would not help)."""
-        if out.decode:
-            return sum(self.cache.blocks_needed([(self.rows.get((j.id, -1)), 1) for j in out.decode])), None
-        chunk = out.prefill[0] if out.prefill else out.score[0] if out.score else None
-        if chunk is None:
-            return 0, None
-        window = chunk.window if isinstance(chunk, ScoreChunk) else None
-        key = (chunk.job.id, -1 if window is None else window.index)
-        return self.cache.blocks_needed([(self.rows.get(key), 1)])[0], (chunk.job, window)
-
     # ------------------------------------------------------------------ step
     def run(self, out: SchedulerOutput) -> RunnerOutput:
         t0 = time.perf_counter()
@@ -168,7 +153,7 @@ class ModelRunner:
                               [p for p in ran if isinstance(p.chunk, ScoreChunk)], failed, deferred, time.perf_counter() - t0,
                               [], None if step is None else step.gate)
         if step is not None:
-            self._account(ran, step, result)
+            account(ran, step, result, self.model)
             if self.prefix is not None:
                 self._record(ran, step)
         return result
@@ -278,56 +263,6 @@ class ModelRunner:
             part.logits, part.output = out.logits[at: at + n], out
             at += n
         return out
-
-    def _account(self, parts: list[Part], step: StepOutput, result: RunnerOutput) -> None:
-        """Each request's routing counts and attended pairs (priced when it ends), the step's per-phase
-        counts and its FLOPs (pricing is linear, so the step prices from its sums). A request pays for each
-        of its positions once: a recompute after preemption is in the step's figures, not in its own."""
-        skips = [min(len(p.tokens), max(0, self._costed(p) - p.start)) for p in parts]
-        index = torch.cat([torch.tensor([len(parts)] * skip + [k] * (len(p.tokens) - skip), dtype=torch.long)
-                           for k, (p, skip) in enumerate(zip(parts, skips))])  # bucket len(parts): recomputed positions
-        counts = routing_counts(step.operator, index, len(parts) + 1).numpy()
-        pairs = attended_pairs(step.keys_seen, index, len(parts) + 1).numpy()
-        total = RequestCost()
-        total.add(counts.sum(0), pairs.sum(0), 0, 0, 0)
-        decode = np.zeros(counts.shape[1:], dtype=np.int64)
-        for k, (part, skip) in enumerate(zip(parts, skips)):
-            n = len(part.tokens)
-            total.add(0 * counts[k], 0 * pairs[k], n, part.start, n - part.logits_from)
-            seq = part.chunk.window.seq if isinstance(part.chunk, ScoreChunk) else 0
-            part.job.cost_of(seq).add(counts[k], pairs[k], n - skip, part.start + skip, n - max(part.logits_from, skip))
-            self._set_costed(part, part.start + n)
-            if part.chunk is None:
-                decode += counts[k]
-        assert total.counts is not None
-        result.counts = [decode.tolist(), (total.counts - decode).tolist()]
-        result.executed_flops, result.dense_flops = total.price(self.model)
-
-    @staticmethod
-    def _costed(part: Part) -> int:
-        return part.chunk.window.costed if isinstance(part.chunk, ScoreChunk) else part.job.costed  # type: ignore[attr-defined]
-
-    @staticmethod
-    def _set_costed(part: Part, position: int) -> None:
-        holder = part.chunk.window if isinstance(part.chunk, ScoreChunk) else part.job
-        holder.costed = max(holder.costed, position)  # type: ignore[union-attr]
-
-    def _cost_cached(self, job: Job, window: Window | None, hit: CachedPrefix) -> None:
-        """Price a cached prefix into its request as if computed: a request's FLOPs are those of its tokens'
-        routing, whatever the server had cached (chiar_flops_total counts what ran)."""
-        holder = window if window is not None else job
-        lo, hi = holder.costed, hit.tokens  # type: ignore[union-attr]
-        if hi <= lo:
-            return
-        attended = hit.operator == int(Operator.ATTENTION)  # [tokens, L]
-        seen = np.cumsum(attended, axis=0) * attended  # each attending token's keys: the entries up to its own
-        counts = np.stack([np.bincount(hit.operator[lo:hi, layer], minlength=N_OPERATORS) for layer in range(hit.operator.shape[1])])
-        if window is not None:
-            heads = max(0, hi - max(lo, window.score_from - 1 - window.begin))  # positions whose logits scoring computes
-        else:
-            heads = hi - lo if job.params.prompt_logprobs is not None else 0  # type: ignore[attr-defined]
-        job.cost_of(window.seq if window is not None else 0).add(counts, seen[lo:hi].sum(0).astype(np.float64), hi - lo, lo, heads)
-        holder.costed = hi  # type: ignore[union-attr]
 
     def _record(self, parts: list[Part], step: StepOutput) -> None:
         """Hand every row's tokens of this forward to the prefix cache, which caches the blocks they complete."""
