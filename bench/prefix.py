@@ -67,21 +67,35 @@ async def first_content(client: httpx.AsyncClient, model: str, system: str, ques
     return time.perf_counter() - start
 
 
-def chat(checkpoint: Path, system: str, log_dir: Path, cache: bool) -> dict[str, list[float]]:
-    proc = server(checkpoint, log_dir / f"chat-{cache}.log", *([] if cache else ["--no-prefix-cache"]))
+def chat(checkpoint: Path, system: str, log_dir: Path) -> dict[bool, dict[str, list[float]]]:
+    """TTFTs without (False) and with (True) the cache: a first request (it caches the system prompt where the
+    cache is on), the 8 users one at a time (the two servers alternate, so machine load hits both alike), then
+    the 8 at once on each server in turn."""
+    procs = {cache: server(checkpoint, log_dir / f"chat-{cache}.log", *([] if cache else ["--no-prefix-cache"])) for cache in (False, True)}
     model = checkpoint.name
 
-    async def run() -> dict[str, list[float]]:
-        async with httpx.AsyncClient(base_url=proc.url, timeout=3600) as client:
-            first = [await first_content(client, model, system, "Hello.")]  # puts the system prompt in the cache (if on)
-            one_by_one = [await first_content(client, model, system, q) for q in QUESTIONS]
-            together = await asyncio.gather(*(first_content(client, model, system, q + " Briefly.") for q in QUESTIONS))
-            return {"first": first, "sequential": one_by_one, "concurrent": list(together)}
+    async def run() -> dict[bool, dict[str, list[float]]]:
+        out: dict[bool, dict[str, list[float]]] = {cache: {"first": [], "sequential": [], "concurrent": []} for cache in procs}
+        clients = {cache: httpx.AsyncClient(base_url=proc.url, timeout=3600) for cache, proc in procs.items()}
+        try:
+            for cache, client in clients.items():
+                out[cache]["first"].append(await first_content(client, model, system, "Hello."))
+            for question in QUESTIONS:
+                for cache, client in clients.items():
+                    out[cache]["sequential"].append(await first_content(client, model, system, question))
+            for cache, client in clients.items():
+                together = await asyncio.gather(*(first_content(client, model, system, q + " Briefly.") for q in QUESTIONS))
+                out[cache]["concurrent"] = list(together)
+        finally:
+            for client in clients.values():
+                await client.aclose()
+        return out
 
     try:
         return asyncio.run(run())
     finally:
-        proc.stop()
+        for proc in procs.values():
+            proc.stop()
 
 
 # ---------------------------------------------------------------------------- 2. lm-eval
@@ -217,49 +231,110 @@ def kv_share(url: str, checkpoint: Path, text: str) -> float:
     return (routed * (cfg["n_layers"] - 2) + 1) / (cfg["n_layers"] - 1)
 
 
-# ---------------------------------------------------------------------------- 5. sharing vs copying
+# ---------------------------------------------------------------------------- 5. sharing vs copying, bookkeeping
 @dataclass
 class Design:
     mode: str
     attach_ms: float
     kib_per_row: float
-    step_ms: float  # the row's first forward after attaching (8 tokens)
+    step_ms: float  # the row's first forward after attaching (the rest of its prompt)
+
+
+def processed(row: int, start: int, ids: list[int], step: object, logp: object = None, logits_from: int | None = None) -> object:
+    from server.engine.prefix_cache import Processed
+
+    n = len(step.operator)  # type: ignore[attr-defined]
+    return Processed(row, start, ids[start: start + n], ids, step.operator.numpy(), step.entropy.numpy(),  # type: ignore[attr-defined]
+                     None if step.gate is None else step.gate.numpy(), (step.keys_seen > 0).numpy(),  # type: ignore[attr-defined]
+                     logp, n if logits_from is None else logits_from)  # type: ignore[arg-type]
 
 
 def designs(checkpoint: Path, tokens: int, rows: int = 8) -> list[Design]:
-    """A cached prefix of `tokens` tokens; `rows` rows start from it, by sharing its blocks or copying them."""
+    """A cached prefix of `tokens` tokens; `rows` rows start from it by sharing its blocks or by copying them,
+    the two designs interleaved so machine load hits both alike."""
     import torch
 
     from model import load_checkpoint
     from model.kv_cache import PagedKVCache
     from model.step import TokenBatch
-    from server.engine.prefix_cache import PrefixCache, Processed
+    from server.engine.prefix_cache import PrefixCache
 
     torch.set_grad_enabled(False)
     model = load_checkpoint(checkpoint)[0].eval()
     ids = [1, *range(10, 10 + tokens - 1)]
-    out: list[Design] = []
+    caches = {}
     for mode in ("share", "copy"):
         cache = PagedKVCache.for_model(model, rows=rows + 2, tokens_per_row=tokens + 64, growable=False)
         prefix = PrefixCache(model, cache, copy=mode == "copy")
         first = cache.allocate()
         prefix.attach(first, ids, outputs=False)
-        step = model.forward_step(TokenBatch.build(cache, [(first, ids)], [len(ids) - 1]), cache)
-        prefix.record(Processed(first, 0, ids, ids, step.operator.numpy(), step.entropy.numpy(),
-                                None if step.gate is None else step.gate.numpy(), (step.keys_seen > 0).numpy(), None, len(ids)))
-        attach, steps, used = [], [], []
-        for k in range(rows):
+        prefix.record(processed(first, 0, ids, model.forward_step(TokenBatch.build(cache, [(first, ids)], [len(ids) - 1]), cache)))
+        caches[mode] = (cache, prefix)
+    times: dict[str, tuple[list[float], list[float], list[float]]] = {mode: ([], [], []) for mode in caches}
+    for k in range(rows):
+        for mode, (cache, prefix) in caches.items():
+            prompt = [*ids, 7 + k]  # one more token: the row starts from every full block and computes the rest
             row, free = cache.allocate(), cache.free_blocks
             t0 = time.perf_counter()
-            hit = prefix.attach(row, [*ids, 7 + k], outputs=False)
-            attach.append(time.perf_counter() - t0)
-            used.append((free - cache.free_blocks) * cache.block_bytes)
+            hit = prefix.attach(row, prompt, outputs=False)
+            times[mode][0].append(time.perf_counter() - t0)
+            times[mode][1].append((free - cache.free_blocks) * cache.block_bytes)
             assert hit is not None
             t0 = time.perf_counter()
-            model.forward_step(TokenBatch.build(cache, [(row, [*ids, 7 + k][hit.tokens:][:8])], [0]), cache)
-            steps.append(time.perf_counter() - t0)
-        out.append(Design(mode, 1000 * statistics.median(attach), statistics.mean(used) / 1024, 1000 * statistics.median(steps)))
-    return out
+            model.forward_step(TokenBatch.build(cache, [(row, prompt[hit.tokens:])], [0]), cache)
+            times[mode][2].append(time.perf_counter() - t0)
+    return [Design(mode, 1000 * statistics.median(a), statistics.mean(b) / 1024, 1000 * statistics.median(c)) for mode, (a, b, c) in times.items()]
+
+
+def bookkeeping(checkpoint: Path, tokens: int, rows: int = 16, steps: int = 32) -> dict[str, float]:
+    """What recording costs beside the forward: a `tokens`-token prefill (without and with the logits' log-
+    probabilities, as scoring keeps them), and a decode step of `rows` sequences (ms, medians)."""
+    import torch
+
+    from model import load_checkpoint
+    from model.kv_cache import PagedKVCache
+    from model.step import TokenBatch
+    from server.engine.prefix_cache import PrefixCache
+
+    torch.set_grad_enabled(False)
+    model = load_checkpoint(checkpoint)[0].eval()
+    cache = PagedKVCache.for_model(model, rows=rows + 4, tokens_per_row=tokens + steps + 16, growable=False)
+    prefix = PrefixCache(model, cache)
+    out: dict[str, list[float]] = {k: [] for k in ("prefill forward", "prefill record", "prefill record with logprobs",
+                                                    "decode forward", "decode record")}
+    for k in range(3):
+        ids = [1, *range(10 + k, 10 + k + tokens - 1)]
+        for key, logits in (("prefill record", False), ("prefill record with logprobs", True)):
+            row = cache.allocate()
+            prefix.attach(row, [99 - k, *ids] if logits else ids, outputs=False)  # distinct prompts: nothing cached
+            seq = [99 - k, *ids] if logits else ids
+            t0 = time.perf_counter()
+            step = model.forward_step(TokenBatch.build(cache, [(row, seq)], None if logits else [len(seq) - 1]), cache)
+            out["prefill forward"].append(time.perf_counter() - t0)
+            logp = torch.log_softmax(step.logits.float(), dim=-1) if logits else None
+            t0 = time.perf_counter()
+            prefix.record(processed(row, 0, seq, step, (lambda lp=logp: lp) if logits else None, 0 if logits else None))
+            out[key].append(time.perf_counter() - t0)
+            prefix.release_row(row)
+            cache.free(row)
+    live = [cache.allocate() for _ in range(rows)]
+    seqs = [[1, 200 + r, *range(10, 40)] for r in range(rows)]
+    for row, seq in zip(live, seqs):
+        prefix.attach(row, seq, outputs=False)
+        prefix.record(processed(row, 0, seq, model.forward_step(TokenBatch.build(cache, [(row, seq)], [len(seq) - 1]), cache)))
+    for _ in range(steps):
+        starts = [cache.positions[row] for row in live]
+        t0 = time.perf_counter()
+        step = model.forward_step(TokenBatch.build(cache, [(row, [5]) for row in live]), cache)
+        out["decode forward"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for k, (row, seq) in enumerate(zip(live, seqs)):
+            seq.append(5)
+            one = step.__class__(step.logits[k:k + 1], step.operator[k:k + 1], step.entropy[k:k + 1],
+                                 None if step.gate is None else step.gate[k:k + 1], step.counts, step.keys_seen[k:k + 1])
+            prefix.record(processed(row, starts[k], seq, one))
+        out["decode record"].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------- report
@@ -299,7 +374,8 @@ def render_eval(args: argparse.Namespace, evals: dict[bool, EvalRun]) -> list[st
             f"{'yes' if same else '**no**'}", ""]
 
 
-def render_memory(args: argparse.Namespace, cap: dict[str, tuple[float, float, float]], load: LoadRun, design: list[Design]) -> list[str]:
+def render_memory(args: argparse.Namespace, cap: dict[str, tuple[float, float, float]], load: LoadRun, design: list[Design],
+                  books: dict[str, float]) -> list[str]:
     (c_tok, c_bytes, c_ev), (b_tok, b_bytes, b_ev) = cap["CHIAR"], cap["baseline"]
     ratio = c_tok / max(b_tok, 1)
     lines = [f"**Capacity**: `--kv-cache-mb {args.capacity_mb:g}`, {args.capacity_prompts} distinct {args.prompt_tokens}-token prompts "
@@ -319,17 +395,21 @@ def render_memory(args: argparse.Namespace, cap: dict[str, tuple[float, float, f
              f"- 0 failures from the budget, used never over the limit: {verdict(load.budget_failures == 0 and load.peak_used <= load.limit)}", "",
              f"**Sharing vs copying a cached prefix** (in process, CHIAR, a {args.system_tokens}-token prefix, 8 rows started from it):", "",
              "| design | attach (ms, p50) | new KV per row (KiB) | first forward after it (ms, p50) |", "|---|---:|---:|---:|"]
-    return lines + [f"| {d.mode} | {d.attach_ms:.2f} | {d.kib_per_row:.0f} | {d.step_ms:.1f} |" for d in design]
+    lines += [f"| {d.mode} | {d.attach_ms:.2f} | {d.kib_per_row:.0f} | {d.step_ms:.1f} |" for d in design]
+    return [*lines, "", f"**Bookkeeping** (in process, CHIAR): recording the cached blocks of a {args.system_tokens}-token prefill takes "
+                    f"{books['prefill record']:.1f} ms beside its {books['prefill forward']:.0f} ms forward "
+                    f"({books['prefill record with logprobs']:.1f} ms with the log-probabilities and top 5 scoring keeps); a decode step of "
+                    f"16 sequences: {books['decode record']:.2f} ms beside its {books['decode forward']:.1f} ms forward."]
 
 
 def render(args: argparse.Namespace, names: dict[str, Path], chat_rows: dict[bool, dict[str, list[float]]], evals: dict[bool, EvalRun] | None,
-           cap: dict[str, tuple[float, float, float]], load: LoadRun, design: list[Design]) -> str:
+           cap: dict[str, tuple[float, float, float]], load: LoadRun, design: list[Design], books: dict[str, float]) -> str:
     lines = ["## Prefix cache and preemption (`make bench-prefix`)", "", f"Machine: {machine_line()}.",
              "Checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in names.items()) + ". Servers on loopback, default settings "
              "unless stated; cold = `--no-prefix-cache`.", ""]
     lines += render_chat(args, chat_rows)
     lines += render_eval(args, evals) if evals is not None else []
-    lines += render_memory(args, cap, load, design)
+    lines += render_memory(args, cap, load, design, books)
     return "\n".join(lines) + "\n"
 
 
@@ -343,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=400, help="prompts of the capacity and mixed-load runs")
     p.add_argument("--capacity-mb", type=float, default=32.0)
     p.add_argument("--capacity-prompts", type=int, default=40)
-    p.add_argument("--load-mb", type=float, default=28.0)
+    p.add_argument("--load-mb", type=float, default=24.0)
     p.add_argument("--load-requests", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-lm-eval", action="store_true")
@@ -356,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
     system = long_texts(args.chiar, args.system_tokens, 1)[0]
     print("chat ...", flush=True)
-    chat_rows = {cache: chat(args.chiar, system, tmp, cache) for cache in (False, True)}
+    chat_rows = chat(args.chiar, system, tmp)
     evals = None
     if not args.skip_lm_eval:
         print("lm-eval ...", flush=True)
@@ -372,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     load = mixed_load(args.chiar, texts, probe, args.prompt_tokens, args.new_tokens, args.load_mb, tmp)
     print("designs ...", flush=True)
     design = designs(args.chiar, args.system_tokens)
-    body = render(args, relative({"CHIAR": args.chiar, "baseline": args.baseline}), chat_rows, evals, cap, load, design)
+    books = bookkeeping(args.chiar, args.system_tokens)
+    body = render(args, relative({"CHIAR": args.chiar, "baseline": args.baseline}), chat_rows, evals, cap, load, design, books)
     print(body)
     if args.write:
         write_section(args.write, SECTION, body)

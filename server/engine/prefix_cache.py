@@ -110,7 +110,8 @@ class RowTrace:
 
     node: Node
     tokens: list[int] = field(default_factory=list)
-    positions: list[np.ndarray] = field(default_factory=list)  # per position: [operator | entropy | gate | attended] chunks
+    # per recorded forward, the positions' (operator, entropy, gate, attended): views, joined when a block completes
+    positions: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     targets: list[np.ndarray] = field(default_factory=list)  # per target (from node's end): [known, logprob, top ids, top lps]
 
 
@@ -211,22 +212,25 @@ class PrefixCache:
             ids, lps = next_node.out.top_ids[0], next_node.out.top_logprobs[0]  # type: ignore[index]
         trace.targets = [np.concatenate([[known, lp], ids, lps])[None]]
 
-    def record(self, done: Processed) -> None:
-        """Append one forward's tokens of a row to its trace; cache every block they complete."""
+    def record(self, done: Processed, complete: bool = True) -> None:
+        """Append one forward's tokens of a row to its trace and cache every block they complete (with
+        `complete` False, a decode token, only when the row is released: a block per 8 decode steps would
+        cost more than the step's own bookkeeping, and the cache keeps finished sequences)."""
         trace = self.rows.get(done.row)
         if trace is None:
             return
         n = len(done.tokens)
         gate = done.gate[:, None] if done.gate is not None else np.full((n, 1), np.nan)
         trace.tokens += done.tokens
-        trace.positions.append(np.concatenate([done.operator, done.entropy, gate, done.attended], axis=1).astype(np.float64))
+        trace.positions.append((done.operator, done.entropy, gate, done.attended))
         trace.targets.append(targets_of(done))
-        if len(trace.tokens) >= TOKENS:
+        if complete and len(trace.tokens) >= TOKENS:
             self._complete_blocks(done.row, trace)
 
     def _complete_blocks(self, row: int, trace: RowTrace) -> None:
         blocks = len(trace.tokens) // TOKENS
-        positions = np.concatenate(trace.positions)
+        fields = [np.concatenate(f) for f in zip(*trace.positions)]  # operator, entropy, gate, attended of the positions
+        positions = np.concatenate(fields, axis=1, dtype=np.float64)
         targets = np.concatenate(trace.targets)
         L = self.n_layers
         x = self.model.embed.weight.detach()[torch.tensor(trace.tokens[: blocks * TOKENS], device=self.cache.device)]
@@ -260,7 +264,8 @@ class PrefixCache:
             trace.node = node
         keep = blocks * TOKENS
         trace.tokens = trace.tokens[keep:]
-        trace.positions = [positions[keep:]]
+        L1 = 2 * L + 1
+        trace.positions = [(positions[keep:, :L], positions[keep:, L: 2 * L], positions[keep:, 2 * L: L1], positions[keep:, L1:])]
         trace.targets = [targets[keep:]]
 
     def _insert(self, parent: Node, key: tuple, lengths: np.ndarray, own: list[np.ndarray], embed_sum: Tensor,
@@ -282,7 +287,11 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ rows and eviction
     def release_row(self, row: int) -> None:
-        """The row is freed: its sequence no longer locks its last cached block."""
+        """The row is about to be freed: cache the blocks its last tokens completed; its sequence no longer
+        locks its last cached block."""
+        trace = self.rows.get(row)
+        if trace is not None and len(trace.tokens) >= TOKENS:
+            self._complete_blocks(row, trace)
         trace = self.rows.pop(row, None)
         if trace is not None and trace.node is not self.root:
             trace.node.locks -= 1
@@ -361,13 +370,17 @@ def cached_outputs(path: list[Node], depth: int, outputs: bool, gated: bool) -> 
     return CachedPrefix(depth * TOKENS, operator, entropy, gate, logprob, top_ids, top_lps)
 
 
+UNKNOWN = np.array([0.0] + [np.nan] * (1 + 2 * TOP))  # a target whose log-probability nobody computed
+
+
 def targets_of(done: Processed) -> np.ndarray:
     """[n, 2 + 2 TOP] per target start + 1 ... start + n: known, log-probability, top ids, top log-probabilities."""
     n = len(done.tokens)
-    out = np.full((n, 2 + 2 * TOP), np.nan)
-    out[:, 0] = 0.0
     known = min(n, len(done.inputs) - 1 - done.start) - done.logits_from  # positions with logits and a known target
-    if done.logp is not None and known > 0:
+    if done.logp is None or known <= 0:
+        return np.broadcast_to(UNKNOWN, (n, UNKNOWN.size))
+    out = np.tile(UNKNOWN, (n, 1))
+    if known > 0:
         logp = done.logp()[:known]
         first = done.start + done.logits_from + 1
         targets = torch.tensor(done.inputs[first: first + known])

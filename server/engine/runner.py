@@ -278,7 +278,8 @@ class ModelRunner:
                 inputs = part.job.prompt_ids + part.job.tokens  # type: ignore[attr-defined]
             logp = part.log_probs if part.logits is not None and part.logits.shape[0] else None
             self.prefix.record(Processed(part.row, part.start, part.tokens, inputs, operator[part.span], entropy[part.span],
-                                         None if gate is None else gate[part.span], attended[part.span], logp, part.logits_from))
+                                         None if gate is None else gate[part.span], attended[part.span], logp, part.logits_from),
+                               complete=part.chunk is not None)
 
     # ------------------------------------------------------------------ cache state for admission
     def kv_used_bytes(self) -> int:
