@@ -282,8 +282,11 @@ class PrefixCache:
         return node
 
     def _stop(self, row: int) -> None:
-        """Record nothing more for this row (its blocks already cached stay)."""
-        self.release_row(row)
+        """Record nothing more for this row (its blocks already cached stay); it no longer locks its last one."""
+        trace = self.rows.pop(row, None)
+        if trace is not None and trace.node is not self.root:
+            trace.node.locks -= 1
+            self._maybe_evictable(trace.node)
 
     # ------------------------------------------------------------------ rows and eviction
     def release_row(self, row: int) -> None:
@@ -292,10 +295,7 @@ class PrefixCache:
         trace = self.rows.get(row)
         if trace is not None and len(trace.tokens) >= TOKENS:
             self._complete_blocks(row, trace)
-        trace = self.rows.pop(row, None)
-        if trace is not None and trace.node is not self.root:
-            trace.node.locks -= 1
-            self._maybe_evictable(trace.node)
+        self._stop(row)
 
     def make_room(self, blocks: int) -> bool:
         """Evict least recently used unlocked prefixes until `blocks` blocks are free; False if they cannot be."""

@@ -114,3 +114,24 @@ def test_a_row_never_writes_into_a_block_it_shares(model: torch.nn.Module) -> No
     run(model, cache, prefix, second, [*ids[:40], 200, 201, 202], 40, 3)
     for block in held:
         assert torch.equal(cache.keys[block], keys[block]) and torch.equal(cache.values[block], values[block])
+
+
+def test_a_row_that_routed_differently_from_a_cached_block_stops_recording(model: torch.nn.Module) -> None:
+    """Inexact kernels (a GPU, bfloat16) could route one token differently in two computations of the same
+    block: the row then stops adding to the cache instead of chaining its blocks onto a different prefix."""
+    cache = PagedKVCache.for_model(model, rows=4, blocks=BLOCKS, growable=False)
+    prefix = PrefixCache(model, cache)
+    ids = [1, *BASE[:23]]
+    first = cache.allocate()
+    prefix.attach(first, ids, outputs=False)
+    run(model, cache, prefix, first, ids, 0, len(ids))
+    for node in prefix.nodes.values():  # as if the first computation had routed one more token to attention
+        node.lengths = node.lengths + 1
+    second = cache.allocate()
+    assert prefix.attach(second, ids[:1], outputs=False) is None  # a row that computes the same tokens from scratch
+    run(model, cache, prefix, second, ids, 0, len(ids))
+    assert second not in prefix.rows and len(prefix.nodes) == 3  # nothing added, nothing left locked by it
+    for row in (first, second):
+        prefix.release_row(row)
+        cache.free(row)
+    assert prefix.make_room(BLOCKS) and cache.free_blocks == BLOCKS
