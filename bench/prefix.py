@@ -252,14 +252,12 @@ def processed(row: int, start: int, ids: list[int], step: object, logp: object =
 def designs(checkpoint: Path, tokens: int, rows: int = 8) -> list[Design]:
     """A cached prefix of `tokens` tokens; `rows` rows start from it by sharing its blocks or by copying them,
     the two designs interleaved so machine load hits both alike."""
-    import torch
 
     from model import load_checkpoint
     from model.kv_cache import PagedKVCache
     from model.step import TokenBatch
     from server.engine.prefix_cache import PrefixCache
 
-    torch.set_grad_enabled(False)
     model = load_checkpoint(checkpoint)[0].eval()
     ids = [1, *range(10, 10 + tokens - 1)]
     caches = {}
@@ -296,7 +294,6 @@ def bookkeeping(checkpoint: Path, tokens: int, rows: int = 16, steps: int = 32) 
     from model.step import TokenBatch
     from server.engine.prefix_cache import PrefixCache
 
-    torch.set_grad_enabled(False)
     model = load_checkpoint(checkpoint)[0].eval()
     cache = PagedKVCache.for_model(model, rows=rows + 4, tokens_per_row=tokens + steps + 16, growable=False)
     prefix = PrefixCache(model, cache)

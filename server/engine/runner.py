@@ -267,8 +267,8 @@ class ModelRunner:
     def _record(self, parts: list[Part], step: StepOutput) -> None:
         """Hand every row's tokens of this forward to the prefix cache, which caches the blocks they complete."""
         assert self.prefix is not None
-        operator, entropy = step.operator.cpu().numpy(), step.entropy.cpu().numpy()
-        gate = None if step.gate is None else step.gate.cpu().numpy()
+        operator, entropy = step.operator.cpu().numpy(), step.entropy.double().cpu().numpy()  # numpy has no bfloat16
+        gate = None if step.gate is None else step.gate.double().cpu().numpy()
         attended = (step.keys_seen > 0).cpu().numpy()
         for part in parts:
             if isinstance(part.chunk, ScoreChunk):

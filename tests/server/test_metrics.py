@@ -107,7 +107,7 @@ def test_counters_move_by_expected_amounts(server: ServerProcess) -> None:
     assert delta(mid, before, "chiar_request_duration_seconds_count", endpoint="/v1/generate", status="200") == 1
     assert metric(mid, "chiar_requests_running") == 0 and metric(mid, "chiar_requests_waiting") == 0
 
-    text = "Robert Boulter is an English film actor , counted ."
+    text = "Counters , counted : Robert Boulter is an English film actor ."  # its first 8 tokens are this test's own
     answer = httpx.post(server.url + "/v1/perplexity", json={"text": text}, timeout=60).json()
     ppl = answer["results"][0]
     assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

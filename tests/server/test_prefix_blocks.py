@@ -22,7 +22,6 @@ BLOCKS = 160
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint: Path) -> torch.nn.Module:
-    torch.set_grad_enabled(False)
     return load_checkpoint(tiny_checkpoint)[0].eval()
 
 
