@@ -24,7 +24,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
     && add-apt-repository -y ppa:deadsnakes/ppa \
     && apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev \
     && apt-get purge -y software-properties-common gpg-agent \
     && apt-get autoremove -y \
     && rm -rf /var/lib/apt/lists/*
@@ -38,10 +38,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # ---- builder: the venv with runtime dependencies and the project ---------------------------
+# The native CPU kernels (csrc/) compile here against the image's torch: a C++ compiler and the
+# Python headers, in this stage only (the runtime stage copies the built venv).
 FROM base AS builder
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md requirements.txt requirements-dev.txt ./
+COPY pyproject.toml setup.py README.md requirements.txt requirements-dev.txt ./
 COPY deploy/install.sh deploy/install.sh
+COPY csrc/ csrc/
 COPY model/ model/
 COPY training/ training/
 COPY server/ server/

@@ -8,7 +8,7 @@ CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup setup-guidellm bench-guidellm lock-guidellm system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step bench-kv bench-prefix bench-gpu loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
+.PHONY: setup setup-guidellm bench-guidellm lock-guidellm system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step bench-compile bench-kv bench-prefix bench-gpu loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
 LOADTEST_ARGS ?=
 # e.g. BENCH_SERVER_ARGS=--llamacpp adds llama.cpp's server to the peers (built once from the llama-cpp-python sdist)
 # BENCH_SERVER_ARGS=--long-only runs only the long-context rows (1-2k-token prompts), --no-long skips them
@@ -62,6 +62,10 @@ bench-fairness: setup
 
 bench-step: setup
 	$(PY) -m bench.step_profile --write BENCHMARKS.md
+
+# torch.compile (inductor) vs eager aten vs the native kernels on the dense parts of a decode step
+bench-compile: setup
+	$(PY) -m bench.compile_probe --write BENCHMARKS.md
 
 # Concurrent 2k-token sequences under one --kv-cache-mb, CHIAR vs baseline (real servers).
 bench-kv: setup

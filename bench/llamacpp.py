@@ -1,7 +1,7 @@
 """llama.cpp's server as a benchmark peer (`python -m bench.server --llamacpp`); never a test dependency.
 
 Built from the llama-cpp-python sdist, which vendors llama.cpp: `pip download --no-binary :all:`,
-then CMake builds only the `llama-server` target (CPU, native ISA, no web UI download, no HTTPS)
+then CMake builds only the `llama-server` and `llama-bench` targets (CPU, native ISA, no web UI download, no HTTPS)
 into a cache directory ($CHIAR_BENCH_CACHE, default ~/.cache/chiar-bench/llamacpp); a finished
 build is reused. The same-size Llama (a Hugging Face directory) is converted to an f32 GGUF with
 the vendored `convert_hf_to_gguf.py` and the vendored `gguf-py` (the converter's own version of
@@ -42,6 +42,7 @@ class LlamaCppBuild:
     """A finished build: the server binary and how it was made."""
 
     server: str
+    bench: str  # llama-bench: the model-level decode row of `make bench-model`
     source_dir: str
     sdist: str
     llama_cpp_commit: str
@@ -95,9 +96,9 @@ def ensure_built(jobs: int | None = None) -> LlamaCppBuild:
     root = cache_dir()
     info = root / "build.json"
     if info.is_file():
-        build = LlamaCppBuild(**json.loads(info.read_text()))
-        if Path(build.server).is_file():
-            return build
+        fields = json.loads(info.read_text())
+        if Path(fields.get("server", "")).is_file() and Path(fields.get("bench", "")).is_file():
+            return LlamaCppBuild(**fields)
     root.mkdir(parents=True, exist_ok=True)
     log = root / "build.log"
     start = time.monotonic()
@@ -105,12 +106,13 @@ def ensure_built(jobs: int | None = None) -> LlamaCppBuild:
     build_dir = root / "build"
     _run(["cmake", "-S", str(source), "-B", str(build_dir), "-G", "Ninja" if shutil.which("ninja") else "Unix Makefiles",
           *CMAKE_FLAGS], log)
-    _run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 2)], log)
-    server = build_dir / "bin" / "llama-server"
-    if not server.is_file():
-        raise RuntimeError(f"build finished but {server} is missing; log {log}")
+    _run(["cmake", "--build", str(build_dir), "--target", "llama-server", "llama-bench", "-j", str(jobs or os.cpu_count() or 2)], log)
+    server, bench = build_dir / "bin" / "llama-server", build_dir / "bin" / "llama-bench"
+    for binary in (server, bench):
+        if not binary.is_file():
+            raise RuntimeError(f"build finished but {binary} is missing; log {log}")
     compiler = subprocess.run(["c++", "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
-    build = LlamaCppBuild(server=str(server), source_dir=str(source), sdist=f"llama-cpp-python {SDIST_VERSION} sdist",
+    build = LlamaCppBuild(server=str(server), bench=str(bench), source_dir=str(source), sdist=f"llama-cpp-python {SDIST_VERSION} sdist",
                           llama_cpp_commit=_commit(source), cmake_flags=CMAKE_FLAGS, compiler=compiler,
                           build_seconds=time.monotonic() - start)
     tmp = info.with_suffix(".tmp")

@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--before", default=None, help="a git ref to measure the same way in the same run")
+    parser.add_argument("--decode-threads", type=int, nargs="*", default=[1, 2],
+                        help="thread counts of the model-level decode rows (ours, HF eager, llama-bench); none: skip them")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
     checkpoint = args.checkpoint.resolve()
@@ -191,6 +193,11 @@ def main() -> None:
             body.append(f"\n### Before (commit {args.before}), same run\n\n{before_table}\n")
             op_line += " (before: " + ", ".join(f"batch {b}: {before_ops[b]}" for b in args.batches) + ")"
         body.append(f"\n{op_line}\n")
+        if args.decode_threads:
+            from bench import decode_row
+
+            decode_table, notes = decode_row.rows(ROOT / "checkpoints" / "chiar-small", ROOT / "checkpoints" / "baseline-small", args.decode_threads)
+            body.append(f"\n### The model's decode step beside llama-bench and HF (same run)\n\n{decode_row.render(decode_table, notes)}\n")
         write_section(args.write, "bench-step", "".join(body))
 
 

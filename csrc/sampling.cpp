@@ -4,7 +4,7 @@
 //
 // Per row: non-finite logits (or logits / T overflowing) -> -1. T == 0 -> the first maximum. Else
 // e_i = exp(l_i / T - max) on the tokens top-k keeps; top-p keeps the most probable tokens whose mass
-// first reaches p of the total: masses are summed into 1/8-octave buckets of e, the bucket where the
+// first reaches p of the total: masses are summed into 1/32-octave buckets of e, the bucket where the
 // running mass crosses p is sorted, and the threshold is the value that crosses it; finally the
 // inverse CDF at u * (kept mass), walked in vocabulary order in blocks of 8.
 #include <ATen/Parallel.h>
@@ -20,15 +20,15 @@ namespace chiar {
 
 namespace {
 
-constexpr int OCTAVE_STEPS = 8;
+constexpr int OCTAVE_STEPS = 32;
 constexpr int BUCKETS = 128 * OCTAVE_STEPS;
 
-// e in (0, 1]: bucket 0 holds the largest values; 8 sub-buckets per factor of two
+// e in (0, 1]: bucket 0 holds the largest values; OCTAVE_STEPS sub-buckets per factor of two
 inline int bucket_of(float e) {
     uint32_t bits;
     std::memcpy(&bits, &e, sizeof(bits));
     const int exponent = static_cast<int>(bits >> 23) & 0xff;
-    const int sub = static_cast<int>((bits >> 20) & 0x7);
+    const int sub = static_cast<int>((bits >> 18) & (OCTAVE_STEPS - 1));
     const int b = (127 - exponent) * OCTAVE_STEPS + (OCTAVE_STEPS - 1 - sub);
     return std::clamp(b, 0, BUCKETS - 1);
 }
@@ -106,10 +106,13 @@ float kth_largest(const float* v, int64_t n, int64_t k, std::vector<float>& scra
 }
 
 // the smallest kept value: tokens with e >= it make up the most probable mass reaching target
-float top_p_threshold(const float* e, int64_t n, float target, float floor, std::vector<float>& mass, std::vector<int64_t>& members) {
+float top_p_threshold(const float* e, int64_t n, float target, float floor, std::vector<float>& mass, std::vector<int64_t>& members,
+                      std::vector<int16_t>& bucket) {
     mass.assign(BUCKETS, 0.0f);
-    for (int64_t i = 0; i < n; ++i)
-        if (e[i] > floor) mass[bucket_of(e[i])] += e[i];
+    for (int64_t i = 0; i < n; ++i) {
+        bucket[i] = static_cast<int16_t>(e[i] > floor ? bucket_of(e[i]) : -1);
+        if (bucket[i] >= 0) mass[bucket[i]] += e[i];
+    }
     float cum = 0.0f;
     int b = 0;
     for (; b < BUCKETS; ++b) {
@@ -119,7 +122,7 @@ float top_p_threshold(const float* e, int64_t n, float target, float floor, std:
     if (b == BUCKETS) return 0.0f;  // rounding: keep every token
     members.clear();
     for (int64_t i = 0; i < n; ++i)
-        if (e[i] > floor && bucket_of(e[i]) == b) members.push_back(i);
+        if (bucket[i] == b) members.push_back(i);
     std::sort(members.begin(), members.end(), [e](int64_t a, int64_t c) { return e[a] > e[c] || (e[a] == e[c] && a < c); });
     float threshold = e[members.back()];
     for (int64_t i : members) {
@@ -133,35 +136,57 @@ float top_p_threshold(const float* e, int64_t n, float target, float floor, std:
 }
 
 struct Scratch {
-    std::vector<float> e, heap, mass;
+    std::vector<float> e, heap, mass, blocks;
     std::vector<int64_t> members;
-    explicit Scratch(int64_t n) : e(n), mass(BUCKETS) {}
+    std::vector<int16_t> bucket;
+    explicit Scratch(int64_t n) : e(n), mass(BUCKETS), blocks((n + LANES - 1) / LANES), bucket(n) {}
 };
 
-// inverse CDF at `target`, in vocabulary order, blocks of 8 then tokens within the crossing block
-int64_t walk(const float* e, int64_t n, float target) {
+// zero the values below `threshold` and return the tree8 sum of each block of 8 (zero-padded)
+void kept_block_sums(float* e, int64_t n, float threshold, float* blocks) {
+    int64_t g = 0;
+#if CHIAR_X86
+    if (use_avx2()) {
+        kept_block_sums_avx2(e, n - n % LANES, threshold, blocks);
+        g = n - n % LANES;
+    }
+#endif
+    for (; g < n; g += LANES) {
+        float lanes[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t j = g; j < std::min(n, g + LANES); ++j) {
+            if (e[j] < threshold) e[j] = 0.0f;
+            lanes[j - g] = e[j];
+        }
+        blocks[g / LANES] = tree8(lanes);
+    }
+}
+
+// inverse CDF at u * (kept mass), in vocabulary order: blocks of 8 summed in order, then the tokens
+// of the block where the running mass crosses the target
+int64_t walk(const float* e, int64_t n, const float* blocks, float uniform) {
+    const int64_t groups = (n + LANES - 1) / LANES;
+    float total = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) total = total + blocks[g];
+    const float target = uniform * total;
     float acc = 0.0f;
     int64_t last = -1;
-    for (int64_t g = 0; g < n; g += LANES) {
-        const int64_t end = std::min(n, g + LANES);
-        float lanes[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t j = g; j < end; ++j) lanes[j - g] = e[j];
-        const float block = tree8(lanes);
-        if (block <= 0.0f) continue;
-        if (acc + block >= target) {
+    for (int64_t g = 0; g < groups; ++g) {
+        if (blocks[g] <= 0.0f) continue;
+        const int64_t begin = g * LANES, end = std::min(n, begin + LANES);
+        if (acc + blocks[g] >= target) {
             float inner = acc;
-            for (int64_t j = g; j < end; ++j) {
+            for (int64_t j = begin; j < end; ++j) {
                 if (e[j] <= 0.0f) continue;
                 inner = inner + e[j];
                 if (inner >= target) return j;
             }
         }
-        for (int64_t j = end - 1; j >= g; --j)
+        for (int64_t j = end - 1; j >= begin; --j)
             if (e[j] > 0.0f) {
                 last = j;
                 break;
             }
-        acc = acc + block;
+        acc = acc + blocks[g];
     }
     return last;  // rounding left the target unreached: the last kept token
 }
@@ -177,15 +202,15 @@ int64_t sample_row(const float* logits, int64_t n, float temperature, int64_t to
     divide(logits, n, temperature, e);
     const float kth = top_k > 0 && top_k < n ? kth_largest(e, n, top_k, w.heap) : -INFINITY;
     exp_shifted(e, n, scaled_top, kth);
+    float threshold = 0.0f;
     if (top_p < 1.0f) {
         const float total = block_sum(e, n);
         // a token below floor cannot be in the nucleus: all of them together hold less than 1 - p
         const float floor = (1.0f - top_p) * total / static_cast<float>(n);
-        const float threshold = top_p_threshold(e, n, top_p * total, floor, w.mass, w.members);
-        for (int64_t i = 0; i < n; ++i)
-            if (e[i] < threshold) e[i] = 0.0f;
+        threshold = top_p_threshold(e, n, top_p * total, floor, w.mass, w.members, w.bucket);
     }
-    return walk(e, n, uniform * block_sum(e, n));
+    kept_block_sums(e, n, threshold, w.blocks.data());
+    return walk(e, n, w.blocks.data(), uniform);
 }
 
 }  // namespace
@@ -195,6 +220,16 @@ CHIAR_AVX2 void exp8_shifted_avx2(float* v, float shift, float keep_from) {
     const __m256 x = _mm256_loadu_ps(v);
     const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(keep_from), _CMP_GE_OQ);
     _mm256_storeu_ps(v, _mm256_and_ps(exp_avx2(_mm256_sub_ps(x, _mm256_set1_ps(shift))), keep));
+}
+
+CHIAR_AVX2 void kept_block_sums_avx2(float* e, int64_t n, float threshold, float* blocks) {
+    const __m256 t = _mm256_set1_ps(threshold);
+    for (int64_t g = 0; g < n; g += LANES) {
+        __m256 v = _mm256_loadu_ps(e + g);
+        v = _mm256_and_ps(v, _mm256_cmp_ps(v, t, _CMP_GE_OQ));
+        _mm256_storeu_ps(e + g, v);
+        blocks[g / LANES] = tree8(v);
+    }
 }
 
 CHIAR_AVX2 float block_sum_avx2(const float* v, int64_t n) {

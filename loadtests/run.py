@@ -87,6 +87,11 @@ class Summary:
     flood: flood.FloodSummary | None = None
 
     @property
+    def processed_tokens_per_s(self) -> float:
+        """Generated plus prompt and scored tokens per second: all the work the engine did."""
+        return (self.generated_tokens + self.prompt_tokens) / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
     def ok(self) -> bool:
         """Zero failures and every check passed."""
         return (self.locust_exit_code == 0 and self.total.failures == 0
@@ -233,7 +238,7 @@ def markdown(s: Summary) -> str:
         lines.append(f"| {e.name} | {e.request_type} | {e.requests} | {e.failures} | {e.rps:.2f} | {e.p50_ms:.0f} "
                      f"| {e.p95_ms:.0f} | {e.p99_ms:.0f} | {e.max_ms:.0f} |")
     lines += ["", f"Generated tokens: {s.generated_tokens:.0f} ({s.generated_tokens_per_s:.1f} tokens/s); "
-                  f"prompt/scored tokens: {s.prompt_tokens:.0f}.", ""]
+                  f"prompt/scored tokens: {s.prompt_tokens:.0f}; processed (both): {s.processed_tokens_per_s:.1f} tokens/s.", ""]
     for label, share in (("before", s.routing_share_before), ("after", s.routing_share_after),
                          ("during the run", s.routing_share_during)):
         text = ", ".join(f"{op} {v:.1%}" for op, v in share.items() if v) if share else "no routing-layer tokens"

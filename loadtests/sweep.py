@@ -36,7 +36,7 @@ def sweep(checkpoints: list[Path], users: list[int], run_time: str, out: Path) -
                 rows.append({"checkpoint": ckpt.name, "users": n, "rps": s.total.rps, "failures": s.total.failures,
                              "generate_p50_ms": gen.p50_ms, "generate_p99_ms": gen.p99_ms,
                              "all_p50_ms": s.total.p50_ms, "all_p99_ms": s.total.p99_ms,
-                             "tokens_per_s": s.generated_tokens_per_s,
+                             "tokens_per_s": s.generated_tokens_per_s, "processed_per_s": s.processed_tokens_per_s,
                              "attention_share": (s.routing_share_during or {}).get("attention")})
     return rows
 
@@ -47,12 +47,12 @@ def table(rows: list[dict[str, Any]], run_time: str) -> str:
              f"Machine: {machine_line()}. Locust mixed traffic (loadtests/locustfile.py) without "
              f"think time, {run_time} per row, CPU.", "",
              "![latency and throughput vs users](docs/img/loadtest_sweep.png)", "",
-             "| checkpoint | users | req/s | generated tokens/s | /v1/generate p50 ms | p99 ms | all p50 ms | all p99 ms "
-             "| failures | attention share |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| checkpoint | users | req/s | processed tokens/s (generated + scored) | generated tokens/s | /v1/generate p50 ms "
+             "| p99 ms | all p50 ms | all p99 ms | failures | attention share |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         share = f"{r['attention_share']:.1%}" if r["attention_share"] is not None else "-"
-        lines.append(f"| {r['checkpoint']} | {r['users']} | {r['rps']:.2f} | {r['tokens_per_s']:.1f} "
+        lines.append(f"| {r['checkpoint']} | {r['users']} | {r['rps']:.2f} | {r['processed_per_s']:.1f} | {r['tokens_per_s']:.1f} "
                      f"| {r['generate_p50_ms']:.0f} | {r['generate_p99_ms']:.0f} | {r['all_p50_ms']:.0f} "
                      f"| {r['all_p99_ms']:.0f} | {r['failures']} | {share} |")
     return "\n".join([*lines, ""])

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from .checkpoint_guard import GuardError, check_limits, check_sizes, check_tensors, read_header
+from .checkpoint_files import check_hf_files
+from .checkpoint_guard import GuardError, check_finite, check_limits, check_sizes, check_tensors, read_header
 from .chiar import ChiarLM
 from .config import ChiarConfig, ConfigError
 from .hf_tokenizer import TOKENIZER_CONFIG, write_tokenizer_files
@@ -161,18 +162,34 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(path / TOKENIZER_FILE, f"cannot load tokenizer: {exc}") from exc
+        raise CheckpointError(path / TOKENIZER_FILE, f"cannot load tokenizer: {_why(exc)}") from exc
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise CheckpointError(path / TOKENIZER_FILE, f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than vocab_size {config.vocab_size}")
+    try:
+        check_hf_files(path)
+    except GuardError as exc:
+        raise CheckpointError(exc.path, exc.problem) from None
+    return _build(config, _read_weights(weights), device, dtype), tokenizer
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the (already checked) weights file; NaN or infinity anywhere is refused, naming the tensor."""
     state = {}
     try:
         with safe_open(str(weights), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 state[name] = f.get_tensor(name)
+                check_finite(name, state[name], weights)
+    except GuardError as exc:
+        raise CheckpointError(exc.path, exc.problem) from None
     except Exception as exc:  # safetensors raises its own error types for corrupt data
-        raise CheckpointError(weights, f"corrupt safetensors file: {exc}") from exc
+        raise CheckpointError(weights, f"corrupt safetensors file: {_why(exc)}") from exc
+    return state
+
+
+def _build(config: ChiarConfig, state: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype | None) -> ChiarLM:
     model = ChiarLM(config)
     model.load_state_dict(state, strict=False)  # strict=False only because the tied lm_head alias is absent
     model = model.to(device=device, dtype=dtype or torch.float32)
     model.eval()
-    return model, tokenizer
+    return model

@@ -44,7 +44,7 @@ class Limits:
     n_heads: int = 1024
     rbf_centers: int = 2**16
     max_seq_len: int = 2**20
-    rotary_table_bytes: int = 2**30  # max_seq_len x head_dim float32 cos + sin tables
+    rotary_table_bytes: int = 2**30  # max_seq_len x head_dim float32 cos + sin tables, once fully grown
 
 
 LIMITS = Limits()
@@ -65,7 +65,7 @@ def check_limits(config: ChiarConfig, config_path: Path, limits: Limits = LIMITS
         value, cap = getattr(config, name), getattr(limits, name)
         if value > cap:
             raise GuardError(config_path, f"{name}: {value} exceeds the documented maximum {cap} this build loads")
-    rotary = config.max_seq_len * config.head_dim * 4  # cos + sin, head_dim/2 float32 each
+    rotary = config.max_seq_len * config.head_dim * 8  # cos + sin, [positions, head_dim] float32 each (grown on use)
     if rotary > limits.rotary_table_bytes:
         raise GuardError(config_path, f"max_seq_len: {config.max_seq_len} x head_dim {config.head_dim} needs {rotary} bytes of "
                                       f"rotary tables, over the documented maximum {limits.rotary_table_bytes}")
@@ -208,3 +208,18 @@ def check_tensors(config: ChiarConfig, header: dict, weights: Path) -> None:
         if entry["dtype"] != tag:
             stored_dtype = _TAG_NAMES.get(entry["dtype"], entry["dtype"])
             raise GuardError(weights, f"dtype mismatch for {name}: stored {stored_dtype}, config says {config.weights_dtype}")
+
+
+FINITE_CHUNK = 2**24  # elements checked at once: the boolean mask stays at 16 MB whatever the tensor's size
+
+
+def check_finite(name: str, tensor: torch.Tensor, weights: Path) -> None:
+    """Refuse NaN or infinity anywhere in a floating-point tensor (e.g. all-0xFF bf16 bytes), naming the tensor."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        if not bool(torch.isfinite(flat[start:start + FINITE_CHUNK]).all()):
+            nan = sum(int(flat[i:i + FINITE_CHUNK].isnan().sum()) for i in range(0, flat.numel(), FINITE_CHUNK))
+            inf = sum(int(flat[i:i + FINITE_CHUNK].isinf().sum()) for i in range(0, flat.numel(), FINITE_CHUNK))
+            raise GuardError(weights, f"non-finite weights in {name}: {nan} NaN and {inf} infinite of {flat.numel()} values")

@@ -207,13 +207,17 @@ class ChiarLM(nn.Module):
         n = len(batch)
         if n == 0:
             raise ValueError("batch: no tokens")
+        last = 0
         for row, count in batch.spans:
             if cache.positions[row] + count > cfg.max_seq_len:
                 raise ValueError(f"row {row}: {cache.positions[row]} + {count} tokens exceed max_seq_len {cfg.max_seq_len}")
+            last = max(last, cache.positions[row] + count - 1)
+        self.rope.cover(last)  # the kernels read the rotary tables directly
         kernels = self.kernels
         kernels.refresh()
-        cache.reserve(sum(cache.blocks_needed(batch.spans)))
-        x = self.embed(batch.tokens)
+        if not batch.fitted:
+            cache.reserve(sum(cache.blocks_needed(batch.spans)))
+        x = F.embedding(batch.tokens, self.embed.weight)
         gate = None if self.metarouter is None else kernels.gate(self.metarouter, x, batch.rows, batch.positions, cache)
         layers = cfg.n_layers
         ctx = StepContext(kernels, cache, batch.rows, batch.positions, gate,
@@ -223,11 +227,21 @@ class ChiarLM(nn.Module):
                           counts=[[0] * len(Operator) for _ in range(layers)])
         for layer, block in enumerate(self.blocks):
             x = block.forward_step(x, ctx, layer)
-        for row, count in batch.spans:
-            cache.positions[row] += count
+        span_counts = self._span_counts(ctx.operator, batch.spans)
+        cache.advance(batch.spans, [[layer[Operator.ATTENTION] for layer in span] for span in span_counts])
         h = x if batch.logits_at is None else x.index_select(0, batch.logits_at)
         logits = kernels.logits(self, h) if h.shape[0] else x.new_zeros((0, cfg.vocab_size))
-        return StepOutput(logits, ctx.operator.T, ctx.entropy.T, gate, ctx.counts, ctx.keys_seen.T)
+        return StepOutput(logits, ctx.operator.T, ctx.entropy.T, gate, ctx.counts, ctx.keys_seen.T, span_counts)
+
+    @staticmethod
+    def _span_counts(operator: Tensor, spans: list[tuple[int, int]]) -> list[list[list[int]]]:
+        """Tokens per (span, layer, operator id) from operator [L, N]: one bincount, one read."""
+        if len(spans) == operator.shape[1]:  # one token per span (decode)
+            index = torch.arange(len(spans), device=operator.device)
+        else:
+            index = torch.repeat_interleave(torch.arange(len(spans), device=operator.device),
+                                            torch.tensor([n for _, n in spans], device=operator.device))
+        return routing_counts(operator.T, index, len(spans)).tolist()
 
     # ------------------------------------------------------------------ the batch-shaped API (tests, eval, generate)
     @torch.no_grad()

@@ -44,6 +44,9 @@ class EagerKernels:
     def refresh(self) -> None:
         pass
 
+    def freeze(self) -> None:
+        pass
+
     def rms_norm(self, norm: RMSNorm, x: Tensor) -> Tensor:
         return norm(x)
 
@@ -118,19 +121,19 @@ class NativeKernels:
     def __init__(self, model: ChiarLM, native: object) -> None:
         self.native = native
         self.model = model
+        self.frozen = False
         self.packs = native_lib.PackedWeights(native)  # type: ignore[arg-type]
         d = model.config.d_model
-        self.packs.add("dct", [], lambda: dct_matrix(d))  # coefficients = u @ C^T
+        # one DCT pair for every layer (it stays in L2): coefficients = u @ C^T, and the filtered inverse
+        # IDCT(w * c) = (c * w) @ C, instead of a d x d matrix per layer with the filter folded in
+        self.packs.add("dct", [], lambda: dct_matrix(d))
+        self.packs.add("idct", [], lambda: dct_matrix(d).T)
         for layer, block in enumerate(model.blocks):
             self.packs.add(f"{layer}.w_in", [block.ffn.w_in.weight], lambda b=block: b.ffn.w_in.weight)
             self.packs.add(f"{layer}.w_out", [block.ffn.w_out.weight], lambda b=block: b.ffn.w_out.weight)
             if hasattr(block, "attention"):
                 self.packs.add(f"{layer}.qkv", [block.attention.qkv.weight], lambda b=block: b.attention.qkv.weight)
                 self.packs.add(f"{layer}.out", [block.attention.out.weight], lambda b=block: b.attention.out.weight)
-            if hasattr(block, "dct_mix"):
-                mix = block.dct_mix
-                self.packs.add(f"{layer}.synthesis", [mix.filter], lambda m=mix: m.folded(torch.float32)[0].T)
-                self.packs.add(f"{layer}.mix", [mix.filter], lambda m=mix: m.folded(torch.float32)[1].T)
             if getattr(block, "rbf", None) is not None:
                 self.packs.add(f"{layer}.rbf_centers", [block.rbf.centers], lambda b=block: b.rbf.centers)
                 self.packs.add(f"{layer}.rbf_values", [block.rbf.values], lambda b=block: b.rbf.values.T)
@@ -140,7 +143,13 @@ class NativeKernels:
         self.packs.add("lm_head", [model.lm_head.weight], lambda: model.lm_head.weight)
 
     def refresh(self) -> None:
+        if not self.frozen:
+            self.packs.refresh()
+
+    def freeze(self) -> None:
+        """The weights will not change any more (a server): skip the per-forward check for edited weights."""
         self.packs.refresh()
+        self.frozen = True
 
     def rms_norm(self, norm: RMSNorm, x: Tensor) -> Tensor:
         return self.native.rms_norm(x, norm.weight.detach(), norm.eps)
@@ -161,10 +170,11 @@ class NativeKernels:
         return coefficients, counts
 
     def dct_mix(self, layer: int, block: Block, coefficients: Tensor, residual: Tensor) -> Tensor:
-        return self.native.linear(coefficients, self.packs[f"{layer}.synthesis"], residual)
+        return self.native.linear(coefficients * block.dct_mix.filter.detach(), self.packs["idct"], residual)
 
     def gated_mix(self, layer: int, block: Block, u: Tensor, residual: Tensor) -> Tensor:
-        return self.native.linear(u, self.packs[f"{layer}.mix"], residual)
+        coefficients = self.native.linear(u, self.packs["dct"])
+        return self.dct_mix(layer, block, coefficients, residual)
 
     def rbf(self, layer: int, block: Block, u: Tensor, residual: Tensor) -> Tensor:
         weights = block.rbf.weights(u, self.native.linear(u, self.packs[f"{layer}.rbf_centers"]))

@@ -36,11 +36,11 @@ class CacheSnapshot:
 
     rows: list[int]
     lengths: Tensor
+    entries: list[list[int]]
     positions: list[int]
     embed_sum: Tensor
     free_top: int
     n_blocks: int
-    tables: Tensor
 
 
 class PagedKVCache:
@@ -49,6 +49,8 @@ class PagedKVCache:
 
     def __init__(self, n_layers: int, attention_layers: list[int], n_heads: int, head_dim: int, d_model: int, max_seq_len: int, *,
                  blocks: int, rows: int, dtype: torch.dtype, device: torch.device | str = "cpu", growable: bool = True) -> None:
+        # `lengths` (device) is what the kernels read and advance; `entries` mirrors it on the host from
+        # the routing counts every forward returns anyway, so planning a step reads no device memory
         self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, head_dim
         self.attention_layers = attention_layers  # the layers that hold entries
         self.max_blocks = math.ceil(max_seq_len / BLOCK)
@@ -63,6 +65,7 @@ class PagedKVCache:
         self.lengths = torch.zeros((rows, n_layers), dtype=torch.int32, device=device)
         self.embed_sum = torch.zeros((rows, d_model), dtype=dtype, device=device)
         self.positions: list[int] = [0] * rows  # tokens each row has seen (host copy: no device read to plan a step)
+        self.entries: list[list[int]] = [[0] * n_layers for _ in range(rows)]  # host mirror of `lengths` (see `advance`)
         self._free_rows = list(range(rows - 1, -1, -1))
         self.n_rows_used = 0
 
@@ -91,7 +94,7 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return int(self.free_top[0])
+        return int(self.free_top.item())
 
     @property
     def block_bytes(self) -> int:
@@ -99,15 +102,15 @@ class PagedKVCache:
 
     def row_blocks(self, row: int) -> int:
         """Blocks row `row` holds, over all layers."""
-        return sum(math.ceil(n / BLOCK) for n in self.lengths[row].tolist())
+        return sum(math.ceil(n / BLOCK) for n in self.entries[row])
 
     def used_bytes(self) -> int:
         return (self.n_blocks - self.free_blocks) * self.block_bytes
 
     def entry_bytes(self, rows: list[int] | None = None) -> int:
         """Bytes of the K/V entries the rows hold (all rows in use by default); blocks round this up."""
-        lengths = self.lengths if rows is None else self.lengths[rows]
-        return int(lengths.sum()) * self.block_bytes // BLOCK
+        rows = range(len(self.entries)) if rows is None else rows
+        return sum(sum(self.entries[row]) for row in rows) * self.block_bytes // BLOCK
 
     # ------------------------------------------------------------------ rows
     def allocate(self) -> int:
@@ -119,11 +122,12 @@ class PagedKVCache:
 
     def free(self, row: int) -> None:
         """Let go of the row's blocks (back to the free stack unless shared) and make the row available."""
-        held = [self.tables[row, layer, : math.ceil(n / BLOCK)] for layer, n in enumerate(self.lengths[row].tolist()) if n]
+        held = [self.tables[row, layer, : math.ceil(n / BLOCK)] for layer, n in enumerate(self.entries[row]) if n]
         if held:
             self.drop(torch.cat(held).cpu().numpy())
         self.tables[row] = -1
         self.lengths[row] = 0
+        self.entries[row] = [0] * self.n_layers
         self.embed_sum[row] = 0
         self.positions[row] = 0
         self._free_rows.append(row)
@@ -135,24 +139,25 @@ class PagedKVCache:
         self.lengths = torch.cat([self.lengths, self.lengths.new_zeros((rows - old, self.n_layers))])
         self.embed_sum = torch.cat([self.embed_sum, self.embed_sum.new_zeros((rows - old, self.embed_sum.shape[1]))])
         self.positions += [0] * (rows - old)
+        self.entries += [[0] * self.n_layers for _ in range(rows - old)]
         self._free_rows = list(range(rows - 1, old - 1, -1)) + self._free_rows
 
     # ------------------------------------------------------------------ blocks
     def blocks_needed(self, spans: list[tuple[int | None, int]]) -> list[int]:
         """For each (row, new tokens) (row None: a new row), the most blocks those tokens can take: as
         if every one of them attended in every attention layer (one device read for all spans)."""
-        known = [row for row, _ in spans if row is not None]
-        lengths = iter(self.lengths[known][:, self.attention_layers].tolist() if known else [])
+        layers = self.attention_layers
         needs = []
         for row, n in spans:
-            held = next(lengths) if row is not None else [0] * len(self.attention_layers)
-            needs.append(sum(-(-(m + n) // BLOCK) - (-(-m // BLOCK)) for m in held))
+            held = self.entries[row] if row is not None else None
+            needs.append(sum(-(-(held[layer] + n) // BLOCK) + (held[layer] // -BLOCK) for layer in layers)
+                         if held is not None else len(layers) * -(-n // BLOCK))
         return needs
 
     def most_tokens(self, row: int | None, blocks: int, at_most: int) -> int:
         """The most new tokens (up to `at_most`) row `row` (None: a new row) can take within `blocks` blocks,
         counted as `blocks_needed` counts them."""
-        held = self.lengths[row, self.attention_layers].tolist() if row is not None else [0] * len(self.attention_layers)
+        held = [self.entries[row][layer] for layer in self.attention_layers] if row is not None else [0] * len(self.attention_layers)
 
         def need(n: int) -> int:
             return sum(-(-(m + n) // BLOCK) - (-(-m // BLOCK)) for m in held)
@@ -162,6 +167,14 @@ class PagedKVCache:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if need(mid) <= blocks else (lo, mid - 1)
         return lo
+
+    def advance(self, spans: list[tuple[int, int]], attended: list[list[int]]) -> None:
+        """After a forward: each span's row saw its tokens, of which attended[k][layer] took an entry."""
+        for (row, n), per_layer in zip(spans, attended):
+            self.positions[row] += n
+            mirror = self.entries[row]
+            for layer, m in enumerate(per_layer):
+                mirror[layer] += m
 
     def reserve(self, blocks: int) -> None:
         """Make sure `blocks` blocks are free (grow the pool if allowed, else raise)."""
@@ -221,6 +234,7 @@ class PagedKVCache:
                 ids = [*ids[: len(ids) - own], *dst.tolist()]
             self.tables[row, layer, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
             self.lengths[row, layer] = n
+            self.entries[row][layer] = n
         self.positions[row] = position
         self.embed_sum[row] = embed_sum
 
@@ -235,14 +249,16 @@ class PagedKVCache:
     # ------------------------------------------------------------------ undo
     def snapshot(self, rows: list[int]) -> CacheSnapshot:
         """Cheap copy of what a forward over `rows` can change (entries past restored lengths are ignored)."""
-        return CacheSnapshot(list(rows), self.lengths[rows].clone(), [self.positions[r] for r in rows], self.embed_sum[rows].clone(),
-                             self.free_blocks, self.n_blocks, self.tables[rows].clone())
+        return CacheSnapshot(list(rows), self.lengths[rows], [list(self.entries[r]) for r in rows], [self.positions[r] for r in rows],
+                             self.embed_sum[rows], self.free_blocks, self.n_blocks)
 
     def restore(self, snap: CacheSnapshot) -> None:
-        """Undo a partly applied forward: lengths, positions, sums, and the blocks it took."""
+        """Undo a partly applied forward: lengths, positions, sums, and the blocks it took (table entries
+        past a restored length are never read, and the blocks they name are free again)."""
         self.lengths[snap.rows] = snap.lengths
         self.embed_sum[snap.rows] = snap.embed_sum
-        self.tables[snap.rows] = snap.tables
+        for row, entries in zip(snap.rows, snap.entries):
+            self.entries[row] = list(entries)
         for row, position in zip(snap.rows, snap.positions):
             self.positions[row] = position
         # blocks popped since are free again (their ids are still in the stack); a pool grown since (only

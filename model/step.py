@@ -25,6 +25,7 @@ class TokenBatch:
     positions: Tensor  # [N] int64: its position in its sequence
     spans: list[tuple[int, int]]  # (row, tokens) per contiguous run, in order
     logits_at: Tensor | None  # flat indices whose logits are wanted; None = every token
+    fitted: bool = False  # the caller made room in the cache for the batch's worst case already
 
     @classmethod
     def build(cls, cache: PagedKVCache, parts: Sequence[tuple[int, Sequence[int]]], logits_at: Sequence[int] | None = None,
@@ -40,9 +41,10 @@ class TokenBatch:
             rows += [row] * len(ids)
             positions += range(start, start + len(ids))
             spans.append((row, len(ids)))
-        index = None if logits_at is None else torch.tensor(list(logits_at), dtype=torch.long, device=device)
-        return cls(torch.tensor(tokens, dtype=torch.long, device=device), torch.tensor(rows, dtype=torch.long, device=device),
-                   torch.tensor(positions, dtype=torch.long, device=device), spans, index)
+        n = len(tokens)
+        wanted = [] if logits_at is None else list(logits_at)
+        flat = torch.tensor(tokens + rows + positions + wanted, dtype=torch.long, device=device)  # one allocation, four views
+        return cls(flat[:n], flat[n: 2 * n], flat[2 * n: 3 * n], spans, None if logits_at is None else flat[3 * n:])
 
     def __len__(self) -> int:
         return self.tokens.numel()
@@ -75,3 +77,4 @@ class StepOutput:
     gate: Tensor | None  # [N]
     counts: list[list[int]]  # [L][4]
     keys_seen: Tensor  # [N, L] int32
+    span_counts: list[list[list[int]]]  # [S][L][4]: tokens per operator id of each span (TokenBatch.spans)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from reliability.report import ProbeResult, write
 
-PROBES = ("malformed-input", "disconnects", "determinism", "log-hygiene", "overload", "signals", "tampered-checkpoints",
-          "training-kills", "dependency-audit")
+PROBES = ("malformed-input", "disconnects", "determinism", "log-hygiene", "overload", "signals", "batch-invariance", "big-bodies",
+          "soak", "tampered-checkpoints", "training-kills", "dependency-audit")
 SERVER_PROBES = PROBES[:4]
 
 
@@ -64,6 +64,18 @@ def run(checkpoint: Path, work: Path, short: bool, only: set[str]) -> list[Probe
         results.append(_timed(lambda: sp.probe_overload(env)))
     if "signals" in wanted:
         results.append(_timed(lambda: sp.probe_signals(env)))
+    if "batch-invariance" in wanted:
+        from reliability.invariance_probe import probe_batch_invariance
+
+        results.append(_timed(lambda: probe_batch_invariance(env)))
+    if "big-bodies" in wanted:
+        from reliability.body_probes import probe_big_bodies
+
+        results.append(_timed(lambda: probe_big_bodies(env)))
+    if "soak" in wanted:
+        from reliability.soak import probe_soak
+
+        results.append(_timed(lambda: probe_soak(env)))
     if "tampered-checkpoints" in wanted:
         from reliability.checkpoint_probes import probe_tampered
 

@@ -40,17 +40,16 @@ def limits_section() -> list[str]:
     lines = ["", "## Documented limits", "", "Checkpoint loading refuses, before allocating, configs beyond these "
              "(`model/checkpoint_guard.py`, `Limits`), and any config implying more parameters than its weights file holds:", ""]
     lines += [f"- `{f.name}` <= {getattr(LIMITS, f.name)}" for f in dataclasses.fields(LIMITS)]
-    try:
-        from server.settings import Settings
+    from server.settings import Settings
+    from server.token_limits import MAX_RUN_CHARS, PIECE_CHARS
 
-        fields = [f for f in dataclasses.fields(Settings) if f.name in
-                  ("max_body_bytes", "max_prompts", "max_batch_size", "queue_size", "max_tokens_per_step", "request_timeout",
-                   "drain_timeout")]
-        lines += ["", "Per-request and server limits (`server/settings.py` defaults; each is a `--flag` and a `CHIAR_*` "
-                  "variable; prompt plus generated tokens must also fit the model context):", ""]
-        lines += [f"- `{f.name}` = {f.default}: {f.metadata.get('help', '')}" for f in fields]
-    except (ImportError, TypeError):  # settings moved to another mechanism: list nothing rather than guess
-        pass
+    names = ("max_body_bytes", "max_inflight_body_bytes", "max_score_tokens", "max_prompts", "max_batch_size", "queue_size",
+             "max_tokens_per_step", "request_timeout", "body_timeout", "drain_timeout", "malloc_trim")
+    lines += ["", "Per-request and server limits (`server/settings.py` defaults; each is a `--flag` and a `CHIAR_*` "
+              "variable; prompt plus generated tokens must also fit the model context):", ""]
+    lines += [f"- `{name}` = {Settings.model_fields[name].default}: {Settings.model_fields[name].description}" for name in names]
+    lines += [f"- texts are tokenized in pieces of about {PIECE_CHARS} characters cut between words; a text with more than "
+              f"{MAX_RUN_CHARS} characters in a row that cannot be cut is refused (`server/token_limits.py`)"]
     return lines
 
 

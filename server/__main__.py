@@ -51,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.malloc_trim:
+        from server.memory import limit_arenas
+
+        limit_arenas()  # before torch and the server start their threads
     import torch  # heavy imports only once the settings are known to be valid
     import uvicorn
 
@@ -63,8 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.metrics import Metrics
     from server.service import Service
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    torch.set_num_threads(settings.forward_threads)
+    # The engine thread and the event loop share the GIL; with the default 5 ms switch interval a
+    # thread that wants it can wait 5 ms for the other's pure-Python stretch (JSON, output processing),
+    # which shows up as inter-token latency. 1 ms bounds that wait; the forward releases the GIL anyway.
+    sys.setswitchinterval(0.001)
+    if settings.malloc_trim:
+        from server.memory import Trimmer
+
+        Trimmer().start()  # after loading: the weights' allocation is the baseline
     metrics = Metrics(device.type)
     turns = DeviceTurns()  # the engines take turns on the one device
     kv_share = settings.kv_cache_mb / len(settings.checkpoint)  # --kv-cache-mb is split evenly between the models
@@ -80,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot load checkpoint {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         model.eval()
-        engine = Engine(model, tokenizer, settings, metrics, name=name, kv_cache_mb=kv_share, turns=turns)
+        try:
+            engine = Engine(model, tokenizer, settings, metrics, name=name, kv_cache_mb=kv_share, turns=turns)
+        except ValueError as exc:  # --kernels native where they cannot run
+            print(f"error: --kernels / CHIAR_KERNELS: {exc}", file=sys.stderr)
+            return 2
         engine.metrics.info(model.config.arch, model.num_parameters())
         services.append(Service(settings, engine, tokenizer, path))
         if stale := stale_files(path):
@@ -94,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             # waits a little longer so those answers reach the clients
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 5, lifespan="on", access_log=False)
     server = draining_server(config, engines)
+    from server.memory import freeze_startup_objects
+
+    log.info("froze %d start-up objects out of the garbage collector's reach", freeze_startup_objects())
     server.run()
     for engine in engines:
         if engine.fatal is not None:

@@ -23,7 +23,7 @@ from server.engine import DoneEvent, GenerateJob, GenerationResult, GenParams, S
 from server.engine.requests import RoutingTrace
 from server.errors import install_handlers, invalid
 from server.metrics import NO_MODEL, OPERATORS, Metrics
-from server.middleware import BearerAuth, BodyLimit, RequestMetrics, endpoint_label
+from server.middleware import BearerAuth, BodyBudget, BodyLimit, RequestMetrics, endpoint_label
 from server.openapi_limits import DocLimits, ModelLimits
 from server.schemas import (
     Flops,
@@ -40,7 +40,7 @@ from server.schemas import (
     TokenLogprob,
     Usage,
 )
-from server.service import ServedModels, Service, sse
+from server.service import ServedModels, Service, off_loop, sse
 from server.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -91,7 +91,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=ERRORS, tags=["native"])
     async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         svc = served.get(body.model, request)
-        ids, _ = (await svc.encode([body.text]))[0]
+        ids = (await svc.scored_ids([body.text], "text", "tokenize"))[0].ids
         if not body.add_bos:
             ids = ids[1:]
         return TokenizeResponse(token_ids=ids, tokens=[svc.engine.token_str(i) for i in ids], count=len(ids), max_context=svc.context)
@@ -100,7 +100,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, tags=["native"])
     async def generate(body: GenerateRequest, request: Request) -> Any:
         svc = served.get(body.model, request)
-        ids, _ = (await svc.encode([body.prompt]))[0]
+        ids = (await svc.prompt_ids([body.prompt]))[0].ids
         new_tokens = svc.new_tokens(body.max_new_tokens if "max_new_tokens" in body.model_fields_set else None,
                                     body.max_new_tokens, "max_new_tokens", ids)
         svc.check_length(ids, new_tokens, "max_new_tokens")
@@ -133,7 +133,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
 
     # ---------------------------------------------------------------- perplexity
     @app.post("/v1/perplexity", response_model=PerplexityResponse, responses=ERRORS, tags=["native"])
-    async def perplexity(body: PerplexityRequest, request: Request) -> PerplexityResponse:
+    async def perplexity(body: PerplexityRequest, request: Request) -> Response:
         svc = served.get(body.model, request)
         texts = [body.text] if isinstance(body.text, str) else body.text
         if len(texts) > settings.max_prompts:
@@ -141,41 +141,19 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
         stride = body.stride if body.stride is not None else max(1, svc.context // 2)
         if stride > svc.context:
             raise invalid("stride", f"must be <= the context ({svc.context} tokens), got {stride}")
-        encoded = await svc.encode(texts)
-        seqs = [ids for ids, _ in encoded]
-        scored = sum(len(ids) - 1 for ids in seqs)
-        if scored > settings.max_score_tokens:
-            raise invalid("text", f"is {scored} tokens; one request may score at most {settings.max_score_tokens} "
-                          "(the server's --max-score-tokens)", code="too_many_tokens")
+        seqs = [encoded.ids for encoded in await svc.scored_ids(texts, "text")]  # refused before tokenizing past the limit
         svc.check_score_kv(seqs, "text")
         queue: asyncio.Queue = asyncio.Queue()
         job = ScoreJob(seqs, svc.context, stride, None, routing=body.return_routing, queue=queue, loop=asyncio.get_running_loop(), index=0,
                        timeout=settings.request_timeout)
         svc.submit([job])
         result: ScoreResult = (await svc.collect([job], queue, request))[0]
-        results = []
-        for i, text in enumerate(texts):
-            lps = result.logprobs[i]
-            p = Perplexity.of_text(text, total_nll(lps), len(lps))
-            counts = result.counts[i]
-            routing_layers = [row for layer, row in enumerate(counts) if 0 < layer < len(counts) - 1]
-            routed = sum(sum(row) for row in routing_layers)
-            results.append(PerplexityResult(
-                index=i, tokens=p.tokens, words=p.words, bytes=p.bytes, nll=p.nll, mean_nll=p.mean_nll,
-                perplexity=p.token_ppl or float("nan"), word_perplexity=p.word_ppl, bits_per_byte=p.bits_per_byte,
-                windows=result.windows[i],
-                logprobs=[TokenLogprob(token=svc.engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
-                if body.return_logprobs else None,
-                routing=RoutingCounts(operator_names=list(OPERATORS), per_layer=counts,
-                                      attention_share=(sum(row[Operator.ATTENTION] for row in routing_layers) / routed) if routed else None),
-                flops=flops_of(*result.flops[i]) if result.flops else flops_of(0.0, 0.0),
-                token_routing=routing_payload(svc, seqs[i][:-1], len(seqs[i]), result.routing[i]) if result.routing else None,
-            ))
-        total = sum(len(s) - 1 for s in seqs)
-        return PerplexityResponse(model=svc.name, window=svc.context, stride=stride, results=results,
-                                  usage=Usage.of(total, 0, sum(result.cached_tokens or [])),
-                                  timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=None,
-                                                total_seconds=result.total_seconds))
+
+        def render() -> bytes:
+            return perplexity_response(svc, body, texts, seqs, stride, result).model_dump_json().encode()
+
+        # 131072 log-probabilities are ~1 s of objects and response validation: built off the event loop
+        return Response(await off_loop(sum(map(len, seqs)), render), media_type="application/json")
 
     # ---------------------------------------------------------------- OpenAI, chat, tokenizer (own modules)
     openai_api.register(app, served)
@@ -199,7 +177,8 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
 
     # middleware: added last = outermost
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, on_error=metrics.error,
-                       per_path={perplexity_text.PATH: perplexity_text.body_limit(settings.max_body_bytes)})
+                       budget=BodyBudget(settings.max_inflight_body_bytes),
+                       per_path={perplexity_text.PATH: perplexity_text.body_limit(served, settings)})
     app.add_middleware(BodyTimeout, seconds=settings.body_timeout)
     app.add_middleware(BearerAuth, api_key=settings.api_key)
     if settings.cors_origins:
@@ -207,6 +186,33 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
+
+
+def perplexity_response(svc: Service, body: PerplexityRequest, texts: list[str], seqs: list[list[int]], stride: int,
+                        result: ScoreResult) -> PerplexityResponse:
+    results = []
+    for i, text in enumerate(texts):
+        lps = result.logprobs[i]
+        p = Perplexity.of_text(text, total_nll(lps), len(lps))
+        counts = result.counts[i]
+        routing_layers = [row for layer, row in enumerate(counts) if 0 < layer < len(counts) - 1]
+        routed = sum(sum(row) for row in routing_layers)
+        results.append(PerplexityResult(
+            index=i, tokens=p.tokens, words=p.words, bytes=p.bytes, nll=p.nll, mean_nll=p.mean_nll,
+            perplexity=p.token_ppl or float("nan"), word_perplexity=p.word_ppl, bits_per_byte=p.bits_per_byte,
+            windows=result.windows[i],
+            logprobs=[TokenLogprob(token=svc.engine.token_str(t), id=t, logprob=lp) for t, lp in zip(seqs[i][1:], lps)]
+            if body.return_logprobs else None,
+            routing=RoutingCounts(operator_names=list(OPERATORS), per_layer=counts,
+                                  attention_share=(sum(row[Operator.ATTENTION] for row in routing_layers) / routed) if routed else None),
+            flops=flops_of(*result.flops[i]) if result.flops else flops_of(0.0, 0.0),
+            token_routing=routing_payload(svc, seqs[i][:-1], len(seqs[i]), result.routing[i]) if result.routing else None,
+        ))
+    total = sum(len(s) - 1 for s in seqs)
+    return PerplexityResponse(model=svc.name, window=svc.context, stride=stride, results=results,
+                              usage=Usage.of(total, 0, sum(result.cached_tokens or [])),
+                              timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=None,
+                                            total_seconds=result.total_seconds))
 
 
 def router_cut_points(config: ChiarConfig) -> list[list[float]]:

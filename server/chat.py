@@ -36,6 +36,7 @@ from server.openai_schemas import (
 from server.schemas import Usage
 from server.service import ServedModels, Service, sse
 from server.stream_usage import StreamUsage
+from server.token_limits import POOL
 
 
 @dataclass
@@ -64,10 +65,12 @@ class ChatTemplate:
             raise invalid("messages", f"the chat template rejected the conversation: {exc}", code="invalid_chat") from None
         return text.removeprefix(self.bos_token) if self.bos_token else text
 
-    def encode(self, svc: Service, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """Ids the engine runs (BOS first)."""
-        ids, _ = svc.encode_now([self.render(messages, add_generation_prompt)])[0]
-        return ids
+    def encode(self, svc: Service, messages: list[ChatMessage], add_generation_prompt: bool = True, tokenize: bool = False) -> list[int]:
+        """Ids the engine runs (BOS first), at most the context (`tokenize`: at most --max-score-tokens)."""
+        text = self.render(messages, add_generation_prompt)
+        if tokenize:
+            return svc.scored_ids_now([text], "messages", "tokenize")[0].ids
+        return svc.prompt_ids_now([text], "messages")[0].ids
 
 
 def templates(served: ServedModels) -> dict[str, ChatTemplate]:
@@ -120,7 +123,7 @@ def _finish(reason: str) -> str:
 
 
 async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionRequest, request: Request) -> Any:
-    ids = await asyncio.to_thread(template.encode, svc, body.messages)
+    ids = await asyncio.get_running_loop().run_in_executor(POOL, template.encode, svc, body.messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if body.max_completion_tokens is not None and body.max_tokens is not None:  # both within the limit, though one wins
         svc.new_tokens(body.max_tokens, svc.context, "max_tokens", ids)

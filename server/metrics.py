@@ -22,16 +22,33 @@ GATE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class BulkCounts:
-    """One label value's buckets of a BulkHistogram, observed a tensor at a time."""
+    """One label value's buckets of a BulkHistogram, observed a tensor at a time.
+
+    `observe_many` only keeps the tensor (the engine calls it every step); the buckets are counted
+    when the histogram is read (`flush`, at scrape time) or once MAX_PENDING tensors wait."""
+
+    MAX_PENDING = 1024
 
     def __init__(self, bounds: list[float]) -> None:
         self._edges = torch.tensor(bounds, dtype=torch.float64)
         self.counts = [0] * (len(bounds) + 1)  # last = +Inf overflow
         self.sum = 0.0
         self.lock = threading.Lock()
+        self._pending: list[torch.Tensor] = []
 
     def observe_many(self, values: torch.Tensor) -> None:
-        values = values.detach().reshape(-1).to("cpu", torch.float64)
+        with self.lock:
+            self._pending.append(values.detach().reshape(-1))
+            if len(self._pending) < self.MAX_PENDING:
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        values = torch.cat([v.to("cpu", torch.float64) for v in pending])
         values = values[~torch.isnan(values)]
         if values.numel() == 0:
             return
@@ -63,6 +80,7 @@ class BulkHistogram:
         with self._lock:
             children = list(self._children.items())
         for value, child in children:
+            child.flush()
             with child.lock:
                 cumulative, running = [], 0
                 for bound, count in zip([*self.bounds, float("inf")], child.counts):
@@ -172,21 +190,16 @@ class ModelMetrics:
         self.preemptions = metrics.preemptions.labels(name)
         self._prefix_totals = (0, 0, 0, 0)  # queried, hits, evictions, preemptions as last recorded
         self._m = metrics
-        for layer in range(1, n_layers + 1):
-            for op in OPERATORS:
-                for phase in PHASES:
-                    metrics.tokens_routed.labels(name, str(layer), op, phase)
-        for phase in PHASES:
-            metrics.forward_latency.labels(name, phase, self.device)
-            metrics.batch_size.labels(name, phase)
-        for kind in ("executed", "dense_equivalent"):
-            metrics.flops.labels(name, kind)
-        for cls in ("generate", "score"):
-            metrics.queue_length.labels(name, cls)
-        for kind in ("decode", "prefill", "score"):
-            metrics.step_tokens.labels(name, kind)
-        for kind in ("used", "limit"):
-            metrics.kv_cache.labels(name, kind)
+        # every labelled child bound once: the engine records every step, a labels() lookup each time costs
+        self._routed = {(phase, layer, op): metrics.tokens_routed.labels(name, str(layer + 1), label, phase)
+                        for layer in range(n_layers) for op, label in enumerate(OPERATORS) for phase in PHASES}
+        self._latency = {phase: metrics.forward_latency.labels(name, phase, self.device) for phase in PHASES}
+        self._batch = {phase: metrics.batch_size.labels(name, phase) for phase in PHASES}
+        self._flops = {kind: metrics.flops.labels(name, kind) for kind in ("executed", "dense_equivalent")}
+        self._queue = {cls: metrics.queue_length.labels(name, cls) for cls in ("generate", "score")}
+        self._step_tokens = {kind: metrics.step_tokens.labels(name, kind) for kind in ("decode", "prefill", "score")}
+        self._kv = {kind: metrics.kv_cache.labels(name, kind) for kind in ("used", "limit")}
+        self._steps = {(a, b): metrics.steps.labels(name, a, b) for a in ("true", "false") for b in ("true", "false")}
         self._max_score = 0
 
     def info(self, arch: str, params: int) -> None:
@@ -194,19 +207,18 @@ class ModelMetrics:
 
     def record_step(self, decode: int, prefill: int, score: int, budget: int, seconds: float, kv_used: int, kv_limit: int) -> None:
         """One engine step's composition and time."""
-        m, name = self._m, self.name
-        m.step_tokens.labels(name, "decode").observe(decode)
-        m.step_tokens.labels(name, "prefill").observe(prefill)
-        m.step_tokens.labels(name, "score").observe(score)
+        self._step_tokens["decode"].observe(decode)
+        self._step_tokens["prefill"].observe(prefill)
+        self._step_tokens["score"].observe(score)
         self.step_seconds.observe(seconds)
-        m.steps.labels(name, str(decode > 0 or prefill > 0).lower(), str(score > 0).lower()).inc()
+        self._steps[str(decode > 0 or prefill > 0).lower(), str(score > 0).lower()].inc()
         if prefill + score > budget:
             self.step_over_budget.inc()
         if decode and score > self._max_score:
             self._max_score = score
             self.max_step_score_tokens.set(score)
-        m.kv_cache.labels(name, "used").set(kv_used)
-        m.kv_cache.labels(name, "limit").set(kv_limit)
+        self._kv["used"].set(kv_used)
+        self._kv["limit"].set(kv_limit)
 
     def record_prefix(self, queried: int, hits: int, evictions: int, cached_bytes: int, cached_tokens: int, preemptions: int) -> None:
         """The prefix cache's and the preemptions' running totals (counters move by what changed)."""
@@ -220,8 +232,8 @@ class ModelMetrics:
         self.prefix_tokens.set(cached_tokens)
 
     def update_queues(self, waiting_generate: int, waiting_score: int, running: int, budget: int) -> None:
-        self._m.queue_length.labels(self.name, "generate").set(waiting_generate)
-        self._m.queue_length.labels(self.name, "score").set(waiting_score)
+        self._queue["generate"].set(waiting_generate)
+        self._queue["score"].set(waiting_score)
         self.waiting.set(waiting_generate + waiting_score)
         self.running.set(running)
         self.step_budget.set(budget)
@@ -230,18 +242,17 @@ class ModelMetrics:
                        executed: float, dense: float) -> None:
         """One model forward: latency and batch size under `phase`; routed tokens per (layer, operator)
         per token phase (counts[0]: decode tokens, counts[1]: prompt and scoring tokens); gates; FLOPs."""
-        m, name = self._m, self.name
-        m.forward_latency.labels(name, phase, self.device).observe(seconds)
-        m.batch_size.labels(name, phase).observe(batch)
+        self._latency[phase].observe(seconds)
+        self._batch[phase].observe(batch)
         for token_phase, table in zip(("decode", "prefill"), counts):
-            for layer, row in enumerate(table, start=1):
+            for layer, row in enumerate(table):
                 for op, n in enumerate(row):
                     if n:
-                        m.tokens_routed.labels(name, str(layer), OPERATORS[op], token_phase).inc(n)
+                        self._routed[token_phase, layer, op].inc(n)
         if gate is not None:
             self.metarouter_gate.observe_many(gate)
-        m.flops.labels(name, "executed").inc(executed)
-        m.flops.labels(name, "dense_equivalent").inc(dense)
+        self._flops["executed"].inc(executed)
+        self._flops["dense_equivalent"].inc(dense)
 
     def error(self, endpoint: str, reason: str) -> None:
         self._m.error(endpoint, reason, self.name)

@@ -40,7 +40,7 @@ from server.schemas import (
     ModelList,
     Usage,
 )
-from server.service import ServedModels, Service, sse
+from server.service import ServedModels, Service, off_loop, sse
 from server.stream_usage import StreamUsage
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -94,7 +94,7 @@ def _prompts(svc: Service, body: CompletionRequest) -> list[tuple[list[int] | No
     prompt = body.prompt
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
+    elif prompt and isinstance(prompt[0], int):  # the schema allows ids only after an id
         items = [prompt]
     else:
         items = list(prompt)
@@ -117,6 +117,9 @@ def _prompts(svc: Service, body: CompletionRequest) -> list[tuple[list[int] | No
         else:
             if not item:
                 raise invalid("prompt", f"{where} must not be an empty token list")
+            if len(item) > svc.context:  # before any per-token work (the echo offsets below cost O(n^2))
+                raise invalid("prompt", f"{where} is {len(item)} tokens; the context holds {svc.context}",
+                              code="context_length_exceeded")
             bad = [t for t in item if not 0 <= t < vocab]
             if bad:
                 raise invalid("prompt", f"{where} has token ids outside [0, {vocab}): {bad[:5]}")
@@ -127,19 +130,25 @@ def _prompts(svc: Service, body: CompletionRequest) -> list[tuple[list[int] | No
 async def encode_prompts(svc: Service, items: list[tuple[list[int] | None, str | None]]) -> list[Prompt]:
     """Token ids for the engine (BOS first) plus the echo view of what the client sent."""
     texts = [t for _, t in items if t is not None]
-    encoded = iter(await svc.encode(texts)) if texts else iter(())
+    encoded = iter(await svc.prompt_ids(texts, offsets=True)) if texts else iter(())
     prompts: list[Prompt] = []
     for ids, text in items:
         if text is not None:
-            enc_ids, offsets = next(encoded)
-            prompts.append(Prompt(enc_ids, text, [start for start, _ in offsets[1:]], len(enc_ids) - 1))
+            enc = next(encoded)
+            assert enc.offsets is not None
+            prompts.append(Prompt(enc.ids, text, [start for start, _ in enc.offsets[1:]], len(enc.ids) - 1))
         else:
             sent = list(ids or [])
-            full = sent if sent[0] == svc.bos else [svc.bos, *sent]
-            text = svc.tokenizer.decode(sent, skip_special_tokens=False)
-            offsets = [len(svc.tokenizer.decode(sent[:k], skip_special_tokens=False)) for k in range(len(sent))]
-            prompts.append(Prompt(full, text, offsets, len(sent)))
+            prompts.append(await off_loop(len(sent) ** 2 // 2, lambda sent=sent: id_prompt(svc, sent)))  # a decode per prefix
     return prompts
+
+
+def id_prompt(svc: Service, sent: list[int]) -> Prompt:
+    """A token-id prompt with its text and each token's character offset (a decode per prefix: O(n^2) in the ids)."""
+    full = sent if sent[0] == svc.bos else [svc.bos, *sent]
+    text = svc.tokenizer.decode(sent, skip_special_tokens=False)
+    offsets = [len(svc.tokenizer.decode(sent[:k], skip_special_tokens=False)) for k in range(len(sent))]
+    return Prompt(full, text, offsets, len(sent))
 
 
 async def openai_completions(svc: Service, body: CompletionRequest, request: Request) -> Any:

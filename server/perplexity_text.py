@@ -16,12 +16,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from server.errors import APIError, invalid
 from server.openai_api import ERRORS
 from server.schemas import PerplexityRequest, PerplexityResponse
 from server.service import ServedModels
+from server.settings import Settings
 
 PATH = "/v1/perplexity/text"
 TEXT_BODY_LIMIT = 32 * 1024 * 1024  # 25x WikiText-2 test (1.26 MB)
@@ -52,13 +54,20 @@ def _query(request: Request) -> tuple[int | None, bool]:
     return stride, lp_raw == "true"
 
 
-def body_limit(json_limit: int) -> int:
-    """This route's body limit (never below the server's general one)."""
-    return max(TEXT_BODY_LIMIT, json_limit)
+def body_limit(served: ServedModels, settings: Settings) -> tuple[int, str]:
+    """This route's body limit and why: TEXT_BODY_LIMIT (or the JSON limit, if larger), lowered to the bytes
+    --max-score-tokens tokens can cover, so a body that must have too many tokens is refused before it is read."""
+    limit = max(TEXT_BODY_LIMIT, settings.max_body_bytes)
+    per_token = [svc.encoder.max_token_bytes for svc in served]
+    if all(per_token):
+        bound = settings.max_score_tokens * max(per_token)  # type: ignore[type-var]
+        if bound < limit:
+            return bound, f" (--max-score-tokens {settings.max_score_tokens} tokens of at most {max(per_token)} bytes each)"
+    return limit, ""
 
 
 def register(app: FastAPI, served: ServedModels,
-             score: Callable[[PerplexityRequest, Request], Awaitable[PerplexityResponse]]) -> None:
+             score: Callable[[PerplexityRequest, Request], Awaitable[Response]]) -> None:
     """Add the raw-text perplexity route; `score` is the /v1/perplexity handler."""
 
     context = max(svc.context for svc in served)

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from server.engine import DoneEvent, Engine, ErrorEvent, Event, Job, Unavailable
 from server.errors import APIError, error_body, invalid, overloaded
 from server.middleware import endpoint_label
 from server.settings import Settings
+from server.token_limits import INLINE_CHARS, POOL, Encoded, LimitedEncoder, RunTooLong, TooManyTokens
 
 
 class ClientGone(Exception):
@@ -44,17 +45,36 @@ class Service:
         self.name = engine.name
         self.created = int(time.time())
         self.tokenizer.encode_special_tokens = True  # "<eos>" typed by a user is text, not a control token
+        self.encoder = LimitedEncoder(self.tokenizer, self.bos)
 
     # ---------------------------------------------------------------- tokens
-    def encode_now(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """(BOS + ids, character offsets) of each text, on this thread (`encode` moves long batches off the event loop)."""
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [([self.bos, *e.ids], [(0, 0), *e.offsets]) for e in encodings]
+    def prompt_ids_now(self, texts: list[str], param: str = "prompt", offsets: bool = False) -> list[Encoded]:
+        """BOS + ids of each prompt, on this thread; a prompt over the context is refused before it is tokenized whole
+        (400 context_length_exceeded naming `param`)."""
+        def refuse(where: str, at_least: int) -> str:
+            return f"{where}is at least {at_least + 1} tokens (BOS included); the context holds {self.context}"
 
-    async def encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        if sum(len(t) for t in texts) < 4096:
-            return self.encode_now(texts)
-        return await asyncio.to_thread(self.encode_now, texts)
+        return limited(self.encoder, texts, self.context - 1, per_text=True, offsets=offsets, param=param, refuse=refuse,
+                       code="context_length_exceeded")
+
+    async def prompt_ids(self, texts: list[str], param: str = "prompt", offsets: bool = False) -> list[Encoded]:
+        """`prompt_ids_now`, off the event loop for long texts."""
+        return await off_loop(sum(map(len, texts)), lambda: self.prompt_ids_now(texts, param, offsets))
+
+    def scored_ids_now(self, texts: list[str], param: str, verb: str = "score", encoder: LimitedEncoder | None = None) -> list[Encoded]:
+        """BOS + ids of texts that together may have at most --max-score-tokens ids (400 too_many_tokens beyond),
+        on this thread; `encoder` replaces the service's (the /tokenize route's parses special-token strings)."""
+        limit = self.settings.max_score_tokens
+
+        def refuse(where: str, at_least: int) -> str:
+            return f"is at least {at_least} tokens; one request may {verb} at most {limit} (the server's --max-score-tokens)"
+
+        return limited(encoder or self.encoder, texts, limit, per_text=False, offsets=False, param=param, refuse=refuse,
+                       code="too_many_tokens")
+
+    async def scored_ids(self, texts: list[str], param: str, verb: str = "score", encoder: LimitedEncoder | None = None) -> list[Encoded]:
+        """`scored_ids_now`, off the event loop for long texts."""
+        return await off_loop(sum(map(len, texts)), lambda: self.scored_ids_now(texts, param, verb, encoder))
 
     def new_tokens(self, asked: int | None, default: int, param: str, prompt: list[int]) -> int:
         """A request's new-token count: `asked` up to max_new_tokens (400 naming `param` beyond), else `default`
@@ -198,6 +218,29 @@ class ServedModels:
         if request is not None:
             request.state.model = svc.name
         return svc
+
+
+def limited(encoder: LimitedEncoder, texts: list[str], limit: int, *, per_text: bool, offsets: bool, param: str,
+            refuse: Callable[[str, int], str], code: str) -> list[Encoded]:
+    """`encoder.encode` with its refusals as 400s naming `param`: refuse(where, at least this many tokens) words a
+    count over `limit`; a text that cannot be cut into pieces gets run_too_long."""
+    try:
+        return encoder.encode(texts, limit, per_text=per_text, offsets=offsets)
+    except TooManyTokens as exc:
+        where = f"{param}[{exc.index}] " if per_text and len(texts) > 1 else ""
+        raise invalid(param, refuse(where, exc.at_least), code=code) from None
+    except RunTooLong as exc:
+        where = f"{param}[{exc.index}] " if len(texts) > 1 else ""
+        raise invalid(param, f"{where}has more than {exc.max_run} characters from character {exc.start} without whitespace "
+                             "after a word; long texts are tokenized in pieces cut at such whitespace", code="run_too_long") from None
+
+
+async def off_loop(size: int, fn: Callable[[], Any]) -> Any:
+    """fn() on the tokenizer pool when its work (`size` characters or tokens) is large, else at once (below
+    INLINE_CHARS it takes about a millisecond)."""
+    if size < INLINE_CHARS:
+        return fn()
+    return await asyncio.get_running_loop().run_in_executor(POOL, fn)
 
 
 def timeout_error() -> APIError:

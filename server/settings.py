@@ -81,6 +81,8 @@ class Settings(BaseModel):
     dtype: Literal[DTYPES] = Field("auto", description="weights dtype: " + ", ".join(DTYPES) + " (auto: as stored)")
     max_batch_size: int = Field(0, ge=0, description="most sequences decoded together (0: from the KV-cache budget, at most 256)")
     max_tokens_per_step: int = Field(4096, ge=1, description="most prefill + scoring tokens in one engine step")
+    score_stretch: float = Field(1.25, ge=1.0, description="while sequences decode, scoring chunks may lengthen a step to at most "
+                                 "this many times its decode-only time (a perplexity flood cannot slow the streams beyond that)")
     step_target_ms: float = Field(50.0, gt=0, description="target engine step time (bounds the inter-token latency); prefill and "
                                   "scoring chunks are sized from the measured throughput to fit it")
     kv_cache_mb: float = Field(512.0, gt=0, description="KV-cache memory budget in MiB; admission counts each sequence's actual routed cache against it")
@@ -91,10 +93,20 @@ class Settings(BaseModel):
     api_key: ApiKey = Field(None, description="require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)")
     cors_origins: CommaList = Field([], description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body; larger ones get 413")
+    max_inflight_body_bytes: int = Field(8_388_608, ge=1, description="most bytes of request bodies all in-flight requests "
+                                         "hold together; a body beyond it gets 503 + Retry-After (one larger than it, 413)")
     max_prompts: int = Field(16, ge=1, description="most prompts/texts in one request")
     model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the API (default: checkpoint directory "
                                                         "name); only with one checkpoint")
-    threads: Annotated[int | None, NoneWord] = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    threads: Annotated[int | None, NoneWord] = Field(None, ge=1, description="intra-op threads of the model's forward (default: "
+                                                     "the cores available minus one, at least one: the HTTP side keeps a core, "
+                                                     "since a parallel step stalls whenever one of its threads loses its core)")
+    serial_below: int = Field(256, ge=0, description="a step carrying fewer tokens than this runs its forward on one thread: "
+                              "small steps lose more to thread hand-offs (and to the HTTP thread taking a core) than a second "
+                              "core gives them; 0: every step on --threads")
+    kernels: Literal["auto", "native", "eager"] = Field("auto", description="the inference step's kernels: native (csrc/, float32 on "
+                                                        "the CPU: batch-invariant, the fast path), eager (PyTorch ops, any device and "
+                                                        "dtype), auto: native where they can run, else eager")
     drain_timeout: float = Field(30.0, gt=0, description="seconds SIGTERM waits for in-flight requests")
     warmup: bool = Field(True, description="run warm-up forwards before /ready turns 200")
     log_level: str = Field("info", description="uvicorn log level")
@@ -102,9 +114,17 @@ class Settings(BaseModel):
     max_new_tokens: Annotated[int | None, NoneWord] = Field(
         None, ge=1, description="most new tokens one request may ask for per choice (max_tokens, max_completion_tokens, "
         "max_new_tokens; 400 beyond, and declared in /openapi.json); default: what each model's context leaves")
-    max_score_tokens: int = Field(131_072, ge=1, description="most tokens one perplexity request may score (400 beyond)")
+    malloc_trim: bool = Field(True, description="give freed heap memory back to the OS after request bursts (glibc "
+                              "malloc_trim whenever the RSS grew by 16 MiB; docs/ARCHITECTURE.md)")
+    max_score_tokens: int = Field(131_072, ge=1, description="most tokens one perplexity or tokenize request may score or "
+                                  "return (400 beyond, refused before the text is tokenized whole)")
     fault_inject: Annotated[str | None, NoneWord, AfterValidator(_fault_spec)] = Field(
         None, description="testing only: STAGE:TOKEN_ID makes requests containing that token fail at STAGE (model, sample, score)")
+
+    @property
+    def forward_threads(self) -> int:
+        """--threads, or the cores this process may run on minus one (at least one)."""
+        return self.threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
     @property
     def served_model_name(self) -> str:

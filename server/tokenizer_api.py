@@ -27,7 +27,8 @@ from server.openai_schemas import (
     TokenizerInfo,
     VllmTokenizeResponse,
 )
-from server.service import ServedModels
+from server.service import ServedModels, off_loop
+from server.token_limits import LimitedEncoder
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def _parsing(tokenizer: Tokenizer) -> Tokenizer:
 def register(app: FastAPI, served: ServedModels) -> None:
     """Add the tokenizer routes to `app`."""
     template = templates(served)
-    parsers = {svc.name: _parsing(svc.tokenizer) for svc in served}
+    parsers = {svc.name: LimitedEncoder(_parsing(svc.tokenizer), svc.bos) for svc in served}
 
     @app.post("/tokenize", response_model=VllmTokenizeResponse, response_model_exclude_none=True, responses=ERRORS,
               tags=["tokenizer"], openapi_extra=TOKENIZE_BODY)
@@ -73,13 +74,14 @@ def register(app: FastAPI, served: ServedModels) -> None:
         body = await parse_tokenize(request)
         svc = served.get(body.model, request)
         if isinstance(body, TokenizeChat):
-            ids = template[svc.name].encode(svc, body.messages, body.add_generation_prompt)
-            if not body.add_special_tokens:
-                ids = ids[1:]
+            chat = template[svc.name]
+            messages, prompt = body.messages, body.add_generation_prompt
+            size = sum(len(m.text()) for m in messages)
+            ids = await off_loop(size, lambda: chat.encode(svc, messages, prompt, tokenize=True))
         else:
-            ids = parsers[svc.name].encode(body.prompt, add_special_tokens=False).ids
-            if body.add_special_tokens:
-                ids = [svc.bos, *ids]
+            ids = (await svc.scored_ids([body.prompt], "prompt", "tokenize", encoder=parsers[svc.name]))[0].ids
+        if not body.add_special_tokens:
+            ids = ids[1:]
         strs = [svc.engine.token_str(i) for i in ids] if body.return_token_strs else None
         return VllmTokenizeResponse(count=len(ids), max_model_len=svc.max_model_len, tokens=ids, token_strs=strs)
 
@@ -90,7 +92,8 @@ def register(app: FastAPI, served: ServedModels) -> None:
         bad = [i for i, t in enumerate(body.tokens) if t >= vocab]
         if bad:
             raise invalid("tokens", f"tokens[{bad[0]}] = {body.tokens[bad[0]]} is outside [0, {vocab})")
-        return DetokenizeResponse(prompt=svc.tokenizer.decode(body.tokens, skip_special_tokens=False))
+        tokens = body.tokens
+        return DetokenizeResponse(prompt=await off_loop(len(tokens), lambda: svc.tokenizer.decode(tokens, skip_special_tokens=False)))
 
     settings = {svc.name: hf_settings(svc.checkpoint) for svc in served}
 

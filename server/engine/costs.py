@@ -30,10 +30,7 @@ def account(parts: list[Part], step: StepOutput, result: RunnerOutput, model: to
     """Each request's routing counts and attended pairs, the step's per-phase counts and its FLOPs
     (pricing is linear, so the step prices from its sums)."""
     skips = [min(len(p.tokens), max(0, _holder(p).costed - p.start)) for p in parts]  # type: ignore[union-attr]
-    index = torch.cat([torch.tensor([len(parts)] * skip + [k] * (len(p.tokens) - skip), dtype=torch.long)
-                       for k, (p, skip) in enumerate(zip(parts, skips))])  # bucket len(parts): positions priced before
-    counts = routing_counts(step.operator, index, len(parts) + 1).numpy()
-    pairs = attended_pairs(step.keys_seen, index, len(parts) + 1).numpy()
+    counts, pairs = _per_part(parts, skips, step)
     total = RequestCost()
     total.add(counts.sum(0), pairs.sum(0), 0, 0, 0)
     decode = np.zeros(counts.shape[1:], dtype=np.int64)
@@ -49,6 +46,21 @@ def account(parts: list[Part], step: StepOutput, result: RunnerOutput, model: to
     assert total.counts is not None
     result.counts = [decode.tolist(), (total.counts - decode).tolist()]
     result.executed_flops, result.dense_flops = total.price(model)
+
+
+def _per_part(parts: list[Part], skips: list[int], step: StepOutput) -> tuple[np.ndarray, np.ndarray]:
+    """Routing counts and attended pairs of each part's positions not priced before, and of those that
+    were in one more bucket (index len(parts)); the forward's per-span counts when nothing was."""
+    n = len(parts)
+    if not any(skips):  # the usual step: spans are the parts, in order
+        sizes = [len(p.tokens) for p in parts]
+        index = torch.arange(n) if len(sizes) == len(step.operator) else torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))
+        counts = np.asarray(step.span_counts, dtype=np.int64)
+        counts = np.concatenate([counts, np.zeros_like(counts[:1])])
+        return counts, attended_pairs(step.keys_seen, index, n + 1).numpy()
+    index = torch.cat([torch.tensor([n] * skip + [k] * (len(p.tokens) - skip), dtype=torch.long)
+                       for k, (p, skip) in enumerate(zip(parts, skips))])
+    return routing_counts(step.operator, index, n + 1).numpy(), attended_pairs(step.keys_seen, index, n + 1).numpy()
 
 
 def cost_cached(job: Job, window: Window | None, hit: CachedPrefix) -> None:

@@ -94,9 +94,13 @@ class Engine:
         self.scheduler = Scheduler(SchedulerLimits(
             max_batch_size=max_batch, queue_size=settings.queue_size, max_step_tokens=settings.max_tokens_per_step,
             step_target_seconds=settings.step_target_ms / 1000.0, kv_budget_bytes=budget, kv_bytes_per_token=per_token,
-            max_seq_len=self.config.max_seq_len, kv_rounding_bytes=model.attention_layers() * PagedKVCache.bytes_per_block(model)))
+            max_seq_len=self.config.max_seq_len, kv_rounding_bytes=model.attention_layers() * PagedKVCache.bytes_per_block(model),
+            score_stretch=settings.score_stretch))
         faults = FaultInjector.parse(settings.fault_inject)
-        self.runner = ModelRunner(model, cache, faults, PrefixCache(model, cache) if settings.prefix_cache else None)
+        model.set_kernels(settings.kernels)
+        model.kernels.freeze()  # served weights never change: no per-step check for edited weights
+        self.runner = ModelRunner(model, cache, faults, PrefixCache(model, cache) if settings.prefix_cache else None,
+                                  settings.serial_below)
         self.scheduler.prefix = self.runner  # rows are taken at admission, from the prefix cache where it has them
         self.preemptions = 0
         self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults,
@@ -188,7 +192,8 @@ class Engine:
             self.fatal = exc
             return
         self._ready.set()
-        log.info("engine %r ready on %s (batch cap %d)", self.name, self.device, self.scheduler.limits.max_batch_size)
+        log.info("engine %r ready on %s (batch cap %d, %s kernels)", self.name, self.device, self.scheduler.limits.max_batch_size,
+                 self.model.kernels.name)
         while True:
             with self._cv:
                 while not (self.scheduler.has_work or self._stopping):

@@ -62,12 +62,15 @@ class PrefixStats:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, faults: FaultInjector, prefix: PrefixCache | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, faults: FaultInjector, prefix: PrefixCache | None = None,
+                 serial_below: int = 0) -> None:
         self.model = model
         self.cache = cache
         self.faults = faults
         self.prefix = prefix
         self.stats = PrefixStats()
+        self.serial_below = serial_below  # steps of fewer tokens run on one thread
+        self.threads = torch.get_num_threads()
         self.device = next(model.parameters()).device
         self.rows: dict[tuple[str, int], int] = {}
 
@@ -177,10 +180,14 @@ class ModelRunner:
 
     def _fit(self, parts: list[Part]) -> tuple[list[Part], list[PrefillChunk | ScoreChunk]]:
         """Decode tokens always (the engine made room for them); chunks in order within the blocks left at
-        worst case, evicting cached prefixes for them, cut to what fits or else deferred."""
+        worst case, evicting cached prefixes for them, cut to what fits or else deferred (a growable cache
+        grows instead)."""
+        needs = self.cache.blocks_needed([(self.rows.get(p.key), len(p.tokens)) for p in parts])
+        if self.cache.growable:
+            self.cache.reserve(sum(needs))
+            return parts, []
         kept: list[Part] = []
         deferred: list[PrefillChunk | ScoreChunk] = []
-        needs = self.cache.blocks_needed([(self.rows.get(p.key), len(p.tokens)) for p in parts])
         taken = sum(need for part, need in zip(parts, needs) if part.chunk is None)
         self.make_room(taken)
         for part, need in zip(parts, needs):
@@ -256,6 +263,10 @@ class ModelRunner:
             wanted += range(start + part.logits_from, start + len(part.tokens))
             start += len(part.tokens)
         batch = TokenBatch.build(self.cache, [(p.row, p.tokens) for p in parts], wanted, self.device)
+        batch.fitted = True  # `_fit` made room for the worst case
+        threads = 1 if len(batch) < self.serial_below else self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         out = self.model.forward_step(batch, self.cache)
         at = 0
         for part in parts:

@@ -7,6 +7,9 @@ budget goes to chunks of work: prompt prefill (generation lane) and scoring wind
   step's decode tokens) / measured seconds per chunk token, so the same setting fits a 2-core CPU
   and a GPU. With nothing decoding a step may take 4 targets (no stream to keep smooth).
 - When both lanes have work each gets half the budget; a lane's unused share goes to the other.
+- While sequences decode, scoring may lengthen a step to at most `score_stretch` times its
+  decode-only time (`score_cap`): a perplexity flood cannot slow the streams down beyond that,
+  while prompts of new generations keep the full budget (their time to first token).
 - Within a lane, the request with the fewest input tokens left goes first, aged: a request that has
   waited as long as it takes to process N tokens counts N tokens shorter, so nothing starves.
 - Long prompts and long scoring windows are cut into chunks that fit the lane's share; a prompt is
@@ -30,6 +33,7 @@ from server.engine.outputs import PrefillChunk, Reuse, RunnerOutput, SchedulerOu
 from server.engine.requests import GenerateJob, Job, ScoreJob, Unavailable, Window
 
 MIN_CHUNK = 16  # no chunk smaller than this unless it ends the prompt, and no remainder smaller than this is left
+MIN_SCORE_CHUNK = 4  # the scoring tokens a step carries however tight `score_cap` is
 IDLE_STEP_FACTOR = 4  # with nothing decoding, a step may take this many step targets
 # Routing varies with the text: one sequence's attending share can sit a few percent above the
 # measured mean (0.63-0.68 against 0.63 on the test model), so admission reserves 10% above it.
@@ -46,6 +50,7 @@ class SchedulerLimits:
     kv_bytes_per_token: float  # K+V of one token attending in every attention layer
     max_seq_len: int
     kv_rounding_bytes: float = 0.0  # a sequence's last, partly filled block in each attention layer
+    score_stretch: float = 1.25  # while sequences decode, a step with scoring takes at most this x its decode-only time
 
 
 @dataclass
@@ -200,6 +205,14 @@ class Scheduler:
             spare = IDLE_STEP_FACTOR * self.limits.step_target_seconds - self.cost.fixed_seconds
         return self.cost.budget(spare, MIN_CHUNK, self.limits.max_step_tokens)
 
+    def score_cap(self) -> int:
+        """Scoring tokens a step may carry: while sequences decode, what keeps the step within
+        `score_stretch` times its decode-only time (at least MIN_SCORE_CHUNK, so scoring progresses)."""
+        if not self.running:
+            return self.limits.max_step_tokens
+        spare = (self.limits.score_stretch - 1.0) * self.cost.decode_seconds(len(self.running))
+        return self.cost.budget(spare, MIN_SCORE_CHUNK, self.limits.max_step_tokens)
+
     def _reserve(self, job: GenerateJob, cached: int | None = None) -> float:
         """KV bytes a generation request may still add (measured share of attending tokens); `cached`: the
         input tokens it will start with (default: those in its row)."""
@@ -316,7 +329,7 @@ class Scheduler:
         score_work = bool(self.scoring) or any(isinstance(j, ScoreJob) for j in self.waiting)
         gen_share = budget // 2 if (gen_work and score_work) else budget
         used = self._generation_lane(gen_share, now, prefill, reused)
-        used += self._scoring_lane(budget - used, now, score, reused)
+        used += self._scoring_lane(min(budget - used, self.score_cap()), now, score, reused)
         if used < budget:  # the scoring lane left some of its share
             used += self._generation_lane(budget - used, now, prefill, reused)
         return SchedulerOutput(list(self.running), prefill, score, expired, budget, reused)

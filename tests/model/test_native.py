@@ -178,3 +178,19 @@ def test_freed_rows_return_every_block() -> None:
         model.decode_step(torch.tensor([token] * 3), state)
     DecodeState(cache, state.rows).release()
     assert cache.free_blocks == cache.n_blocks and cache.n_rows_used == 0
+
+
+def test_the_forward_grows_the_rotary_tables_the_kernels_read() -> None:
+    """Tables start at 32768 positions (a long-context config must not pay for them at load); a token
+    past them gets its table rows before the native attention reads them."""
+    model = make_model(tiny_config(d_model=32, n_heads=4, d_ff=48, max_seq_len=70_000), seed=1).float().eval()
+    model.set_kernels("native")
+    assert model.rope.cos.shape[0] == 32768
+    cache = model.new_cache(rows=1, tokens_per_row=8)
+    row = cache.allocate()
+    cache.positions[row] = 40_000  # as if 40000 tokens had been seen: only RoPE reads the position
+    out = model.forward_step(TokenBatch.build(cache, [(row, [3, 4])]), cache)
+    assert model.rope.cos.shape[0] >= 40_002 and torch.isfinite(out.logits).all()
+    full = copy.deepcopy(model.rope)
+    full.cover(69_999)
+    torch.testing.assert_close(model.rope.cos, full.cos[: model.rope.cos.shape[0]], rtol=0, atol=0)

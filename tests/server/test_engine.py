@@ -28,12 +28,9 @@ def completion(url: str, prompt: list[int], **kw: object) -> httpx.Response:
 
 
 def comparable(r: httpx.Response) -> str:
-    """The response's text, tokens and usage, byte for byte (log-probabilities are compared apart: float
-    sums over a different batch differ in the last bits)."""
+    """The response's text, tokens, log-probabilities and usage, byte for byte (the kernels are batch-invariant)."""
     body = r.json()
-    choices = [{**c, "logprobs": {k: v for k, v in c["logprobs"].items() if k in ("tokens", "text_offset")}}
-               for c in body["choices"]]
-    return json.dumps({"choices": choices, "usage": body["usage"]}, sort_keys=True)
+    return json.dumps({"choices": body["choices"], "usage": body["usage"]}, sort_keys=True)
 
 
 def logprobs(r: httpx.Response) -> list[float | None]:
@@ -64,8 +61,6 @@ def test_a_failing_request_fails_alone(faulty_server: tuple[str, ServerProcess])
         assert bad.json()["error"]["code"] == "internal_error"
         assert [r.status_code for r in clean] == [200] * len(CLEAN_PROMPTS)
         assert [comparable(r) for r in clean] == alone
-        for r, ref in zip(clean, first):
-            assert logprobs(r) == pytest.approx(logprobs(ref), abs=1e-4)
     # the culprit's stream gets an SSE error event; the server is still healthy afterwards
     if stage != "score":
         with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": CULPRIT, "max_tokens": 8, "stream": True},

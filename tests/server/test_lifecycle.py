@@ -58,6 +58,10 @@ def test_bad_settings_exit_2(tiny_checkpoint: Path) -> None:
     assert result.returncode == 2 and "--queue-size" in result.stderr
     result = run_server()
     assert result.returncode == 2 and "--checkpoint" in result.stderr
+    # the native kernels compute in float32 on the CPU: asked for with another dtype, a clear refusal
+    result = run_server("--checkpoint", str(tiny_checkpoint), "--kernels", "native", "--dtype", "bfloat16")
+    assert result.returncode == 2 and "--kernels" in result.stderr and "float32" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_ready_is_503_until_warmed_up(tiny_checkpoint: Path) -> None:

@@ -11,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.engine.requests import GenerateJob, GenParams, ScoreJob
-from server.engine.scheduler import MIN_CHUNK, CostModel, Scheduler, SchedulerLimits, StepStats, chunk_size
+from server.engine.scheduler import (
+    MIN_CHUNK,
+    MIN_SCORE_CHUNK,
+    CostModel,
+    Scheduler,
+    SchedulerLimits,
+    StepStats,
+    chunk_size,
+)
 from tests.server.conftest import REPO
 from tests.support import ran
 
@@ -39,10 +47,14 @@ def score(n_tokens: int, window: int = 128, arrival: float = 0.0) -> ScoreJob:
 
 
 def run_step(s: Scheduler, now: float, seconds_per_token: float = 1e-4):
-    """schedule, pretend the runner ran it, update; prompts that complete start decoding."""
+    """schedule, pretend the runner ran it, update; prompts that complete start decoding, and a
+    generation ends after its max_new_tokens (as the output processor would end it)."""
     out = s.schedule(now)
     started = [c.job for c in out.prefill if c.last]
-    s.update_from_output(out, ran(out, seconds_per_token), [], started, 0, (0, 0))
+    for job in [*out.decode, *started]:
+        job.tokens.append(0)
+    finished = [j for j in [*out.decode, *started] if len(j.tokens) >= j.params.max_new_tokens]
+    s.update_from_output(out, ran(out, seconds_per_token), finished, started, 0, (0, 0))
     s.drop([job for job in s.scoring if not job.pending])  # the output processor ends scoring jobs with no window left
     return out
 
@@ -69,7 +81,6 @@ def test_no_step_exceeds_its_budget_and_all_work_finishes(prompts: list[int], te
         assert all(c.end > c.start for c in [*out.prefill, *out.score])
         assert all(c.end - c.start >= MIN_CHUNK or c.last for c in out.prefill)
     assert not (s.waiting or s.prefilling or s.scoring), "work left over"
-    assert len(s.running) == len(prompts)
     assert all(job.prefilled == len(job.prompt_ids) for job in s.running)
 
 
@@ -138,6 +149,22 @@ def test_the_budget_leaves_room_for_the_running_decodes() -> None:
     s.cost.fixed_seconds, s.cost.decode_seconds_per_token, s.cost.chunk_seconds_per_token = 0.005, 1e-3, 1e-4
     s.running = [gen(3) for _ in range(20)]
     assert abs(s.budget() - (0.05 - 0.005 - 0.020) / 1e-4) <= 1
+
+
+def test_scoring_cannot_stretch_a_decoding_step_beyond_its_bound() -> None:
+    s = Scheduler(limits(step_target_seconds=0.05, max_batch_size=16))
+    s.cost.fixed_seconds, s.cost.decode_seconds_per_token, s.cost.chunk_seconds_per_token = 0.002, 1e-4, 1e-4
+    s.add([score(100_000)])
+    assert s.schedule(0.0).score_tokens == s.budget()  # nothing decodes: the whole budget
+    s.running = [gen(3) for _ in range(8)]
+    decode = s.cost.decode_seconds(8)  # 2.8 ms
+    out = s.schedule(0.01)
+    predicted = decode + out.score_tokens * s.cost.chunk_seconds_per_token
+    assert out.score_tokens >= MIN_SCORE_CHUNK and predicted <= s.limits.score_stretch * decode + 1e-9
+    # prompts of new generations are not held to it (their first token waits on them)
+    s.add([gen(200)])
+    out = s.schedule(0.02)
+    assert out.prefill_tokens > out.score_tokens
 
 
 @settings(max_examples=200, deadline=None)
