@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -327,8 +327,8 @@ def bookkeeping(checkpoint: Path, tokens: int, rows: int = 16, steps: int = 32) 
         t0 = time.perf_counter()
         for k, (row, seq) in enumerate(zip(live, seqs)):
             seq.append(5)
-            one = step.__class__(step.logits[k:k + 1], step.operator[k:k + 1], step.entropy[k:k + 1],
-                                 None if step.gate is None else step.gate[k:k + 1], step.counts, step.keys_seen[k:k + 1])
+            one = replace(step, logits=step.logits[k:k + 1], operator=step.operator[k:k + 1], entropy=step.entropy[k:k + 1],
+                          gate=None if step.gate is None else step.gate[k:k + 1], keys_seen=step.keys_seen[k:k + 1])
             prefix.record(processed(row, starts[k], seq, one))
         out["decode record"].append(time.perf_counter() - t0)
     return {k: 1000 * statistics.median(v) for k, v in out.items()}
