@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from server.engine import DoneEvent, Engine, ErrorEvent, Event, Job, Unavailable
 from server.errors import APIError, error_body, invalid, overloaded
+from server.id_offsets import IdOffsets
 from server.middleware import endpoint_label
 from server.settings import Settings
 from server.token_limits import INLINE_CHARS, POOL, Encoded, LimitedEncoder, RunTooLong, TooManyTokens
@@ -46,6 +47,7 @@ class Service:
         self.created = int(time.time())
         self.tokenizer.encode_special_tokens = True  # "<eos>" typed by a user is text, not a control token
         self.encoder = LimitedEncoder(self.tokenizer, self.bos)
+        self.id_offsets = IdOffsets(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
 
     # ---------------------------------------------------------------- tokens
     def prompt_ids_now(self, texts: list[str], param: str = "prompt", offsets: bool = False) -> list[Encoded]:
