@@ -10,7 +10,8 @@
 3. capacity: cached prefix tokens under one budget, CHIAR vs baseline (distinct prompts until the cache evicts).
 4. mixed load at 4x the budget: generations and scoring requests at once under a small `--kv-cache-mb`:
    failed requests, preemptions, evictions, and the peak of `chiar_kv_cache_bytes{used}` (polled) vs the limit.
-5. design: a row started from a cached `--system-tokens` prefix by sharing its blocks vs copying them (in process).
+5. design: a row started from a cached `--system-tokens` prefix by sharing its blocks vs copying them, and what
+   recording costs (in process, bench/prefix_inprocess.py).
 
     python -m bench.prefix [--chiar DIR] [--baseline DIR] [--quick] [--skip-lm-eval] [--write BENCHMARKS.md]
 """
@@ -28,12 +29,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from bench.longtext import long_texts
+from bench.prefix_inprocess import Design, bookkeeping, designs, server_threads
 from bench.report import machine_line, relative, write_section
 from loadtests.metrics_snapshot import samples
 from loadtests.server_process import ROOT, ServerProcess
@@ -231,109 +233,6 @@ def kv_share(url: str, checkpoint: Path, text: str) -> float:
     return (routed * (cfg["n_layers"] - 2) + 1) / (cfg["n_layers"] - 1)
 
 
-# ---------------------------------------------------------------------------- 5. sharing vs copying, bookkeeping
-@dataclass
-class Design:
-    mode: str
-    attach_ms: float
-    kib_per_row: float
-    step_ms: float  # the row's first forward after attaching (the rest of its prompt)
-
-
-def processed(row: int, start: int, ids: list[int], step: object, logp: object = None, logits_from: int | None = None) -> object:
-    from server.engine.prefix_cache import Processed
-
-    n = len(step.operator)  # type: ignore[attr-defined]
-    return Processed(row, start, ids[start: start + n], ids, step.operator.numpy(), step.entropy.numpy(),  # type: ignore[attr-defined]
-                     None if step.gate is None else step.gate.numpy(), (step.keys_seen > 0).numpy(),  # type: ignore[attr-defined]
-                     logp, n if logits_from is None else logits_from)  # type: ignore[arg-type]
-
-
-def designs(checkpoint: Path, tokens: int, rows: int = 8) -> list[Design]:
-    """A cached prefix of `tokens` tokens; `rows` rows start from it by sharing its blocks or by copying them,
-    the two designs interleaved so machine load hits both alike."""
-
-    from model import load_checkpoint
-    from model.kv_cache import PagedKVCache
-    from model.step import TokenBatch
-    from server.engine.prefix_cache import PrefixCache
-
-    model = load_checkpoint(checkpoint)[0].eval()
-    ids = [1, *range(10, 10 + tokens - 1)]
-    caches = {}
-    for mode in ("share", "copy"):
-        cache = PagedKVCache.for_model(model, rows=rows + 2, tokens_per_row=tokens + 64, growable=False)
-        prefix = PrefixCache(model, cache, copy=mode == "copy")
-        first = cache.allocate()
-        prefix.attach(first, ids, outputs=False)
-        prefix.record(processed(first, 0, ids, model.forward_step(TokenBatch.build(cache, [(first, ids)], [len(ids) - 1]), cache)))
-        caches[mode] = (cache, prefix)
-    times: dict[str, tuple[list[float], list[float], list[float]]] = {mode: ([], [], []) for mode in caches}
-    for k in range(rows):
-        for mode, (cache, prefix) in caches.items():
-            prompt = [*ids, 7 + k]  # one more token: the row starts from every full block and computes the rest
-            row, free = cache.allocate(), cache.free_blocks
-            t0 = time.perf_counter()
-            hit = prefix.attach(row, prompt, outputs=False)
-            times[mode][0].append(time.perf_counter() - t0)
-            times[mode][1].append((free - cache.free_blocks) * cache.block_bytes)
-            assert hit is not None
-            t0 = time.perf_counter()
-            model.forward_step(TokenBatch.build(cache, [(row, prompt[hit.tokens:])], [0]), cache)
-            times[mode][2].append(time.perf_counter() - t0)
-    return [Design(mode, 1000 * statistics.median(a), statistics.mean(b) / 1024, 1000 * statistics.median(c)) for mode, (a, b, c) in times.items()]
-
-
-def bookkeeping(checkpoint: Path, tokens: int, rows: int = 16, steps: int = 32) -> dict[str, float]:
-    """What recording costs beside the forward: a `tokens`-token prefill (without and with the logits' log-
-    probabilities, as scoring keeps them), and a decode step of `rows` sequences (ms, medians)."""
-    import torch
-
-    from model import load_checkpoint
-    from model.kv_cache import PagedKVCache
-    from model.step import TokenBatch
-    from server.engine.prefix_cache import PrefixCache
-
-    model = load_checkpoint(checkpoint)[0].eval()
-    cache = PagedKVCache.for_model(model, rows=rows + 4, tokens_per_row=tokens + steps + 16, growable=False)
-    prefix = PrefixCache(model, cache)
-    out: dict[str, list[float]] = {k: [] for k in ("prefill forward", "prefill record", "prefill record with logprobs",
-                                                    "decode forward", "decode record")}
-    for k in range(3):
-        ids = [1, *range(10 + k, 10 + k + tokens - 1)]
-        for key, logits in (("prefill record", False), ("prefill record with logprobs", True)):
-            row = cache.allocate()
-            prefix.attach(row, [99 - k, *ids] if logits else ids, outputs=False)  # distinct prompts: nothing cached
-            seq = [99 - k, *ids] if logits else ids
-            t0 = time.perf_counter()
-            step = model.forward_step(TokenBatch.build(cache, [(row, seq)], None if logits else [len(seq) - 1]), cache)
-            out["prefill forward"].append(time.perf_counter() - t0)
-            logp = torch.log_softmax(step.logits.float(), dim=-1) if logits else None
-            t0 = time.perf_counter()
-            prefix.record(processed(row, 0, seq, step, (lambda lp=logp: lp) if logits else None, 0 if logits else None))
-            out[key].append(time.perf_counter() - t0)
-            prefix.release_row(row)
-            cache.free(row)
-    live = [cache.allocate() for _ in range(rows)]
-    seqs = [[1, 200 + r, *range(10, 40)] for r in range(rows)]
-    for row, seq in zip(live, seqs):
-        prefix.attach(row, seq, outputs=False)
-        prefix.record(processed(row, 0, seq, model.forward_step(TokenBatch.build(cache, [(row, seq)], [len(seq) - 1]), cache)))
-    for _ in range(steps):
-        starts = [cache.positions[row] for row in live]
-        t0 = time.perf_counter()
-        step = model.forward_step(TokenBatch.build(cache, [(row, [5]) for row in live]), cache)
-        out["decode forward"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for k, (row, seq) in enumerate(zip(live, seqs)):
-            seq.append(5)
-            one = replace(step, logits=step.logits[k:k + 1], operator=step.operator[k:k + 1], entropy=step.entropy[k:k + 1],
-                          gate=None if step.gate is None else step.gate[k:k + 1], keys_seen=step.keys_seen[k:k + 1])
-            prefix.record(processed(row, starts[k], seq, one))
-        out["decode record"].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in out.items()}
-
-
 # ---------------------------------------------------------------------------- report
 def p50(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
@@ -390,7 +289,8 @@ def render_memory(args: argparse.Namespace, cap: dict[str, tuple[float, float, f
              f"| {load.requests} | {load.failed} | {load.budget_failures} | {load.preemptions:.0f} | {load.evictions:.0f} | "
              f"{load.peak_used / 2**20:.2f} | {load.limit / 2**20:.2f} | {load.wall_s:.1f} |", "",
              f"- 0 failures from the budget, used never over the limit: {verdict(load.budget_failures == 0 and load.peak_used <= load.limit)}", "",
-             f"**Sharing vs copying a cached prefix** (in process, CHIAR, a {args.system_tokens}-token prefix, 8 rows started from it):", "",
+             f"**Sharing vs copying a cached prefix** (in process, CHIAR, a {args.system_tokens}-token prefix, 8 rows started from it, "
+             f"{args.threads} forward thread(s) as the server's default):", "",
              "| design | attach (ms, p50) | new KV per row (KiB) | first forward after it (ms, p50) |", "|---|---:|---:|---:|"]
     lines += [f"| {d.mode} | {d.attach_ms:.2f} | {d.kib_per_row:.0f} | {d.step_ms:.1f} |" for d in design]
     return [*lines, "", f"**Bookkeeping** (in process, CHIAR): recording the cached blocks of a {args.system_tokens}-token prefill takes "
@@ -448,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     *texts, probe = long_texts(args.chiar, args.prompt_tokens, args.load_requests + 1)
     load = mixed_load(args.chiar, texts, probe, args.prompt_tokens, args.new_tokens, args.load_mb, tmp)
     print("designs ...", flush=True)
+    args.threads = server_threads()
     design = designs(args.chiar, args.system_tokens)
     books = bookkeeping(args.chiar, args.system_tokens)
     body = render(args, relative({"CHIAR": args.chiar, "baseline": args.baseline}), chat_rows, evals, cap, load, design, books)
