@@ -8,7 +8,7 @@ CHECKPOINT ?= checkpoints/chiar-small
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup setup-guidellm bench-guidellm lock-guidellm system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step bench-compile bench-kv bench-gpu loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
+.PHONY: setup setup-guidellm bench-guidellm lock-guidellm system test test-random lint serve experiments bench bench-model bench-server bench-fairness bench-step bench-compile bench-kv bench-prefix bench-gpu loadtest loadtest-sweep loadtest-stress loadtest-flood dashboard lock demo-checkpoints reliability reliability-short clean
 LOADTEST_ARGS ?=
 # e.g. BENCH_SERVER_ARGS=--llamacpp adds llama.cpp's server to the peers (built once from the llama-cpp-python sdist)
 # BENCH_SERVER_ARGS=--long-only runs only the long-context rows (1-2k-token prompts), --no-long skips them
@@ -45,7 +45,7 @@ test-random: setup
 serve: setup
 	$(PY) -m server --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT)
 
-bench: bench-model bench-server bench-fairness bench-step bench-kv bench-guidellm
+bench: bench-model bench-server bench-fairness bench-step bench-kv bench-prefix bench-guidellm
 
 bench-model: setup
 	$(PY) -m bench.model --write BENCHMARKS.md
@@ -70,6 +70,11 @@ bench-compile: setup
 # Concurrent 2k-token sequences under one --kv-cache-mb, CHIAR vs baseline (real servers).
 bench-kv: setup
 	$(PY) -m bench.kv_capacity --write BENCHMARKS.md
+
+# The prefix cache and preemption (real servers): chat TTFT with a cached 1,500-token system prompt, lm-eval
+# multiple choice over shared contexts, cached tokens CHIAR vs baseline, a mixed load at 4x the KV budget.
+bench-prefix: setup
+	$(PY) -m bench.prefix --write BENCHMARKS.md
 
 # GPU readiness: bf16 model tests, a --device cuda server smoke test, CUDA-event layer timings;
 # without CUDA it says so in one line and runs the CPU parts.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -106,6 +107,11 @@ class EagerKernels:
     def logits(self, model: ChiarLM, x: Tensor) -> Tensor:
         return model.lm_head(model.final_norm(x))
 
+    def running_sums(self, start: Tensor, x: Tensor) -> Tensor:
+        """The MetaRouter's running embedding sum after each token of x [n, d], continuing `start` [d], in
+        the order `gate` adds them (a cached prefix stores the sum at its end: server/engine/prefix_cache.py)."""
+        return torch.cat([start[None], x]).cumsum(0)[1:]
+
 
 class NativeKernels:
     """The csrc/ kernels on packed weights (float32 CPU models)."""
@@ -187,6 +193,12 @@ class NativeKernels:
 
     def logits(self, model: ChiarLM, x: Tensor) -> Tensor:
         return self.native.linear(self.rms_norm(model.final_norm, x), self.packs["lm_head"])
+
+    def running_sums(self, start: Tensor, x: Tensor) -> Tensor:
+        """As `EagerKernels.running_sums`: the gate kernel adds token by token in float32, and so does
+        numpy's accumulate (a sequential scan), so the sums are the kernel's to the bit."""
+        sums = np.add.accumulate(torch.cat([start[None], x]).numpy(), axis=0, dtype=np.float32)
+        return torch.from_numpy(sums[1:])
 
 
 Kernels = EagerKernels | NativeKernels

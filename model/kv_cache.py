@@ -8,6 +8,12 @@ count crosses a block boundary (the attention kernel pops them, see `model.kerne
 when the row is freed; rows are allocated and freed in any order, so admitting or finishing a
 request touches only its own blocks (vLLM's paged cache, per layer because routing is per layer).
 
+Blocks can be shared (a cached prefix, server/engine/prefix_cache.py): `shared[b]` counts the
+holders of block b beyond the first, so a block popped by the kernel has exactly one holder at no
+bookkeeping cost, and `drop` returns a block to the free stack only when its last holder lets go.
+A row that starts from shared blocks (`attach`) gets a private copy of each layer's partly filled
+last block, since the kernel appends into it (copy-on-write); full blocks are never written again.
+
 The pool is allocated uninitialised: a block costs resident memory only once a token is written
 into it, and the free stack hands out recently freed blocks first.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,6 +60,7 @@ class PagedKVCache:
         self.values = torch.empty_like(self.keys)
         self.free_stack = torch.arange(blocks - 1, -1, -1, dtype=torch.int32)  # pops block 0 first
         self.free_top = torch.tensor([blocks], dtype=torch.int64)
+        self.shared = np.zeros(blocks, dtype=np.int32)  # holders of each block beyond the first
         self.tables = torch.full((rows, n_layers, self.max_blocks), -1, dtype=torch.int32, device=device)
         self.lengths = torch.zeros((rows, n_layers), dtype=torch.int32, device=device)
         self.embed_sum = torch.zeros((rows, d_model), dtype=dtype, device=device)
@@ -113,13 +121,10 @@ class PagedKVCache:
         return self._free_rows.pop()
 
     def free(self, row: int) -> None:
-        """Give the row's blocks back and make the row available."""
+        """Let go of the row's blocks (back to the free stack unless shared) and make the row available."""
         held = [self.tables[row, layer, : math.ceil(n / BLOCK)] for layer, n in enumerate(self.entries[row]) if n]
         if held:
-            ids = torch.cat(held).to(self.free_stack.device)
-            top = self.free_blocks
-            self.free_stack[top: top + ids.numel()] = ids
-            self.free_top[0] = top + ids.numel()
+            self.drop(torch.cat(held).cpu().numpy())
         self.tables[row] = -1
         self.lengths[row] = 0
         self.entries[row] = [0] * self.n_layers
@@ -149,6 +154,20 @@ class PagedKVCache:
                          if held is not None else len(layers) * -(-n // BLOCK))
         return needs
 
+    def most_tokens(self, row: int | None, blocks: int, at_most: int) -> int:
+        """The most new tokens (up to `at_most`) row `row` (None: a new row) can take within `blocks` blocks,
+        counted as `blocks_needed` counts them."""
+        held = [self.entries[row][layer] for layer in self.attention_layers] if row is not None else [0] * len(self.attention_layers)
+
+        def need(n: int) -> int:
+            return sum(-(-(m + n) // BLOCK) - (-(-m // BLOCK)) for m in held)
+
+        lo, hi = 0, at_most  # need(lo) <= blocks; find the largest such n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if need(mid) <= blocks else (lo, mid - 1)
+        return lo
+
     def advance(self, spans: list[tuple[int, int]], attended: list[list[int]]) -> None:
         """After a forward: each span's row saw its tokens, of which attended[k][layer] took an entry."""
         for (row, n), per_layer in zip(spans, attended):
@@ -175,6 +194,57 @@ class PagedKVCache:
         stack[top: top + new - old] = torch.arange(new - 1, old - 1, -1, dtype=torch.int32)
         self.free_stack = stack
         self.free_top[0] = top + new - old
+        self.shared = np.concatenate([self.shared, np.zeros(new - old, dtype=np.int32)])
+
+    # ------------------------------------------------------------------ sharing
+    def hold(self, blocks: np.ndarray) -> None:
+        """One more holder for each of `blocks` (distinct ids, all in use)."""
+        self.shared[blocks] += 1
+
+    def drop(self, blocks: np.ndarray) -> int:
+        """One holder fewer for each of `blocks` (distinct ids); those nobody holds go back to the free
+        stack. Returns how many did."""
+        blocks = np.asarray(blocks, dtype=np.int32)
+        last = blocks[self.shared[blocks] == 0]
+        self.shared[blocks] = np.maximum(self.shared[blocks] - 1, 0)
+        if last.size:
+            top = self.free_blocks
+            self.free_stack[top: top + last.size] = torch.from_numpy(last)
+            self.free_top[0] = top + last.size
+        return int(last.size)
+
+    def attach(self, row: int, tables: list[list[int]], lengths: list[int], position: int, embed_sum: Tensor,
+               copy: bool = False) -> None:
+        """Start the empty row `row` from a cached prefix: per layer its block ids and entries, the tokens it
+        covers and the MetaRouter sum after them. Full blocks are shared; each layer's partly filled last
+        block is copied, since this row will append to it (with `copy`, every block is: the alternative
+        design, measured in docs/ARCHITECTURE.md). The caller made sure enough blocks are free."""
+        for layer, (ids, n) in enumerate(zip(tables, lengths)):
+            if not ids:
+                continue
+            own = len(ids) if copy else (1 if n % BLOCK else 0)  # blocks this row gets its own copy of
+            shared = np.asarray(ids[: len(ids) - own], dtype=np.int32)
+            if shared.size:
+                self.hold(shared)
+            if own:
+                src = torch.tensor(ids[len(ids) - own:], dtype=torch.long)
+                dst = self.take(own)
+                self.keys[dst.long()] = self.keys[src]
+                self.values[dst.long()] = self.values[src]
+                ids = [*ids[: len(ids) - own], *dst.tolist()]
+            self.tables[row, layer, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+            self.lengths[row, layer] = n
+            self.entries[row][layer] = n
+        self.positions[row] = position
+        self.embed_sum[row] = embed_sum
+
+    def take(self, n: int) -> Tensor:
+        """Pop n blocks off the free stack (the attention kernel pops the same way)."""
+        top = self.free_blocks
+        if n > top:
+            raise RuntimeError(f"KV cache: {n} free blocks needed, {top} left")
+        self.free_top[0] = top - n
+        return self.free_stack[top - n: top].flip(0).clone()
 
     # ------------------------------------------------------------------ undo
     def snapshot(self, rows: list[int]) -> CacheSnapshot:

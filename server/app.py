@@ -142,6 +142,7 @@ def create_app(settings: Settings, models: list[Service], metrics: Metrics) -> F
         if stride > svc.context:
             raise invalid("stride", f"must be <= the context ({svc.context} tokens), got {stride}")
         seqs = [encoded.ids for encoded in await svc.scored_ids(texts, "text")]  # refused before tokenizing past the limit
+        svc.check_score_kv(seqs, "text")
         queue: asyncio.Queue = asyncio.Queue()
         job = ScoreJob(seqs, svc.context, stride, None, routing=body.return_routing, queue=queue, loop=asyncio.get_running_loop(), index=0,
                        timeout=settings.request_timeout)
@@ -209,7 +210,7 @@ def perplexity_response(svc: Service, body: PerplexityRequest, texts: list[str],
         ))
     total = sum(len(s) - 1 for s in seqs)
     return PerplexityResponse(model=svc.name, window=svc.context, stride=stride, results=results,
-                              usage=Usage(prompt_tokens=total, completion_tokens=0, total_tokens=total),
+                              usage=Usage.of(total, 0, sum(result.cached_tokens or [])),
                               timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=None,
                                             total_seconds=result.total_seconds))
 
@@ -238,8 +239,7 @@ def generate_response(svc: Service, rid: str, prompt_ids: list[int], result: Gen
         logprobs = [None, *(e.logprob for e in result.prompt_logprobs), *(e.logprob for e in result.token_logprobs)]
     return GenerateResponse(
         id=rid, model=svc.name, text=result.text, token_ids=result.token_ids, finish_reason=str(result.finish_reason),
-        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                    total_tokens=result.prompt_tokens + result.completion_tokens),
+        usage=Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
         timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=result.ttft_seconds,
                       total_seconds=result.total_seconds),
         flops=flops_of(result.flops_executed, result.flops_dense),

@@ -151,8 +151,7 @@ async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionReq
                    for i, r in enumerate(results)]
         completion = sum(r.completion_tokens for r in results)
         return ChatCompletionResponse(id=rid, created=created, model=svc.name, choices=choices,
-                                      usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                                                  total_tokens=prompt_tokens + completion))
+                                      usage=Usage.of(prompt_tokens, completion, results[0].cached_tokens))
 
     usage = StreamUsage.of(body.stream_options, [prompt_tokens] * body.n, prompt_tokens)
 
@@ -176,7 +175,7 @@ async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionReq
                     yield chunk([{"index": j, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}],
                                 usage.of_choice(j))
             elif isinstance(event, DoneEvent):
-                usage.finished(j, event.result.completion_tokens)  # type: ignore[union-attr]
+                usage.finished(j, event.result.completion_tokens, event.result.cached_tokens if j == 0 else 0)  # type: ignore[union-attr]
                 yield chunk([{"index": j, "delta": {}, "logprobs": None,
                               "finish_reason": _finish(event.result.finish_reason)}], usage.of_choice(j))  # type: ignore[union-attr]
         if usage.include:

@@ -138,7 +138,19 @@ class Metrics:
                                         [m], registry=r)
         self.max_step_score_tokens = Gauge("chiar_step_score_tokens_max", "Most scoring tokens one step processed while "
                                            "sequences were decoding (since start).", [m], registry=r)
-        self.kv_cache = Gauge("chiar_kv_cache_bytes", "KV-cache bytes held by running sequences, and the budget.", [m, "kind"], registry=r)
+        self.kv_cache = Gauge("chiar_kv_cache_bytes", "KV-cache bytes in use (running sequences and cached prefixes), and the budget.",
+                              [m, "kind"], registry=r)
+        self.prefix_queried = Counter("chiar_prefix_cache_queried_tokens", "Input tokens of new sequences looked up in the prefix cache.",
+                                      [m], registry=r)
+        self.prefix_hits = Counter("chiar_prefix_cache_hit_tokens", "Looked-up tokens taken from the prefix cache instead of computed.",
+                                   [m], registry=r)
+        self.prefix_evictions = Counter("chiar_prefix_cache_evictions", "Cached blocks of 8 tokens evicted (least recently used first).",
+                                        [m], registry=r)
+        self.prefix_bytes = Gauge("chiar_prefix_cache_bytes", "KV-cache bytes of cached prefixes (running sequences may share them).",
+                                  [m], registry=r)
+        self.prefix_tokens = Gauge("chiar_prefix_cache_tokens", "Tokens of cached prefixes.", [m], registry=r)
+        self.preemptions = Counter("chiar_preemptions", "Sequences preempted (freed and requeued for recompute) to keep the KV budget.",
+                                   [m], registry=r)
         self.model_info = Gauge("chiar_model_info", "Served model (value 1).", [m, "arch", "params", "checkpoint"], registry=r)
 
     def for_model(self, name: str, n_layers: int) -> ModelMetrics:
@@ -170,6 +182,13 @@ class ModelMetrics:
         self.step_over_budget = metrics.step_over_budget.labels(name)
         self.max_step_score_tokens = metrics.max_step_score_tokens.labels(name)
         self.metarouter_gate = metrics.metarouter_gate.labels(name)
+        self.prefix_queried = metrics.prefix_queried.labels(name)
+        self.prefix_hits = metrics.prefix_hits.labels(name)
+        self.prefix_evictions = metrics.prefix_evictions.labels(name)
+        self.prefix_bytes = metrics.prefix_bytes.labels(name)
+        self.prefix_tokens = metrics.prefix_tokens.labels(name)
+        self.preemptions = metrics.preemptions.labels(name)
+        self._prefix_totals = (0, 0, 0, 0)  # queried, hits, evictions, preemptions as last recorded
         self._m = metrics
         # every labelled child bound once: the engine records every step, a labels() lookup each time costs
         self._routed = {(phase, layer, op): metrics.tokens_routed.labels(name, str(layer + 1), label, phase)
@@ -200,6 +219,17 @@ class ModelMetrics:
             self.max_step_score_tokens.set(score)
         self._kv["used"].set(kv_used)
         self._kv["limit"].set(kv_limit)
+
+    def record_prefix(self, queried: int, hits: int, evictions: int, cached_bytes: int, cached_tokens: int, preemptions: int) -> None:
+        """The prefix cache's and the preemptions' running totals (counters move by what changed)."""
+        totals = (queried, hits, evictions, preemptions)
+        for counter, now, before in zip((self.prefix_queried, self.prefix_hits, self.prefix_evictions, self.preemptions), totals,
+                                        self._prefix_totals):
+            if now > before:
+                counter.inc(now - before)
+        self._prefix_totals = totals
+        self.prefix_bytes.set(cached_bytes)
+        self.prefix_tokens.set(cached_tokens)
 
     def update_queues(self, waiting_generate: int, waiting_score: int, running: int, budget: int) -> None:
         self._queue["generate"].set(waiting_generate)

@@ -144,10 +144,11 @@ async def encode_prompts(svc: Service, items: list[tuple[list[int] | None, str |
 
 
 def id_prompt(svc: Service, sent: list[int]) -> Prompt:
-    """A token-id prompt with its text and each token's character offset (a decode per prefix: O(n^2) in the ids)."""
+    """A token-id prompt with its text and each token's character offset (a decode per prefix not shared with a
+    recent prompt: O(n^2) in the new ids)."""
     full = sent if sent[0] == svc.bos else [svc.bos, *sent]
     text = svc.tokenizer.decode(sent, skip_special_tokens=False)
-    offsets = [len(svc.tokenizer.decode(sent[:k], skip_special_tokens=False)) for k in range(len(sent))]
+    offsets = svc.id_offsets.offsets(sent)  # from recent prompts' offsets where they start alike
     return Prompt(full, text, offsets, len(sent))
 
 
@@ -167,6 +168,7 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
     jobs: list[Job] = []
     if sent == 0:
         if want_prompt_lp:
+            svc.check_score_kv([pr.ids for pr in prompts], "prompt")
             jobs.append(ScoreJob([pr.ids for pr in prompts], svc.context, svc.context, body.logprobs, queue=queue, loop=loop,
                                  index=0, timeout=svc.settings.request_timeout))
     else:
@@ -234,10 +236,12 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                 results[job.index] = r
                 echoes[job.index] = r.prompt_logprobs
         completion_tokens = sum(r.completion_tokens for r in results if r)
+        # each prompt once, as prompt_tokens counts it: its first choice's cached tokens
+        cached = sum(score.cached_tokens or []) if jobs and isinstance(jobs[0], ScoreJob) else \
+            sum(r.cached_tokens for i, r in enumerate(results) if r and i % body.n == 0)
         return CompletionResponse(id=rid, created=created, model=svc.name,
                                   choices=[choice(i, results[i], echoes[i]) for i in range(n_choices)],
-                                  usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=prompt_tokens + completion_tokens))
+                                  usage=Usage.of(prompt_tokens, completion_tokens, cached))
 
     usage = StreamUsage.of(body.stream_options, [len(prompts[i // body.n].ids) for i in range(n_choices)], prompt_tokens)
 
@@ -255,6 +259,7 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                 async for event in svc.events(jobs, queue, None):
                     if isinstance(event, DoneEvent):
                         score = event.result  # type: ignore[assignment]
+                        usage.finished(0, 0, sum(score.cached_tokens or []))  # type: ignore[union-attr]
             for i in range(n_choices):
                 p = i // body.n
                 entries = scored_entries(score, p) if score is not None else None
@@ -283,7 +288,7 @@ async def openai_completions(svc: Service, body: CompletionRequest, request: Req
                         yield chunk(i, event.text, None, lp)
                 elif isinstance(event, DoneEvent):
                     result: GenerationResult = event.result  # type: ignore[assignment]
-                    usage.finished(i, result.completion_tokens)
+                    usage.finished(i, result.completion_tokens, result.cached_tokens if i % body.n == 0 else 0)
                     yield chunk(i, "", "length" if result.finish_reason == "length" else "stop")
         if usage.include:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": [],

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from server.engine import DoneEvent, Engine, ErrorEvent, Event, Job, Unavailable
 from server.errors import APIError, error_body, invalid, overloaded
+from server.id_offsets import IdOffsets
 from server.middleware import endpoint_label
 from server.settings import Settings
 from server.token_limits import INLINE_CHARS, POOL, Encoded, LimitedEncoder, RunTooLong, TooManyTokens
@@ -46,6 +47,7 @@ class Service:
         self.created = int(time.time())
         self.tokenizer.encode_special_tokens = True  # "<eos>" typed by a user is text, not a control token
         self.encoder = LimitedEncoder(self.tokenizer, self.bos)
+        self.id_offsets = IdOffsets(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
 
     # ---------------------------------------------------------------- tokens
     def prompt_ids_now(self, texts: list[str], param: str = "prompt", offsets: bool = False) -> list[Encoded]:
@@ -108,6 +110,15 @@ class Service:
         raise invalid(param, f"prompt ({n_prompt} tokens) + {new_param} ({new_tokens}) needs about {need / 2**20:.2f} MiB of "
                       f"KV cache at the measured attention share {share:.2f}; the server's KV-cache budget "
                       f"(--kv-cache-mb) is {budget / 2**20:.2f} MiB", code="kv_cache_exceeded")
+
+    def check_score_kv(self, seqs: list[list[int]], param: str) -> None:
+        """A scoring request whose longest window could never fit the KV budget is refused (400) like a generation."""
+        longest = max((min(len(ids) - 1, self.context) for ids in seqs), default=0)
+        need, budget, share = self.engine.kv_needed(longest)
+        if longest and need > budget:
+            raise invalid(param, f"has a window of {longest} tokens that needs about {need / 2**20:.2f} MiB of KV cache at the "
+                          f"measured attention share {share:.2f}; the server's KV-cache budget (--kv-cache-mb) is "
+                          f"{budget / 2**20:.2f} MiB", code="kv_cache_exceeded")
 
     # ---------------------------------------------------------------- jobs
     def submit(self, jobs: list[Job]) -> None:
@@ -245,6 +256,8 @@ def engine_error(event: ErrorEvent) -> APIError:
         return APIError(499, "request cancelled", code="cancelled", reason="cancelled")
     if event.reason == "shutdown":
         return APIError(503, event.message, code="shutdown", type_="server_error", reason="shutdown")
+    if event.reason == "kv_cache_exceeded":  # it outgrew the whole pool alone (routing above the measured share)
+        return APIError(400, event.message, code="kv_cache_exceeded", reason="validation")
     return APIError(500, event.message, code="internal_error", type_="server_error", reason="internal")
 
 

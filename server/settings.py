@@ -86,6 +86,8 @@ class Settings(BaseModel):
     step_target_ms: float = Field(50.0, gt=0, description="target engine step time (bounds the inter-token latency); prefill and "
                                   "scoring chunks are sized from the measured throughput to fit it")
     kv_cache_mb: float = Field(512.0, gt=0, description="KV-cache memory budget in MiB; admission counts each sequence's actual routed cache against it")
+    prefix_cache: bool = Field(True, description="reuse the routed KV of prompt prefixes already computed (cached inside the KV "
+                               "budget, least recently used evicted first); --no-prefix-cache turns it off")
     queue_size: int = Field(64, ge=0, description="most sequences waiting; beyond it requests get 503 + Retry-After")
     request_timeout: float = Field(120.0, gt=0, description="seconds from arrival to the last token before a request is cancelled")
     api_key: ApiKey = Field(None, description="require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)")
@@ -178,6 +180,12 @@ def layered(cls: type[BaseModel], argv: Sequence[str] | None, environ: Mapping[s
             raw[name], given_by[name] = environ[env_name(name)], env_name(name)
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for name, info in cls.model_fields.items():
+        if info.annotation is bool:  # `--name` alone means true, `--no-name` false; `--name false` works too
+            parser.add_argument(flag(name), dest=name, default=None, metavar=name.upper(), nargs="?", const="true",
+                                help=f"{info.description} [env {env_name(name)}]")
+            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const="false",
+                                help=f"same as {flag(name)} false")
+            continue
         parser.add_argument(flag(name), dest=name, default=None, metavar=name.upper(), action="append" if name in REPEATABLE else "store",
                             help=f"{info.description} [env {env_name(name)}]")
     for name, value in vars(parser.parse_args(argv)).items():

@@ -9,6 +9,7 @@ has generated up to and including the chunk), as vLLM does; load generators read
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.schemas import StreamOptions
 
@@ -22,6 +23,7 @@ class StreamUsage:
     prompt_tokens: list[int]  # of each choice's prompt (BOS counted once)
     total_prompt_tokens: int  # what the final usage reports (each prompt once, whatever `n` is)
     completion: list[int] = field(init=False)
+    cached: int = 0  # prompt tokens taken from the prefix cache (each prompt once)
 
     def __post_init__(self) -> None:
         self.completion = [0] * len(self.prompt_tokens)
@@ -34,9 +36,11 @@ class StreamUsage:
     def generated(self, choice: int, tokens: int) -> None:
         self.completion[choice] += tokens
 
-    def finished(self, choice: int, tokens: int) -> None:
-        """The choice's final count (the engine's, which also counts tokens a stop string cut)."""
+    def finished(self, choice: int, tokens: int, cached: int = 0) -> None:
+        """The choice's final count (the engine's, which also counts tokens a stop string cut), and the cached
+        prompt tokens it adds to the totals."""
         self.completion[choice] = tokens
+        self.cached += cached
 
     def of_choice(self, choice: int) -> dict[str, int] | None:
         """The usage a chunk of `choice` carries: its counts so far with continuous stats, else None."""
@@ -45,7 +49,7 @@ class StreamUsage:
         prompt, done = self.prompt_tokens[choice], self.completion[choice]
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
-    def totals(self) -> dict[str, int]:
+    def totals(self) -> dict[str, Any]:
         done = sum(self.completion)
         return {"prompt_tokens": self.total_prompt_tokens, "completion_tokens": done,
-                "total_tokens": self.total_prompt_tokens + done}
+                "total_tokens": self.total_prompt_tokens + done, "prompt_tokens_details": {"cached_tokens": self.cached}}

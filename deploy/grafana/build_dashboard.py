@@ -81,6 +81,25 @@ def share_thresholds() -> dict[str, Any]:
                                           {"color": "red", "value": 0.95}]}
 
 
+def prefix_panels() -> list[dict[str, Any]]:
+    """The prefix cache's row: hit rate, cached tokens, evictions and preemptions."""
+    return [
+        row("Prefix cache and preemption"),
+        panel("Prefix-cache hit rate", [
+            target(f"sum by (model) (rate(chiar_prefix_cache_hit_tokens_total{{{SEL}}}[{RATE}]))"
+                   f" / sum by (model) (rate(chiar_prefix_cache_queried_tokens_total{{{SEL}}}[{RATE}]))", "{{model}}"),
+        ], "percentunit", defaults={"min": 0, "max": 1},
+            description="Share of new sequences' input tokens taken from the prefix cache instead of computed."),
+        panel("Cached prefix tokens", [
+            target(f"sum by (model) (chiar_prefix_cache_tokens{{{SEL}}})", "{{model}}"),
+        ], "short"),
+        panel("Evictions and preemptions", [
+            target(f"sum by (model) (rate(chiar_prefix_cache_evictions_total{{{SEL}}}[{RATE}]))", "{{model}} evicted blocks/s"),
+            target(f"sum by (model) (rate(chiar_preemptions_total{{{SEL}}}[{RATE}]))", "{{model}} preemptions/s"),
+        ], "short", description="A preempted sequence is freed and recomputed from its tokens (from its cached prefix where it can)."),
+    ]
+
+
 def panels() -> list[dict[str, Any]]:
     """All panels, in display order."""
     return [
@@ -139,7 +158,8 @@ def panels() -> list[dict[str, Any]]:
         panel("Step time", quantiles("chiar_step_seconds", "model", (0.5, 0.95, 0.99)), "s"),
         panel("KV cache", [
             target(f"sum by (model, kind) (chiar_kv_cache_bytes{{{SEL}}})", "{{model}} {{kind}}"),
-        ], "bytes"),
+            target(f"sum by (model) (chiar_prefix_cache_bytes{{{SEL}}})", "{{model}} cached prefixes"),
+        ], "bytes", description="used = running sequences + cached prefixes (evicted on demand); it never exceeds the limit."),
         panel("Batch size by phase", [
             target(f"sum by (phase) (rate(chiar_batch_size_sum{{{SEL}}}[{RATE}]))"
                    f" / sum by (phase) (rate(chiar_batch_size_count{{{SEL}}}[{RATE}]))", "mean {{phase}}"),
@@ -152,6 +172,7 @@ def panels() -> list[dict[str, Any]]:
         panel("Model", [
             target(f"chiar_model_info{{{SEL}}}", "", format="table", instant=True, range=False),
         ], "none", kind="table", options={"showHeader": True}),
+        *prefix_panels(),
     ]
 
 

@@ -17,6 +17,8 @@ from model.kv_cache import PagedKVCache
 from model.step import TokenBatch
 from server.engine.output import OutputProcessor
 from server.engine.outputs import RunnerOutput, SchedulerOutput, ScoreChunk
+from server.engine.preemption import make_room
+from server.engine.prefix_cache import PrefixCache
 from server.engine.requests import Job, Outbox, Unavailable
 from server.engine.runner import FaultInjector, ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerLimits, StepStats
@@ -85,11 +87,10 @@ class Engine:
         per_token = model.kv_bytes_per_token()
         budget = int((settings.kv_cache_mb if kv_cache_mb is None else kv_cache_mb) * 2**20)
         max_batch = settings.max_batch_size or auto_batch_cap(model, budget)
-        # the cache is a fixed pool of the budget's blocks: used KV can never exceed the limit
-        # a pool of the budget's blocks; it can grow past the budget only when routing beats admission's
-        # headroom (no preemption yet), which chiar_kv_cache_bytes{kind="used"} then shows
+        # the cache is a fixed pool of the budget's blocks, cached prefixes included: used KV never exceeds
+        # the limit; when the running sequences outgrow it the engine preempts (`_make_room`)
         blocks = max(1, budget // PagedKVCache.bytes_per_block(model))
-        cache = PagedKVCache.for_model(model, rows=max_batch, blocks=blocks, growable=True)
+        cache = PagedKVCache.for_model(model, rows=max_batch, blocks=blocks, growable=False)
         self.scheduler = Scheduler(SchedulerLimits(
             max_batch_size=max_batch, queue_size=settings.queue_size, max_step_tokens=settings.max_tokens_per_step,
             step_target_seconds=settings.step_target_ms / 1000.0, kv_budget_bytes=budget, kv_bytes_per_token=per_token,
@@ -98,7 +99,10 @@ class Engine:
         faults = FaultInjector.parse(settings.fault_inject)
         model.set_kernels(settings.kernels)
         model.kernels.freeze()  # served weights never change: no per-step check for edited weights
-        self.runner = ModelRunner(model, cache, faults, settings.serial_below)
+        self.runner = ModelRunner(model, cache, faults, PrefixCache(model, cache) if settings.prefix_cache else None,
+                                  settings.serial_below)
+        self.scheduler.prefix = self.runner  # rows are taken at admission, from the prefix cache where it has them
+        self.preemptions = 0
         self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults,
                                       lambda cost: cost.price(model))
         self._cv = threading.Condition()
@@ -123,7 +127,7 @@ class Engine:
         return EngineStatus(ready=self.ready, draining=self._draining, failed=self.fatal is not None,
                             waiting_generate=s.waiting_generate, waiting_score=s.waiting_score, running=s.running + s.prefilling,
                             scoring=s.scoring, max_batch_size=self.scheduler.limits.max_batch_size, budget_tokens=s.budget_tokens,
-                            kv_used_bytes=self.scheduler.kv_used_bytes, kv_budget_bytes=s.kv_budget_bytes,
+                            kv_used_bytes=self.runner.kv_used_bytes(), kv_budget_bytes=s.kv_budget_bytes,
                             retry_after=s.retry_after, cut_requests=self.cut_requests)
 
     def start(self) -> None:
@@ -232,6 +236,7 @@ class Engine:
             if not self.scheduler.has_work:
                 return None
             out = self.scheduler.schedule(time.perf_counter())
+            self.preemptions += make_room(self.scheduler, self.runner, out)
         t0 = time.perf_counter()
         try:
             ro = self._run(out)
@@ -243,7 +248,10 @@ class Engine:
         seconds = time.perf_counter() - t0
         if self._record:
             self.metrics.record_step(len(ro.decode), sum(len(p.tokens) for p in ro.prefill), sum(len(p.tokens) for p in ro.score),
-                                     out.budget, seconds, self.scheduler.kv_used_bytes, self.scheduler.limits.kv_budget_bytes)
+                                     out.budget, seconds, self.runner.kv_used_bytes(), self.scheduler.limits.kv_budget_bytes)
+            prefix = self.runner.prefix
+            self.metrics.record_prefix(self.runner.stats.queries, self.runner.stats.hits, prefix.evicted if prefix else 0,
+                                       prefix.cached_bytes if prefix else 0, prefix.cached_tokens if prefix else 0, self.preemptions)
         self._update_gauges()
         return StepReport(len(ro.decode), ro.tokens - len(ro.decode), ro.seconds, seconds)
 
@@ -251,6 +259,12 @@ class Engine:
         for job, reason in out.expired:
             job.fail(reason, f"request {reason}" + ("" if job.admitted else " while waiting"))
         self.runner.release([j for j, _ in out.expired])
+        for reuse in out.reused:  # outputs of cached prefixes come first, in order
+            self.output.book_reuse(reuse)
+        bad = [r.job for r in out.reused if r.job.done]
+        for job in bad:
+            out.drop(job, None)
+        self.runner.release(bad)
         if self._record:
             for job in [*(c.job for c in out.prefill), *(c.job for c in out.score)]:
                 if not job.wait_recorded and job.admitted is not None:
@@ -266,8 +280,9 @@ class Engine:
             if chunk.last:
                 self.runner.release_window(chunk.job, chunk.window.index)
         self.runner.release(ended)
+        ended += bad
         with self._cv:
-            self.scheduler.update_from_output(out, ro, ended, started, self.runner.kv_used_bytes(), self.runner.kv_tokens())
+            self.scheduler.update_from_output(out, ro, ended, started, self.runner.kv_held_bytes(), self.runner.kv_tokens())
         return ro
 
     def _update_gauges(self) -> None:
@@ -294,6 +309,8 @@ class Engine:
         cache, model = self.runner.cache, self.model
         try:
             n = min(64, self.config.max_seq_len - 8)
+            while n > 4 and sum(cache.blocks_needed([(None, n + 3), (None, 7)])) > cache.n_blocks:  # a small pool: a shorter prompt
+                n -= 1
             ids = [(3 + i) % (self.config.vocab_size - 1) for i in range(n)]
             rows = [cache.allocate() for _ in range(2)]
             for _ in range(2):  # the second round's timings count (the first pays for first-call costs)

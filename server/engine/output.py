@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
 from model import FinishReason, Operator, StoppingCriteria, make_generator, sample_tokens
-from server.engine.outputs import Part, PrefillChunk, RunnerOutput, ScoreChunk
+from server.engine.outputs import Part, PrefillChunk, Reuse, RunnerOutput, ScoreChunk
+from server.engine.prefix_cache import TOP, CachedPrefix
 from server.engine.requests import (
     DoneEvent,
     GenerateJob,
@@ -27,6 +29,7 @@ from server.engine.requests import (
     ScoreJob,
     ScoreResult,
     TokenEvent,
+    Window,
 )
 from server.engine.runner import FaultInjector
 from server.metrics import ModelMetrics
@@ -42,14 +45,51 @@ def nan_to_none(values: list) -> list:
     return [None if (v is None or v != v) else v for v in values]
 
 
+def cached_top(prefix: CachedPrefix, position: int, top_n: int) -> dict[int, float] | None:
+    """The top `top_n` alternatives a cached prefix kept at `position` (it keeps TOP, the API's most)."""
+    if top_n <= 0:
+        return None
+    assert prefix.top_ids is not None and prefix.top_logprobs is not None
+    return dict(zip(prefix.top_ids[position, :top_n].tolist(), prefix.top_logprobs[position, :top_n].tolist()))
+
+
 def logprob_entries(logp: Tensor, targets: list[int], top_n: int) -> list[LogprobEntry]:
     """logp [T, V] log-probabilities; one entry per target token."""
     chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
     if top_n > 0:
-        values, indices = logp.topk(top_n, dim=-1)
-        tops = [dict(zip(ix, vs)) for ix, vs in zip(indices.tolist(), values.tolist())]
+        values, indices = logp.topk(max(TOP, top_n), dim=-1)  # TOP, then the first top_n: as a cached prefix keeps them
+        tops = [dict(zip(ix[:top_n], vs[:top_n])) for ix, vs in zip(indices.tolist(), values.tolist())]
         return [LogprobEntry(t, lp, top) for t, lp, top in zip(targets, chosen, tops)]
     return [LogprobEntry(t, lp) for t, lp in zip(targets, chosen)]
+
+
+def book_prompt(job: GenerateJob, lo: int, hi: int, operator: Any, entropy: Any, gate: Any, entries: list[LogprobEntry] | None) -> None:
+    """Prompt positions [lo, hi), the next ones not booked: their routing (tensors or arrays) and logprob entries."""
+    assert lo == job.booked, (lo, job.booked)
+    if job.routing is not None:
+        job.routing.operator += operator.tolist()
+        job.routing.entropy += nan_to_none(entropy.tolist())
+        job.routing.gate += [None] * (hi - lo) if gate is None else nan_to_none(gate.tolist())
+    if job.prompt_logprobs is not None and entries is not None:
+        job.prompt_logprobs += entries
+    job.booked = hi
+
+
+def book_scored(job: ScoreJob, win: Window, lo: int, hi: int, chosen: list[float], tops: list[dict] | None, ops: Tensor, entropy: Any,
+                gate: Any) -> None:
+    """Scored input positions [lo, hi) of a window: log-likelihoods, alternatives, routing counts and trace."""
+    job.logprobs[win.seq][lo: hi] = chosen
+    if tops is not None and job.top is not None:
+        job.top[win.seq][lo: hi] = tops
+    counts = torch.zeros(ops.shape[1], N_OPERATORS, dtype=torch.long)
+    layer_idx = torch.arange(ops.shape[1]).expand_as(ops)
+    counts.index_put_((layer_idx.reshape(-1), ops.reshape(-1)), torch.ones(ops.numel(), dtype=torch.long), accumulate=True)
+    job.counts[win.seq] = counts if job.counts[win.seq] is None else job.counts[win.seq] + counts
+    if job.routing is not None:
+        trace = job.routing[win.seq]
+        trace.operator[lo:hi] = ops.tolist()
+        trace.entropy[lo:hi] = nan_to_none(entropy.tolist())
+        trace.gate[lo:hi] = [None] * (hi - lo) if gate is None else nan_to_none(gate.tolist())
 
 
 class OutputProcessor:
@@ -84,7 +124,9 @@ class OutputProcessor:
             assert isinstance(job, GenerateJob) and isinstance(part.chunk, PrefillChunk)
             try:
                 self._book_prompt_chunk(job, part)
-                if part.chunk.last:
+                if part.chunk.last and job.resumed:  # recomputed after a preemption: its next token is known
+                    started.append(job)
+                elif part.chunk.last:
                     self._start(job)
                     sample.append(part)
                     started.append(job)
@@ -98,6 +140,8 @@ class OutputProcessor:
 
     def _start(self, job: GenerateJob) -> None:
         """The prompt is in the cache: the request's stream, generator and stopping rules, once."""
+        if job.stream is not None:  # preempted before its first token: it started once already
+            return
         job.stream = TextStream(self.tokenizer, job.params.stop)
         job.generator = make_generator(job.params.seed)
         job.criteria = StoppingCriteria(job.params.max_new_tokens, self.max_seq_len, None if job.params.ignore_eos else self.eos)
@@ -124,21 +168,48 @@ class OutputProcessor:
         return ended
 
     def _book_prompt_chunk(self, job: GenerateJob, part: Part) -> None:
+        """Routing and prompt logprobs of the chunk's prompt positions not booked yet (a recompute adds none)."""
         chunk = part.chunk
         assert isinstance(chunk, PrefillChunk)
-        if self.record:
-            self.metrics.prompt_tokens.inc(chunk.end - chunk.start)
-        if job.routing is not None:
-            operator, entropy, gate = part.routing()
-            job.routing.operator += operator.tolist()
-            job.routing.entropy += nan_to_none(entropy.tolist())
-            job.routing.gate += [None] * operator.shape[0] if gate is None else nan_to_none(gate.tolist())
+        lo, hi = max(chunk.start, job.booked), min(chunk.end, len(job.prompt_ids))
+        if hi <= lo:
+            return
+        rows = slice(lo - chunk.start, hi - chunk.start)
+        operator, entropy, gate = part.routing()
+        entries = None
         if job.prompt_logprobs is not None:
-            targets = job.prompt_ids[chunk.start + 1: chunk.end + 1]  # the last position predicts a new token
-            if targets:
-                assert part.logits is not None
-                logp = torch.log_softmax(part.logits[: len(targets)].float(), dim=-1)
-                job.prompt_logprobs += logprob_entries(logp, targets, job.params.prompt_logprobs or 0)
+            targets = job.prompt_ids[lo + 1: hi + 1]  # the last position predicts a new token
+            entries = logprob_entries(part.log_probs()[rows][: len(targets)], targets, job.params.prompt_logprobs or 0) if targets else []
+        self._book_prompt(job, lo, hi, operator[rows], entropy[rows], None if gate is None else gate[rows], entries)
+
+    def _book_prompt(self, job: GenerateJob, lo: int, hi: int, operator: Any, entropy: Any, gate: Any,
+                     entries: list[LogprobEntry] | None) -> None:
+        if self.record:
+            self.metrics.prompt_tokens.inc(hi - lo)
+        book_prompt(job, lo, hi, operator, entropy, gate, entries)
+
+    def book_reuse(self, reuse: Reuse) -> None:
+        """A sequence started from a cached prefix: book the prefix's outputs as if its forwards had run."""
+        job, window, prefix = reuse.job, reuse.window, reuse.prefix
+        try:
+            if window is not None:
+                assert isinstance(job, ScoreJob)
+                self._book_cached_window(job, window, prefix)
+                return
+            assert isinstance(job, GenerateJob)
+            lo, hi = job.booked, min(prefix.tokens, len(job.prompt_ids))
+            if hi <= lo:
+                return
+            entries = None
+            if job.prompt_logprobs is not None:
+                assert prefix.logprob is not None and prefix.top_ids is not None and prefix.top_logprobs is not None
+                n = job.params.prompt_logprobs or 0
+                entries = [LogprobEntry(job.prompt_ids[p + 1], float(prefix.logprob[p]), cached_top(prefix, p, n))
+                           for p in range(lo, min(hi, len(job.prompt_ids) - 1))]
+            self._book_prompt(job, lo, hi, prefix.operator[lo:hi], prefix.entropy[lo:hi],
+                              None if prefix.gate is None else prefix.gate[lo:hi], entries)
+        except Exception as exc:
+            self._fail(job, f"prompt processing failed: {type(exc).__name__}")
 
     def _sample(self, jobs: list[GenerateJob], logits: Tensor, ended: list[Job]) -> list[tuple[int, GenerateJob, int, Tensor]]:
         """Batched sampling; rows that cannot be sampled fail alone (and are added to `ended`)."""
@@ -198,7 +269,7 @@ class OutputProcessor:
             completion_tokens=len(job.tokens), queue_seconds=(job.admitted or now) - job.arrival,
             ttft_seconds=(job.first_token - job.arrival) if job.first_token else None, total_seconds=now - job.arrival,
             flops_executed=executed, flops_dense=dense, routing=job.routing, prompt_logprobs=job.prompt_logprobs,
-            token_logprobs=job.token_logprobs if job.params.logprobs is not None else None)
+            token_logprobs=job.token_logprobs if job.params.logprobs is not None else None, cached_tokens=job.cached_tokens)
         job.post(DoneEvent(job.index, result))
 
     # ------------------------------------------------------------------ scoring
@@ -231,35 +302,40 @@ class OutputProcessor:
         chunk = part.chunk
         assert isinstance(chunk, ScoreChunk) and part.logits is not None
         win = chunk.window
-        seq = job.seqs[win.seq]
         first = win.begin + chunk.start  # input position of the chunk's first row
-        lo = first + part.logits_from  # first input position whose target is scored (the runner computed logits from it)
-        hi = win.begin + chunk.end
+        computed = first + part.logits_from  # first input position whose logits the runner computed
+        lo, hi = max(computed, win.begin + win.booked), win.begin + chunk.end  # a recompute books nothing twice
         if self.record:
-            self.metrics.prompt_tokens.inc(chunk.end - chunk.start)
+            self.metrics.prompt_tokens.inc(max(0, chunk.end - max(chunk.start, win.booked)))
         if hi > lo:
-            logp = torch.log_softmax(part.logits.float(), dim=-1)
-            targets = seq[lo + 1: hi + 1]
+            logp = part.log_probs()[lo - computed: hi - computed]
+            targets = job.seqs[win.seq][lo + 1: hi + 1]
             chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
-            job.logprobs[win.seq][lo: hi] = chosen
+            tops = None
             if job.top is not None and job.top_n:
-                values, indices = logp.topk(job.top_n, dim=-1)
-                for i, (ix, vs) in enumerate(zip(indices.tolist(), values.tolist())):
-                    job.top[win.seq][lo + i] = dict(zip(ix, vs))
+                values, indices = logp.topk(TOP, dim=-1)  # TOP, then the first top_n: as a cached prefix keeps them
+                tops = [dict(zip(ix[: job.top_n], vs[: job.top_n])) for ix, vs in zip(indices.tolist(), values.tolist())]
             operator, entropy, gate = part.routing()
             rows = slice(lo - first, hi - first)
-            ops = operator[rows].long().cpu()  # [n, L]
-            counts = torch.zeros(ops.shape[1], N_OPERATORS, dtype=torch.long)
-            layer_idx = torch.arange(ops.shape[1]).expand_as(ops)
-            counts.index_put_((layer_idx.reshape(-1), ops.reshape(-1)), torch.ones(ops.numel(), dtype=torch.long), accumulate=True)
-            job.counts[win.seq] = counts if job.counts[win.seq] is None else job.counts[win.seq] + counts
-            if job.routing is not None:
-                trace = job.routing[win.seq]
-                trace.operator[lo:hi] = operator[rows].tolist()
-                trace.entropy[lo:hi] = nan_to_none(entropy[rows].tolist())
-                trace.gate[lo:hi] = [None] * (hi - lo) if gate is None else nan_to_none(gate[rows].tolist())
+            book_scored(job, win, lo, hi, chosen, tops, operator[rows].long().cpu(), entropy[rows],
+                              None if gate is None else gate[rows])
+        win.booked = max(win.booked, chunk.end)
         if chunk.last:
             job.windows_left -= 1
+
+    def _book_cached_window(self, job: ScoreJob, win: Window, prefix: CachedPrefix) -> None:
+        """A window started from a cached prefix: its scored positions among the cached ones."""
+        if self.record:
+            self.metrics.prompt_tokens.inc(max(0, prefix.tokens - win.booked))
+        lo, hi = max(win.score_from - 1, win.begin + win.booked), win.begin + prefix.tokens
+        if hi > lo:
+            assert prefix.logprob is not None
+            rows = slice(lo - win.begin, hi - win.begin)
+            tops = [cached_top(prefix, p, job.top_n) or {} for p in range(rows.start, rows.stop)] \
+                if job.top is not None and job.top_n else None
+            book_scored(job, win, lo, hi, prefix.logprob[rows].tolist(), tops, torch.from_numpy(prefix.operator[rows]).long(),
+                              prefix.entropy[rows], None if prefix.gate is None else prefix.gate[rows])
+        win.booked = max(win.booked, prefix.tokens)
 
     def _finish_score(self, job: ScoreJob) -> None:
         now = time.perf_counter()
@@ -268,4 +344,4 @@ class OutputProcessor:
         job.post(DoneEvent(job.index, ScoreResult(
             logprobs=job.logprobs, top=job.top, counts=[c.tolist() if c is not None else [] for c in job.counts], windows=job.n_windows,
             queue_seconds=(job.admitted or now) - job.arrival, total_seconds=now - job.arrival, routing=job.routing,
-            flops=[list(self.price(cost)) for cost in job.costs])))
+            flops=[list(self.price(cost)) for cost in job.costs], cached_tokens=job.cached_tokens)))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from model.step import StepOutput
+    from server.engine.prefix_cache import CachedPrefix
 
 
 @dataclass
@@ -27,7 +28,7 @@ class PrefillChunk:
 
     @property
     def last(self) -> bool:
-        return self.end == len(self.job.prompt_ids)
+        return self.end == len(self.job.input_ids)
 
     @property
     def whole(self) -> bool:
@@ -53,12 +54,28 @@ class ScoreChunk:
 
 
 @dataclass
+class Reuse:
+    """A row that starts from a cached prefix (taken at admission): its outputs are booked before its chunks."""
+
+    job: Job
+    window: Window | None  # the scoring window, None for a generation request
+    prefix: CachedPrefix
+
+
+@dataclass
 class SchedulerOutput:
     decode: list[GenerateJob]
     prefill: list[PrefillChunk]
     score: list[ScoreChunk]
     expired: list[tuple[Job, str]]
     budget: int  # chunk tokens this step may spend
+    reused: list[Reuse] = field(default_factory=list)
+
+    def drop(self, job: Job, window: Window | None) -> None:
+        """Take a preempted sequence's work out of this step."""
+        self.decode = [j for j in self.decode if j is not job]
+        self.prefill = [c for c in self.prefill if c.job is not job]
+        self.score = [c for c in self.score if not (c.job is job and (window is None or c.window is window))]
 
     @property
     def prefill_tokens(self) -> int:
@@ -86,6 +103,17 @@ class Part:
     logits: Tensor | None = None  # [n, V] the rows of the step's logits that are this part's
     output: StepOutput | None = None
     span: slice = field(default_factory=lambda: slice(0))  # the part's tokens in the flat batch
+    start: int = 0  # the row's position before the part
+    _logp: Tensor | None = None
+
+    def log_probs(self) -> Tensor:
+        """log-softmax of the part's logits in float32, computed once (the prefix cache and booking share it)."""
+        if self._logp is None:
+            import torch  # here: this module stays importable without torch
+
+            assert self.logits is not None
+            self._logp = torch.log_softmax(self.logits.float(), dim=-1)
+        return self._logp
 
     @property
     def stage(self) -> str:

@@ -116,6 +116,7 @@ class GenerationResult:
     routing: RoutingTrace | None
     prompt_logprobs: list[LogprobEntry] | None
     token_logprobs: list[LogprobEntry] | None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 @dataclass
@@ -128,6 +129,7 @@ class ScoreResult:
     total_seconds: float
     routing: list[RoutingTrace] | None = None  # per sequence, per input position (return_routing)
     flops: list[list[float]] | None = None  # per sequence: [executed, dense]
+    cached_tokens: list[int] | None = None  # per sequence: input tokens taken from the prefix cache
 
 
 @dataclass
@@ -194,6 +196,7 @@ class Job:
         self.arrival = time.perf_counter()
         self.deadline = self.arrival + timeout
         self.admitted: float | None = None
+        self.admission = 0  # order of the latest admission (preemption frees the most recent first)
         self.wait_recorded = False  # queue wait observed in the metrics
         self.outbox: Outbox | None = None  # set by the engine: events leave once per step
         self.cancel_reason: str | None = None
@@ -227,7 +230,14 @@ class GenerateJob(Job):
         super().__init__(**kw)
         self.prompt_ids = prompt_ids
         self.params = params
-        self.prefilled = 0  # prompt tokens already in the cache
+        # what prefill feeds: the prompt, or after a preemption the prompt and the tokens generated but the last
+        # (the last sampled token is the next decode input), recomputed from the prefix cache where it can
+        self.input_ids = prompt_ids
+        self.prefilled = 0  # input tokens already in the cache
+        self.booked = 0  # prompt positions whose routing, logprobs and counts are booked (a recompute books none twice)
+        self.costed = 0  # positions whose routing is in `cost` (a cached prefix is priced as if computed, a recompute not again)
+        self.cached_tokens = 0  # prompt tokens the first admission took from the prefix cache
+        self.preemptions = 0
         self.tokens: list[int] = []
         self.token_logprobs: list[LogprobEntry] = []
         self.prompt_logprobs: list[LogprobEntry] | None = [] if params.prompt_logprobs is not None else None
@@ -241,7 +251,12 @@ class GenerateJob(Job):
         self.criteria: StoppingCriteria | None = None
 
     def remaining_tokens(self) -> int:
-        return len(self.prompt_ids) - self.prefilled
+        return len(self.input_ids) - self.prefilled
+
+    @property
+    def resumed(self) -> bool:
+        """Preempted after sampling: its prefill recomputes the cache and samples nothing."""
+        return bool(self.tokens)
 
     def cost_of(self, seq: int) -> RequestCost:
         return self.cost
@@ -258,6 +273,11 @@ class Window:
     end: int
     score_from: int  # first target index (into ids) this window scores
     done: int = 0  # inputs of this window already processed (chunked windows)
+    booked: int = 0  # inputs of this window whose outputs are booked (a recompute after preemption books none twice)
+    costed: int = 0  # inputs of this window whose routing is in the sequence's cost (as GenerateJob.costed)
+    started: bool = False  # holds a cache row (looked up in the prefix cache when it took it)
+    admission: int = 0  # order of the row's admission (preemption frees the most recent first)
+    queried: bool = False  # counted once in the prefix-cache queries and the cached tokens
 
     @property
     def length(self) -> int:
@@ -281,6 +301,7 @@ class ScoreJob(Job):
         self.counts: list[Any] = [None] * len(seqs)  # per sequence: [layers, operators] counts (torch)
         self.n_windows = [0] * len(seqs)
         self.costs = [RequestCost() for _ in seqs]  # per sequence, written by the runner only
+        self.cached_tokens = [0] * len(seqs)  # per sequence: inputs taken from the prefix cache
         self.pending: deque[Window] = deque()
         from model.scoring import plan_windows  # here, not at the top: the scheduler imports this module without torch
 

@@ -4,9 +4,12 @@ A step's decode tokens, prompt chunks and scoring chunks are flat tokens of thei
 through `ChiarLM.forward_step` together (vLLM v1's one forward per step): eight new prompts cost one
 forward, not eight. The runner alone knows which row each request holds (`rows`, keyed by request
 id, and by (request id, window) for scoring windows); a row is taken at a request's first chunk and
-given back when it ends. A step takes what fits the cache's free blocks; chunks that do not fit wait
-(`deferred`). A forward that raises is rerun per request on a restored cache to find the culprit;
-only the culprit fails.
+given back when it ends. The pool of blocks is the KV budget and never grows: a step's decode tokens fit by construction (the
+engine preempts sequences until they do, `make_room`), and its chunks take what is left, least recently
+used cached prefixes evicted first, cut short or deferred (`deferred`) when even that is not enough. A
+row starts from the longest cached prefix of its tokens (`attach`, the scheduler's PrefixHook) and
+every block a forward completes is cached (`PrefixCache.record`). A forward that raises is rerun per
+request on a restored cache to find the culprit; only the culprit fails.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from model.accounting import attended_pairs
 from model.kv_cache import PagedKVCache
 from model.step import StepOutput, TokenBatch
+from server.engine.costs import account, cost_cached
 from server.engine.outputs import Part, PrefillChunk, RunnerOutput, SchedulerOutput, ScoreChunk
-from server.engine.requests import GenerateJob, Job, RequestCost, ScoreJob
+from server.engine.prefix_cache import CachedPrefix, PrefixCache, Processed
+from server.engine.requests import GenerateJob, Job, ScoreJob, Window
 
 log = logging.getLogger("server.engine")
 
@@ -50,30 +53,95 @@ class FaultInjector:
             raise InjectedFault(f"injected {stage} fault")
 
 
+@dataclass
+class PrefixStats:
+    """What the prefix cache did for clients' sequences (a recompute after preemption is not counted)."""
+
+    queries: int = 0  # input tokens looked up
+    hits: int = 0  # of those, tokens taken from the cache
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, faults: FaultInjector, serial_below: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, faults: FaultInjector, prefix: PrefixCache | None = None,
+                 serial_below: int = 0) -> None:
         self.model = model
         self.cache = cache
         self.faults = faults
+        self.prefix = prefix
+        self.stats = PrefixStats()
         self.serial_below = serial_below  # steps of fewer tokens run on one thread
         self.threads = torch.get_num_threads()
         self.device = next(model.parameters()).device
         self.rows: dict[tuple[str, int], int] = {}
 
     # ------------------------------------------------------------------ rows
+    def _free(self, key: tuple[str, int]) -> None:
+        row = self.rows.pop(key, None)
+        if row is None:
+            return
+        if self.prefix is not None:
+            self.prefix.release_row(row)
+        self.cache.free(row)
+
     def release(self, jobs: list[Job]) -> None:
         """Give back every row the jobs hold (finished, failed or cancelled)."""
         ids = {j.id for j in jobs}
         for key in [k for k in self.rows if k[0] in ids]:
-            self.cache.free(self.rows.pop(key))
+            self._free(key)
 
     def release_window(self, job: ScoreJob, window: int) -> None:
-        row = self.rows.pop((job.id, window), None)
-        if row is not None:
-            self.cache.free(row)
+        self._free((job.id, window))
+
+    def release_sequence(self, job: Job, window: Window | None) -> None:
+        """Give back one sequence's row (a preempted one)."""
+        self._free((job.id, -1 if window is None else window.index))
+
+    def holds(self, job: Job, window: Window | None) -> bool:
+        return (job.id, -1 if window is None else window.index) in self.rows
 
     def row_of(self, job: Job) -> int | None:
         return self.rows.get((job.id, -1))
+
+    # ------------------------------------------------------------------ the prefix cache (the scheduler's PrefixHook)
+    @staticmethod
+    def _sequence(job: Job, window: Window | None) -> tuple[list[int], bool, int]:
+        """A sequence's tokens to look up, whether a cached prefix must carry log-probabilities for it, and how
+        many of the tokens are its inputs (a window's last target follows them: a block it completes counts)."""
+        if window is not None:
+            assert isinstance(job, ScoreJob)
+            return job.seqs[window.seq][window.begin: window.end + 1], True, window.length
+        assert isinstance(job, GenerateJob)
+        return job.input_ids, job.params.prompt_logprobs is not None and job.booked < len(job.prompt_ids) - 1, len(job.input_ids)
+
+    def peek(self, job: GenerateJob) -> int:
+        return 0 if self.prefix is None else self.prefix.peek(*self._sequence(job, None)[:2])
+
+    def attach(self, job: Job, window: Window | None) -> CachedPrefix | None:
+        """The sequence's row, started from the longest usable cached prefix of its tokens."""
+        key = (job.id, -1 if window is None else window.index)
+        assert key not in self.rows
+        row = self.rows[key] = self.cache.allocate()
+        if self.prefix is None:
+            return None
+        ids, outputs, inputs = self._sequence(job, window)
+        hit = self.prefix.attach(row, ids, outputs, inputs)
+        if hit is not None:
+            cost_cached(job, window, hit)
+        cached = hit.tokens if hit is not None else 0
+        if window is not None and not window.queried:
+            window.queried = True
+            self.stats.queries, self.stats.hits = self.stats.queries + inputs, self.stats.hits + cached
+            job.cached_tokens[window.seq] += cached  # type: ignore[attr-defined]
+        elif isinstance(job, GenerateJob) and job.preemptions == 0:
+            self.stats.queries, self.stats.hits = self.stats.queries + len(ids), self.stats.hits + cached
+            job.cached_tokens = cached
+        return hit
+
+    def make_room(self, blocks: int) -> bool:
+        """At least `blocks` free blocks, evicting cached prefixes if needed; False if even that is not enough."""
+        if self.prefix is None:
+            return self.cache.free_blocks >= blocks
+        return self.prefix.make_room(blocks)
 
     # ------------------------------------------------------------------ step
     def run(self, out: SchedulerOutput) -> RunnerOutput:
@@ -88,7 +156,9 @@ class ModelRunner:
                               [p for p in ran if isinstance(p.chunk, ScoreChunk)], failed, deferred, time.perf_counter() - t0,
                               [], None if step is None else step.gate)
         if step is not None:
-            self._account(ran, step, result)
+            account(ran, step, result, self.model)
+            if self.prefix is not None:
+                self._record(ran, step)
         return result
 
     def _decode_part(self, job: GenerateJob) -> Part:
@@ -96,9 +166,10 @@ class ModelRunner:
 
     def _prefill_part(self, chunk: PrefillChunk) -> Part:
         job = chunk.job
-        want_all = job.params.prompt_logprobs is not None
+        want_all = job.params.prompt_logprobs is not None and chunk.start < len(job.prompt_ids)
         n = chunk.end - chunk.start
-        return Part(job, chunk, (job.id, -1), job.prompt_ids[chunk.start:chunk.end], 0 if want_all else n if not chunk.last else n - 1)
+        last = n - 1 if chunk.last and not job.resumed else n  # a recompute samples nothing
+        return Part(job, chunk, (job.id, -1), job.input_ids[chunk.start:chunk.end], 0 if want_all else last)
 
     def _score_part(self, chunk: ScoreChunk) -> Part:
         w = chunk.window
@@ -108,22 +179,37 @@ class ModelRunner:
         return Part(chunk.job, chunk, (chunk.job.id, w.index), ids[first: w.begin + chunk.end], min(scored_from, chunk.end - chunk.start))
 
     def _fit(self, parts: list[Part]) -> tuple[list[Part], list[PrefillChunk | ScoreChunk]]:
-        """Decode tokens always; chunks in order while the cache's free blocks hold their worst case
-        (a growable cache grows instead)."""
+        """Decode tokens always (the engine made room for them); chunks in order within the blocks left at
+        worst case, evicting cached prefixes for them, cut to what fits or else deferred (a growable cache
+        grows instead)."""
         needs = self.cache.blocks_needed([(self.rows.get(p.key), len(p.tokens)) for p in parts])
         if self.cache.growable:
             self.cache.reserve(sum(needs))
             return parts, []
-        free = self.cache.free_blocks
         kept: list[Part] = []
         deferred: list[PrefillChunk | ScoreChunk] = []
+        taken = sum(need for part, need in zip(parts, needs) if part.chunk is None)
+        self.make_room(taken)
         for part, need in zip(parts, needs):
-            if part.chunk is not None and need > free:
-                deferred.append(part.chunk)
-                continue
-            free -= need
+            if part.chunk is not None and not self.make_room(taken + need):
+                cut = self._cut(part, self.cache.free_blocks - taken)
+                if cut is None:
+                    deferred.append(part.chunk)
+                    continue
+                part, need = cut, self.cache.blocks_needed([(self.rows.get(cut.key), len(cut.tokens))])[0]
+            taken += need
             kept.append(part)
         return kept, deferred
+
+    def _cut(self, part: Part, blocks: int) -> Part | None:
+        """The part's chunk shortened to what `blocks` blocks hold at worst (None: not even one token)."""
+        chunk = part.chunk
+        assert chunk is not None
+        n = self.cache.most_tokens(self.rows.get(part.key), max(blocks, 0), chunk.end - chunk.start - 1)
+        if n == 0:
+            return None
+        chunk.end = chunk.start + n
+        return self._prefill_part(chunk) if isinstance(chunk, PrefillChunk) else self._score_part(chunk)
 
     def _forward_isolated(self, parts: list[Part], failed: list[tuple[Job, str]]) -> StepOutput | None:
         """The step's forward; if it raises, each part alone on a restored cache, then the rest again."""
@@ -133,6 +219,7 @@ class ModelRunner:
             if part.key not in self.rows:
                 self.rows[part.key] = self.cache.allocate()
             part.row = self.rows[part.key]
+            part.start = self.cache.positions[part.row]
         snap = self.cache.snapshot([p.row for p in parts])
         try:
             return self._forward(parts)
@@ -188,31 +275,32 @@ class ModelRunner:
             at += n
         return out
 
-    def _account(self, parts: list[Part], step: StepOutput, result: RunnerOutput) -> None:
-        """Each request's routing counts and attended pairs (priced when it ends), the step's per-phase
-        counts and its FLOPs (pricing is linear, so the step prices from its sums)."""
-        sizes = [len(p.tokens) for p in parts]
-        index = torch.arange(len(parts)) if len(sizes) == len(step.operator) else torch.repeat_interleave(
-            torch.arange(len(parts)), torch.tensor(sizes))
-        counts = np.asarray(step.span_counts, dtype=np.int64)  # spans are the parts, in order
-        pairs = attended_pairs(step.keys_seen, index, len(parts)).numpy()
-        total = RequestCost()
-        decode = np.zeros(counts.shape[1:], dtype=np.int64)
-        for k, part in enumerate(parts):
-            n = len(part.tokens)
-            start, heads = self.cache.positions[part.row] - n, n - part.logits_from
-            seq = part.chunk.window.seq if isinstance(part.chunk, ScoreChunk) else 0
-            part.job.cost_of(seq).add(counts[k], pairs[k], n, start, heads)
-            total.add(counts[k], pairs[k], n, start, heads)
-            if part.chunk is None:
-                decode += counts[k]
-        assert total.counts is not None
-        result.counts = [decode.tolist(), (total.counts - decode).tolist()]
-        result.executed_flops, result.dense_flops = total.price(self.model)
+    def _record(self, parts: list[Part], step: StepOutput) -> None:
+        """Hand every row's tokens of this forward to the prefix cache, which caches the blocks they complete."""
+        assert self.prefix is not None
+        operator, entropy = step.operator.cpu().numpy(), step.entropy.double().cpu().numpy()  # numpy has no bfloat16
+        gate = None if step.gate is None else step.gate.double().cpu().numpy()
+        attended = (step.keys_seen > 0).cpu().numpy()
+        for part in parts:
+            if isinstance(part.chunk, ScoreChunk):
+                w = part.chunk.window
+                inputs = part.job.seqs[w.seq][w.begin: w.end]  # type: ignore[attr-defined]
+            else:
+                inputs = part.job.prompt_ids + part.job.tokens  # type: ignore[attr-defined]
+            logp = part.log_probs if part.logits is not None and part.logits.shape[0] else None
+            self.prefix.record(Processed(part.row, part.start, part.tokens, inputs, operator[part.span], entropy[part.span],
+                                         None if gate is None else gate[part.span], attended[part.span], logp, part.logits_from),
+                               complete=part.chunk is not None)
 
     # ------------------------------------------------------------------ cache state for admission
     def kv_used_bytes(self) -> int:
+        """Bytes of the pool in use: sequences and cached prefixes (what chiar_kv_cache_bytes{used} shows)."""
         return self.cache.used_bytes()
+
+    def kv_held_bytes(self) -> int:
+        """Bytes the sequences hold: the pool in use less what only cached prefixes hold (admission's count)."""
+        evictable = self.prefix.evictable_blocks() if self.prefix is not None else 0
+        return self.cache.used_bytes() - evictable * self.cache.block_bytes
 
     def kv_tokens(self) -> tuple[int, int]:
         """(cache entry bytes of the rows in use, tokens they have seen)."""

@@ -17,15 +17,20 @@ budget goes to chunks of work: prompt prefill (generation lane) and scoring wind
 - A generation request is admitted while the batch cap and the KV-cache budget allow: the bytes the
   running and prefilling sequences hold (measured, routed), plus what each may still add (its tokens
   to go times the measured share of attending tokens) must stay within the budget. The rest queue.
+- A sequence takes its cache row when admitted (a scoring window: with its first chunk), starting from
+  the longest cached prefix of its tokens (`PrefixHook`, the runner's prefix cache); only the rest is
+  prefilled. When the running sequences outgrow the KV pool the engine preempts the most recently
+  admitted one (`victims`, `preempt`): it goes back to the queue and is recomputed from its tokens.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from server.engine.outputs import PrefillChunk, RunnerOutput, SchedulerOutput, ScoreChunk
-from server.engine.requests import GenerateJob, Job, ScoreJob, Unavailable
+from server.engine.outputs import PrefillChunk, Reuse, RunnerOutput, SchedulerOutput, ScoreChunk
+from server.engine.requests import GenerateJob, Job, ScoreJob, Unavailable, Window
 
 MIN_CHUNK = 16  # no chunk smaller than this unless it ends the prompt, and no remainder smaller than this is left
 MIN_SCORE_CHUNK = 4  # the scoring tokens a step carries however tight `score_cap` is
@@ -127,6 +132,18 @@ def _solve3(m: list[list[float]], y: list[float]) -> list[float] | None:
     return out
 
 
+class PrefixHook(Protocol):
+    """The prefix cache as admission sees it (the engine wires the runner's in; no torch here)."""
+
+    def peek(self, job: GenerateJob) -> int:
+        """Input tokens a new row for the job would start with."""
+        ...
+
+    def attach(self, job: Job, window: Window | None) -> Any:
+        """Take the sequence's row, started from its cached prefix: a CachedPrefix (`.tokens`) or None."""
+        ...
+
+
 @dataclass
 class SchedulerStatus:
     waiting_generate: int
@@ -149,13 +166,16 @@ class Scheduler:
     running: list[GenerateJob] = field(default_factory=list)
     scoring: list[ScoreJob] = field(default_factory=list)
     kv_share: float = 1.0  # measured cache entries per token, as a share of full attention
-    kv_used_bytes: int = 0  # measured after the last step
+    kv_used_bytes: int = 0  # measured after the last step: what the sequences hold (cached prefixes alone can be evicted)
+    prefix: PrefixHook | None = None
+    admissions: int = 0  # admissions so far (a sequence's `admission` orders preemption)
 
     # ------------------------------------------------------------------ queue
     def add(self, jobs: list[Job]) -> None:
-        """Queue jobs atomically, or raise Unavailable."""
-        if self.waiting and len(self.waiting) + len(jobs) > self.limits.queue_size:
-            raise Unavailable(f"queue is full ({len(self.waiting)} waiting, queue size {self.limits.queue_size})",
+        """Queue jobs atomically, or raise Unavailable (preempted sequences back in the queue do not count)."""
+        queued = sum(1 for j in self.waiting if j.admitted is None)
+        if queued and queued + len(jobs) > self.limits.queue_size:
+            raise Unavailable(f"queue is full ({queued} waiting, queue size {self.limits.queue_size})",
                               retry_after=self.retry_after())
         self.waiting.extend(jobs)
 
@@ -193,24 +213,44 @@ class Scheduler:
         spare = (self.limits.score_stretch - 1.0) * self.cost.decode_seconds(len(self.running))
         return self.cost.budget(spare, MIN_SCORE_CHUNK, self.limits.max_step_tokens)
 
-    def _reserve(self, job: GenerateJob) -> float:
-        """KV bytes a generation request may still add (measured share of attending tokens)."""
-        todo = len(job.prompt_ids) - job.prefilled + job.params.max_new_tokens - len(job.tokens)
+    def _reserve(self, job: GenerateJob, cached: int | None = None) -> float:
+        """KV bytes a generation request may still add (measured share of attending tokens); `cached`: the
+        input tokens it will start with (default: those in its row)."""
+        done = job.prefilled if cached is None else cached
+        todo = len(job.input_ids) - done + job.params.max_new_tokens - len(job.tokens)
         share = min(1.0, self.kv_share * KV_SHARE_HEADROOM)
         return min(todo, self.limits.max_seq_len) * self.limits.kv_bytes_per_token * share + self.limits.kv_rounding_bytes
 
     def kv_needed(self, tokens: int) -> int:
-        """KV bytes a sequence of `tokens` tokens holds at the measured attention share."""
-        return int(min(tokens, self.limits.max_seq_len) * self.limits.kv_bytes_per_token * self.kv_share)
+        """KV bytes a sequence of `tokens` tokens may hold alone: the measured attention share with admission's
+        headroom, and its partly filled last blocks (what must fit the pool for it to run at all)."""
+        share = min(1.0, self.kv_share * KV_SHARE_HEADROOM)
+        return int(min(tokens, self.limits.max_seq_len) * self.limits.kv_bytes_per_token * share + self.limits.kv_rounding_bytes)
 
     def kv_reserved(self) -> int:
         return int(self.kv_used_bytes + sum(self._reserve(j) for j in (*self.prefilling, *self.running)))
 
-    def _admissible(self, job: GenerateJob, reserved: float) -> bool:
+    def _admissible(self, job: GenerateJob, reserved: float, cached: int) -> bool:
         if len(self.prefilling) + len(self.running) >= self.limits.max_batch_size:
             return False
         nothing_running = not (self.prefilling or self.running)  # a lone request always fits
-        return nothing_running or reserved + self._reserve(job) <= self.limits.kv_budget_bytes
+        return nothing_running or reserved + self._reserve(job, cached) <= self.limits.kv_budget_bytes
+
+    def _take_row(self, job: Job, window: Window | None, reused: list[Reuse]) -> None:
+        """The sequence's cache row, from its cached prefix when there is one (the runner books nothing yet)."""
+        self.admissions += 1
+        if window is None:
+            job.admission = self.admissions
+        else:
+            window.admission, window.started = self.admissions, True
+        hit = self.prefix.attach(job, window) if self.prefix is not None else None
+        if hit is None:
+            return
+        if window is None:
+            job.prefilled = hit.tokens  # type: ignore[attr-defined]
+        else:
+            window.done = hit.tokens
+        reused.append(Reuse(job, window, hit))
 
     # ------------------------------------------------------------------ schedule
     def _key(self, job: Job, now: float) -> float:
@@ -231,7 +271,7 @@ class Scheduler:
         self.scoring = [j for j in self.scoring if keep(j)]
         return expired
 
-    def _generation_lane(self, share: int, now: float, chunks: list[PrefillChunk]) -> int:
+    def _generation_lane(self, share: int, now: float, chunks: list[PrefillChunk], reused: list[Reuse]) -> int:
         """Prefill chunks within `share` tokens; returns the tokens used."""
         used = 0
         reserved = float(self.kv_reserved())
@@ -243,11 +283,12 @@ class Scheduler:
             if id(job) in taken:
                 continue
             if job not in self.prefilling:
-                if not self._admissible(job, reserved):
+                if not self._admissible(job, reserved, self.prefix.peek(job) if self.prefix is not None else 0):
                     continue
                 self.waiting.remove(job)
                 self.prefilling.append(job)
-                job.admitted = now
+                job.admitted = job.admitted or now  # a preempted request keeps its first admission
+                self._take_row(job, None, reused)
                 reserved += self._reserve(job)
             n = chunk_size(job.remaining_tokens(), share - used)
             if n:
@@ -255,7 +296,7 @@ class Scheduler:
                 used += n
         return used
 
-    def _scoring_lane(self, share: int, now: float, chunks: list[ScoreChunk]) -> int:
+    def _scoring_lane(self, share: int, now: float, chunks: list[ScoreChunk], reused: list[Reuse]) -> int:
         used = 0
         candidates = [*self.scoring, *(j for j in self.waiting if isinstance(j, ScoreJob))]
         for job in sorted(candidates, key=lambda j: self._key(j, now)):
@@ -271,6 +312,8 @@ class Scheduler:
                     break
                 if id(window) in busy:
                     continue
+                if not window.started:
+                    self._take_row(job, window, reused)
                 n = min(window.length - window.done, share - used)
                 chunks.append(ScoreChunk(job, window, window.done, window.done + n))
                 used += n
@@ -281,14 +324,36 @@ class Scheduler:
         budget = self.budget()
         prefill: list[PrefillChunk] = []
         score: list[ScoreChunk] = []
+        reused: list[Reuse] = []
         gen_work = bool(self.prefilling) or any(isinstance(j, GenerateJob) for j in self.waiting)
         score_work = bool(self.scoring) or any(isinstance(j, ScoreJob) for j in self.waiting)
         gen_share = budget // 2 if (gen_work and score_work) else budget
-        used = self._generation_lane(gen_share, now, prefill)
-        used += self._scoring_lane(min(budget - used, self.score_cap()), now, score)
+        used = self._generation_lane(gen_share, now, prefill, reused)
+        used += self._scoring_lane(min(budget - used, self.score_cap()), now, score, reused)
         if used < budget:  # the scoring lane left some of its share
-            used += self._generation_lane(budget - used, now, prefill)
-        return SchedulerOutput(list(self.running), prefill, score, expired, budget)
+            used += self._generation_lane(budget - used, now, prefill, reused)
+        return SchedulerOutput(list(self.running), prefill, score, expired, budget, reused)
+
+    # ------------------------------------------------------------------ preemption
+    def victims(self) -> list[tuple[Job, Window | None]]:
+        """Sequences that hold a cache row, the most recently admitted first (a scoring window is one)."""
+        held: list[tuple[int, Job, Window | None]] = [(j.admission, j, None) for j in (*self.running, *self.prefilling)]
+        held += [(w.admission, j, w) for j in self.scoring for w in j.pending if w.started]
+        return [(job, window) for _, job, window in sorted(held, key=lambda h: -h[0])]
+
+    def preempt(self, job: Job, window: Window | None) -> None:
+        """Back to the queue (a window: back to its start), to be recomputed from its tokens; what it
+        already booked stays booked. A generation request that sampled resumes with its next decode input."""
+        if window is not None:
+            window.done, window.started = 0, False
+            return
+        assert isinstance(job, GenerateJob)
+        self.running = [j for j in self.running if j is not job]
+        self.prefilling = [j for j in self.prefilling if j is not job]
+        job.prefilled = 0
+        job.input_ids = job.prompt_ids + job.tokens[:-1] if job.tokens else job.prompt_ids
+        job.preemptions += 1
+        self.waiting.insert(0, job)
 
     # ------------------------------------------------------------------ update
     def update_from_output(self, out: SchedulerOutput, ro: RunnerOutput, finished: list[Job], started: list[GenerateJob],

@@ -99,3 +99,17 @@ def test_bench_guidellm_writes_its_section(tiny_checkpoint: Path, tmp_path: Path
     assert [row.split(" | ")[:4] for row in rows] == [["| completions", "2", "4", "0"], ["| chat", "2", "4", "0"]]
     for row in rows:  # guidellm's and the server's figures, all measured
         assert "-" not in [cell.strip() for cell in row.strip("|").split("|")][6:]
+
+
+@pytest.mark.slow
+def test_bench_prefix_writes_its_section(tiny_checkpoint: Path, tiny_baseline: Path, tmp_path: Path) -> None:
+    """`make bench-prefix` at smoke sizes: every part runs against real servers and its figures land in the section."""
+    from bench import prefix
+
+    target = tmp_path / "BENCHMARKS.md"
+    assert prefix.main(["--quick", "--chiar", str(tiny_checkpoint), "--baseline", str(tiny_baseline), "--write", str(target)]) == 0
+    section = target.read_text().split(f"<!-- {prefix.SECTION}:start -->")[1].split(f"<!-- {prefix.SECTION}:end -->")[0]
+    assert "every log-likelihood identical (bit for bit): yes" in section and "accuracy identical: yes" in section
+    load = next(line for line in section.splitlines() if line.startswith("| 9 |"))  # the mixed load's row
+    assert load.split(" | ")[1:3] == ["0", "0"]  # no request failed, none for the budget
+    assert "| share |" in section and "| copy |" in section and "nan" not in section

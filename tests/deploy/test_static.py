@@ -192,7 +192,8 @@ def test_dashboard_has_the_required_panels() -> None:
     for metric in ("chiar_tokens_routed_total", "chiar_metarouter_gate_bucket", "chiar_forward_latency_seconds_bucket",
                    "chiar_time_to_first_token_seconds_bucket", "chiar_inter_token_latency_seconds_bucket",
                    "chiar_generation_tokens_total", "chiar_queue_length", "chiar_batch_size", "chiar_step_tokens_sum",
-                   "chiar_step_seconds_bucket", "chiar_kv_cache_bytes",
+                   "chiar_step_seconds_bucket", "chiar_kv_cache_bytes", "chiar_prefix_cache_hit_tokens_total",
+                   "chiar_prefix_cache_queried_tokens_total", "chiar_preemptions_total",
                    'kind="dense_equivalent"', "chiar_request_errors_total"):
         assert metric in exprs, f"no panel queries {metric}"
     assert "by (layer, operator)" in exprs and "by (endpoint, reason)" in exprs

@@ -70,7 +70,8 @@ def test_generate_greedy_matches_model_generate(client: httpx.Client, local) -> 
     assert body["token_ids"] == expected
     assert body["text"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert body["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": ids.shape[1], "completion_tokens": 12, "total_tokens": ids.shape[1] + 12}
+    assert body["usage"] == {"prompt_tokens": ids.shape[1], "completion_tokens": 12, "total_tokens": ids.shape[1] + 12,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     t = body["timing"]
     assert 0 <= t["queue_seconds"] <= t["time_to_first_token_seconds"] <= t["total_seconds"]
     assert 0 < body["flops"]["executed"] < body["flops"]["dense"]  # hard gating skipped work

@@ -21,11 +21,18 @@ SEEDED = [{"prompt": f"The {word} of the city was", "max_tokens": 24, "temperatu
            "logprobs": 3} for i, word in enumerate(["history", "mayor", "river", "bridge"])]
 
 
-def completion(url: str, body: dict) -> str:
+def completion(url: str, body: dict, cached: list[int] | None = None) -> str:
+    """The response's bytes that a seed fixes: its choices and token counts. How many prompt tokens came
+    from the prefix cache (`usage.prompt_tokens_details.cached_tokens`) depends on what ran before, so it is
+    left out, and appended to `cached`."""
     r = httpx.post(url + "/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     out = r.json()
-    return json.dumps({"choices": out["choices"], "usage": out["usage"]}, sort_keys=True)
+    usage = dict(out["usage"])
+    details = usage.pop("prompt_tokens_details", None) or {}
+    if cached is not None:
+        cached.append(details.get("cached_tokens", 0))
+    return json.dumps({"choices": out["choices"], "usage": usage}, sort_keys=True)
 
 
 def load(url: str, round_: int) -> list[tuple[str, dict]]:
@@ -51,10 +58,12 @@ def small_step_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
 def test_seeded_requests_give_the_same_bytes_alone_and_under_load(small_step_server: ServerProcess) -> None:
     url = small_step_server.url
     alone = [completion(url, body) for body in SEEDED]
+    cached: list[int] = []
     for round_ in range(3):
         others = load(url, round_)
         with ThreadPoolExecutor(len(SEEDED) + len(others)) as pool:
             extra = [pool.submit(httpx.post, url + path, json=body, timeout=120) for path, body in others]
-            loaded = list(pool.map(lambda body: completion(url, body), SEEDED))
+            loaded = list(pool.map(lambda body: completion(url, body, cached), SEEDED))
             assert [f.result().status_code for f in extra] == [200] * len(extra), [f.result().text for f in extra]
         assert loaded == alone, f"round {round_}: a seeded request gave other bytes under load"
+    assert all(cached), f"the repeated prompts start from their cached prefix (the same bytes either way): {cached}"

@@ -48,10 +48,10 @@ def test_a_smaller_measured_cache_admits_more_sequences() -> None:
     assert full == 19
     # half the cache per sequence, reserved with 10% headroom (0.55): 1 + 35 sequences
     assert half == 36
-    # the estimate is what a sequence would hold, and caps at the context
-    s = Scheduler(SchedulerLimits(8, 10, 512, 0.05, 10**6, 100.0, 64))
+    # the estimate is what a sequence may hold alone (10% headroom, its partly filled blocks), capped at the context
+    s = Scheduler(SchedulerLimits(8, 10, 512, 0.05, 10**6, 100.0, 64, kv_rounding_bytes=300))
     s.kv_share = 0.5
-    assert s.kv_needed(40) == 2000 and s.kv_needed(1000) == 64 * 50
+    assert s.kv_needed(40) == 40 * 55 + 300 and s.kv_needed(1000) == 64 * 55 + 300
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +93,15 @@ def test_a_request_that_can_never_fit_gets_a_clear_400(small_kv_server: ServerPr
 
 def test_metrics_show_kv_bytes_used_and_the_limit_and_admission_keeps_within_it(small_kv_server: ServerProcess) -> None:
     url = small_kv_server.url
-    prompt = prompt_of(url, 12)  # 13 + 12 tokens: <= 19.2 KB each; 2-3 fit the budget together, not 8
-    peaks = {"used": 0.0, "running": 0.0}
+    prompt = prompt_of(url, 12)  # 13 + 12 tokens: <= 19.2 KB each; the pool of 10 blocks holds one or two, not 8
+    peaks = {"used": 0.0}
     stop = threading.Event()
+    before = scrape(url)
 
     def poll() -> None:
         while not stop.is_set():
             samples = scrape(url)
             peaks["used"] = max(peaks["used"], metric(samples, "chiar_kv_cache_bytes", kind="used"))
-            peaks["running"] = max(peaks["running"], metric(samples, "chiar_requests_running"))
             time.sleep(0.005)
 
     async def burst() -> list[int]:
@@ -121,7 +121,11 @@ def test_metrics_show_kv_bytes_used_and_the_limit_and_admission_keeps_within_it(
     limit = metric(samples, "chiar_kv_cache_bytes", kind="limit")
     assert limit == int(BUDGET_MB * 2**20)
     assert 0 < peaks["used"] <= limit
-    assert 1 <= peaks["running"] < 8  # the budget, not the batch cap (64), held the rest back
+    # the budget, not the batch cap (64), held the rest back: no decode forward ran more than 4 sequences
+    decodes = metric(samples, "chiar_batch_size_count", phase="decode") - metric(before, "chiar_batch_size_count", phase="decode")
+    at_most_4 = metric(samples, "chiar_batch_size_bucket", phase="decode", le="4.0") - \
+        metric(before, "chiar_batch_size_bucket", phase="decode", le="4.0")
+    assert decodes >= 11 and at_most_4 == decodes
 
 
 def test_the_automatic_batch_cap_leaves_the_routed_cache_to_admission(tiny_checkpoint: Path) -> None:

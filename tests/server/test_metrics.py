@@ -32,6 +32,12 @@ EXPECTED = {  # name -> (type, label names); every series carries the served mod
     "chiar_step_over_budget": ("counter", {"model"}),
     "chiar_step_score_tokens_max": ("gauge", {"model"}),
     "chiar_kv_cache_bytes": ("gauge", {"model", "kind"}),
+    "chiar_prefix_cache_queried_tokens": ("counter", {"model"}),
+    "chiar_prefix_cache_hit_tokens": ("counter", {"model"}),
+    "chiar_prefix_cache_evictions": ("counter", {"model"}),
+    "chiar_prefix_cache_bytes": ("gauge", {"model"}),
+    "chiar_prefix_cache_tokens": ("gauge", {"model"}),
+    "chiar_preemptions": ("counter", {"model"}),
 }
 
 
@@ -70,11 +76,15 @@ def test_counters_move_by_expected_amounts(server: ServerProcess) -> None:
     n_layers = 4
     before = scrape(server.url)
     r = httpx.post(server.url + "/v1/generate",
-                   json={"prompt": "The history of the city", "max_new_tokens": 10, "temperature": 0, "ignore_eos": True}, timeout=60)
+                   json={"prompt": "A counted history of the city", "max_new_tokens": 10, "temperature": 0, "ignore_eos": True}, timeout=60)
     gen = r.json()
     mid = scrape(server.url)
     prompt, new = gen["usage"]["prompt_tokens"], gen["usage"]["completion_tokens"]
     assert new == 10
+    # a prompt no other test sends: nothing comes from the prefix cache, so every token runs through the model
+    assert gen["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert delta(mid, before, "chiar_prefix_cache_queried_tokens_total") == prompt
+    assert delta(mid, before, "chiar_prefix_cache_hit_tokens_total") == 0
     assert delta(mid, before, "chiar_generation_tokens_total") == 10
     assert delta(mid, before, "chiar_prompt_tokens_total") == prompt
     for layer in range(1, n_layers + 1):
@@ -97,8 +107,10 @@ def test_counters_move_by_expected_amounts(server: ServerProcess) -> None:
     assert delta(mid, before, "chiar_request_duration_seconds_count", endpoint="/v1/generate", status="200") == 1
     assert metric(mid, "chiar_requests_running") == 0 and metric(mid, "chiar_requests_waiting") == 0
 
-    text = "Robert Boulter is an English film actor ."
-    ppl = httpx.post(server.url + "/v1/perplexity", json={"text": text}, timeout=60).json()["results"][0]
+    text = "Counters , counted : Robert Boulter is an English film actor ."  # its first 8 tokens are this test's own
+    answer = httpx.post(server.url + "/v1/perplexity", json={"text": text}, timeout=60).json()
+    ppl = answer["results"][0]
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     after = scrape(server.url)
     assert delta(after, mid, "chiar_prompt_tokens_total") == ppl["tokens"]
     assert delta(after, mid, "chiar_generation_tokens_total") == 0
