@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from model.device import DeviceError, resolve_device
 from server.settings import Settings, SettingsError
 
 log = logging.getLogger("server")
@@ -31,23 +32,12 @@ def draining_server(config: Any, engines: Sequence[Any]) -> Any:
     return DrainingServer(config)
 
 
-def resolve_device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SettingsError(f"--device / CHIAR_DEVICE: {name!r} requested but CUDA is not available")
-    return device
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_sources(argv)
-        device = resolve_device(settings.device)
-    except SettingsError as exc:
+        device = resolve_device(settings.device, where="--device / CHIAR_DEVICE")
+    except (SettingsError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
