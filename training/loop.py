@@ -24,7 +24,8 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model import ChiarLM
+from model import ChiarLM, Operator
+from model.routing import GATE_OPEN
 from training.checkpointing import (
     check_resumable,
     clean_stale,
@@ -47,7 +48,7 @@ from training.distributed import (
     shutdown,
 )
 from training.errors import TrainingError
-from training.evaluate import GATE_OPEN, attention_share, evaluate_texts, operator_shares
+from training.evaluate import attention_shares, evaluate_texts, mean_routed_share, operator_shares
 from training.paths import check_path_usable, probe_writable
 from training.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
@@ -300,7 +301,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, 
             }
             log.write(record)
             bar.update(1)
-            bar.set_postfix(_postfix(record), refresh=False)
+            bar.set_postfix(_postfix(record, prep.model_config.arch), refresh=False)
 
             final = done == cfg.max_steps
             if eval_sets and ((cfg.eval_every and done % cfg.eval_every == 0) or final):
@@ -348,9 +349,9 @@ def _train_step(
     info: DistInfo, device: torch.device, amp: torch.dtype | None, names: list[str],
 ) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches; statistics averaged over all ranks."""
-    n_layers = model.config.n_layers
-    # packed: [ce, aux, tokens] + counts [L*4] + per source [gate_sum, gate_open, gate_n, micro_batches]
-    packed = torch.zeros(3 + n_layers * 4 + 4 * len(names), dtype=torch.float64)
+    n_counts = model.config.n_layers * len(Operator)
+    # packed: [ce, aux, tokens] + counts [layer, operator] + per source [gate_sum, gate_open, gate_n, micro_batches]
+    packed = torch.zeros(3 + n_counts + 4 * len(names), dtype=torch.float64)
     for micro in range(cfg.grad_accum):
         batch: Batch = shard_batch(batches.next(), info.rank, info.world_size)
         sync = micro == cfg.grad_accum - 1 or not info.enabled
@@ -365,10 +366,10 @@ def _train_step(
         packed[0] += float(out.loss.detach())
         packed[1] += float(aux.detach())
         packed[2] += batch.tokens
-        packed[3 : 3 + n_layers * 4] += out.routing.counts.detach().cpu().double().flatten()
+        packed[3 : 3 + n_counts] += out.routing.counts.detach().cpu().double().flatten()
         gate = out.routing.gate.detach().float().cpu()
         gate = gate[~torch.isnan(gate)]
-        k = 3 + n_layers * 4 + 4 * names.index(batch.source)
+        k = 3 + n_counts + 4 * names.index(batch.source)
         packed[k] += float(gate.sum())
         packed[k + 1] += int((gate >= GATE_OPEN).sum())
         packed[k + 2] += gate.numel()
@@ -383,8 +384,8 @@ def _train_step(
     world = info.world_size
     ce = float(packed[0]) / (cfg.grad_accum * world)
     aux = float(packed[1]) / (cfg.grad_accum * world)
-    counts = packed[3 : 3 + n_layers * 4].view(n_layers, 4)
-    per_source = packed[3 + n_layers * 4 :].view(len(names), 4)
+    counts = packed[3 : 3 + n_counts].view(model.config.n_layers, len(Operator))
+    per_source = packed[3 + n_counts :].view(len(names), 4)
     gate_total, gate_open, gate_n = (float(per_source[:, i].sum()) for i in range(3))
     return {
         "loss": ce + aux,
@@ -394,7 +395,7 @@ def _train_step(
         "grad_norm": grad_norm,
         "tokens": int(packed[2]),
         "sources": {n: int(per_source[i, 3]) // world for i, n in enumerate(names) if per_source[i, 3] > 0},
-        "attention_share": attention_share(counts),
+        "attention_share": attention_shares(counts),
         "operator_share": operator_shares(counts),
         "gate": gate_total / gate_n if gate_n else None,
         "gate_open": gate_open / gate_n if gate_n else None,
@@ -402,14 +403,12 @@ def _train_step(
     }
 
 
-def _postfix(record: dict[str, Any]) -> dict[str, str]:
-    share = record["attention_share"]
-    routed = share[1:-1] if len(share) > 2 else share
+def _postfix(record: dict[str, Any], arch: str) -> dict[str, str]:
     post = {
         "loss": f"{record['loss']:.3f}",
         "ppl": f"{record['ppl']:.1f}",
         "tok/s": f"{record['tok_per_s']:.0f}",
-        "attn": f"{sum(routed) / max(len(routed), 1):.2f}",
+        "attn": f"{mean_routed_share(record['attention_share'], arch):.2f}",
     }
     if record["gate"] is not None:
         post["gate"] = f"{record['gate']:.2f}"
