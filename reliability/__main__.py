@@ -17,8 +17,8 @@ from pathlib import Path
 
 from reliability.report import ProbeResult, write
 
-PROBES = ("malformed-input", "disconnects", "determinism", "log-hygiene", "overload", "signals", "big-bodies", "soak",
-          "tampered-checkpoints", "training-kills", "dependency-audit")
+PROBES = ("malformed-input", "disconnects", "determinism", "log-hygiene", "overload", "signals", "batch-invariance", "big-bodies",
+          "soak", "tampered-checkpoints", "training-kills", "dependency-audit")
 SERVER_PROBES = PROBES[:4]
 
 
@@ -64,6 +64,10 @@ def run(checkpoint: Path, work: Path, short: bool, only: set[str]) -> list[Probe
         results.append(_timed(lambda: sp.probe_overload(env)))
     if "signals" in wanted:
         results.append(_timed(lambda: sp.probe_signals(env)))
+    if "batch-invariance" in wanted:
+        from reliability.invariance_probe import probe_batch_invariance
+
+        results.append(_timed(lambda: probe_batch_invariance(env)))
     if "big-bodies" in wanted:
         from reliability.body_probes import probe_big_bodies
 
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         results = run(args.checkpoint, work, args.short, set(args.only))
-    write(args.write, results, command, args.short)
+    write(args.write, results, command, args.short, partial=bool(args.only))
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=str))
     for r in results:

@@ -57,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.metrics import Metrics
     from server.service import Service
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    torch.set_num_threads(settings.forward_threads)
     # The engine thread and the event loop share the GIL; with the default 5 ms switch interval a
     # thread that wants it can wait 5 ms for the other's pure-Python stretch (JSON, output processing),
     # which shows up as inter-token latency. 1 ms bounds that wait; the forward releases the GIL anyway.

@@ -92,7 +92,9 @@ class Settings(BaseModel):
     max_prompts: int = Field(16, ge=1, description="most prompts/texts in one request")
     model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the API (default: checkpoint directory "
                                                         "name); only with one checkpoint")
-    threads: Annotated[int | None, NoneWord] = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    threads: Annotated[int | None, NoneWord] = Field(None, ge=1, description="intra-op threads of the model's forward (default: "
+                                                     "the cores available minus one, at least one: the HTTP side keeps a core, "
+                                                     "since a parallel step stalls whenever one of its threads loses its core)")
     serial_below: int = Field(256, ge=0, description="a step carrying fewer tokens than this runs its forward on one thread: "
                               "small steps lose more to thread hand-offs (and to the HTTP thread taking a core) than a second "
                               "core gives them; 0: every step on --threads")
@@ -112,6 +114,11 @@ class Settings(BaseModel):
                                   "return (400 beyond, refused before the text is tokenized whole)")
     fault_inject: Annotated[str | None, NoneWord, AfterValidator(_fault_spec)] = Field(
         None, description="testing only: STAGE:TOKEN_ID makes requests containing that token fail at STAGE (model, sample, score)")
+
+    @property
+    def forward_threads(self) -> int:
+        """--threads, or the cores this process may run on minus one (at least one)."""
+        return self.threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
     @property
     def served_model_name(self) -> str:

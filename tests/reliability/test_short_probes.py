@@ -25,8 +25,8 @@ def test_short_reliability_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     results = {r["name"]: r for r in json.loads(data.read_text())}
-    assert set(results) == {"malformed-input", "disconnects", "determinism", "log-hygiene", "overload", "signals", "big-bodies",
-                            "soak", "tampered-checkpoints", "training-kills", "dependency-audit"}
+    assert set(results) == {"malformed-input", "disconnects", "determinism", "log-hygiene", "overload", "signals", "batch-invariance",
+                            "big-bodies", "soak", "tampered-checkpoints", "training-kills", "dependency-audit"}
     text = report.read_text()
     for name, r in results.items():
         assert f"## {name}" in text and f"--only {name}" in text
@@ -36,7 +36,7 @@ def test_short_reliability_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
     malformed = results["malformed-input"]
     assert malformed["figures"]["malformed lost"] == 0, malformed["failures"]
     assert malformed["figures"]["underflow lost"] == 0, malformed["failures"]  # 400, never a dead request
-    for name in ("malformed-input", "disconnects", "determinism", "log-hygiene", "overload", "signals",
+    for name in ("malformed-input", "disconnects", "determinism", "log-hygiene", "overload", "signals", "batch-invariance",
                  "tampered-checkpoints", "training-kills"):
         assert results[name]["passed"], (name, results[name]["lost"], results[name]["failures"])
     hygiene = results["log-hygiene"]["figures"]
