@@ -7,7 +7,7 @@
 3. One routing layer vs one full-attention layer, timed around each block inside real hard-gated
    inference (CUDA events on CUDA, perf_counter on the CPU): 2048 and 8192 tokens on CUDA in bfloat16
    and float32, 2048 on the CPU. Model: bench.model's size (d=256, L=8, 8 heads, d_ff=1024), random
-   weights, CHIAR thresholds at each routing layer's median entropy (bench.model.calibrate_to_median).
+   weights, CHIAR thresholds at each routing layer's median entropy (training.calibrate.calibrate_evenly).
 
 Without CUDA it says so in one line, runs the CPU parts (1 on the CPU cases, 3 at 2048 tokens) and
 leaves BENCHMARKS.md alone; with CUDA and --write it writes the `bench-gpu` section, card named.
@@ -32,7 +32,6 @@ import torch
 
 from bench.report import machine_line, write_section
 from loadtests.server_process import ROOT
-from model.blocks import RoutedBlock
 
 SECTION = "bench-gpu"
 NO_CUDA = ("no CUDA device: skipping the bf16 model tests on cuda, the cuda server smoke test and the CUDA-event "
@@ -73,7 +72,7 @@ def server_smoke(checkpoint: Path | None, log_dir: Path, device: str = "cuda") -
     from loadtests.server_process import ServerProcess
 
     if checkpoint is None or not (checkpoint / "config.json").is_file():
-        from bench.server import random_checkpoints
+        from bench.checkpoints import random_checkpoints
 
         checkpoint, _ = random_checkpoints(log_dir, max_seq_len=2048)
     server = ServerProcess(checkpoint, log_path=log_dir / "gpu-server.log", args=["--device", device, "--dtype", "bfloat16"])
@@ -153,8 +152,9 @@ def block_times(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> tupl
 
 
 def layer_rows(device: str, dtypes: list[torch.dtype], seqs: list[int], repeats: int) -> list[LayerRow]:
-    from bench.model import SIZE, calibrate_to_median
+    from bench.model import SIZE
     from model import ChiarConfig, ChiarLM
+    from training.calibrate import calibrate_evenly
 
     size = {**SIZE, "max_seq_len": max(max(seqs), SIZE["max_seq_len"])}
     torch.manual_seed(0)
@@ -164,14 +164,14 @@ def layer_rows(device: str, dtypes: list[torch.dtype], seqs: list[int], repeats:
     rows = []
     for seq in seqs:
         ids = torch.randint(0, size["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(seq)).to(device)
-        calibrate_to_median(chiar32, ids)  # ~50% attention in every routing layer, on this input
+        calibrate_evenly(chiar32, ids)  # ~50% attention in every routing layer, on this input
         for dtype in dtypes:
             chiar, base = chiar32.to(dtype), base32.to(dtype)
             with torch.inference_mode():
-                share = chiar.infer(ids).routing.attention_share(slice(1, -1))
+                share = chiar.infer(ids).routing.attention_share(chiar.config.routing_layers)
             c_blocks, c_ms = block_times(chiar, ids, repeats)
             b_blocks, b_ms = block_times(base, ids, repeats)
-            routed = [c_blocks[i] for i, b in enumerate(chiar.blocks) if isinstance(b, RoutedBlock)]
+            routed = [c_blocks[i] for i in chiar.config.routing_layers]
             row = LayerRow(device, str(dtype).removeprefix("torch."), seq, statistics.mean(routed),
                            statistics.mean(b_blocks.values()), share, c_ms, b_ms)
             rows.append(row)

@@ -12,7 +12,7 @@ peak would measure prefill speed, not KV capacity.
     python -m bench.kv_capacity [--chiar DIR] [--baseline DIR] [--fit 4] [--requests 16] [--new-tokens 32]
                                 [--quick] [--write BENCHMARKS.md]
 
-Without checkpoints it builds random-weight ones (bench.server.random_checkpoints) at context 2048.
+Without checkpoints it builds random-weight ones (bench.checkpoints.random_checkpoints) at context 2048.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-kv-"))
     if args.random or not (args.chiar / "config.json").is_file() or not (args.baseline / "config.json").is_file():
-        from bench.server import random_checkpoints
+        from bench.checkpoints import random_checkpoints
 
         print(f"building random-weight checkpoints at context {args.context} ...", flush=True)
         args.chiar, args.baseline = random_checkpoints(tmp, max_seq_len=args.context)

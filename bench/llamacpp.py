@@ -22,6 +22,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from model.storage import atomic_write_text
+
 SDIST_VERSION = "0.3.36"  # llama-cpp-python; the llama.cpp commit it vendors is recorded in build.json
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
@@ -115,9 +117,7 @@ def ensure_built(jobs: int | None = None) -> LlamaCppBuild:
     build = LlamaCppBuild(server=str(server), bench=str(bench), source_dir=str(source), sdist=f"llama-cpp-python {SDIST_VERSION} sdist",
                           llama_cpp_commit=_commit(source), cmake_flags=CMAKE_FLAGS, compiler=compiler,
                           build_seconds=time.monotonic() - start)
-    tmp = info.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(build), indent=2) + "\n")
-    tmp.replace(info)
+    atomic_write_text(info, json.dumps(asdict(build), indent=2) + "\n")
     return build
 
 

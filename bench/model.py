@@ -14,31 +14,20 @@ from pathlib import Path
 import torch
 
 from bench.report import interleaved_medians, machine_line, median_seconds, write_section
-from model.blocks import RoutedBlock
 from model.chiar import ChiarLM
 from model.config import ChiarConfig
-from model.routing import SpectralRouter
 from model.spectral import dct, entropy_from_coefficients
+from training.calibrate import calibrated_random_model
 
 PARTS = ("score", "decode", "overhead")
 SIZE = dict(vocab_size=8192, d_model=256, n_layers=8, n_heads=8, d_ff=1024, max_seq_len=2048 + 64)
 
 
-def calibrate_to_median(model: ChiarLM, ids: torch.Tensor) -> None:
-    """Put each routing layer's threshold at the median entropy it sees (layer by layer)."""
-    with torch.inference_mode():
-        for layer, block in enumerate(model.blocks):
-            if isinstance(block, RoutedBlock) and isinstance(block.router, SpectralRouter):
-                entropy = model.infer(ids).routing.entropy[..., layer]
-                block.router.threshold.fill_(float(entropy.nanmedian()))
-
-
 def build_models(seq: int, seed: int = 0) -> tuple[ChiarLM, ChiarLM, torch.nn.Module | None]:
-    torch.manual_seed(seed)
-    chiar = ChiarLM(ChiarConfig(**SIZE, arch="chiar", routing="threshold")).eval()
+    probe = torch.randint(0, SIZE["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(1))
+    chiar = calibrated_random_model(ChiarConfig(**SIZE, arch="chiar", routing="threshold"), probe, seed)
     torch.manual_seed(seed)
     baseline = ChiarLM(ChiarConfig(**SIZE, arch="baseline")).eval()
-    calibrate_to_median(chiar, torch.randint(0, SIZE["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(1)))
     return chiar, baseline, build_hf_llama()
 
 
@@ -73,7 +62,7 @@ def scoring_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, 
             tokens = batch * seq
             rows.append(dict(
                 seq=seq, batch=batch, chiar=tokens / t_chiar, baseline=tokens / t_base, hf=tokens / t_hf,
-                share=out.routing.attention_share(slice(1, -1)), flops_ratio=out.flops.executed / base_out.flops.executed,
+                share=out.routing.attention_share(chiar.config.routing_layers), flops_ratio=out.flops.executed / base_out.flops.executed,
             ))
             print(f"score seq={seq} batch={batch}: chiar {tokens / t_chiar:,.0f} tok/s, baseline {tokens / t_base:,.0f}, "
                   f"hf {tokens / t_hf:,.0f}; attention share {rows[-1]['share']:.2f}, FLOPs ratio {rows[-1]['flops_ratio']:.3f}", flush=True)

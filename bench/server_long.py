@@ -4,7 +4,7 @@ Per model one real server (the same settings as the other rows); per prompt leng
 perplexity = `/v1/perplexity` of WikiText-2 test spans of that many tokens (scored tokens/s), and
 generate = streamed `/v1/generate` continuing such spans (TTFT, ITL, generated tokens/s).
 Checkpoints whose context is too short for the longest prompt are replaced by random-weight ones
-at `--long-context` (bench.server.random_checkpoints), and the table says so.
+at `--long-context` (bench.checkpoints.random_checkpoints), and the table says so.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def checkpoints(names: dict[str, Path], args: argparse.Namespace, tmp: Path) -> 
     need = max(args.long_lengths) + 1 + args.long_new_tokens
     if not args.random and all((p / "config.json").is_file() and context_of(p) >= need for p in names.values()):
         return names, False
-    from bench.server import random_checkpoints
+    from bench.checkpoints import random_checkpoints
 
     context = max(args.long_context, need)
     print(f"long rows: a checkpoint's context is under {need} tokens; building random-weight ones at context {context} ...", flush=True)

@@ -159,7 +159,7 @@ def score(checkpoint: Path, texts: list[EvalText], seq_len: int, paths: tuple[st
 
 
 def resolve(device: str) -> torch.device:
-    from training.distributed import resolve_device
+    from model.device import resolve_device
 
     return resolve_device(device)
 

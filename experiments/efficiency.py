@@ -30,6 +30,7 @@ from experiments.recipes import baseline, chiar_variant
 from training.calibrate import load_frozen
 from training.config import SourceConfig
 from training.data import load_documents
+from training.evaluate import attention_shares
 
 PAPER = "400M: CHIAR 37% fewer FLOPs than the baseline (test PPL 27.51 vs 23.58); routing layers: 62.5% fewer attention FLOPs at ~50% routing"
 
@@ -83,8 +84,7 @@ def run(ctx: Context) -> dict[str, Any]:
         batch = torch.tensor(ids[: n_batch * seq], dtype=torch.long).view(n_batch, seq).to(device)
         repeats = 5 if ctx.size.name != "tiny" else 1
         speed = {p: tokens_per_s(model, batch, p, repeats, device) for p in ("infer", "reference")}
-        counts = prof["counts"].double()
-        attn_share = [round(float(v), 4) for v in counts[:, 3] / counts.sum(-1).clamp(min=1)]
+        attn_share = [round(share, 4) for share in attention_shares(prof["counts"])]
         row = {"model": name, "params": model.num_parameters(), "flops_per_token": per_tok,
                "dense_flops_per_token": dense_tok, "executed_vs_own_dense": per_tok / dense_tok,
                "executed_vs_baseline": per_tok / base_flops, "attention_share": attn_share,

@@ -33,6 +33,7 @@ from experiments.recipes import baseline, calibration, chiar_variant
 from training.calibrate import load_frozen
 from training.config import SourceConfig
 from training.data import load_documents
+from training.evaluate import attention_shares
 from training.plots import plot_routing_heatmap
 
 HEATMAP_MODEL = "threshold_reg"
@@ -119,8 +120,7 @@ def run(ctx: Context) -> tuple[dict[str, Any], list[Path]]:
         path = "reference" if name == "baseline" else "infer"
         profiles[name] = routing_profile(model, ids, seq, path, windows, device=device)
         if name != "baseline":
-            c = profiles[name]["counts"].double()
-            shares[name] = [round(float(v), 4) for v in c[:, 3] / c.sum(-1).clamp(min=1)]
+            shares[name] = [round(share, 4) for share in attention_shares(profiles[name]["counts"])]
         log(f"profiled {name}")
     figures.append(entropy_histograms(profiles["baseline"], profiles[heat_mode], cal,
                                       ctx.root / "entropy_histograms.png", heat_mode))

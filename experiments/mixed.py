@@ -34,8 +34,9 @@ from experiments.common import (
     wiki_sources,
 )
 from experiments.recipes import calibration, chiar_config, chiar_variant
+from model.accounting import attention_share
+from model.routing import GATE_OPEN
 from training.calibrate import load_frozen
-from training.evaluate import GATE_OPEN
 from training.plots import plot_gate_by_source, read_log
 
 ROUTING = "threshold_reg"
@@ -135,9 +136,9 @@ def _model_report(ctx: Context, label: str, cfg: dict[str, Any], texts: list[Any
         ids = [1, *tok.encode(t.text, add_special_tokens=False).ids]
         prof = routing_profile(model, ids, ctx.size.seq_len, "infer", windows, device=device)
         g = prof["gate"][~np.isnan(prof["gate"])]
-        attn = prof["counts"][1:-1].double()
+        share = attention_share(prof["counts"], model.config.routing_layers) or 0.0
         report["gate"][t.name] = {"mean": float(g.mean()), "open_share": float((g >= GATE_OPEN).mean()),
-                                  "attention_share_routing_layers": float(attn[:, 3].sum() / attn.sum().clamp(min=1))}
+                                  "attention_share_routing_layers": share}
     listops = next(t for t in texts if t.name == "listops")
     report["listops_accuracy"] = {
         path: listops_accuracy(model, tok, listops.text, ctx.size.listops_eval, ctx.size.seq_len, device, path)

@@ -12,6 +12,7 @@ from typing import Any
 
 from experiments.ablation import format_table as ablation_table
 from experiments.efficiency import format_table as efficiency_table
+from model.config import routing_layers
 
 
 def _load(directory: Path, name: str, size: str) -> dict[str, Any] | None:
@@ -20,20 +21,22 @@ def _load(directory: Path, name: str, size: str) -> dict[str, Any] | None:
 
 
 def collapse_table(r: dict[str, Any]) -> str:
-    n_layers = len(r["epochs"][0]["validation_reference"])
-    lines = ["| epoch | step | " + " | ".join(f"L{i + 1} dct / rbf / attn" for i in range(1, n_layers - 1)) + " |",
-             "|---:|---:|" + "---|" * (n_layers - 2)]
+    layers = routing_layers(len(r["epochs"][0]["validation_reference"]))
+    lines = ["| epoch | step | " + " | ".join(f"L{i + 1} dct / rbf / attn" for i in layers) + " |",
+             "|---:|---:|" + "---|" * len(layers)]
     for e in r["epochs"]:
-        cells = [f"{s['dct']:.2f} / {s['rbf']:.2f} / {s['attention']:.2f}" for s in e["validation_reference"][1:-1]]
+        shares = [e["validation_reference"][i] for i in layers]
+        cells = [f"{s['dct']:.2f} / {s['rbf']:.2f} / {s['attention']:.2f}" for s in shares]
         lines.append(f"| {e['epoch']} | {e['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def collapse_infer_table(r: dict[str, Any]) -> str:
-    lines = ["| epoch | " + " | ".join(f"L{i + 1} rbf (train text, infer)" for i in range(1, len(r["epochs"][0]["train_sample_infer"]) - 1)) + " |",
-             "|---:|" + "---:|" * (len(r["epochs"][0]["train_sample_infer"]) - 2)]
+    layers = routing_layers(len(r["epochs"][0]["train_sample_infer"]))
+    lines = ["| epoch | " + " | ".join(f"L{i + 1} rbf (train text, infer)" for i in layers) + " |",
+             "|---:|" + "---:|" * len(layers)]
     for e in r["epochs"]:
-        lines.append(f"| {e['epoch']} | " + " | ".join(f"{s['rbf']:.3f}" for s in e["train_sample_infer"][1:-1]) + " |")
+        lines.append(f"| {e['epoch']} | " + " | ".join(f"{e['train_sample_infer'][i]['rbf']:.3f}" for i in layers) + " |")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from experiments.common import (
 )
 from experiments.recipes import baseline, calibration, chiar_config
 from model import ChiarConfig, ChiarLM
+from model.config import routing_layers
 from training.calibrate import load_frozen
 from training.config import TrainConfig, parse_config
 from training.data import encode_documents, load_sources
@@ -39,6 +40,12 @@ from training.evaluate import operator_shares
 from training.plots import read_log
 
 COLLAPSE_SHARE = 0.01
+
+
+def _rbf_shares(rec: dict[str, Any]) -> list[float]:
+    """The RBF share of each routing layer in an epoch record (validation text, reference path)."""
+    shares = rec["validation_reference"]
+    return [shares[layer]["rbf"] for layer in routing_layers(len(shares))]
 
 
 def collapse_config(ctx: Context, seed: int) -> tuple[dict[str, Any], int]:
@@ -93,10 +100,8 @@ def run(ctx: Context, suffix: str = "") -> tuple[dict[str, Any], list[Path]]:
                 rec[f"{label}_{path}"] = operator_shares(prof["counts"])
         rec["bands"] = model.routing_bands()
         epochs.append(rec)
-        rbf = [layer["rbf"] for layer in rec["validation_reference"][1:-1]]
-        log(f"epoch {epoch} (step {step}): RBF share per routing layer {rbf}")
-    collapsed = next((e["epoch"] for e in epochs
-                      if all(layer["rbf"] < COLLAPSE_SHARE for layer in e["validation_reference"][1:-1])), None)
+        log(f"epoch {epoch} (step {step}): RBF share per routing layer {_rbf_shares(rec)}")
+    collapsed = next((e["epoch"] for e in epochs if all(share < COLLAPSE_SHARE for share in _rbf_shares(e))), None)
     train_recs, eval_recs = read_log(run_dir)
     fig = plot_shares(epochs, ctx.root / f"collapse_operator_share{suffix}.png")
     result = {

@@ -33,7 +33,7 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    # seconds; used by tests/training/test_experiments.py
+    # seconds; used by tests/experiments/test_experiments.py
     "tiny": Size(
         "tiny", {"d_model": 32, "n_layers": 4, "n_heads": 2, "d_ff": 64, "max_seq_len": 32},
         vocab_size=300, seq_len=32, batch_size=4, max_steps=4, warmup_steps=1, lr=3e-3, eval_every=2,

@@ -135,6 +135,4 @@ class ShortUser(base.ChiarUser):
 def _write_counts(environment: Any, **_: Any) -> None:
     if COUNTS_PATH:
         path = Path(COUNTS_PATH)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(COUNTS) + "\n")
-        tmp.replace(path)
+        path.write_text(json.dumps(COUNTS) + "\n")  # read once locust has exited: no reader sees a part

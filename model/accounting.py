@@ -9,7 +9,8 @@ across its steps and prices their sums once, when the request ends (`server.engi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +28,16 @@ def routing_counts(operator: Tensor, batch_idx: Tensor, batch_size: int) -> Tens
     key = (batch_idx.unsqueeze(1) * n_layers + layer) * N_OPERATORS + operator.long()
     counts = torch.bincount(key.flatten(), minlength=batch_size * n_layers * N_OPERATORS)
     return counts.view(batch_size, n_layers, N_OPERATORS)
+
+
+def attention_share(counts: Any, layers: Iterable[int] | None = None) -> float | None:
+    """Share of the tokens of `layers` (default: every layer) that went to attention, from a count table
+    [layer][operator id] (a tensor or nested lists, as `routing_counts` gives); None where they saw no token."""
+    table = torch.as_tensor(counts, dtype=torch.float64).reshape(-1, N_OPERATORS)
+    if layers is not None:
+        table = table[list(layers)]
+    total = float(table.sum())
+    return float(table[:, Operator.ATTENTION].sum()) / total if total else None
 
 
 def attended_pairs(keys_seen: Tensor, batch_idx: Tensor, batch_size: int) -> Tensor:

@@ -27,12 +27,11 @@ from .attention import CausalSelfAttention, RotaryEmbedding
 from .config import ChiarConfig
 from .layers import RMSNorm, SwiGLU
 from .operators import Operator
-from .routing import RBFLayer, make_router
+from .routing import GATE_OPEN, RBFLayer, make_router
 from .spectral import DCTMix, dct, entropy_from_coefficients, spectral_dtype
 from .step import StepContext
 
 DCT, RBF, ATTENTION, IDENTITY = Operator.DCT, Operator.RBF, Operator.ATTENTION, Operator.IDENTITY
-GATE_OPEN = 0.5  # layer 1 mixes a token when its MetaRouter gate is at least this
 
 
 @dataclass
@@ -50,7 +49,8 @@ class ReferenceBatch:
 class Block(nn.Module):
     """norm -> mixer -> residual -> norm -> FFN -> residual. The FFN is shared by every operator."""
 
-    has_attention = False  # holds a KV cache
+    has_attention = False  # holds a KV cache (`attention`)
+    routed = False  # has a `router` (and an `rbf`, None without the RBF operator)
 
     def __init__(self, config: ChiarConfig) -> None:
         super().__init__()
@@ -134,7 +134,7 @@ class AttentionBlock(Block):
 
 
 class GatedDCTBlock(Block):
-    """Layer 1: DCT mixing where the MetaRouter gate g >= 0.5 (always, without a MetaRouter), identity elsewhere."""
+    """Layer 1: DCT mixing where the MetaRouter gate is open (always, without a MetaRouter), identity elsewhere."""
 
     def __init__(self, config: ChiarConfig) -> None:
         super().__init__(config)
@@ -144,7 +144,7 @@ class GatedDCTBlock(Block):
         mixed = self.dct_mix.from_coefficients(coefficients, u.dtype)
         if batch.gate is None:
             return mixed, torch.full_like(batch.valid, DCT, dtype=torch.int8), None
-        is_open = batch.gate >= 0.5
+        is_open = batch.gate >= GATE_OPEN
         if batch.hard_gate:
             y = torch.where(is_open.unsqueeze(-1), mixed, u)
         else:
@@ -186,6 +186,7 @@ class RoutedBlock(Block):
     """Layers 2..L-1: each token goes to the operator its router decides (DCT / attention, or DCT / RBF / attention)."""
 
     has_attention = True
+    routed = True
 
     def __init__(self, config: ChiarConfig, rope: RotaryEmbedding, routing_index: int) -> None:
         super().__init__(config)

@@ -26,7 +26,7 @@ from .kv_cache import BLOCK, DecodeState, PagedKVCache
 from .layers import RMSNorm
 from .operators import PAD, Operator
 from .output import ModelOutput, RoutingInfo, assemble
-from .routing import MetaRouter, SpectralRouter, ThreeWayRouter
+from .routing import MetaRouter
 from .spectral import spectral_dtype
 from .step import StepContext, StepOutput, TokenBatch
 
@@ -74,20 +74,23 @@ class ChiarLM(nn.Module):
     def routed_blocks(self) -> list[RoutedBlock]:
         return [block for block in self.blocks if isinstance(block, RoutedBlock)]
 
+    def routing_cut_points(self) -> list[list[float]]:
+        """Per layer, the entropy values its router compares with now: [] where the layer does not route,
+        [tau] for the two-operator router, the band [p33, p67] for the three-operator one (what the API reports)."""
+        cuts: list[list[float]] = [[] for _ in self.blocks]
+        for layer in self.config.routing_layers:
+            cuts[layer] = self.blocks[layer].router.cut_points()
+        return cuts
+
     def routing_thresholds(self) -> list[float]:
-        """Current per-routing-layer thresholds (learnable in soft/ste mode)."""
-        taus = []
-        for block in self.routed_blocks():
-            router = block.router
-            if isinstance(router, SpectralRouter):
-                taus.append(float(router.threshold.detach()))
-            else:
-                taus.append(float(router.band.detach().mean()))
-        return taus
+        """Per routing layer, the centre of its cut points: tau, or the band's middle (learnable in soft/ste)."""
+        cuts = self.routing_cut_points()
+        return [sum(cuts[layer]) / len(cuts[layer]) for layer in self.config.routing_layers]
 
     def routing_bands(self) -> list[list[float]] | None:
-        bands = [block.router.band.detach().tolist() for block in self.routed_blocks() if isinstance(block.router, ThreeWayRouter)]
-        return bands or None
+        """Per routing layer, the current band of a three-operator model (None for two operators)."""
+        cuts = self.routing_cut_points()
+        return [cuts[layer] for layer in self.config.routing_layers] if self.config.three_operators else None
 
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         """Validate the batch; returns the boolean validity mask [B, T]."""
@@ -190,10 +193,11 @@ class ChiarLM(nn.Module):
         """Layers that hold a KV cache (always: only those every token attends in)."""
         return sum(1 for block in self.blocks if block.has_attention and (not always or isinstance(block, AttentionBlock)))
 
-    def kv_bytes_per_token(self) -> int:
-        """K+V bytes one token adds when it attends in every attention layer."""
+    def kv_bytes_per_token(self, always: bool = False) -> int:
+        """K+V bytes one token adds when it attends in every attention layer (always: only in the layers
+        every token attends in)."""
         cfg = self.config
-        return self.attention_layers() * 2 * cfg.d_model * next(self.parameters()).element_size()
+        return self.attention_layers(always) * 2 * cfg.d_model * next(self.parameters()).element_size()
 
     def new_cache(self, rows: int, tokens_per_row: int, growable: bool = True) -> PagedKVCache:
         return PagedKVCache.for_model(self, rows=rows, tokens_per_row=tokens_per_row, growable=growable)

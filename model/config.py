@@ -13,7 +13,12 @@ from .operators import Operator
 ARCHS = ("chiar", "baseline")
 ROUTING_MODES = ("soft", "ste", "threshold", "threshold_reg")
 OPERATOR_SETS = ((Operator.DCT, Operator.ATTENTION), (Operator.DCT, Operator.RBF, Operator.ATTENTION))
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # the one list of weight dtype names (config, --dtype, storage)
+
+
+def routing_layers(n_layers: int, arch: str = "chiar") -> range:
+    """0-based indices of the layers whose tokens are routed: 2..L-1 of a CHIAR model, none of the baseline."""
+    return range(1, n_layers - 1) if arch == "chiar" else range(0)
 
 
 class ConfigError(ValueError):
@@ -127,9 +132,13 @@ class ChiarConfig:
         return self.d_model // self.n_heads
 
     @property
+    def routing_layers(self) -> range:
+        """0-based indices of the routing layers (2..L-1 of a CHIAR model; empty for the baseline)."""
+        return routing_layers(self.n_layers, self.arch)
+
+    @property
     def n_routing_layers(self) -> int:
-        """Layers 2..L-1 of a CHIAR model; 0 for the baseline."""
-        return self.n_layers - 2 if self.arch == "chiar" else 0
+        return len(self.routing_layers)
 
     @property
     def calibrated(self) -> bool:

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .storage import atomic_write_text
 
 TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer_config.json", "special_tokens_map.json"
 
@@ -58,20 +58,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TokenizerFilesError(f"{path}: must be a JSON object")
     return data
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def special_tokens(directory: Path) -> dict[str, str]:
@@ -161,7 +147,7 @@ def write_tokenizer_files(directory: str | Path, chat_template: str | None = Non
     if tokenizer is not None:
         files.insert(0, ("tokenizer.json", tokenizer))
     for name, data in files:
-        _write_json_atomic(directory / name, data)
+        atomic_write_text(directory / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return [directory / name for name, _ in files]
 
 

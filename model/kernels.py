@@ -131,13 +131,13 @@ class NativeKernels:
         for layer, block in enumerate(model.blocks):
             self.packs.add(f"{layer}.w_in", [block.ffn.w_in.weight], lambda b=block: b.ffn.w_in.weight)
             self.packs.add(f"{layer}.w_out", [block.ffn.w_out.weight], lambda b=block: b.ffn.w_out.weight)
-            if hasattr(block, "attention"):
+            if block.has_attention:
                 self.packs.add(f"{layer}.qkv", [block.attention.qkv.weight], lambda b=block: b.attention.qkv.weight)
                 self.packs.add(f"{layer}.out", [block.attention.out.weight], lambda b=block: b.attention.out.weight)
-            if getattr(block, "rbf", None) is not None:
+            if block.routed and block.rbf is not None:
                 self.packs.add(f"{layer}.rbf_centers", [block.rbf.centers], lambda b=block: b.rbf.centers)
                 self.packs.add(f"{layer}.rbf_values", [block.rbf.values], lambda b=block: b.rbf.values.T)
-            projection = block.router.projection() if hasattr(block, "router") else None
+            projection = block.router.projection() if block.routed else None
             if projection is not None:
                 self.packs.add(f"{layer}.router", [projection.weight], lambda p=projection: p.weight)
         self.packs.add("lm_head", [model.lm_head.weight], lambda: model.lm_head.weight)

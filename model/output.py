@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -9,9 +10,9 @@ import torch
 from torch import Tensor
 
 from . import flops as fl
-from .accounting import attended_pairs, dense_flops, executed_flops
+from .accounting import attended_pairs, attention_share, dense_flops, executed_flops
 from .flops import FlopCount
-from .operators import PAD, Operator
+from .operators import PAD
 
 if TYPE_CHECKING:
     from .chiar import ChiarLM
@@ -27,11 +28,9 @@ class RoutingInfo:
     gate: Tensor  # [B, T] MetaRouter g, NaN where absent
     counts: Tensor  # [L, 4] valid tokens per (layer, operator id)
 
-    def attention_share(self, layers: slice | None = None) -> float:
-        """Fraction of valid tokens routed to attention over the given layers (default: all)."""
-        counts = self.counts[layers] if layers is not None else self.counts
-        total = int(counts.sum())
-        return float(counts[:, Operator.ATTENTION].sum()) / total if total else 0.0
+    def attention_share(self, layers: Iterable[int] | None = None) -> float:
+        """Fraction of valid tokens routed to attention over `layers` (default: all; 0 without tokens)."""
+        return attention_share(self.counts, layers) or 0.0
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""Routers: the MetaRouter gate of layer 1, the entropy SpectralRouter, the three-operator router, RBF."""
+"""Routers: the MetaRouter gate of layer 1, the `Router` protocol of layers 2..L-1 and its two routers
+(the entropy SpectralRouter, the three-operator router), and the RBF operator."""
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -10,12 +12,14 @@ from torch import Tensor, nn
 from .config import ChiarConfig
 from .operators import Operator
 
+GATE_OPEN = 0.5  # the MetaRouter's hard gate: layer 1 mixes a token (DCT) iff its gate g >= GATE_OPEN
+
 
 class MetaRouter(nn.Module):
     """g_t = sigmoid(w . m_t + b) with m_t the causal running mean of the sequence's embeddings.
 
     Per sequence and causal (deviation from the paper's batch mean): a request's output must not
-    depend on its batch neighbours or on future tokens.
+    depend on its batch neighbours or on future tokens. Hard gate: open iff g_t >= GATE_OPEN.
     """
 
     def __init__(self, d_model: int, bias_init: float) -> None:
@@ -32,14 +36,38 @@ class MetaRouter(nn.Module):
         return self.gate_from_mean(embeddings.cumsum(dim=1) / steps[:, None])
 
 
-class SpectralRouter(nn.Module):
-    """Token -> attention if H >= tau, else DCT mixing; soft share sigmoid((H - tau) / T).
+class Router(Protocol):
+    """What a routing layer asks of its router; nothing outside a router branches on its class."""
 
-    Router interface (shared with `ThreeWayRouter`): `operators`, the operators it chooses between;
-    `decide(u, entropy)`, the hard choice both forward paths run; `probabilities(u, entropy)`, the
-    soft weights over `operators` the reference path blends with; `entropy_threshold()`, the tau of a
-    decision that is a threshold on the entropy alone (the native kernels then decide it), else None.
-    """
+    operators: tuple[Operator, ...]  # the operators it chooses between, in `probabilities` order
+
+    def decide(self, u: Tensor, entropy: Tensor) -> Tensor:
+        """Operator id per token (int8): the hard choice both forward paths run."""
+        ...
+
+    def probabilities(self, u: Tensor, entropy: Tensor) -> Tensor:
+        """[..., len(operators)] soft weights the reference path blends with (or carries the STE gradient by)."""
+        ...
+
+    def entropy_threshold(self) -> float | None:
+        """The tau of a decision that is a threshold on the entropy alone (the native kernels then decide it)."""
+        ...
+
+    def projection(self) -> nn.Linear | None:
+        """A learned projection of u the decision also reads (packed by the native kernels), if any."""
+        ...
+
+    def cut_points(self) -> list[float]:
+        """The entropy values the decision compares with, ascending (what the API reports per layer)."""
+        ...
+
+    def set_cut_points(self, values: list[float]) -> None:
+        """Move the cut points (calibration of random-weight models in tests and benchmarks)."""
+        ...
+
+
+class SpectralRouter(nn.Module):
+    """Token -> attention if H >= tau, else DCT mixing; soft share sigmoid((H - tau) / T). A `Router`."""
 
     operators = (Operator.DCT, Operator.ATTENTION)
 
@@ -64,6 +92,14 @@ class SpectralRouter(nn.Module):
     def projection(self) -> nn.Linear | None:
         return None
 
+    def cut_points(self) -> list[float]:
+        return [float(self.threshold.detach())]
+
+    @torch.no_grad()
+    def set_cut_points(self, values: list[float]) -> None:
+        (tau,) = values
+        self.threshold.fill_(tau)
+
     def probabilities(self, u: Tensor, entropy: Tensor) -> Tensor:
         """[..., 2] soft weights over `operators` (DCT, attention)."""
         del u
@@ -79,7 +115,7 @@ class ThreeWayRouter(nn.Module):
     """Learnable DCT / RBF / attention router initialised to the entropy bands of the paper's v1.
 
     logits = W u + [(p33 - H) / T, 0, (H - p67) / T] with W = 0 at init, so argmax is exactly
-    H < p33 -> DCT, p33 <= H < p67 -> RBF, H >= p67 -> attention; W and the band edges learn.
+    H < p33 -> DCT, p33 <= H < p67 -> RBF, H >= p67 -> attention; W and the band edges learn. A `Router`.
     """
 
     operators = THREE_WAY_ORDER
@@ -113,6 +149,14 @@ class ThreeWayRouter(nn.Module):
         """The learned projection of u the decision adds to the entropy prior."""
         return self.proj
 
+    def cut_points(self) -> list[float]:
+        """The band (p33, p67) of the entropy prior; the learned projection also votes."""
+        return [float(v) for v in self.band.detach()]
+
+    @torch.no_grad()
+    def set_cut_points(self, values: list[float]) -> None:
+        self.band.copy_(torch.tensor(values, dtype=self.band.dtype))
+
     def probabilities(self, u: Tensor, entropy: Tensor) -> Tensor:
         """[..., 3] softmax of the logits, in THREE_WAY_ORDER."""
         return self.logits(u, entropy).softmax(-1)
@@ -136,10 +180,10 @@ class RBFLayer(nn.Module):
         return torch.exp(-sq_dist / (2 * torch.exp(2 * self.log_scale)))
 
 
-Router = SpectralRouter | ThreeWayRouter
+UNCALIBRATED_BAND = 0.05  # a three-operator layer with a threshold but no band: (tau - this, tau + this)
 
 
-def make_router(config: ChiarConfig, layer: int) -> Router:
+def make_router(config: ChiarConfig, layer: int) -> SpectralRouter | ThreeWayRouter:
     """Router for routing layer `layer` (0-based among routing layers)."""
     learnable = config.routing in ("soft", "ste")
     if config.three_operators:
@@ -147,6 +191,6 @@ def make_router(config: ChiarConfig, layer: int) -> Router:
             band = tuple(config.bands[layer])
         else:
             tau = config.resolved_thresholds()[layer]
-            band = (tau - 0.05, tau + 0.05)
+            band = (tau - UNCALIBRATED_BAND, tau + UNCALIBRATED_BAND)
         return ThreeWayRouter(config.d_model, band, config.temperature, learnable)  # type: ignore[arg-type]
     return SpectralRouter(config.resolved_thresholds()[layer], config.temperature, learnable)

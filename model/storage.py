@@ -1,5 +1,6 @@
-"""On-disk basics shared by model checkpoints and training checkpoints: the one atomic-directory
-writer, the cleanup of what a killed writer leaves behind, and the one weights-dtype map.
+"""On-disk basics shared by model checkpoints, training, the server and the harnesses: the one
+atomic-directory writer, the one atomic single-file writer, the cleanup of what a killed writer leaves
+behind, and the weights-dtype maps.
 
 A directory is built under a hidden staging name next to its target, fsynced, and renamed into
 place (the old one is first renamed aside, then removed), so a crash at any point leaves the old
@@ -11,20 +12,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-# The one map from config/CLI dtype names to torch dtypes (ChiarConfig.weights_dtype, --dtype).
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
-# safetensors header dtype tags of the same dtypes (read without loading any tensor data).
-SAFETENSORS_DTYPES: dict[str, str] = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+from .config import DTYPES
+
+# The torch dtype and the safetensors header tag (read without loading any tensor data) of each name in
+# model.config.DTYPES, the one list of weight dtype names (ChiarConfig.weights_dtype, --dtype).
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
+_TAGS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+SAFETENSORS_DTYPES: dict[str, str] = {name: _TAGS[name] for name in DTYPES}
 
 _TMP, _OLD = ".tmp-", ".old-"
 
@@ -73,6 +73,24 @@ def atomic_directory(final: Path | str) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
         if old.exists() and final.exists():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` through a hidden temporary file in the same directory, fsynced and
+    renamed into place: a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def clean_stale(directory: Path, name: str | None = None) -> None:

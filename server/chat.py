@@ -9,10 +9,8 @@ a leading `{{ bos_token }}` from the template is dropped rather than doubled).
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,9 +18,9 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.hf_tokenizer import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, chat_template
-from server.engine import DoneEvent, GenerateJob, GenParams, Job, LogprobEntry, TokenEvent
-from server.errors import invalid
-from server.openai_api import ERRORS
+from server import routes
+from server.engine import DoneEvent, GenParams, LogprobEntry, TokenEvent
+from server.errors import ERRORS, invalid
 from server.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -33,9 +31,10 @@ from server.openai_schemas import (
     ChatTokenLogprob,
     TopLogprob,
 )
+from server.openai_serving import OpenAIServing, finish_reason
+from server.sampling_params import engine_sampling
 from server.schemas import Usage
-from server.service import ServedModels, Service, sse
-from server.stream_usage import StreamUsage
+from server.service import ServedModels, Service
 from server.token_limits import POOL
 
 
@@ -82,10 +81,11 @@ def register(app: FastAPI, served: ServedModels) -> None:
     """Add /v1/chat/completions to `app`."""
     template = templates(served)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["openai"], responses=ERRORS)
+    @app.post(routes.CHAT.path, response_model=ChatCompletionResponse, tags=["openai"], responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         svc = served.get(body.model, request)
-        return await run_chat(svc, template[svc.name], body, request)
+        serving = await ChatServing.start(svc, template[svc.name], body)
+        return await serving.response(request) if not body.stream else svc.sse_response(serving.stream(), request)
 
 
 def _bytes(token: str) -> list[int]:
@@ -97,88 +97,76 @@ def _bytes(token: str) -> list[int]:
 def chat_logprobs(svc: Service, entries: list[LogprobEntry]) -> ChatLogprobs:
     content = []
     for e in entries:
-        token = svc.engine.token_str(e.id)
-        tops = [TopLogprob(token=(t := svc.engine.token_str(tid)), logprob=lp, bytes=_bytes(t)) for tid, lp in (e.top or {}).items()]
+        token = svc.token_str(e.id)
+        tops = [TopLogprob(token=(t := svc.token_str(tid)), logprob=lp, bytes=_bytes(t)) for tid, lp in (e.top or {}).items()]
         content.append(ChatTokenLogprob(token=token, logprob=e.logprob, bytes=_bytes(token), top_logprobs=tops))
     return ChatLogprobs(content=content)
 
 
-# Below these, float32 sampling overflows (logits / T) or rounds p to 0; both limits are exactly greedy
-# decoding among the best token, so they are sent as such.
-TINY = 1e-6
+class ChatServing(OpenAIServing):
+    """One /v1/chat/completions request: the rendered conversation, `n` generate jobs, then the response or
+    the stream of chunks."""
 
+    id_prefix = "chatcmpl-"
+    chunk_object = "chat.completion.chunk"
 
-def sampling(body: ChatCompletionRequest) -> tuple[float, int | None, float | None]:
-    """(temperature, top_k, top_p) for the engine, with the T -> 0 and p -> 0 limits made explicit."""
-    temperature, top_k, top_p = body.temperature, body.top_k, body.top_p
-    if temperature < TINY:
-        return 0.0, None, None
-    if top_p < TINY:
-        return temperature, 1, None
-    return temperature, top_k, top_p
+    def __init__(self, svc: Service, body: ChatCompletionRequest, ids: list[int]) -> None:
+        super().__init__(svc, body.stream_options, [len(ids)] * body.n, len(ids))
+        self.body = body
+        self.ids = ids
 
+    @classmethod
+    async def start(cls, svc: Service, template: ChatTemplate, body: ChatCompletionRequest) -> ChatServing:
+        """Render and encode the conversation (off the event loop), make the jobs and submit them."""
+        ids = await asyncio.get_running_loop().run_in_executor(POOL, template.encode, svc, body.messages)
+        serving = cls(svc, body, ids)
+        serving.make_jobs(template.stop)
+        svc.submit(serving.jobs)
+        return serving
 
-def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+    # ---------------------------------------------------------------- request -> jobs
+    def make_jobs(self, template_stop: list[str]) -> None:
+        body, svc, ids = self.body, self.svc, self.ids
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        if body.max_completion_tokens is not None and body.max_tokens is not None:  # both within the limit, though one wins
+            svc.new_tokens(body.max_tokens, svc.context, "max_tokens", ids)
+        new_tokens = svc.new_tokens(body.new_tokens, svc.context, param, ids)
+        svc.check_length(ids, new_tokens, param, prompt_param="messages")
+        top_n = (body.top_logprobs or 0) if body.logprobs else None
+        sampling = asdict(engine_sampling(body.temperature, body.top_p, body.top_k))
+        for j in range(body.n):
+            self.jobs.generate(ids, GenParams(
+                max_new_tokens=new_tokens, **sampling, seed=None if body.seed is None else body.seed + j,
+                stop=[*(body.stop or []), *template_stop], logprobs=top_n, ignore_eos=body.ignore_eos))
 
-
-async def run_chat(svc: Service, template: ChatTemplate, body: ChatCompletionRequest, request: Request) -> Any:
-    ids = await asyncio.get_running_loop().run_in_executor(POOL, template.encode, svc, body.messages)
-    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    if body.max_completion_tokens is not None and body.max_tokens is not None:  # both within the limit, though one wins
-        svc.new_tokens(body.max_tokens, svc.context, "max_tokens", ids)
-    new_tokens = svc.new_tokens(body.new_tokens, svc.context, param, ids)
-    svc.check_length(ids, new_tokens, param, prompt_param="messages")
-    top_n = (body.top_logprobs or 0) if body.logprobs else None
-    queue: asyncio.Queue = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    jobs: list[Job] = []
-    temperature, top_k, top_p = sampling(body)
-    for j in range(body.n):
-        params = GenParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=None if body.seed is None else body.seed + j, stop=[*(body.stop or []), *template.stop],
-                           logprobs=top_n, ignore_eos=body.ignore_eos)
-        jobs.append(GenerateJob(ids, params, queue=queue, loop=loop, index=j, timeout=svc.settings.request_timeout))
-    svc.submit(jobs)
-    rid = "chatcmpl-" + uuid.uuid4().hex[:24]
-    created = int(time.time())
-    prompt_tokens = len(ids)
-
-    if not body.stream:
-        results = await svc.collect(jobs, queue, request)
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r.finish_reason),
-                              logprobs=chat_logprobs(svc, r.token_logprobs or []) if body.logprobs else None)
+    # ---------------------------------------------------------------- response
+    async def response(self, request: Request) -> ChatCompletionResponse:
+        results = await self.svc.collect(self.jobs, request)
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=finish_reason(r.finish_reason),
+                              logprobs=chat_logprobs(self.svc, r.token_logprobs or []) if self.body.logprobs else None)
                    for i, r in enumerate(results)]
         completion = sum(r.completion_tokens for r in results)
-        return ChatCompletionResponse(id=rid, created=created, model=svc.name, choices=choices,
-                                      usage=Usage.of(prompt_tokens, completion, results[0].cached_tokens))
+        return ChatCompletionResponse(id=self.rid, created=self.created, model=self.svc.name, choices=choices,
+                                      usage=Usage.of(self.prompt_tokens, completion, results[0].cached_tokens))
 
-    usage = StreamUsage.of(body.stream_options, [prompt_tokens] * body.n, prompt_tokens)
+    # ---------------------------------------------------------------- stream
+    def delta_chunk(self, index: int, delta: dict[str, str], logprobs: Any = None, finish: str | None = None) -> bytes:
+        return self.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                          self.usage.of_choice(index))
 
-    def chunk(choices: list[dict[str, Any]], counts: dict[str, int] | None = None) -> bytes:
-        data: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name,
-                                "choices": choices}
-        if usage.include:
-            data["usage"] = counts
-        return sse(data)
-
-    async def stream() -> AsyncIterator[bytes]:
-        for j in range(body.n):
-            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
-                        usage.of_choice(j))
-        async for event in svc.events(jobs, queue, None):
+    async def stream(self) -> AsyncIterator[bytes]:
+        for j in range(self.n_choices):
+            yield self.delta_chunk(j, {"role": "assistant", "content": ""})
+        async for event in self.svc.events(self.jobs):
             j = event.index
             if isinstance(event, TokenEvent):
-                usage.generated(j, len(event.token_ids))
-                lp = chat_logprobs(svc, event.logprobs or []).model_dump() if body.logprobs else None
+                self.usage.generated(j, len(event.token_ids))
+                lp = chat_logprobs(self.svc, event.logprobs or []).model_dump() if self.body.logprobs else None
                 if event.text or lp:
-                    yield chunk([{"index": j, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}],
-                                usage.of_choice(j))
+                    yield self.delta_chunk(j, {"content": event.text}, lp)
             elif isinstance(event, DoneEvent):
-                usage.finished(j, event.result.completion_tokens, event.result.cached_tokens if j == 0 else 0)  # type: ignore[union-attr]
-                yield chunk([{"index": j, "delta": {}, "logprobs": None,
-                              "finish_reason": _finish(event.result.finish_reason)}], usage.of_choice(j))  # type: ignore[union-attr]
-        if usage.include:
-            yield chunk([], usage.totals())
-
-    return svc.sse_response(stream(), request)
+                self.usage.finished(j, event.result.completion_tokens,  # type: ignore[union-attr]
+                                    event.result.cached_tokens if j == 0 else 0)  # type: ignore[union-attr]
+                yield self.delta_chunk(j, {}, None, finish_reason(event.result.finish_reason))  # type: ignore[union-attr]
+        if self.usage.include:
+            yield self.usage_chunk()

@@ -15,6 +15,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagge
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from server import routes
+
 ASSETS = "/docs-assets"
 ASSET_DIR = Path(fastapi_offline.__file__).parent / "static"  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js
 
@@ -43,18 +45,18 @@ def register(app: FastAPI, openapi_url: str = "/openapi.json") -> None:
 
     app.mount(ASSETS, StaticFiles(directory=ASSET_DIR), name="docs-assets")
 
-    @app.get("/docs", include_in_schema=False)
+    @app.get(routes.DOCS.path, include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url=openapi_url, title=f"{app.title} - Swagger UI",
                                    oauth2_redirect_url="/docs/oauth2-redirect",
                                    swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{ASSETS}/swagger-ui.css",
                                    swagger_favicon_url="/favicon.ico")
 
-    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    @app.get(routes.DOCS_OAUTH.path, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get("/redoc", include_in_schema=False)
+    @app.get(routes.REDOC.path, include_in_schema=False)
     async def redoc() -> HTMLResponse:
         # with_google_fonts=False: the fonts are a CDN request too; ReDoc falls back to the system fonts
         return get_redoc_html(openapi_url=openapi_url, title=f"{app.title} - ReDoc", redoc_js_url=f"{ASSETS}/redoc.standalone.js",

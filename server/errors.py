@@ -10,6 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+# The error answers a route declares (FastAPI `responses=`); server/openapi.py completes them per route.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "invalid input (the error names the field)"},
+    401: {"description": "missing or wrong API key"},
+    413: {"description": "body too large"},
+    503: {"description": "queue full or not ready (see Retry-After)"},
+}
 TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before", "function-plain", "function-wrap"}
 
 

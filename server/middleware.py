@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request metrics, bearer auth, body-size limit and UTF-8 check."""
+"""Pure ASGI middleware: request metrics, bearer auth, body-size limit and UTF-8 check (paths: server/routes.py)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_bytes
 from server.metrics import NO_MODEL, Metrics
+from server.routes import endpoint_label, is_public
 
-ENDPOINTS = ("/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/completions", "/v1/chat/completions", "/v1/models",
-             "/v1/tokenize", "/tokenize", "/detokenize", "/tokenizer_info",
-             "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json")
 HEAVY_BODY = 65536  # bodies this large take milliseconds of the event loop to parse and validate
 MAX_PAUSE = 0.05  # seconds the loop is left to other work after one big body's parsing step, at most
-PUBLIC = {"/health", "/ready", "/metrics", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
-PUBLIC_PREFIXES = ("/static/", "/docs-assets/")  # the playground's and the docs pages' own files (no model data)
-
-
-def endpoint_label(path: str) -> str:
-    """Bounded label values: known routes, 'static' or 'other'."""
-    if path in ENDPOINTS:
-        return path
-    return "static" if path.startswith(PUBLIC_PREFIXES) else "other"
 
 
 async def send_error(send: Send, status: int, message: str, type_: str, param: str | None, code: str,
@@ -71,8 +60,7 @@ class BearerAuth:
         self.digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.digest is None or scope["type"] != "http" or scope["path"] in PUBLIC or scope["path"].startswith(PUBLIC_PREFIXES) \
-                or scope["method"] == "OPTIONS":
+        if self.digest is None or scope["type"] != "http" or is_public(scope["path"]) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"")

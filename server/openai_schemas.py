@@ -1,51 +1,168 @@
-"""Request/response models of /v1/chat/completions and the vLLM-style tokenizer endpoints.
+"""Request and response models of the OpenAI protocol: /v1/completions, /v1/chat/completions and
+/v1/models.
 
-Types follow JSON Schema exactly, so the OpenAPI document says what is accepted: no bools as numbers,
-no strings as numbers or bools, no 0/1 as bools; an integer may be written 1.0 (JSON Schema calls that
-an integer too). Unknown fields in chat requests are ignored like OpenAI's; unsupported ones are
-declared (e.g. penalties: only 0) and rejected with a 400 naming the field.
+Completions requests are strict like the native ones (server/schemas.py StrictRequest, unknown fields
+ignored). Chat types follow JSON Schema exactly, so the OpenAPI document says what is accepted: no bools
+as numbers, no strings as numbers or bools, no 0/1 as bools; an integer may be written 1.0 (JSON Schema
+calls that an integer too). Unknown fields are ignored like OpenAI's; unsupported ones are declared
+(e.g. penalties: only 0) and rejected with a 400 naming the field. The sampling fields are
+server/sampling_params.py, the same types on every route.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
-from server.schemas import MAX_STOP, AnyText, ModelId, StreamOptions, Usage, utf8_text
+from server.sampling_params import NUMBER, Seed, Temperature, TopK, TopP
+from server.schemas import (
+    LONG_LIST,
+    MAX_STOP,
+    AnyText,
+    Float,
+    Int,
+    ModelId,
+    StreamOptions,
+    StrictRequest,
+    Usage,
+    stop_list,
+    utf8_text,
+)
 
-STRICT = ConfigDict(extra="ignore")
-STRICT_FORBID = ConfigDict(extra="forbid")
-
-
-def _json_number(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
-    if isinstance(value, str):
-        raise ValueError("must be a number, not a string")
-    return value
-
-
-# constraints go before the validator: pydantic then writes them as JSON Schema minimum/maximum
-_NUMBER = BeforeValidator(_json_number)
-Int = Annotated[int, _NUMBER]
-Float = Annotated[float, _NUMBER]
-Temperature = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy"), _NUMBER]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus mass in (0, 1]"), _NUMBER]
-# 2**53 - 1: the largest integer every JSON parser holds exactly
-Seed = Annotated[int, Field(ge=0, le=2**53 - 1, description="same seed -> same text; choice j uses seed + j"), _NUMBER]
-NewTokens = Annotated[int, Field(ge=1), _NUMBER]
-TopK = Annotated[int, Field(ge=1), _NUMBER]
-TopLogprobs = Annotated[int, Field(ge=0, le=5), _NUMBER]
-ZeroOnly = Annotated[float, Field(ge=0, le=0), _NUMBER]
-TokenId = Annotated[int, Field(ge=0), _NUMBER]
+LAX = ConfigDict(extra="ignore")  # chat: JSON Schema types (NUMBER), unknown fields ignored
+_TOKEN_IDS = TypeAdapter(list[int], config=ConfigDict(strict=True))
+NewTokens = Annotated[int, Field(ge=1), NUMBER]
+TopLogprobs = Annotated[int, Field(ge=0, le=5), NUMBER]
+ZeroOnly = Annotated[float, Field(ge=0, le=0), NUMBER]
 StopText = Annotated[str, Field(min_length=1)]
 Unsupported = "not supported: only the neutral value is accepted"
 
 
+# ---------------------------------------------------------------- completions
+class CompletionRequest(StrictRequest):
+    """OpenAI /v1/completions; unknown fields are ignored, unsupported ones rejected."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: ModelId = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    temperature: Temperature | None = 1.0
+    top_p: TopP | None = 1.0
+    top_k: TopK | None = None
+    n: int = Field(1, ge=1, le=8)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past EOS (load generators such as "
+                             "guidellm send it to get exactly max_tokens)")
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        return stop_list(v)
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _long_id_list(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """A long list of ids is checked as ids only: the union would also try it as texts and lists of ids,
+        building an error per item for each (60 ms of the event loop for a 1 MiB body)."""
+        if not (isinstance(value, list) and len(value) > LONG_LIST and type(value[0]) is int):
+            return handler(value)
+        try:
+            return _TOKEN_IDS.validate_python(value)
+        except ValidationError as exc:
+            index = exc.errors()[0]["loc"][0]
+            raise ValueError(f"item {index} is {value[index]!r}, not a token id (an integer)") from None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 0, 0.0):
+            raise ValueError("is not supported (only 0)")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError("is not supported (only 1)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("is not supported")
+        return v
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "chiar"
+    max_model_len: int
+    arch: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 # ---------------------------------------------------------------- chat request
 class TextPart(BaseModel):
-    model_config = STRICT
+    model_config = LAX
     type: Literal["text"]
     text: AnyText
 
@@ -53,7 +170,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """One turn; `content` is text or a list of text parts (other part types are rejected)."""
 
-    model_config = STRICT
+    model_config = LAX
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -72,23 +189,23 @@ class ChatMessage(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = STRICT
+    model_config = LAX
     type: Literal["text"] = Field(description="only plain text is supported")
 
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI /v1/chat/completions."""
 
-    model_config = STRICT
+    model_config = LAX
 
     model: ModelId = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: NewTokens | None = Field(None, description="new tokens at most (default: the rest of the context); "
                                               "the rendered chat + these must fit max_model_len")
     max_tokens: NewTokens | None = Field(None, description="older name of max_completion_tokens (which wins when both are sent)")
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: TopK | None = Field(None, description="extension: sample among the k most likely tokens")
+    temperature: Temperature | None = 1.0
+    top_p: TopP | None = 1.0
+    top_k: TopK | None = None
     n: Int = Field(1, ge=1, le=8)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -180,60 +297,3 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-
-
-# ---------------------------------------------------------------- vLLM-style tokenizer endpoints
-class TokenizeCompletion(BaseModel):
-    """Text to ids: special-token strings map to their ids (as in vLLM / HF); add_special_tokens prepends BOS."""
-
-    model_config = STRICT_FORBID
-    model: ModelId = None
-    prompt: AnyText
-    add_special_tokens: StrictBool = True
-    return_token_strs: StrictBool = False
-
-
-class TokenizeChat(BaseModel):
-    """Chat messages rendered with the chat template, then tokenized like /v1/chat/completions does."""
-
-    model_config = STRICT_FORBID
-    model: ModelId = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: StrictBool = True
-    add_special_tokens: StrictBool = True
-    return_token_strs: StrictBool = False
-
-
-class VllmTokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None = None
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = STRICT_FORBID
-    model: ModelId = None
-    tokens: list[TokenId] = Field(description="token ids, each below the vocabulary size")
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
-class TokenizerInfo(BaseModel):
-    """What a remote client needs to tokenize like the server (lm-eval's remote tokenizer reads this)."""
-
-    tokenizer_class: str
-    bos_token: str | None
-    eos_token: str | None
-    pad_token: str | None
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
-    vocab_size: int
-    model_max_length: int
-    chat_template: str
-    add_bos_token: bool = Field(description="the server prepends BOS to every prompt (text prompts and id prompts not "
-                                "starting with it); the checkpoint's tokenizer files do the same")
-    add_eos_token: bool = Field(description="never: generation ends at EOS, prompts do not")

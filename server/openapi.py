@@ -4,7 +4,9 @@
 - Streaming routes also answer `text/event-stream` (documented with the event format).
 - /metrics is Prometheus text, not JSON.
 - With an API key configured, a bearer security scheme covers every non-public route.
-- Every limit the server enforces is declared (server/openapi_limits.py).
+- Every limit the server enforces is declared (server/openapi_limits.py); the sampling fields are one set of
+  components (server/sampling_params.py) that every request refers to.
+- Which routes are public, run engine work or take a `model`: the route registry, server/routes.py.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from server.middleware import PUBLIC
 from server.openapi_limits import DocLimits, declare_limits
+from server.routes import BY_PATH
+from server.sampling_params import COMPONENTS as SAMPLING
+from server.sampling_params import FIELDS as SAMPLING_FIELDS
 
 
 class ErrorDetail(BaseModel):
@@ -40,17 +44,6 @@ ERROR_TEXT = {
     413: "request body over the size limit",
     503: "queue full, warming up or draining; retry after Retry-After seconds",
     504: "the request ran past the server's request timeout",
-}
-ENGINE_ROUTES = {"/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/completions", "/v1/chat/completions"}
-MODEL_ROUTES = {"/v1/generate", "/v1/perplexity", "/v1/perplexity/text", "/v1/tokenize", "/v1/completions", "/v1/chat/completions",
-                "/tokenize", "/detokenize", "/tokenizer_info", "/v1/models/{model_id}"}  # routes that take a `model` (404 when unknown)
-SSE = {
-    "/v1/generate": "`data: {\"type\": \"token\", ...}` per token batch, then `data: {\"type\": \"done\", ...}` "
-                    "(the GenerateResponse fields), then `data: [DONE]`",
-    "/v1/completions": "`data: <text_completion chunk>` events (the CompletionResponse shape, one choice each), an optional "
-                       "usage chunk with `choices: []` (`stream_options.include_usage`), then `data: [DONE]`",
-    "/v1/chat/completions": "`data: <chat.completion.chunk>` events (ChatCompletionChunk), an optional usage chunk with "
-                            "`choices: []`, then `data: [DONE]`",
 }
 # OpenAPI links: what a client does next with an answer (schemathesis' stateful phase follows them).
 LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
@@ -104,6 +97,25 @@ def _declare_vocab(schemas: dict[str, Any], vocab_size: int) -> None:
             walk(schemas[name]["properties"].get("tokens") or schemas[name]["properties"].get("prompt"))
 
 
+def _refer_sampling(schemas: dict[str, Any]) -> None:
+    """Declare the sampling policy once: each request's temperature, top_p, top_k and seed refer to its components."""
+    schemas.update(SAMPLING)
+    for name, schema in schemas.items():
+        if name in SAMPLING:
+            continue
+        for field, component in SAMPLING_FIELDS.items():
+            prop = schema.get("properties", {}).get(field)
+            if prop is None:
+                continue
+            ref = {"$ref": f"#/components/schemas/{component}"}
+            if any(option.get("type") == "null" for option in prop.get("anyOf", [])):
+                prop["anyOf"] = [ref, {"type": "null"}]
+            else:
+                kept = {key: prop[key] for key in ("title", "description", "default") if key in prop}
+                prop.clear()  # the constraints (or an anyOf without null) are the component's
+                prop.update({"allOf": [ref], **kept})
+
+
 def _nonempty(node: dict[str, Any]) -> None:
     """minLength 1 on strings and minItems 1 on arrays, at every level of a prompt/text schema."""
     for option in node.get("anyOf", [node]):
@@ -145,6 +157,7 @@ def build_openapi(app: FastAPI, api_key: bool, limits: DocLimits) -> dict[str, A
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for model in (ErrorDetail, ErrorBody):
         schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _refer_sampling(schemas)
     from server.openai_schemas import ChatChunkChoice, ChatCompletionChunk, ChatDelta
 
     for model in (ChatDelta, ChatChunkChoice, ChatCompletionChunk):
@@ -164,11 +177,12 @@ def build_openapi(app: FastAPI, api_key: bool, limits: DocLimits) -> dict[str, A
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
             wanted = {400, 413} if method == "post" else set()
-            if path in ENGINE_ROUTES:
+            route = BY_PATH[path]
+            if route.engine:
                 wanted |= {503, 504}
-            if path in MODEL_ROUTES:
+            if route.model:
                 wanted.add(404)
-            if api_key and path not in PUBLIC:
+            if api_key and not route.public:
                 wanted.add(401)
                 op["security"] = [{"bearerAuth": []}]
             elif api_key:
@@ -180,9 +194,9 @@ def build_openapi(app: FastAPI, api_key: bool, limits: DocLimits) -> dict[str, A
                     responses.pop(str(status), None)
             if (path, method) in LINKS:
                 responses.setdefault("200", {"description": "OK"})["links"] = LINKS[(path, method)]
-            if path in SSE:
+            if route.events:
                 ok = responses.setdefault("200", {"description": "OK"})
-                ok["description"] = "JSON; with `stream: true` server-sent events: " + SSE[path] + "." + STREAM_ERROR
+                ok["description"] = "JSON; with `stream: true` server-sent events: " + route.events + "." + STREAM_ERROR
                 ok.setdefault("content", {})["text/event-stream"] = {"schema": sse_event(path)}
     metrics = doc.get("paths", {}).get("/metrics", {}).get("get")
     if metrics is not None:

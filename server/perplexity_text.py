@@ -19,13 +19,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from server.errors import APIError, invalid
-from server.openai_api import ERRORS
-from server.schemas import PerplexityRequest, PerplexityResponse
+from server.errors import ERRORS, APIError, invalid
+from server.native_schemas import PerplexityRequest, PerplexityResponse
+from server.routes import PERPLEXITY_TEXT
 from server.service import ServedModels
 from server.settings import Settings
 
-PATH = "/v1/perplexity/text"
 TEXT_BODY_LIMIT = 32 * 1024 * 1024  # 25x WikiText-2 test (1.26 MB)
 BODY = {
     "requestBody": {"required": True, "description": f"UTF-8 text, at most {TEXT_BODY_LIMIT} bytes",
@@ -74,7 +73,7 @@ def register(app: FastAPI, served: ServedModels,
     extra = {**BODY, "parameters": [{**BODY["parameters"][0], "schema": {"type": "integer", "minimum": 1, "maximum": context}},
                                     *BODY["parameters"][1:]]}
 
-    @app.post(PATH, response_model=PerplexityResponse, responses=ERRORS, tags=["native"], openapi_extra=extra)
+    @app.post(PERPLEXITY_TEXT.path, response_model=PerplexityResponse, responses=ERRORS, tags=["native"], openapi_extra=extra)
     async def perplexity_text(request: Request) -> Any:
         stride, return_logprobs = _query(request)
         raw = await request.body()

@@ -1,5 +1,5 @@
 """What the routes share: one Service per served model (settings, engine, tokenizer, metrics), the
-ServedModels that picks one by a request's `model`, job events, SSE framing."""
+ServedModels that picks one by a request's `model`, the one job factory (`Jobs`), job events, SSE framing."""
 
 from __future__ import annotations
 
@@ -9,22 +9,52 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from tokenizers import Tokenizer
 
-from server.engine import DoneEvent, Engine, ErrorEvent, Event, Job, Unavailable
+from server.engine import DoneEvent, ErrorEvent, Event, GenerateJob, GenParams, Job, ScoreJob, Unavailable
 from server.errors import APIError, error_body, invalid, overloaded
 from server.id_offsets import IdOffsets
-from server.middleware import endpoint_label
+from server.routes import endpoint_label
 from server.settings import Settings
+from server.textstream import TokenStrings
+
+if TYPE_CHECKING:
+    from server.engine.engine import Engine
 from server.token_limits import INLINE_CHARS, POOL, Encoded, LimitedEncoder, RunTooLong, TooManyTokens
 
 
 class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
+
+
+class Jobs:
+    """The engine jobs of one request, made here and nowhere else: they share one event queue (on this
+    event loop) and the request timeout, and are numbered in the order they are made."""
+
+    def __init__(self, svc: Service) -> None:
+        self.timeout = svc.settings.request_timeout
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.items: list[Job] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _add(self, job: Job) -> Any:
+        self.items.append(job)
+        return job
+
+    def generate(self, ids: list[int], params: GenParams) -> GenerateJob:
+        return self._add(GenerateJob(ids, params, queue=self.queue, loop=self.loop, index=len(self.items),
+                                     timeout=self.timeout))
+
+    def score(self, seqs: list[list[int]], window: int, stride: int, top_n: int | None, routing: bool = False) -> ScoreJob:
+        return self._add(ScoreJob(seqs, window, stride, top_n, routing=routing, queue=self.queue, loop=self.loop,
+                                  index=len(self.items), timeout=self.timeout))
 
 
 class Service:
@@ -48,6 +78,8 @@ class Service:
         self.tokenizer.encode_special_tokens = True  # "<eos>" typed by a user is text, not a control token
         self.encoder = LimitedEncoder(self.tokenizer, self.bos)
         self.id_offsets = IdOffsets(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+        self.token_str = TokenStrings(tokenizer)  # id -> printable piece (logprobs, routing, tokenize)
+        self.cut_points = engine.model.routing_cut_points()  # served weights never change
 
     # ---------------------------------------------------------------- tokens
     def prompt_ids_now(self, texts: list[str], param: str = "prompt", offsets: bool = False) -> list[Encoded]:
@@ -121,15 +153,15 @@ class Service:
                           f"{budget / 2**20:.2f} MiB", code="kv_cache_exceeded")
 
     # ---------------------------------------------------------------- jobs
-    def submit(self, jobs: list[Job]) -> None:
+    def submit(self, jobs: Jobs) -> None:
         try:
-            self.engine.submit(jobs)
+            self.engine.submit(jobs.items)
         except Unavailable as exc:
             raise overloaded(exc.retry_after, str(exc)) from None
 
-    async def events(self, jobs: list[Job], queue: asyncio.Queue, request: Request | None) -> AsyncIterator[Event]:
+    async def events(self, jobs: Jobs, request: Request | None = None) -> AsyncIterator[Event]:
         """Events of all jobs until each is done; polls for disconnects when `request` is given."""
-        remaining = len(jobs)
+        queue, remaining = jobs.queue, len(jobs)
         loop = asyncio.get_running_loop()
         hard_deadline = loop.time() + self.settings.request_timeout + 10.0
         next_check = loop.time() + 0.25
@@ -144,7 +176,7 @@ class Service:
                     if request is not None and await request.is_disconnected():
                         raise ClientGone()
                     if loop.time() > hard_deadline:
-                        self.engine.cancel(jobs, "timeout")
+                        self.engine.cancel(jobs.items, "timeout")
                         raise timeout_error()
                 if event is None:
                     continue
@@ -155,16 +187,15 @@ class Service:
                 yield event
         finally:
             if remaining:
-                self.engine.cancel(jobs, "cancelled")
+                self.engine.cancel(jobs.items, "cancelled")
 
-    async def collect(self, jobs: list[Job], queue: asyncio.Queue, request: Request) -> list[Any]:
+    async def collect(self, jobs: Jobs, request: Request) -> list[Any]:
         """The result of each job, in job order (GenerationResult or ScoreResult)."""
-        position = {job.index: k for k, job in enumerate(jobs)}
         results: list[Any] = [None] * len(jobs)
         try:
-            async for event in self.events(jobs, queue, request):
+            async for event in self.events(jobs, request):
                 if isinstance(event, DoneEvent):
-                    results[position[event.index]] = event.result
+                    results[event.index] = event.result
         except ClientGone:
             raise APIError(499, "client disconnected", code="client_closed_request", reason="cancelled") from None
         return results

@@ -14,8 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-DEVICES_HELP = "auto (cuda when available), cpu, cuda or cuda:N"
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+from model.config import DTYPES as WEIGHT_DTYPES
+from model.device import DEVICE_HELP, Device
+from model.validation import problem
+
+DTYPES = ("auto", *WEIGHT_DTYPES)
 REPEATABLE = {"checkpoint"}  # flags that may be given more than once (a list); their variable is comma-separated
 
 
@@ -41,12 +44,6 @@ def _checkpoints(value: Any) -> Any:
     return value
 
 
-def _device(value: str) -> str:
-    if not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
-        raise ValueError(f"must be {DEVICES_HELP}, got {value!r}")
-    return value
-
-
 def _not_blank(value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise ValueError("must not be blank")
@@ -62,7 +59,6 @@ def _fault_spec(value: str | None) -> str | None:
 
 
 NoneWord = BeforeValidator(_none_word)
-Device = Annotated[str, AfterValidator(_device)]
 ApiKey = Annotated[str | None, BeforeValidator(lambda v: v or None), AfterValidator(_not_blank)]
 CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
 
@@ -77,7 +73,7 @@ class Settings(BaseModel):
         "the variable) to serve several models, the first is the default")
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(8000, ge=0, le=65535, description="listen port")
-    device: Device = Field("auto", description=DEVICES_HELP)
+    device: Device = Field("auto", description=DEVICE_HELP)
     dtype: Literal[DTYPES] = Field("auto", description="weights dtype: " + ", ".join(DTYPES) + " (auto: as stored)")
     max_batch_size: int = Field(0, ge=0, description="most sequences decoded together (0: from the KV-cache budget, at most 256)")
     max_tokens_per_step: int = Field(4096, ge=1, description="most prefill + scoring tokens in one engine step")
@@ -194,23 +190,10 @@ def layered(cls: type[BaseModel], argv: Sequence[str] | None, environ: Mapping[s
     return raw, given_by
 
 
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-
-
 def _describe(error: Any, raw: Mapping[str, str], given_by: Mapping[str, str]) -> str:
     """A pydantic error as SettingsError text: unparsable text names where it came from, an
     out-of-range value names both the flag and the variable."""
     name = str(error["loc"][0])
-    kind, ctx = error["type"], error.get("ctx") or {}
-    if kind.endswith(("_parsing", "_type")):
+    if error["type"].endswith(("_parsing", "_type")):
         return f"{given_by[name]}: cannot parse {raw[name]!r}: {error['msg']}"
-    if kind in _BOUNDS:
-        bound = next(iter(ctx.values()))
-        problem = f"must be {_BOUNDS[kind]} {bound}, got {error['input']}"
-    elif kind == "literal_error":
-        problem = f"must be one of {ctx['expected']}, got {error['input']!r}"
-    elif "error" in ctx:
-        problem = str(ctx["error"])
-    else:
-        problem = error["msg"]
-    return f"{flag(name)} / {env_name(name)}: {problem}"
+    return f"{flag(name)} / {env_name(name)}: {problem(error)}"

@@ -16,10 +16,12 @@ from pydantic import BaseModel, ValidationError
 from tokenizers import Tokenizer
 
 from model.hf_tokenizer import hf_settings
+from server import routes
 from server.chat import templates
-from server.errors import invalid
-from server.openai_api import ERRORS
-from server.openai_schemas import (
+from server.errors import ERRORS, invalid
+from server.service import ServedModels, off_loop
+from server.token_limits import LimitedEncoder
+from server.tokenizer_schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeChat,
@@ -27,8 +29,6 @@ from server.openai_schemas import (
     TokenizerInfo,
     VllmTokenizeResponse,
 )
-from server.service import ServedModels, off_loop
-from server.token_limits import LimitedEncoder
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def register(app: FastAPI, served: ServedModels) -> None:
     template = templates(served)
     parsers = {svc.name: LimitedEncoder(_parsing(svc.tokenizer), svc.bos) for svc in served}
 
-    @app.post("/tokenize", response_model=VllmTokenizeResponse, response_model_exclude_none=True, responses=ERRORS,
+    @app.post(routes.TOKENIZE.path, response_model=VllmTokenizeResponse, response_model_exclude_none=True, responses=ERRORS,
               tags=["tokenizer"], openapi_extra=TOKENIZE_BODY)
     async def tokenize(request: Request) -> VllmTokenizeResponse:
         body = await parse_tokenize(request)
@@ -82,10 +82,10 @@ def register(app: FastAPI, served: ServedModels) -> None:
             ids = (await svc.scored_ids([body.prompt], "prompt", "tokenize", encoder=parsers[svc.name]))[0].ids
         if not body.add_special_tokens:
             ids = ids[1:]
-        strs = [svc.engine.token_str(i) for i in ids] if body.return_token_strs else None
+        strs = [svc.token_str(i) for i in ids] if body.return_token_strs else None
         return VllmTokenizeResponse(count=len(ids), max_model_len=svc.max_model_len, tokens=ids, token_strs=strs)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, tags=["tokenizer"])
+    @app.post(routes.DETOKENIZE.path, response_model=DetokenizeResponse, responses=ERRORS, tags=["tokenizer"])
     async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
         svc = served.get(body.model, request)
         vocab = svc.config.vocab_size
@@ -97,7 +97,7 @@ def register(app: FastAPI, served: ServedModels) -> None:
 
     settings = {svc.name: hf_settings(svc.checkpoint) for svc in served}
 
-    @app.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"])
+    @app.get(routes.TOKENIZER_INFO.path, response_model=TokenizerInfo, tags=["tokenizer"])
     async def tokenizer_info(request: Request, model: str | None = None) -> TokenizerInfo:
         """The tokenizer of `model` (query parameter; default: the default model): the settings its
         tokenizer_config.json holds (`python -m model.hf_tokenizer` writes them), and the special-token ids."""

@@ -45,6 +45,7 @@ def save_tiny_checkpoint(path: Path, *, max_seq_len: int = 128, tokenizer: Token
     import torch
 
     from model import ChiarConfig, ChiarLM, save_checkpoint
+    from training.calibrate import calibrated_random_model
     from training.tokenizer import train_tokenizer
 
     text = (WIKI / "valid.txt").read_text(encoding="utf-8")[:20000]
@@ -52,12 +53,11 @@ def save_tiny_checkpoint(path: Path, *, max_seq_len: int = 128, tokenizer: Token
         tokenizer = train_tokenizer([text], vocab_size=384)
     config = ChiarConfig(vocab_size=tokenizer.get_vocab_size(), max_seq_len=max_seq_len, **TINY)  # type: ignore[arg-type]
     if thresholds is None:
-        torch.manual_seed(0)
-        probe = ChiarLM(config).eval()
         ids = torch.tensor([[config.bos_token_id, *tokenizer.encode(text[:4000]).ids[: config.max_seq_len - 1]]])
-        thresholds = probe.infer(ids).routing.entropy[0, :, 1:-1].median(dim=0).values.tolist()
-    torch.manual_seed(0)
-    model = ChiarLM(config.replace(thresholds=thresholds)).eval()
+        model = calibrated_random_model(config, ids, seed=0)
+    else:
+        torch.manual_seed(0)
+        model = ChiarLM(config.replace(thresholds=thresholds)).eval()
     return save_checkpoint(model, tokenizer, path)
 
 

@@ -11,6 +11,7 @@ import json
 import sys
 
 from model import CheckpointError, ConfigError
+from model.device import DeviceError
 from training.errors import TrainingError
 
 EXIT_BAD_INPUT = 2
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args.command, args.config, args.overrides)
-    except (TrainingError, ConfigError, CheckpointError) as exc:
+    except (TrainingError, ConfigError, CheckpointError, DeviceError) as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # a write outside the checkpoint writer failed (log file, plots): name the path

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import CheckpointError, ChiarConfig, load_checkpoint
+from model import CheckpointError, ChiarConfig, ChiarLM, load_checkpoint
+from model.config import routing_layers
+from model.device import resolve_device
+from model.storage import atomic_write_text
 from training.config import CalibrateConfig, TrainConfig, parse_config, read_config_file, write_config_file
 from training.data import encode_documents, load_documents
-from training.distributed import resolve_device
 from training.errors import TrainingError
 from training.paths import check_path_usable
 
@@ -55,9 +57,9 @@ def collect_entropy(model: Any, ids: torch.Tensor, seq_len: int, batch_size: int
 
 
 def percentiles(entropy: np.ndarray, n_layers: int) -> list[dict[str, float]]:
-    """p33/p67/threshold per CHIAR routing layer (model layers 1 .. L-2)."""
+    """p33/p67/threshold per CHIAR routing layer (model.config.routing_layers of a CHIAR model this deep)."""
     layers = []
-    for layer in range(1, n_layers - 1):
+    for layer in routing_layers(n_layers):
         values = entropy[:, layer]
         values = values[~np.isnan(values)]
         if values.size == 0:
@@ -68,6 +70,29 @@ def percentiles(entropy: np.ndarray, n_layers: int) -> list[dict[str, float]]:
             "mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()), "tokens": int(values.size),
         })
     return layers
+
+
+@torch.no_grad()
+def calibrate_evenly(model: ChiarLM, ids: torch.Tensor) -> ChiarLM:
+    """Put each routing layer's cut points at the entropy quantiles (k / (cuts + 1), the lower value) that
+    split the tokens of `ids` [B, T] evenly between its operators, from one hard-gated forward.
+
+    The one recipe for random-weight models in tests and benchmarks: every operator gets tokens.
+    """
+    entropy = model.infer(ids).routing.entropy
+    for layer in model.config.routing_layers:
+        router = model.blocks[layer].router
+        values = entropy[..., layer].flatten()
+        values = values[~values.isnan()].sort().values
+        cuts = len(router.cut_points())
+        router.set_cut_points([float(values[int(k / (cuts + 1) * (values.numel() - 1))]) for k in range(1, cuts + 1)])
+    return model
+
+
+def calibrated_random_model(config: ChiarConfig, ids: torch.Tensor, seed: int = 0) -> ChiarLM:
+    """A model of `config` with weights seeded `seed`, calibrated evenly on `ids` (`calibrate_evenly`)."""
+    torch.manual_seed(seed)
+    return calibrate_evenly(ChiarLM(config).eval(), ids)
 
 
 def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
@@ -122,7 +147,5 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     output.parent.mkdir(parents=True, exist_ok=True)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     write_config_file(out, output)
-    tmp = report_path.with_name(f".{report_path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(report_path)
+    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     return report

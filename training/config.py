@@ -25,6 +25,9 @@ from pydantic import (
 )
 
 from model import ChiarConfig, ConfigError
+from model.device import Device
+from model.storage import atomic_write_text
+from model.validation import field_path, problem
 from training.errors import TrainingError
 
 CORPORA = {
@@ -48,16 +51,11 @@ def _rule(test: Callable[[Any], bool], message: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _is_device(name: str) -> bool:
-    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
-
-
 Positive = Annotated[int, _rule(lambda v: v > 0, "must be positive")]
 NonNegative = Annotated[int, _rule(lambda v: v >= 0, "must be >= 0")]
 PositiveNumber = Annotated[float, _rule(lambda v: v > 0, "must be a positive number")]
 NonNegativeNumber = Annotated[float, _rule(lambda v: v >= 0, "must be >= 0")]
 Fraction = Annotated[float, _rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")]
-Device = Annotated[str, _rule(_is_device, "must be auto, cpu, cuda or cuda:N")]
 NonEmpty = Annotated[str, _rule(bool, "must be a non-empty path")]
 
 
@@ -290,38 +288,12 @@ class PlotConfig(Section):
 
 
 # ---------------------------------------------------------------------------- errors
-_TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-               "string_type": "a string", "list_type": "a list", "model_type": "a mapping", "dict_type": "a mapping",
-               "is_instance_of": "a mapping"}
-
-
-def _field_path(loc: tuple[int | str, ...], tail: str = "") -> str:
-    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
-    return f"{path}.{tail}" if path and tail else path or tail
-
-
 def describe(error: Any) -> str:
-    """One pydantic error as `<dotted field>: <problem>`."""
-    kind, value = error["type"], error.get("input")
+    """One pydantic error as `<dotted field>: <problem>` (a ConfigError names its own field below the path)."""
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, ConfigError):
-        return f"{_field_path(error['loc'], cause.field)}: {str(cause)[len(cause.field) + 2:]}"
-    if cause is not None:
-        problem = str(cause)
-    elif kind in _TYPE_WORDS and value is None:
-        problem = "must not be null"
-    elif kind in _TYPE_WORDS:
-        shown = repr(value) if isinstance(value, (str, int, float, bool)) else type(value).__name__
-        problem = f"must be {_TYPE_WORDS[kind]}, got {shown}"
-    elif kind == "literal_error":
-        problem = f"must be one of {error['ctx']['expected']}, got {value!r}"
-    elif kind == "missing":
-        problem = "required key is missing"
-    elif kind == "finite_number":
-        problem = f"must be finite, got {value!r}"
-    else:
-        problem = error["msg"]
-    return f"{_field_path(error['loc']) or 'config'}: {problem}"
+        return f"{field_path(error['loc'], cause.field)}: {str(cause)[len(cause.field) + 2:]}"
+    return f"{field_path(error['loc']) or 'config'}: {problem(error)}"
 
 
 # ---------------------------------------------------------------------------- files and overrides
@@ -398,6 +370,4 @@ def write_config_file(data: dict[str, Any], path: str | Path) -> None:
     """Write a config dict as YAML or JSON (by extension), atomically."""
     path = Path(path)
     text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, text)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from training.errors import TrainingError
+from model.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> this rank's CUDA device when available, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError(f"device: {name!r} requested but CUDA is not available")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        if int(name.split(":")[1]) >= torch.cuda.device_count():
-            raise TrainingError(f"device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    return torch.device(name)
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:

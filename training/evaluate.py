@@ -17,15 +17,17 @@ import torch
 from tokenizers import Tokenizer
 
 from model import Operator
+from model.accounting import attention_share
+from model.config import routing_layers
+from model.device import resolve_device
+from model.routing import GATE_OPEN
 from model.scoring import Perplexity, plan_windows, right_pad, total_nll
+from model.storage import atomic_write_text
 from training.calibrate import load_frozen
 from training.config import EVAL_PATHS, EvalConfig
 from training.data import EvalText, load_documents
-from training.distributed import resolve_device
 from training.errors import TrainingError
 from training.paths import check_path_usable
-
-GATE_OPEN = 0.5  # the MetaRouter's hard gate: inference runs the DCT mix at layer 1 iff g >= 0.5
 
 
 def _forward(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, path: str) -> Any:
@@ -71,7 +73,7 @@ def score_ids(
         gate_open += int((gate >= GATE_OPEN).sum())
         gate_n += gate.numel()
     routing_stats = {
-        "attention_share": attention_share(counts) if counts is not None else [],
+        "attention_share": attention_shares(counts) if counts is not None else [],
         "operator_share": operator_shares(counts) if counts is not None else [],
         "gate": gate_sum / gate_n if gate_n else None,
         "gate_open": gate_open / gate_n if gate_n else None,
@@ -79,11 +81,15 @@ def score_ids(
     return total_nll(logprobs), len(logprobs), routing_stats
 
 
-def attention_share(counts: torch.Tensor) -> list[float]:
-    """Per layer: share of valid tokens routed to attention (operator 3) in a [L, 4] count table."""
-    counts = counts.double()
-    totals = counts.sum(-1).clamp(min=1)
-    return [round(float(v), 6) for v in counts[:, 3] / totals]
+def attention_shares(counts: torch.Tensor) -> list[float]:
+    """Per layer: share of valid tokens routed to attention in a [layer, operator] count table (0 without tokens)."""
+    return [round(attention_share(counts, [layer]) or 0.0, 6) for layer in range(counts.shape[0])]
+
+
+def mean_routed_share(shares: list[float], arch: str) -> float:
+    """The mean of per-layer attention shares over the routing layers (every layer of the baseline)."""
+    layers = routing_layers(len(shares), arch) or range(len(shares))
+    return sum(shares[layer] for layer in layers) / max(len(layers), 1)
 
 
 def operator_shares(counts: torch.Tensor) -> list[dict[str, float]]:
@@ -146,11 +152,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "seq_len": seq_len, "stride": stride, "device": str(device), "results": results,
     }
     if cfg.output:
-        out = Path(cfg.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out)
+        atomic_write_text(Path(cfg.output), json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -163,9 +165,7 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for path, sets in report["results"].items():
         for name, m in sets.items():
-            share = m["attention_share"]
-            routed = share[1:-1] if report["arch"] == "chiar" and len(share) > 2 else share
-            mean_share = sum(routed) / max(len(routed), 1)
+            mean_share = mean_routed_share(m["attention_share"], report["arch"])
             lines.append(
                 f"{path:<10} {name:<20} {_num(m['token_ppl'], '.2f'):>10} {_num(m['word_ppl'], '.2f'):>10} "
                 f"{_num(m['bits_per_byte'], '.4f'):>10} {mean_share:>10.3f} {_num(m['gate'], '.2f'):>6}"

@@ -24,7 +24,8 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model import ChiarLM
+from model import ChiarLM, Operator
+from model.routing import GATE_OPEN
 from training.checkpointing import (
     check_resumable,
     clean_stale,
@@ -47,7 +48,7 @@ from training.distributed import (
     shutdown,
 )
 from training.errors import TrainingError
-from training.evaluate import GATE_OPEN, attention_share, evaluate_texts, operator_shares
+from training.evaluate import attention_shares, evaluate_texts, mean_routed_share, operator_shares
 from training.paths import check_path_usable, probe_writable
 from training.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
@@ -232,16 +233,53 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, Any]:
-    prep = prepare(cfg, info, device)
-    out_dir, ckpt_dir, best_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints", Path(cfg.out_dir) / "best"
+    """Set up (or resume) the run, loop over its steps, then export."""
+    run = set_up(cfg, prepare(cfg, info, device), info, device)
+    run_steps(run)
+    return finish(run)
 
+
+@dataclass
+class Run:
+    """A training run once set up: the model, its optimizer and schedule, the log, where it starts."""
+
+    cfg: TrainConfig
+    prep: Prepared
+    info: DistInfo
+    device: torch.device
+    model: ChiarLM
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: CosineSchedule
+    log: JsonlLog
+    amp: torch.dtype | None
+    start_step: int
+    best: dict[str, Any]
+    last_eval: dict[str, Any] | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out_dir / "best"
+
+
+def _ready_outputs(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
+    """Rank 0 checks the output paths are writable and cleans what a killed run left; every rank learns the outcome."""
+    out_dir = Path(cfg.out_dir)
     error = None
     if info.is_main:
         try:
             probe_writable(out_dir, "out_dir")
             if cfg.export_dir:
                 probe_writable(Path(cfg.export_dir).parent, "export_dir")
-            clean_stale(ckpt_dir)
+            clean_stale(out_dir / "checkpoints")
             clean_stale(out_dir)
             if cfg.export_dir:
                 clean_stale(Path(cfg.export_dir).parent, Path(cfg.export_dir).name)
@@ -250,6 +288,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, 
     if not broadcast_flag(error is None, info, device):
         raise error or TrainingError("out_dir: rank 0 could not prepare the output directory")
 
+
+def set_up(cfg: TrainConfig, prep: Prepared, info: DistInfo, device: torch.device) -> Run:
+    """The seeded model and optimizer, restored from the resume checkpoint if any; the run files written."""
+    _ready_outputs(cfg, info, device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = ChiarLM(prep.model_config).to(device)
@@ -257,7 +299,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, 
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps
     )
-    schedule = CosineSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+    out_dir = Path(cfg.out_dir)
     log = JsonlLog(out_dir / "log.jsonl", info.is_main)
     start_step, best = 0, {"metric": None, "step": None, "source": None}
     if prep.resume_from is not None:
@@ -268,75 +310,96 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, 
     if info.is_main:
         (out_dir / "tokenizer.json").write_text(prep.tokenizer.to_str(), encoding="utf-8")
         (out_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(), indent=2), encoding="utf-8")
-
     net: torch.nn.Module = model
     if info.enabled:
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
-    amp = autocast_dtype(cfg.precision, device)
-    names = prep.batches.names
-    eval_sets = prep.sources.eval
-    best_source = cfg.best_source or (eval_sets[0].name if eval_sets else None)
-    stride = cfg.eval_stride or max(cfg.seq_len // 2, 1)
+    return Run(cfg, prep, info, device, model, net, optimizer, CosineSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps,
+               cfg.max_steps), log, autocast_dtype(cfg.precision, device), start_step, best)
+
+
+def run_steps(run: Run) -> None:
+    """The steps from `run.start_step` to max_steps: one optimizer step each, then evaluation and checkpoints when due."""
+    cfg, info = run.cfg, run.info
     bar = tqdm(
-        total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and info.is_main), file=sys.stderr,
-        dynamic_ncols=True, desc=f"train {prep.model_config.arch}",
+        total=cfg.max_steps, initial=run.start_step, disable=not (cfg.progress and info.is_main), file=sys.stderr,
+        dynamic_ncols=True, desc=f"train {run.prep.model_config.arch}",
     )
-    last_eval: dict[str, Any] | None = None
     t_start = time.perf_counter()
     try:
-        for step in range(start_step, cfg.max_steps):
+        for step in range(run.start_step, cfg.max_steps):
             t0 = time.perf_counter()
-            lr = schedule(step)
-            for group in optimizer.param_groups:
+            lr = run.schedule(step)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            stats = _train_step(cfg, net, model, optimizer, prep.batches, info, device, amp, names)
+            stats = _train_step(cfg, run.net, run.model, run.optimizer, run.prep.batches, info, run.device, run.amp,
+                                run.prep.batches.names)
             done = step + 1
             elapsed = time.perf_counter() - t0
             record = {
                 "kind": "train", "step": done, "lr": lr, **stats,
                 "tok_per_s": stats["tokens"] / max(elapsed, 1e-9), "time": time.perf_counter() - t_start,
             }
-            log.write(record)
+            run.log.write(record)
             bar.update(1)
-            bar.set_postfix(_postfix(record), refresh=False)
-
+            bar.set_postfix(_postfix(record, run.prep.model_config.arch), refresh=False)
             final = done == cfg.max_steps
-            if eval_sets and ((cfg.eval_every and done % cfg.eval_every == 0) or final):
-                if info.is_main:
-                    last_eval = evaluate_texts(
-                        model, prep.tokenizer, eval_sets, cfg.seq_len, stride, cfg.eval_batch_size,
-                        cfg.eval_path, device, amp,
-                    )
-                    log.write({"kind": "eval", "step": done, "path": cfg.eval_path, "sets": last_eval})
-                    metric = last_eval[best_source]["token_ppl"]
-                    bar.write(f"step {done}: " + ", ".join(f"{k} ppl {v['token_ppl']:.2f}" for k, v in last_eval.items()))
-                    if best["metric"] is None or metric < best["metric"]:
-                        best = {"metric": metric, "step": done, "source": best_source}
-                        save_model_only(best_dir, model, prep.tokenizer, {"metrics.json": json.dumps({"step": done, "eval": last_eval}, indent=1)})
-                barrier(info)
+            if run.prep.sources.eval and ((cfg.eval_every and done % cfg.eval_every == 0) or final):
+                _evaluate(run, done, bar)
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final:
-                if info.is_main:
-                    state = {
-                        "step": done, "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
-                                                   "max_steps": cfg.max_steps},
-                        "data": prep.batches.state_dict(), "best": best, "world_size": info.world_size,
-                    }
-                    save_training_checkpoint(ckpt_dir / f"step-{done:08d}", model, prep.tokenizer, optimizer, state)
-                    prune_checkpoints(ckpt_dir, cfg.keep_last)
-                barrier(info)
+                _checkpoint(run, done)
     finally:
         bar.close()
-        log.close()
+        run.log.close()
 
-    summary: dict[str, Any] = {"steps": cfg.max_steps, "best": best, "eval": last_eval, "out_dir": str(out_dir),
-                               "params": model.num_parameters(), "arch": prep.model_config.arch, "rank": info.rank}
+
+def _evaluate(run: Run, done: int, bar: tqdm) -> None:
+    """Rank 0 scores the eval sets, logs them and saves the best model so far; every rank waits for it."""
+    cfg = run.cfg
+    eval_sets = run.prep.sources.eval
+    if run.info.is_main:
+        best_source = cfg.best_source or eval_sets[0].name
+        stride = cfg.eval_stride or max(cfg.seq_len // 2, 1)
+        run.last_eval = evaluate_texts(
+            run.model, run.prep.tokenizer, eval_sets, cfg.seq_len, stride, cfg.eval_batch_size,
+            cfg.eval_path, run.device, run.amp,
+        )
+        run.log.write({"kind": "eval", "step": done, "path": cfg.eval_path, "sets": run.last_eval})
+        metric = run.last_eval[best_source]["token_ppl"]
+        bar.write(f"step {done}: " + ", ".join(f"{k} ppl {v['token_ppl']:.2f}" for k, v in run.last_eval.items()))
+        if run.best["metric"] is None or metric < run.best["metric"]:
+            run.best = {"metric": metric, "step": done, "source": best_source}
+            save_model_only(run.best_dir, run.model, run.prep.tokenizer,
+                            {"metrics.json": json.dumps({"step": done, "eval": run.last_eval}, indent=1)})
+    barrier(run.info)
+
+
+def _checkpoint(run: Run, done: int) -> None:
+    """Rank 0 writes a resumable checkpoint (keeping the last `keep_last`); every rank waits for it."""
+    cfg = run.cfg
+    if run.info.is_main:
+        state = {
+            "step": done, "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps,
+                                       "max_steps": cfg.max_steps},
+            "data": run.prep.batches.state_dict(), "best": run.best, "world_size": run.info.world_size,
+        }
+        save_training_checkpoint(run.ckpt_dir / f"step-{done:08d}", run.model, run.prep.tokenizer, run.optimizer, state)
+        prune_checkpoints(run.ckpt_dir, cfg.keep_last)
+    barrier(run.info)
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The run's summary; replicas compared under DDP; the best or last checkpoint copied to export_dir."""
+    cfg, info = run.cfg, run.info
+    summary: dict[str, Any] = {"steps": cfg.max_steps, "best": run.best, "eval": run.last_eval,
+                               "out_dir": str(run.out_dir), "params": run.model.num_parameters(),
+                               "arch": run.prep.model_config.arch, "rank": info.rank}
     if info.enabled:
-        summary["replicas"] = _check_replicas(model, info, device, out_dir)
+        summary["replicas"] = _check_replicas(run.model, info, run.device, run.out_dir)
     if info.is_main and cfg.export_dir:
-        last = list_checkpoints(ckpt_dir)[-1][1]
-        source = best_dir if cfg.export == "best" and best_dir.is_dir() else last
+        last = list_checkpoints(run.ckpt_dir)[-1][1]
+        source = run.best_dir if cfg.export == "best" and run.best_dir.is_dir() else last
         copy_checkpoint(source, Path(cfg.export_dir))
         summary["export"] = {"path": cfg.export_dir, "from": str(source)}
     barrier(info)
@@ -348,9 +411,9 @@ def _train_step(
     info: DistInfo, device: torch.device, amp: torch.dtype | None, names: list[str],
 ) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches; statistics averaged over all ranks."""
-    n_layers = model.config.n_layers
-    # packed: [ce, aux, tokens] + counts [L*4] + per source [gate_sum, gate_open, gate_n, micro_batches]
-    packed = torch.zeros(3 + n_layers * 4 + 4 * len(names), dtype=torch.float64)
+    n_counts = model.config.n_layers * len(Operator)
+    # packed: [ce, aux, tokens] + counts [layer, operator] + per source [gate_sum, gate_open, gate_n, micro_batches]
+    packed = torch.zeros(3 + n_counts + 4 * len(names), dtype=torch.float64)
     for micro in range(cfg.grad_accum):
         batch: Batch = shard_batch(batches.next(), info.rank, info.world_size)
         sync = micro == cfg.grad_accum - 1 or not info.enabled
@@ -365,10 +428,10 @@ def _train_step(
         packed[0] += float(out.loss.detach())
         packed[1] += float(aux.detach())
         packed[2] += batch.tokens
-        packed[3 : 3 + n_layers * 4] += out.routing.counts.detach().cpu().double().flatten()
+        packed[3 : 3 + n_counts] += out.routing.counts.detach().cpu().double().flatten()
         gate = out.routing.gate.detach().float().cpu()
         gate = gate[~torch.isnan(gate)]
-        k = 3 + n_layers * 4 + 4 * names.index(batch.source)
+        k = 3 + n_counts + 4 * names.index(batch.source)
         packed[k] += float(gate.sum())
         packed[k + 1] += int((gate >= GATE_OPEN).sum())
         packed[k + 2] += gate.numel()
@@ -383,8 +446,8 @@ def _train_step(
     world = info.world_size
     ce = float(packed[0]) / (cfg.grad_accum * world)
     aux = float(packed[1]) / (cfg.grad_accum * world)
-    counts = packed[3 : 3 + n_layers * 4].view(n_layers, 4)
-    per_source = packed[3 + n_layers * 4 :].view(len(names), 4)
+    counts = packed[3 : 3 + n_counts].view(model.config.n_layers, len(Operator))
+    per_source = packed[3 + n_counts :].view(len(names), 4)
     gate_total, gate_open, gate_n = (float(per_source[:, i].sum()) for i in range(3))
     return {
         "loss": ce + aux,
@@ -394,7 +457,7 @@ def _train_step(
         "grad_norm": grad_norm,
         "tokens": int(packed[2]),
         "sources": {n: int(per_source[i, 3]) // world for i, n in enumerate(names) if per_source[i, 3] > 0},
-        "attention_share": attention_share(counts),
+        "attention_share": attention_shares(counts),
         "operator_share": operator_shares(counts),
         "gate": gate_total / gate_n if gate_n else None,
         "gate_open": gate_open / gate_n if gate_n else None,
@@ -402,14 +465,12 @@ def _train_step(
     }
 
 
-def _postfix(record: dict[str, Any]) -> dict[str, str]:
-    share = record["attention_share"]
-    routed = share[1:-1] if len(share) > 2 else share
+def _postfix(record: dict[str, Any], arch: str) -> dict[str, str]:
     post = {
         "loss": f"{record['loss']:.3f}",
         "ppl": f"{record['ppl']:.1f}",
         "tok/s": f"{record['tok_per_s']:.0f}",
-        "attn": f"{sum(routed) / max(len(routed), 1):.2f}",
+        "attn": f"{mean_routed_share(record['attention_share'], arch):.2f}",
     }
     if record["gate"] is not None:
         post["gate"] = f"{record['gate']:.2f}"

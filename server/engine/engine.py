@@ -25,7 +25,6 @@ from server.engine.scheduler import Scheduler, SchedulerLimits, StepStats
 from server.engine.turns import DeviceTurns
 from server.metrics import Metrics
 from server.settings import Settings
-from server.textstream import TokenStrings
 
 log = logging.getLogger("server.engine")
 MAX_AUTO_BATCH = 256
@@ -52,8 +51,7 @@ def auto_batch_cap(model: torch.nn.Module, budget: int) -> int:
     """`--max-batch-size 0`: sequences the budget holds at full length in the layers every token attends
     in (all of the baseline's, CHIAR's full-attention ones); the routed cache is left to admission, so
     the cap never hides CHIAR's smaller cache (at most MAX_AUTO_BATCH)."""
-    cfg = model.config
-    per_seq = max(model.attention_layers(always=True), 1) * 2 * cfg.d_model * next(model.parameters()).element_size() * cfg.max_seq_len
+    per_seq = max(model.kv_bytes_per_token(always=True), 1) * model.config.max_seq_len
     return max(1, min(MAX_AUTO_BATCH, int(budget // per_seq)))
 
 
@@ -83,7 +81,6 @@ class Engine:
         self.turns = turns or DeviceTurns()
         self.config = model.config
         self.device = next(model.parameters()).device
-        self.token_str = TokenStrings(tokenizer)
         per_token = model.kv_bytes_per_token()
         budget = int((settings.kv_cache_mb if kv_cache_mb is None else kv_cache_mb) * 2**20)
         max_batch = settings.max_batch_size or auto_batch_cap(model, budget)

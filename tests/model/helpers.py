@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from model import ChiarConfig, ChiarLM
-from model.blocks import RoutedBlock
-from model.routing import SpectralRouter, ThreeWayRouter
 from model.scoring import right_pad
+
+EVEN_SPLIT = {1: (0.5,), 2: (0.33, 0.67)}  # cut-point quantiles by the number of cut points (two or three operators)
 
 
 def tiny_config(**overrides: object) -> ChiarConfig:
@@ -47,15 +47,11 @@ def make_model(config: ChiarConfig, seed: int = 0, probe: torch.Tensor | None = 
     if probe is None:
         probe = torch.randint(0, config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        for layer, block in enumerate(model.blocks):
-            if not isinstance(block, RoutedBlock):
-                continue
+        for layer in config.routing_layers:
+            router = model.blocks[layer].router
             entropy = model(probe, hard=True).routing.entropy[..., layer]
-            if isinstance(block.router, SpectralRouter):
-                block.router.threshold.data.fill_(_between(entropy, 0.5))
-            else:
-                assert isinstance(block.router, ThreeWayRouter)
-                block.router.band.data = torch.tensor([_between(entropy, 0.33), _between(entropy, 0.67)], dtype=torch.float64)
+            quantiles = EVEN_SPLIT[len(router.cut_points())]
+            router.set_cut_points([_between(entropy, q) for q in quantiles])
     return model
 
 

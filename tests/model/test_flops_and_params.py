@@ -5,7 +5,6 @@ import torch
 from model import ChiarConfig, ChiarLM
 from model.generate import generate
 from model.kv_cache import DecodeState
-from model.routing import SpectralRouter
 from tests.model.helpers import make_model, tiny_config
 
 
@@ -13,11 +12,8 @@ def test_flops_equal_hand_count() -> None:
     # d=8, d_ff=12, V=32, 3 layers (gate, route, attn), one sequence of 4 tokens, no MetaRouter.
     config = ChiarConfig(vocab_size=32, d_model=8, n_layers=3, n_heads=2, d_ff=12, max_seq_len=16, metarouter=False)
     model = ChiarLM(config).double().eval()
-    router = model.blocks[1].router
-    assert isinstance(router, SpectralRouter)
     ids = torch.tensor([[3, 1, 4, 1]])
-    with torch.no_grad():
-        router.threshold.fill_(-1.0)  # every token attends in the routing layer
+    model.blocks[1].router.set_cut_points([-1.0])  # every token attends in the routing layer
     out = model.infer(ids)
     d, f, v, n = 8, 12, 32, 4
     pairs = 4 * 5 // 2
@@ -29,8 +25,7 @@ def test_flops_equal_hand_count() -> None:
     assert out.flops.executed == gate + route + attn + 3 * ffn + head
     assert out.flops.dense == 3 * (8 * d * d * n + 4 * d * pairs + ffn) + head
     assert out.flops.per_layer[1]["attention"] == 8 * d * d * n + 4 * d * pairs
-    with torch.no_grad():
-        router.threshold.fill_(2.0)  # no token attends: DCT + IDCT + filter instead
+    model.blocks[1].router.set_cut_points([2.0])  # no token attends: DCT + IDCT + filter instead
     out = model.infer(ids)
     route = (2 * d * d * n + 5 * d * n) + (2 * d * d * n + d * n)
     assert out.flops.executed == gate + route + attn + 3 * ffn + head
@@ -43,10 +38,10 @@ def test_executed_flops_fall_with_fewer_attention_tokens() -> None:
     executed = []
     for tau in (0.0, 0.5, 0.9, 1.1):
         with torch.no_grad():
-            for block in model.blocks[1:-1]:
-                block.router.threshold.fill_(tau)
+            for layer in model.config.routing_layers:
+                model.blocks[layer].router.set_cut_points([tau])
         out = model.infer(ids)
-        executed.append((out.routing.attention_share(slice(1, -1)), out.flops.executed))
+        executed.append((out.routing.attention_share(model.config.routing_layers), out.flops.executed))
     shares = [s for s, _ in executed]
     assert shares[0] == 1.0 and shares[-1] == 0.0
     assert all(a[1] > b[1] for a, b in itertools.pairwise(executed) if a[0] > b[0])

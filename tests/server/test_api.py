@@ -13,7 +13,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import load_checkpoint
+from model import Operator, load_checkpoint
 from model.generate import generate as generate_tokens
 from tests.server.conftest import ServerProcess
 from tests.support import WIKI
@@ -127,12 +127,14 @@ def test_generate_return_routing(client: httpx.Client, local) -> None:
     assert routing["token_ids"] == (prompt_ids + body["token_ids"])[:processed]
     assert len(routing["tokens"]) == len(routing["operator"]) == len(routing["entropy"]) == len(routing["gate"]) == processed
     assert routing["operator_names"] == ["identity", "dct", "rbf", "attention"]
+    routed = list(model.config.routing_layers)
+    dct, attention = Operator.DCT, Operator.ATTENTION
     for ops, ents in zip(routing["operator"], routing["entropy"]):
         assert len(ops) == len(ents) == n_layers
-        assert ops[0] in (0, 1) and ops[-1] == 3 and all(op in (1, 3) for op in ops[1:-1])
-        assert all(e is not None and 0 <= e <= 1 for e in ents[1:-1])
+        assert ops[0] in (Operator.IDENTITY, dct) and ops[-1] == attention and all(ops[i] in (dct, attention) for i in routed)
+        assert all(ents[i] is not None and 0 <= ents[i] <= 1 for i in routed)
     ops = torch.tensor(routing["operator"])
-    assert (ops[:, 1:-1] == 3).any() and (ops[:, 1:-1] == 1).any()  # both operators used
+    assert (ops[:, routed] == attention).any() and (ops[:, routed] == dct).any()  # both operators used
     # routing of the prompt equals the model's own inference path
     out = model.infer(torch.tensor([prompt_ids]))
     assert ops[: len(prompt_ids)].tolist() == out.routing.operator[0].long().tolist()

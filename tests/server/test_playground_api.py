@@ -8,6 +8,7 @@ import httpx
 import pytest
 import torch
 
+from model import Operator
 from tests.server import test_api
 from tests.server.test_api import PROMPT, WIKI, ids_of
 
@@ -45,12 +46,13 @@ def test_routing_reports_each_layers_thresholds(client: httpx.Client, local) -> 
     out = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 2, "return_routing": True}).json()
     cuts = out["routing"]["thresholds"]
     assert len(cuts) == model.config.n_layers
-    assert cuts[0] == [] and cuts[-1] == []
-    assert [c[0] for c in cuts[1:-1]] == pytest.approx(model.routing_thresholds())
-    # the operator follows the threshold: entropy >= tau -> attention (3), else DCT (1)
+    routed = model.config.routing_layers
+    assert [layer for layer, c in enumerate(cuts) if c] == list(routed)  # [] where a layer does not route
+    assert [cuts[layer][0] for layer in routed] == pytest.approx(model.routing_thresholds())
+    # the operator follows the threshold: entropy >= tau -> attention, else DCT
     for ops, ents in zip(out["routing"]["operator"], out["routing"]["entropy"]):
-        for layer in range(1, model.config.n_layers - 1):
-            assert ops[layer] == (3 if ents[layer] >= cuts[layer][0] else 1)
+        for layer in routed:
+            assert ops[layer] == (Operator.ATTENTION if ents[layer] >= cuts[layer][0] else Operator.DCT)
 
 
 @pytest.mark.parametrize("stride", [None, 48])
