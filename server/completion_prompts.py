@@ -90,10 +90,11 @@ async def encode_prompts(svc: Service, items: list[tuple[list[int] | None, str |
 
 
 def id_prompt(svc: Service, sent: list[int]) -> Prompt:
-    """A token-id prompt with its text and each token's character offset (a decode per prefix: O(n^2) in the ids)."""
+    """A token-id prompt with its text and each token's character offset (a decode per prefix not shared with a
+    recent prompt: O(n^2) in the new ids)."""
     full = sent if sent[0] == svc.bos else [svc.bos, *sent]
     text = svc.tokenizer.decode(sent, skip_special_tokens=False)
-    offsets = [len(svc.tokenizer.decode(sent[:k], skip_special_tokens=False)) for k in range(len(sent))]
+    offsets = svc.id_offsets.offsets(sent)  # from recent prompts' offsets where they start alike
     return Prompt(full, text, offsets, len(sent))
 
 

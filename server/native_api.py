@@ -97,6 +97,7 @@ async def run_perplexity(svc: Service, body: PerplexityRequest, request: Request
     if stride > svc.context:
         raise invalid("stride", f"must be <= the context ({svc.context} tokens), got {stride}")
     seqs = [encoded.ids for encoded in await svc.scored_ids(texts, "text")]  # refused before tokenizing past the limit
+    svc.check_score_kv(seqs, "text")
     jobs = Jobs(svc)
     jobs.score(seqs, svc.context, stride, None, routing=body.return_routing)
     svc.submit(jobs)
@@ -131,7 +132,7 @@ def perplexity_response(svc: Service, body: PerplexityRequest, texts: list[str],
     results = [perplexity_result(svc, body, i, text, seqs[i], result) for i, text in enumerate(texts)]
     total = sum(len(s) - 1 for s in seqs)
     return PerplexityResponse(model=svc.name, window=svc.context, stride=stride, results=results,
-                              usage=Usage.of(total, 0),
+                              usage=Usage.of(total, 0, sum(result.cached_tokens or [])),
                               timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=None,
                                             total_seconds=result.total_seconds))
 
@@ -152,7 +153,7 @@ def generate_response(svc: Service, rid: str, prompt_ids: list[int], result: Gen
         logprobs = [None, *(e.logprob for e in result.prompt_logprobs), *(e.logprob for e in result.token_logprobs)]
     return GenerateResponse(
         id=rid, model=svc.name, text=result.text, token_ids=result.token_ids, finish_reason=str(result.finish_reason),
-        usage=Usage.of(result.prompt_tokens, result.completion_tokens),
+        usage=Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
         timing=Timing(queue_seconds=result.queue_seconds, time_to_first_token_seconds=result.ttft_seconds,
                       total_seconds=result.total_seconds),
         flops=Flops.of(result.flops_executed, result.flops_dense), routing=routing, logprobs=logprobs)
