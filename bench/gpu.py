@@ -78,9 +78,14 @@ def server_smoke(checkpoint: Path | None, log_dir: Path, device: str = "cuda") -
     server = ServerProcess(checkpoint, log_path=log_dir / "gpu-server.log", args=["--device", device, "--dtype", "bfloat16"])
     try:
         server.start(ready_timeout=300)
-        gen = httpx.post(server.url + "/v1/generate", json={"prompt": "The tower is", "max_new_tokens": 16, "ignore_eos": True}, timeout=120)
-        ppl = httpx.post(server.url + "/v1/perplexity", json={"text": "The tower is 324 metres tall , about the same height as an 81 @-@ storey building ."},
-                         timeout=120)
+        gen = httpx.post(
+            server.url + "/v1/generate", json={"prompt": "The tower is", "max_new_tokens": 16, "ignore_eos": True}, timeout=120
+        )
+        ppl = httpx.post(
+            server.url + "/v1/perplexity",
+            json={"text": "The tower is 324 metres tall , about the same height as an 81 @-@ storey building ."},
+            timeout=120,
+        )
         metrics = httpx.get(server.url + "/metrics", timeout=30).text
     except Exception as exc:  # report, not crash: the other parts still run
         return False, f"server did not serve on {device}: {type(exc).__name__}: {exc}\n{server.output_tail()}"
@@ -98,8 +103,10 @@ def server_smoke(checkpoint: Path | None, log_dir: Path, device: str = "cuda") -
         problems.append(f"perplexity: HTTP {ppl.status_code} {ppl.text[:200]}")
     if not counts.get(("prefill", device)) or not counts.get(("decode", device)):
         problems.append(f"no forward latency recorded for device {device}: {counts}")
-    detail = "; ".join(problems) or (f"generate 16 tokens and perplexity {ppl.json()['results'][0]['perplexity']:.1f} on {device} "
-                                     f"(bfloat16), forward latency recorded for device={device}")
+    detail = "; ".join(problems) or (
+        f"generate 16 tokens and perplexity {ppl.json()['results'][0]['perplexity']:.1f} on {device} "
+        f"(bfloat16), forward latency recorded for device={device}"
+    )
     return not problems, detail
 
 
@@ -122,6 +129,7 @@ def block_times(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> tupl
             out = forward(*args, **kwargs)
             marks.append((index, start, clock()))
             return out
+
         return timed
 
     for index, block in enumerate(model.blocks):
@@ -172,32 +180,52 @@ def layer_rows(device: str, dtypes: list[torch.dtype], seqs: list[int], repeats:
             c_blocks, c_ms = block_times(chiar, ids, repeats)
             b_blocks, b_ms = block_times(base, ids, repeats)
             routed = [c_blocks[i] for i in chiar.config.routing_layers]
-            row = LayerRow(device, str(dtype).removeprefix("torch."), seq, statistics.mean(routed),
-                           statistics.mean(b_blocks.values()), share, c_ms, b_ms)
+            row = LayerRow(
+                device,
+                str(dtype).removeprefix("torch."),
+                seq,
+                statistics.mean(routed),
+                statistics.mean(b_blocks.values()),
+                share,
+                c_ms,
+                b_ms,
+            )
             rows.append(row)
-            print(f"{device} {row.dtype} seq={seq}: routed layer {row.routed_ms:.3f} ms, full layer {row.full_ms:.3f} ms "
-                  f"({row.routed_ms / row.full_ms:.2f}x), attention share {share:.2f}; whole model CHIAR {c_ms:.2f} ms, "
-                  f"baseline {b_ms:.2f} ms", flush=True)
+            print(
+                f"{device} {row.dtype} seq={seq}: routed layer {row.routed_ms:.3f} ms, full layer {row.full_ms:.3f} ms "
+                f"({row.routed_ms / row.full_ms:.2f}x), attention share {share:.2f}; whole model CHIAR {c_ms:.2f} ms, "
+                f"baseline {b_ms:.2f} ms",
+                flush=True,
+            )
             chiar32, base32 = chiar.float(), base.float()
     return rows
 
 
 # ------------------------------------------------------------------------ report
 def render(card: str, tests: tuple[bool, str], smoke: tuple[bool, str], rows: list[LayerRow], repeats: int) -> str:
-    lines = [f"## GPU readiness (`make bench-gpu`): {card}", "",
-             f"Machine: {machine_line()}; GPU: **{card}**.", "",
-             f"- bf16 / fp32 model tests on cuda against fp32 on the CPU (`{PRECISION_TESTS}`, tolerances stated there): "
-             f"{'passed' if tests[0] else 'FAILED'} ({tests[1]})",
-             f"- server smoke test (`python -m server --device cuda --dtype bfloat16`): {'passed' if smoke[0] else 'FAILED'}: {smoke[1]}", "",
-             f"One routing layer vs one full-attention layer, CUDA events around each block inside hard-gated inference "
-             f"(batch 1, d=256, 8 heads, d_ff=1024, L=8, random weights, thresholds at the median entropy); medians of {repeats} runs, ms. "
-             "A routing layer is DCT + entropy + routing + attention on its routed tokens + DCT mix of the rest + FFN; "
-             "a full layer is attention + FFN on every token.", "",
-             "| dtype | tokens | routed layer | full layer | routed / full | attention share | CHIAR forward | baseline forward | CHIAR / baseline |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"## GPU readiness (`make bench-gpu`): {card}",
+        "",
+        f"Machine: {machine_line()}; GPU: **{card}**.",
+        "",
+        f"- bf16 / fp32 model tests on cuda against fp32 on the CPU (`{PRECISION_TESTS}`, tolerances stated there): "
+        f"{'passed' if tests[0] else 'FAILED'} ({tests[1]})",
+        f"- server smoke test (`python -m server --device cuda --dtype bfloat16`): {'passed' if smoke[0] else 'FAILED'}: {smoke[1]}",
+        "",
+        f"One routing layer vs one full-attention layer, CUDA events around each block inside hard-gated inference "
+        f"(batch 1, d=256, 8 heads, d_ff=1024, L=8, random weights, thresholds at the median entropy); medians of {repeats} runs, ms. "
+        "A routing layer is DCT + entropy + routing + attention on its routed tokens + DCT mix of the rest + FFN; "
+        "a full layer is attention + FFN on every token.",
+        "",
+        "| dtype | tokens | routed layer | full layer | routed / full | attention share | "
+        "CHIAR forward | baseline forward | CHIAR / baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.dtype} | {r.seq} | {r.routed_ms:.3f} | {r.full_ms:.3f} | {r.routed_ms / r.full_ms:.2f}x | {r.share:.2f} | "
-                     f"{r.chiar_ms:.2f} | {r.baseline_ms:.2f} | {r.chiar_ms / r.baseline_ms:.2f}x |")
+        lines.append(
+            f"| {r.dtype} | {r.seq} | {r.routed_ms:.3f} | {r.full_ms:.3f} | {r.routed_ms / r.full_ms:.2f}x | {r.share:.2f} | "
+            f"{r.chiar_ms:.2f} | {r.baseline_ms:.2f} | {r.chiar_ms / r.baseline_ms:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -142,28 +142,38 @@ def measure(name: str, checkpoint: Path, prompts: list[str], args: argparse.Name
 
 
 def render(caps: list[Capacity], names: dict[str, Path], args: argparse.Namespace) -> str:
-    lines = ["## KV-cache capacity: concurrent long sequences under one budget (`make bench-kv`)", "",
-             f"Machine: {machine_line()}.",
-             "Checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in names.items()) + ".",
-             f"Each server: `--kv-cache-mb {caps[0].budget_bytes / 2**20:.2f}` (fits {args.fit} baseline sequences at full "
-             f"length), `--max-batch-size 0` (auto), `--step-target-ms {args.step_target_ms:g}` (prefill never the bottleneck); {args.requests} streamed-off `/v1/generate` requests at once, "
-             f"{args.prompt_tokens}-token prompts (WikiText-2 test) + {args.new_tokens} new tokens (EOS ignored). "
-             "KV per sequence: the peak of `chiar_kv_cache_bytes{kind=\"used\"}` while one request runs alone; "
-             "peak concurrent: the peak of `chiar_requests_running` (admitted sequences, prefilling or decoding) "
-             "polled every 20 ms during the burst.", "",
-             "| model | KV per sequence (MiB) | budget / KV per sequence | peak concurrent sequences | peak KV used (MiB) | "
-             "budget (MiB) | requests ok | wall (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## KV-cache capacity: concurrent long sequences under one budget (`make bench-kv`)",
+        "",
+        f"Machine: {machine_line()}.",
+        "Checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in names.items()) + ".",
+        f"Each server: `--kv-cache-mb {caps[0].budget_bytes / 2**20:.2f}` (fits {args.fit} baseline sequences at full "
+        f"length), `--max-batch-size 0` (auto), `--step-target-ms {args.step_target_ms:g}` (prefill never the bottleneck); "
+        f"{args.requests} streamed-off `/v1/generate` requests at once, "
+        f"{args.prompt_tokens}-token prompts (WikiText-2 test) + {args.new_tokens} new tokens (EOS ignored). "
+        'KV per sequence: the peak of `chiar_kv_cache_bytes{kind="used"}` while one request runs alone; '
+        "peak concurrent: the peak of `chiar_requests_running` (admitted sequences, prefilling or decoding) "
+        "polled every 20 ms during the burst.",
+        "",
+        "| model | KV per sequence (MiB) | budget / KV per sequence | peak concurrent sequences | peak KV used (MiB) | "
+        "budget (MiB) | requests ok | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for c in caps:
-        lines.append(f"| {c.model} | {c.seq_kv_bytes / 2**20:.2f} | {c.fits_by_bytes} | {c.peak_running} | "
-                     f"{c.peak_used_bytes / 2**20:.2f} | {c.budget_bytes / 2**20:.2f} | {c.ok}/{c.requests} | {c.wall_s:.1f} |")
+        lines.append(
+            f"| {c.model} | {c.seq_kv_bytes / 2**20:.2f} | {c.fits_by_bytes} | {c.peak_running} | "
+            f"{c.peak_used_bytes / 2**20:.2f} | {c.budget_bytes / 2**20:.2f} | {c.ok}/{c.requests} | {c.wall_s:.1f} |"
+        )
     by = {c.model: c for c in caps}
     if "CHIAR" in by and "baseline" in by:
         chiar, base = by["CHIAR"], by["baseline"]
         ratio = chiar.peak_running / max(1, base.peak_running)
-        lines += ["", f"- KV bytes per sequence, CHIAR / baseline: **{chiar.seq_kv_bytes / max(1, base.seq_kv_bytes):.3f}**",
-                  f"- concurrent sequences under the same budget, CHIAR / baseline: **{ratio:.2f}x** "
-                  f"(target >= {TARGET}x: {'met' if ratio >= TARGET else 'not met'})"]
+        lines += [
+            "",
+            f"- KV bytes per sequence, CHIAR / baseline: **{chiar.seq_kv_bytes / max(1, base.seq_kv_bytes):.3f}**",
+            f"- concurrent sequences under the same budget, CHIAR / baseline: **{ratio:.2f}x** "
+            f"(target >= {TARGET}x: {'met' if ratio >= TARGET else 'not met'})",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -177,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=16, help="generations sent at once (more than CHIAR can hold)")
     p.add_argument("--prompt-tokens", type=int, default=None, help="default: the context minus the new tokens minus BOS")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--step-target-ms", type=float, default=2000.0,
-                   help="server step target: high, so prefill keeps up with admission and only the KV budget limits it")
+    p.add_argument(
+        "--step-target-ms",
+        type=float,
+        default=2000.0,
+        help="server step target: high, so prefill keeps up with admission and only the KV budget limits it",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads per server (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="smoke run: context 512 random checkpoints, 3 baseline sequences, 8 requests")
     p.add_argument("--write", type=Path, default=None, help="markdown file to update (BENCHMARKS.md)")

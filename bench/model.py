@@ -64,8 +64,11 @@ def scoring_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, 
                 seq=seq, batch=batch, chiar=tokens / t_chiar, baseline=tokens / t_base, hf=tokens / t_hf,
                 share=out.routing.attention_share(chiar.config.routing_layers), flops_ratio=out.flops.executed / base_out.flops.executed,
             ))
-            print(f"score seq={seq} batch={batch}: chiar {tokens / t_chiar:,.0f} tok/s, baseline {tokens / t_base:,.0f}, "
-                  f"hf {tokens / t_hf:,.0f}; attention share {rows[-1]['share']:.2f}, FLOPs ratio {rows[-1]['flops_ratio']:.3f}", flush=True)
+            print(
+                f"score seq={seq} batch={batch}: chiar {tokens / t_chiar:,.0f} tok/s, baseline {tokens / t_base:,.0f}, "
+                f"hf {tokens / t_hf:,.0f}; attention share {rows[-1]['share']:.2f}, FLOPs ratio {rows[-1]['flops_ratio']:.3f}",
+                flush=True,
+            )
     return rows
 
 
@@ -98,8 +101,9 @@ def _hf_decoder(hf: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[Cal
     return run, float(2 * layers * d * ids.shape[1] * 4)  # K and V, fp32, every layer, every token
 
 
-def decode_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, context: int, batches: list[int],
-                steps: int, repeats: int) -> list[dict]:
+def decode_rows(
+    chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, context: int, batches: list[int], steps: int, repeats: int
+) -> list[dict]:
     """Greedy decode tokens/s: blocks of `steps` steps per model, round-robin over the models (`repeats`
     blocks each, after one warm-up block), each model continuing its own running batch; medians."""
     rows = []
@@ -115,8 +119,11 @@ def decode_rows(chiar: ChiarLM, baseline: ChiarLM, hf: torch.nn.Module | None, c
             for name, seconds in interleaved_medians(fns, repeats).items():
                 result[name] = batch * steps / seconds
         rows.append(result)
-        print(f"decode batch={batch} ctx={context}: chiar {result['chiar']:,.1f} tok/s, baseline {result['baseline']:,.1f}, "
-              f"hf {result['hf']:,.1f}; KV bytes/seq chiar {result['chiar_kv']:,.0f} baseline {result['baseline_kv']:,.0f}", flush=True)
+        print(
+            f"decode batch={batch} ctx={context}: chiar {result['chiar']:,.1f} tok/s, baseline {result['baseline']:,.1f}, "
+            f"hf {result['hf']:,.1f}; KV bytes/seq chiar {result['chiar_kv']:,.0f} baseline {result['baseline_kv']:,.0f}",
+            flush=True,
+        )
     return rows
 
 
@@ -158,8 +165,14 @@ def routing_overhead(chiar: ChiarLM, seq: int, batch: int, repeats: int) -> dict
         t_full = median_seconds(lambda: attend(torch.arange(batch * seq)), repeats)
         t_half = median_seconds(lambda: attend(sel), repeats)
         t_dct = median_seconds(lambda: kernels.dct_mix(layer, block, coefficients[rest], u[rest]), repeats)
-    return dict(seq=seq, batch=batch, overhead_ms=t_route * 1e3, attention_full_ms=t_full * 1e3,
-                attention_half_ms=t_half * 1e3, dct_mix_ms=t_dct * 1e3)
+    return dict(
+        seq=seq,
+        batch=batch,
+        overhead_ms=t_route * 1e3,
+        attention_full_ms=t_full * 1e3,
+        attention_half_ms=t_half * 1e3,
+        dct_mix_ms=t_dct * 1e3,
+    )
 
 
 def render(score: list[dict], decode: list[dict], overhead: list[dict]) -> str:
@@ -172,23 +185,29 @@ def render(score: list[dict], decode: list[dict], overhead: list[dict]) -> str:
         "",
         "### Scoring (prefill / perplexity) tokens/s",
         "",
-        "| seq | batch | CHIAR | baseline | HF Llama | CHIAR / baseline | baseline / HF | attention share (routing layers) | executed FLOPs CHIAR / baseline |",
+        "| seq | batch | CHIAR | baseline | HF Llama | CHIAR / baseline | baseline / HF | "
+        "attention share (routing layers) | executed FLOPs CHIAR / baseline |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in score:
-        lines.append(f"| {r['seq']} | {r['batch']} | {r['chiar']:,.0f} | {r['baseline']:,.0f} | {r['hf']:,.0f} | "
-                     f"{r['chiar'] / r['baseline']:.2f}x | {r['baseline'] / r['hf']:.2f}x | {r['share']:.2f} | {r['flops_ratio']:.3f} |")
+        lines.append(
+            f"| {r['seq']} | {r['batch']} | {r['chiar']:,.0f} | {r['baseline']:,.0f} | {r['hf']:,.0f} | "
+            f"{r['chiar'] / r['baseline']:.2f}x | {r['baseline'] / r['hf']:.2f}x | {r['share']:.2f} | {r['flops_ratio']:.3f} |"
+        )
     lines += [
         "",
         "### Decode tokens/s and KV cache",
         "",
-        "| context | batch | CHIAR | baseline | HF Llama | CHIAR / baseline | baseline / HF | KV bytes/seq CHIAR | KV bytes/seq baseline | KV ratio |",
+        "| context | batch | CHIAR | baseline | HF Llama | CHIAR / baseline | baseline / HF | "
+        "KV bytes/seq CHIAR | KV bytes/seq baseline | KV ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in decode:
-        lines.append(f"| {r['context']} | {r['batch']} | {r['chiar']:,.1f} | {r['baseline']:,.1f} | {r['hf']:,.1f} | "
-                     f"{r['chiar'] / r['baseline']:.2f}x | {r['baseline'] / r['hf']:.2f}x | {r['chiar_kv']:,.0f} | "
-                     f"{r['baseline_kv']:,.0f} | {r['chiar_kv'] / r['baseline_kv']:.3f} |")
+        lines.append(
+            f"| {r['context']} | {r['batch']} | {r['chiar']:,.1f} | {r['baseline']:,.1f} | {r['hf']:,.1f} | "
+            f"{r['chiar'] / r['baseline']:.2f}x | {r['baseline'] / r['hf']:.2f}x | {r['chiar_kv']:,.0f} | "
+            f"{r['baseline_kv']:,.0f} | {r['chiar_kv'] / r['baseline_kv']:.3f} |"
+        )
     lines += [
         "",
         "### Routing overhead in one routing layer (ms)",
@@ -196,14 +215,17 @@ def render(score: list[dict], decode: list[dict], overhead: list[dict]) -> str:
         "DCT + entropy + compaction + scatter, against the attention it saves (full attention minus attention on",
         "the routed half) and the DCT mixing the other half then needs.",
         "",
-        "| seq | batch | routing overhead | attention, all tokens | attention, routed half | saved by routing | DCT mix of the other half | net saving |",
+        "| seq | batch | routing overhead | attention, all tokens | "
+        "attention, routed half | saved by routing | DCT mix of the other half | net saving |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in overhead:
         saved = r["attention_full_ms"] - r["attention_half_ms"]
         net = saved - r["overhead_ms"] - r["dct_mix_ms"]
-        lines.append(f"| {r['seq']} | {r['batch']} | {r['overhead_ms']:.2f} | {r['attention_full_ms']:.2f} | "
-                     f"{r['attention_half_ms']:.2f} | {saved:.2f} | {r['dct_mix_ms']:.2f} | {net:+.2f} |")
+        lines.append(
+            f"| {r['seq']} | {r['batch']} | {r['overhead_ms']:.2f} | {r['attention_full_ms']:.2f} | "
+            f"{r['attention_half_ms']:.2f} | {saved:.2f} | {r['dct_mix_ms']:.2f} | {net:+.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -215,16 +237,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
-                        help="tables to measure (e.g. `--only decode --batches 1` for the decode-at-1k row)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="tables to measure (e.g. `--only decode --batches 1` for the decode-at-1k row)",
+    )
     parser.add_argument("--no-hf", action="store_true", help="leave HF Llama out (faster; its columns read nan)")
     args = parser.parse_args()
     if args.write and set(args.only) != set(PARTS):
         parser.error("--write needs every table (leave out --only)")
     chiar, baseline, hf = build_models(max(args.seqs))
     hf = None if args.no_hf else hf
-    print(f"params: CHIAR {chiar.num_parameters():,}, baseline {baseline.num_parameters():,}"
-          + (f", HF Llama {sum(p.numel() for p in hf.parameters()):,}" if hf is not None else ""), flush=True)
+    print(
+        f"params: CHIAR {chiar.num_parameters():,}, baseline {baseline.num_parameters():,}"
+        + (f", HF Llama {sum(p.numel() for p in hf.parameters()):,}" if hf is not None else ""),
+        flush=True,
+    )
     score = scoring_rows(chiar, baseline, hf, args.seqs, args.batches, args.repeats) if "score" in args.only else []
     decode = decode_rows(chiar, baseline, hf, args.context, args.batches, args.decode_steps, args.repeats) if "decode" in args.only else []
     overhead = []

@@ -64,7 +64,11 @@ async def first_content(client: httpx.AsyncClient, model: str, system: str, ques
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"] and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            if (
+                line.startswith("data: {")
+                and json.loads(line[6:])["choices"]
+                and json.loads(line[6:])["choices"][0]["delta"].get("content")
+            ):
                 return time.perf_counter() - start
     return time.perf_counter() - start
 
@@ -103,13 +107,16 @@ def chat(checkpoint: Path, system: str, log_dir: Path) -> dict[bool, dict[str, l
 # ---------------------------------------------------------------------------- 2. lm-eval
 def write_task(root: Path, contexts: list[str]) -> str:
     rng = random.Random(0)
-    docs = [{"context": c + "\nQuestion: what is this passage about?\nAnswer:", "choices": CHOICES, "answer": rng.randrange(4)}
-            for c in contexts]
+    docs = [
+        {"context": c + "\nQuestion: what is this passage about?\nAnswer:", "choices": CHOICES, "answer": rng.randrange(4)}
+        for c in contexts
+    ]
     (root / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (root / "chiar_prefix_mc.yaml").write_text(
         f"task: chiar_prefix_mc\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
         'output_type: multiple_choice\ndoc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: answer\n'
-        "metric_list:\n  - metric: acc\n    higher_is_better: true\n")
+        "metric_list:\n  - metric: acc\n    higher_is_better: true\n"
+    )
     return "chiar_prefix_mc"
 
 
@@ -127,10 +134,22 @@ def lm_eval(checkpoint: Path, root: Path, log_dir: Path, cache: bool) -> EvalRun
     out = root / f"out-{cache}"
     try:
         context = int(json.loads((checkpoint / "config.json").read_text())["max_seq_len"]) - 1
-        cmd = [str(Path(sys.executable).parent / "lm_eval"), "run", "--model", "local-completions", "--tasks", "chiar_prefix_mc",
-               "--include_path", str(root), "--output_path", str(out), "--log_samples", "--model_args",
-               f"base_url={proc.url}/v1/completions,model={checkpoint.name},max_length={context},tokenizer_backend=huggingface,"
-               f"tokenizer={checkpoint}"]
+        cmd = [
+            str(Path(sys.executable).parent / "lm_eval"),
+            "run",
+            "--model",
+            "local-completions",
+            "--tasks",
+            "chiar_prefix_mc",
+            "--include_path",
+            str(root),
+            "--output_path",
+            str(out),
+            "--log_samples",
+            "--model_args",
+            f"base_url={proc.url}/v1/completions,model={checkpoint.name},max_length={context},tokenizer_backend=huggingface,"
+            f"tokenizer={checkpoint}",
+        ]
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf")}
         before = metric(proc.url, "chiar_request_duration_seconds_sum", endpoint="/v1/completions")
         start = time.perf_counter()
@@ -157,8 +176,11 @@ def capacity(checkpoint: Path, prompts: list[str], budget_mb: float, log_dir: Pa
             for prompt in prompts:
                 r = client.post("/v1/completions", json={"model": checkpoint.name, "prompt": prompt, "max_tokens": 1})
                 assert r.status_code == 200, r.text
-        return (metric(proc.url, "chiar_prefix_cache_tokens"), metric(proc.url, "chiar_prefix_cache_bytes"),
-                metric(proc.url, "chiar_prefix_cache_evictions_total"))
+        return (
+            metric(proc.url, "chiar_prefix_cache_tokens"),
+            metric(proc.url, "chiar_prefix_cache_bytes"),
+            metric(proc.url, "chiar_prefix_cache_evictions_total"),
+        )
     finally:
         proc.stop()
 
@@ -193,7 +215,9 @@ def mixed_load(checkpoint: Path, texts: list[str], probe: str, tokens: int, new_
         if i % 3 == 2:
             bodies.append(("/v1/perplexity", {"text": text}))
         else:
-            bodies.append(("/v1/completions", {"prompt": text, "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0.8, "seed": i}))
+            bodies.append(
+                ("/v1/completions", {"prompt": text, "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0.8, "seed": i})
+            )
 
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=proc.url, timeout=3600, limits=httpx.Limits(max_connections=len(bodies) + 4)) as client:
@@ -210,9 +234,17 @@ def mixed_load(checkpoint: Path, texts: list[str], probe: str, tokens: int, new_
         stop.set()
         watcher.join()
         failed = [r for r in answers if r.status_code != 200]
-        return LoadRun(len(bodies), len(failed), sum("kv_cache" in r.text for r in failed), metric(proc.url, "chiar_preemptions_total"),
-                       metric(proc.url, "chiar_prefix_cache_evictions_total"), peak[0],
-                       metric(proc.url, "chiar_kv_cache_bytes", kind="limit"), demand, wall)
+        return LoadRun(
+            len(bodies),
+            len(failed),
+            sum("kv_cache" in r.text for r in failed),
+            metric(proc.url, "chiar_preemptions_total"),
+            metric(proc.url, "chiar_prefix_cache_evictions_total"),
+            peak[0],
+            metric(proc.url, "chiar_kv_cache_bytes", kind="limit"),
+            demand,
+            wall,
+        )
     finally:
         proc.stop()
 
@@ -245,65 +277,107 @@ def verdict(ok: bool) -> str:
 def render_chat(args: argparse.Namespace, chat_rows: dict[bool, dict[str, list[float]]]) -> list[str]:
     cold, warm = chat_rows[False], chat_rows[True]
     ratio = p50(warm["sequential"]) / p50(cold["sequential"])
-    return [f"**Chat**: a {args.system_tokens}-token system prompt (WikiText-2 test), 8 users with different questions, "
-            "`/v1/chat/completions` streamed, greedy, 8 new tokens; TTFT = first chunk with content (client side).", "",
-            "| TTFT (ms) | cold (no cache) | warm (system prompt cached) | warm / cold |", "|---|---:|---:|---:|",
-            f"| first request (nothing cached yet) | {1000 * p50(cold['first']):.0f} | {1000 * p50(warm['first']):.0f} | - |",
-            f"| 8 users one at a time, p50 | {1000 * p50(cold['sequential']):.0f} | {1000 * p50(warm['sequential']):.0f} | {ratio:.3f} |",
-            f"| 8 users at once, p50 | {1000 * p50(cold['concurrent']):.0f} | {1000 * p50(warm['concurrent']):.0f} | "
-            f"{p50(warm['concurrent']) / p50(cold['concurrent']):.3f} |", "",
-            f"- warm TTFT p50 / cold, one at a time: **{ratio:.3f}** (target <= 0.2: {verdict(ratio <= 0.2)})", ""]
+    return [
+        f"**Chat**: a {args.system_tokens}-token system prompt (WikiText-2 test), 8 users with different questions, "
+        "`/v1/chat/completions` streamed, greedy, 8 new tokens; TTFT = first chunk with content (client side).",
+        "",
+        "| TTFT (ms) | cold (no cache) | warm (system prompt cached) | warm / cold |",
+        "|---|---:|---:|---:|",
+        f"| first request (nothing cached yet) | {1000 * p50(cold['first']):.0f} | {1000 * p50(warm['first']):.0f} | - |",
+        f"| 8 users one at a time, p50 | {1000 * p50(cold['sequential']):.0f} | {1000 * p50(warm['sequential']):.0f} | {ratio:.3f} |",
+        f"| 8 users at once, p50 | {1000 * p50(cold['concurrent']):.0f} | {1000 * p50(warm['concurrent']):.0f} | "
+        f"{p50(warm['concurrent']) / p50(cold['concurrent']):.3f} |",
+        "",
+        f"- warm TTFT p50 / cold, one at a time: **{ratio:.3f}** (target <= 0.2: {verdict(ratio <= 0.2)})",
+        "",
+    ]
 
 
 def render_eval(args: argparse.Namespace, evals: dict[bool, EvalRun]) -> list[str]:
     off, on = evals[False], evals[True]
     same = off.loglikelihoods == on.loglikelihoods
-    return [f"**lm-eval** (`local-completions`, `--log_samples`): `chiar_prefix_mc`, {len(on.loglikelihoods)} documents, each a "
-            f"WikiText-2 context of {args.context_tokens} + 12 k tokens (document k) and 4 one-word choices; lm-eval sends one "
-            "request at a time (echo logprobs).", "",
-            "| | wall time (s) | server request time (s) | accuracy | prefix-cache hit tokens |", "|---|---:|---:|---:|---:|",
-            f"| no cache | {off.wall_s:.1f} | {off.request_s:.1f} | {off.accuracy:.4f} | {off.hit_tokens:.0f} |",
-            f"| cache | {on.wall_s:.1f} | {on.request_s:.1f} | {on.accuracy:.4f} | {on.hit_tokens:.0f} |", "",
-            f"- wall time with / without the cache: **{on.wall_s / off.wall_s:.3f}** (target <= 0.5: {verdict(on.wall_s / off.wall_s <= 0.5)}); "
-            f"server request time: {on.request_s / off.request_s:.3f} (the wall time includes lm-eval's own start-up)",
-            f"- accuracy identical: {'yes' if on.accuracy == off.accuracy else '**no**'}; every log-likelihood identical (bit for bit): "
-            f"{'yes' if same else '**no**'}", ""]
+    return [
+        f"**lm-eval** (`local-completions`, `--log_samples`): `chiar_prefix_mc`, {len(on.loglikelihoods)} documents, each a "
+        f"WikiText-2 context of {args.context_tokens} + 12 k tokens (document k) and 4 one-word choices; lm-eval sends one "
+        "request at a time (echo logprobs).",
+        "",
+        "| | wall time (s) | server request time (s) | accuracy | prefix-cache hit tokens |",
+        "|---|---:|---:|---:|---:|",
+        f"| no cache | {off.wall_s:.1f} | {off.request_s:.1f} | {off.accuracy:.4f} | {off.hit_tokens:.0f} |",
+        f"| cache | {on.wall_s:.1f} | {on.request_s:.1f} | {on.accuracy:.4f} | {on.hit_tokens:.0f} |",
+        "",
+        f"- wall time with / without the cache: **{on.wall_s / off.wall_s:.3f}** "
+        f"(target <= 0.5: {verdict(on.wall_s / off.wall_s <= 0.5)}); "
+        f"server request time: {on.request_s / off.request_s:.3f} (the wall time includes lm-eval's own start-up)",
+        f"- accuracy identical: {'yes' if on.accuracy == off.accuracy else '**no**'}; every log-likelihood identical (bit for bit): "
+        f"{'yes' if same else '**no**'}",
+        "",
+    ]
 
 
-def render_memory(args: argparse.Namespace, cap: dict[str, tuple[float, float, float]], load: LoadRun, design: list[Design],
-                  books: dict[str, float]) -> list[str]:
+def render_memory(
+    args: argparse.Namespace, cap: dict[str, tuple[float, float, float]], load: LoadRun, design: list[Design], books: dict[str, float]
+) -> list[str]:
     (c_tok, c_bytes, c_ev), (b_tok, b_bytes, b_ev) = cap["CHIAR"], cap["baseline"]
     ratio = c_tok / max(b_tok, 1)
-    lines = [f"**Capacity**: `--kv-cache-mb {args.capacity_mb:g}`, {args.capacity_prompts} distinct {args.prompt_tokens}-token prompts "
-             "one after another (1 new token each), then the cache's own gauges.", "",
-             "| model | cached prefix tokens | cached bytes (MiB) | bytes per cached token | evicted blocks |", "|---|---:|---:|---:|---:|",
-             f"| CHIAR | {c_tok:.0f} | {c_bytes / 2**20:.2f} | {c_bytes / max(c_tok, 1):.0f} | {c_ev:.0f} |",
-             f"| baseline | {b_tok:.0f} | {b_bytes / 2**20:.2f} | {b_bytes / max(b_tok, 1):.0f} | {b_ev:.0f} |", "",
-             f"- cached prefix tokens, CHIAR / baseline under the same budget: **{ratio:.2f}x** (target >= 1.8: {verdict(ratio >= 1.8)})", "",
-             f"**Mixed load over the budget** (CHIAR): `--kv-cache-mb {args.load_mb:g}`, {load.requests} requests at once "
-             f"({args.prompt_tokens}-token texts; two in three generate {args.new_tokens} tokens, one in three is scored), demand at "
-             f"the measured attention share {load.demand / 2**20:.1f} MiB = **{load.demand / load.limit:.1f}x** the budget; "
-             "`chiar_kv_cache_bytes{kind=\"used\"}` polled every 20 ms.", "",
-             "| requests | failed | failed for the KV budget | preemptions | evicted blocks | peak used (MiB) | limit (MiB) | wall (s) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| {load.requests} | {load.failed} | {load.budget_failures} | {load.preemptions:.0f} | {load.evictions:.0f} | "
-             f"{load.peak_used / 2**20:.2f} | {load.limit / 2**20:.2f} | {load.wall_s:.1f} |", "",
-             f"- 0 failures from the budget, used never over the limit: {verdict(load.budget_failures == 0 and load.peak_used <= load.limit)}", "",
-             f"**Sharing vs copying a cached prefix** (in process, CHIAR, a {args.system_tokens}-token prefix, 8 rows started from it, "
-             f"{args.threads} forward thread(s) as the server's default):", "",
-             "| design | attach (ms, p50) | new KV per row (KiB) | first forward after it (ms, p50) |", "|---|---:|---:|---:|"]
+    lines = [
+        f"**Capacity**: `--kv-cache-mb {args.capacity_mb:g}`, {args.capacity_prompts} distinct {args.prompt_tokens}-token prompts "
+        "one after another (1 new token each), then the cache's own gauges.",
+        "",
+        "| model | cached prefix tokens | cached bytes (MiB) | bytes per cached token | evicted blocks |",
+        "|---|---:|---:|---:|---:|",
+        f"| CHIAR | {c_tok:.0f} | {c_bytes / 2**20:.2f} | {c_bytes / max(c_tok, 1):.0f} | {c_ev:.0f} |",
+        f"| baseline | {b_tok:.0f} | {b_bytes / 2**20:.2f} | {b_bytes / max(b_tok, 1):.0f} | {b_ev:.0f} |",
+        "",
+        f"- cached prefix tokens, CHIAR / baseline under the same budget: **{ratio:.2f}x** (target >= 1.8: {verdict(ratio >= 1.8)})",
+        "",
+        f"**Mixed load over the budget** (CHIAR): `--kv-cache-mb {args.load_mb:g}`, {load.requests} requests at once "
+        f"({args.prompt_tokens}-token texts; two in three generate {args.new_tokens} tokens, one in three is scored), demand at "
+        f"the measured attention share {load.demand / 2**20:.1f} MiB = **{load.demand / load.limit:.1f}x** the budget; "
+        '`chiar_kv_cache_bytes{kind="used"}` polled every 20 ms.',
+        "",
+        "| requests | failed | failed for the KV budget | preemptions | evicted blocks | peak used (MiB) | limit (MiB) | wall (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {load.requests} | {load.failed} | {load.budget_failures} | {load.preemptions:.0f} | {load.evictions:.0f} | "
+        f"{load.peak_used / 2**20:.2f} | {load.limit / 2**20:.2f} | {load.wall_s:.1f} |",
+        "",
+        f"- 0 failures from the budget, used never over the limit: {verdict(load.budget_failures == 0 and load.peak_used <= load.limit)}",
+        "",
+        f"**Sharing vs copying a cached prefix** (in process, CHIAR, a {args.system_tokens}-token prefix, 8 rows started from it, "
+        f"{args.threads} forward thread(s) as the server's default):",
+        "",
+        "| design | attach (ms, p50) | new KV per row (KiB) | first forward after it (ms, p50) |",
+        "|---|---:|---:|---:|",
+    ]
     lines += [f"| {d.mode} | {d.attach_ms:.2f} | {d.kib_per_row:.0f} | {d.step_ms:.1f} |" for d in design]
-    return [*lines, "", f"**Bookkeeping** (in process, CHIAR): recording the cached blocks of a {args.system_tokens}-token prefill takes "
-                    f"{books['prefill record']:.1f} ms beside its {books['prefill forward']:.0f} ms forward "
-                    f"({books['prefill record with logprobs']:.1f} ms with the log-probabilities and top 5 scoring keeps); a decode step of "
-                    f"16 sequences: {books['decode record']:.2f} ms beside its {books['decode forward']:.1f} ms forward."]
+    return [
+        *lines,
+        "",
+        f"**Bookkeeping** (in process, CHIAR): recording the cached blocks of a {args.system_tokens}-token prefill takes "
+        f"{books['prefill record']:.1f} ms beside its {books['prefill forward']:.0f} ms forward "
+        f"({books['prefill record with logprobs']:.1f} ms with the log-probabilities and top 5 scoring keeps); a decode step of "
+        f"16 sequences: {books['decode record']:.2f} ms beside its {books['decode forward']:.1f} ms forward.",
+    ]
 
 
-def render(args: argparse.Namespace, names: dict[str, Path], chat_rows: dict[bool, dict[str, list[float]]], evals: dict[bool, EvalRun] | None,
-           cap: dict[str, tuple[float, float, float]], load: LoadRun, design: list[Design], books: dict[str, float]) -> str:
-    lines = ["## Prefix cache and preemption (`make bench-prefix`)", "", f"Machine: {machine_line()}.",
-             "Checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in names.items()) + ". Servers on loopback, default settings "
-             "unless stated; cold = `--no-prefix-cache`.", ""]
+def render(
+    args: argparse.Namespace,
+    names: dict[str, Path],
+    chat_rows: dict[bool, dict[str, list[float]]],
+    evals: dict[bool, EvalRun] | None,
+    cap: dict[str, tuple[float, float, float]],
+    load: LoadRun,
+    design: list[Design],
+    books: dict[str, float],
+) -> str:
+    lines = [
+        "## Prefix cache and preemption (`make bench-prefix`)",
+        "",
+        f"Machine: {machine_line()}.",
+        "Checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in names.items()) + ". Servers on loopback, default settings "
+        "unless stated; cold = `--no-prefix-cache`.",
+        "",
+    ]
     lines += render_chat(args, chat_rows)
     lines += render_eval(args, evals) if evals is not None else []
     lines += render_memory(args, cap, load, design, books)
@@ -343,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         evals = {cache: lm_eval(args.chiar, tmp, tmp, cache) for cache in (False, True)}
     print("capacity ...", flush=True)
     prompts = long_texts(args.chiar, args.prompt_tokens, args.capacity_prompts)
-    cap = {"CHIAR": capacity(args.chiar, prompts, args.capacity_mb, tmp), "baseline": capacity(args.baseline, prompts, args.capacity_mb, tmp)}
+    cap = {
+        "CHIAR": capacity(args.chiar, prompts, args.capacity_mb, tmp),
+        "baseline": capacity(args.baseline, prompts, args.capacity_mb, tmp),
+    }
     print("mixed load ...", flush=True)
     *texts, probe = long_texts(args.chiar, args.prompt_tokens, args.load_requests + 1)
     load = mixed_load(args.chiar, texts, probe, args.prompt_tokens, args.new_tokens, args.load_mb, tmp)

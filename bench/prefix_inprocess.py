@@ -73,7 +73,10 @@ def designs(checkpoint: Path, tokens: int, rows: int = 8) -> list[Design]:
             t0 = time.perf_counter()
             model.forward_step(TokenBatch.build(cache, [(row, prompt[hit.tokens:])], [0]), cache)
             times[mode][2].append(time.perf_counter() - t0)
-    return [Design(mode, 1000 * statistics.median(a), statistics.mean(b) / 1024, 1000 * statistics.median(c)) for mode, (a, b, c) in times.items()]
+    return [
+        Design(mode, 1000 * statistics.median(a), statistics.mean(b) / 1024, 1000 * statistics.median(c))
+        for mode, (a, b, c) in times.items()
+    ]
 
 
 def bookkeeping(checkpoint: Path, tokens: int, rows: int = 16, steps: int = 32) -> dict[str, float]:
@@ -89,8 +92,9 @@ def bookkeeping(checkpoint: Path, tokens: int, rows: int = 16, steps: int = 32) 
     model = load_checkpoint(checkpoint)[0].eval()
     cache = PagedKVCache.for_model(model, rows=rows + 4, tokens_per_row=tokens + steps + 16, growable=False)
     prefix = PrefixCache(model, cache)
-    out: dict[str, list[float]] = {k: [] for k in ("prefill forward", "prefill record", "prefill record with logprobs",
-                                                    "decode forward", "decode record")}
+    out: dict[str, list[float]] = {
+        k: [] for k in ("prefill forward", "prefill record", "prefill record with logprobs", "decode forward", "decode record")
+    }
     for k in range(3):
         ids = [1, *range(10 + k, 10 + k + tokens - 1)]
         for key, logits in (("prefill record", False), ("prefill record with logprobs", True)):
@@ -119,8 +123,14 @@ def bookkeeping(checkpoint: Path, tokens: int, rows: int = 16, steps: int = 32) 
         t0 = time.perf_counter()
         for k, (row, seq) in enumerate(zip(live, seqs)):
             seq.append(5)
-            one = replace(step, logits=step.logits[k:k + 1], operator=step.operator[k:k + 1], entropy=step.entropy[k:k + 1],
-                          gate=None if step.gate is None else step.gate[k:k + 1], keys_seen=step.keys_seen[k:k + 1])
+            one = replace(
+                step,
+                logits=step.logits[k : k + 1],
+                operator=step.operator[k : k + 1],
+                entropy=step.entropy[k : k + 1],
+                gate=None if step.gate is None else step.gate[k : k + 1],
+                keys_seen=step.keys_seen[k : k + 1],
+            )
             prefix.record(processed(row, starts[k], seq, one))
         out["decode record"].append(time.perf_counter() - t0)
     return {k: 1000 * statistics.median(v) for k, v in out.items()}

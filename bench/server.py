@@ -149,8 +149,11 @@ def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argpa
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     table = [r for r in rows if r["workload"] != "flops"] + ([hf] if hf else [])
     for r in table:
-        lines.append(f"| {r['model']} | {r['workload']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['lat_p50']:.1f} | {r['lat_p95']:.1f} | {r['lat_p99']:.1f} | {fmt(r['ttft_p50'])} | {fmt(r['ttft_p95'])} | {fmt(r['ttft_p99'])} |")
+        lines.append(
+            f"| {r['model']} | {r['workload']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['lat_p50']:.1f} | {r['lat_p95']:.1f} | {r['lat_p99']:.1f} | "
+            f"{fmt(r['ttft_p50'])} | {fmt(r['ttft_p95'])} | {fmt(r['ttft_p99'])} |"
+        )
     lines.append("")
 
     def pick(model: str, workload: str, clients: int) -> dict | None:
@@ -161,24 +164,41 @@ def render(rows: list[dict], hf: dict | None, overhead: dict | None, args: argpa
     checks = []
     if chiar and hf:
         ratio = chiar["tokens_per_s"] / hf["tokens_per_s"]
-        checks.append(f"- generated tokens/s at {c8} clients vs the sequential HF loop: **{ratio:.2f}x** (target >= 3x: {'met' if ratio >= 3 else 'not met'})")
+        checks.append(
+            f"- generated tokens/s at {c8} clients vs the sequential HF loop: **{ratio:.2f}x** "
+            f"(target >= 3x: {'met' if ratio >= 3 else 'not met'})"
+        )
     if chiar and base:
         ratio = chiar["tokens_per_s"] / base["tokens_per_s"]
-        checks.append(f"- CHIAR vs baseline generated tokens/s at {c8} clients: **{ratio:.2f}x** (target >= 1.2x: {'met' if ratio >= 1.2 else 'not met'})")
+        checks.append(
+            f"- CHIAR vs baseline generated tokens/s at {c8} clients: **{ratio:.2f}x** "
+            f"(target >= 1.2x: {'met' if ratio >= 1.2 else 'not met'})"
+        )
         pc, pb = pick("CHIAR", "perplexity", c8), pick("baseline", "perplexity", c8)
         if pc and pb:
-            checks.append(f"- CHIAR vs baseline scored tokens/s (perplexity) at {c8} clients: **{pc['tokens_per_s'] / pb['tokens_per_s']:.2f}x**")
+            checks.append(
+                f"- CHIAR vs baseline scored tokens/s (perplexity) at {c8} clients: **{pc['tokens_per_s'] / pb['tokens_per_s']:.2f}x**"
+            )
     if chiar:
-        checks.append(f"- TTFT p50 at {c8} clients: **{chiar['ttft_p50']:.1f} ms** (target < 100 ms: {'met' if chiar['ttft_p50'] < 100 else 'not met'})")
+        checks.append(
+            f"- TTFT p50 at {c8} clients: **{chiar['ttft_p50']:.1f} ms** "
+            f"(target < 100 ms: {'met' if chiar['ttft_p50'] < 100 else 'not met'})"
+        )
     for r in rows:
         if r["workload"] == "flops":
             values = {line.split('"')[1]: float(line.split()[-1]) for line in r["lines"]}
             if values.get("dense_equivalent"):
-                checks.append(f"- {r['model']}: executed / dense-equivalent FLOPs over the run = {values['executed'] / values['dense_equivalent']:.3f}")
+                checks.append(
+                    f"- {r['model']}: executed / dense-equivalent FLOPs over the run = "
+                    f"{values['executed'] / values['dense_equivalent']:.3f}"
+                )
     if overhead:
-        checks.append(f"- routing overhead (DCT + entropy, {overhead['layers']} routing layers, batch {overhead['batch']} x {overhead['seq']} tokens): "
-                      f"{overhead['routing_ms']:.2f} ms of a {overhead['prefill_ms']:.2f} ms CHIAR prefill "
-                      f"({100 * overhead['routing_ms'] / overhead['prefill_ms']:.0f}%)")
+        checks.append(
+            f"- routing overhead (DCT + entropy, {overhead['layers']} routing layers, "
+            f"batch {overhead['batch']} x {overhead['seq']} tokens): "
+            f"{overhead['routing_ms']:.2f} ms of a {overhead['prefill_ms']:.2f} ms CHIAR prefill "
+            f"({100 * overhead['routing_ms'] / overhead['prefill_ms']:.0f}%)"
+        )
     lines += ["Targets (measured, not asserted):", "", *checks, ""]
     if plot is not None:
         lines += [f"![latency vs concurrency]({os.path.relpath(plot, args.write.parent if args.write else ROOT)})", ""]
@@ -197,8 +217,11 @@ def make_plot(rows: list[dict], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for model, style, colour in (("CHIAR", "-o", "tab:blue"), ("baseline", "--s", "tab:red")):
-        for ax, workload, key, title in ((axes[0], "generate", "lat", "generate latency"), (axes[1], "generate", "ttft", "time to first token"),
-                                         (axes[2], "perplexity", "lat", "perplexity latency")):
+        for ax, workload, key, title in (
+            (axes[0], "generate", "lat", "generate latency"),
+            (axes[1], "generate", "ttft", "time to first token"),
+            (axes[2], "perplexity", "lat", "perplexity latency"),
+        ):
             data = [r for r in rows if r["model"] == model and r["workload"] == workload]
             if not data:
                 continue
@@ -218,11 +241,12 @@ def make_plot(rows: list[dict], path: Path) -> Path | None:
 
 
 def workload_text(n_prompts: int) -> tuple[list[str], list[str]]:
-    paragraphs = [p.strip() for p in (ROOT / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split("\n") if len(p.strip()) > 400]
+    paragraphs = [
+        p.strip() for p in (ROOT / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split("\n") if len(p.strip()) > 400
+    ]
     prompts = [" ".join(p.split()[:24]) for p in paragraphs[:n_prompts]]
     texts = [" ".join(p.split()[:150]) for p in paragraphs[:n_prompts]]
     return prompts, texts
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-requests", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (servers and HF loop); default: torch's choice")
     p.add_argument("--no-peers", action="store_true", help="skip the same-workload comparison with transformers serve")
-    p.add_argument("--llamacpp", action="store_true",
-                   help="add llama.cpp's server to the peers (builds it once from the llama-cpp-python sdist: minutes)")
+    p.add_argument(
+        "--llamacpp",
+        action="store_true",
+        help="add llama.cpp's server to the peers (builds it once from the llama-cpp-python sdist: minutes)",
+    )
     p.add_argument("--peers-only", action="store_true", help="only the same-workload comparison with the peers")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 clients, few requests, no plot")
     p.add_argument("--write", type=Path, default=None, help="markdown file to update (BENCHMARKS.md)")
@@ -278,22 +305,35 @@ def main(argv: list[str] | None = None) -> int:
         if hf:
             print(f"HF Llama sequential: {hf['tokens_per_s']:.1f} tok/s, p50 {hf['lat_p50']:.1f} ms", flush=True)
         overhead = routing_overhead(args.chiar, batch=8, seq=256)
-    work = compare.Workload(prompts=prompts, max_tokens=args.max_new_tokens, levels=args.clients,
-                            requests_per_client=args.requests_per_client, min_requests=args.min_requests)
+    work = compare.Workload(
+        prompts=prompts,
+        max_tokens=args.max_new_tokens,
+        levels=args.clients,
+        requests_per_client=args.requests_per_client,
+        min_requests=args.min_requests,
+    )
     peers = None
     if not args.no_peers or args.peers_only:
         # the peer Llama takes baseline-small's shapes (CHIAR has the same ones plus its routers)
-        peers = compare.run({"baseline": args.baseline, "CHIAR": args.chiar}, work, tmp,
-                            llama_cpp=args.llamacpp, threads=args.threads)
+        peers = compare.run({"baseline": args.baseline, "CHIAR": args.chiar}, work, tmp, llama_cpp=args.llamacpp, threads=args.threads)
     plot = make_plot(rows, args.plot) if args.write and not args.quick else None
     body = render(rows, hf, overhead, args, relative(names), plot, peers, work)
     print(body)
     print(long_body)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "hf": hf, "overhead": overhead,
-                                         "long": long_rows if long_body else None,
-                                         "peers": peers.rows if peers else None,
-                                         "peer_notes": peers.notes if peers else None}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "hf": hf,
+                    "overhead": overhead,
+                    "long": long_rows if long_body else None,
+                    "peers": peers.rows if peers else None,
+                    "peer_notes": peers.notes if peers else None,
+                },
+                indent=2,
+            )
+        )
     if args.write and args.peers_only:
         print("--peers-only: not writing a partial section", flush=True)
     elif args.write:

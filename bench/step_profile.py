@@ -196,7 +196,8 @@ def main() -> None:
         if args.decode_threads:
             from bench import decode_row
 
-            decode_table, notes = decode_row.rows(ROOT / "checkpoints" / "chiar-small", ROOT / "checkpoints" / "baseline-small", args.decode_threads)
+            chiar, baseline = ROOT / "checkpoints" / "chiar-small", ROOT / "checkpoints" / "baseline-small"
+            decode_table, notes = decode_row.rows(chiar, baseline, args.decode_threads)
             body.append(f"\n### The model's decode step beside llama-bench and HF (same run)\n\n{decode_row.render(decode_table, notes)}\n")
         write_section(args.write, "bench-step", "".join(body))
 

@@ -32,7 +32,9 @@ from training.config import SourceConfig
 from training.data import load_documents
 from training.evaluate import attention_shares
 
-PAPER = "400M: CHIAR 37% fewer FLOPs than the baseline (test PPL 27.51 vs 23.58); routing layers: 62.5% fewer attention FLOPs at ~50% routing"
+PAPER = (
+    "400M: CHIAR 37% fewer FLOPs than the baseline (test PPL 27.51 vs 23.58); routing layers: 62.5% fewer attention FLOPs at ~50% routing"
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -43,6 +45,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def tokens_per_s(model: Any, batch: torch.Tensor, path: str, repeats: int, device: torch.device) -> dict[str, float]:
     """Median and best scoring throughput of one batch through `path` (after one warm-up pass)."""
+
     def fwd() -> None:
         if path == "infer":
             model.infer(batch)
@@ -85,23 +88,48 @@ def run(ctx: Context) -> dict[str, Any]:
         repeats = 5 if ctx.size.name != "tiny" else 1
         speed = {p: tokens_per_s(model, batch, p, repeats, device) for p in ("infer", "reference")}
         attn_share = [round(share, 4) for share in attention_shares(prof["counts"])]
-        row = {"model": name, "params": model.num_parameters(), "flops_per_token": per_tok,
-               "dense_flops_per_token": dense_tok, "executed_vs_own_dense": per_tok / dense_tok,
-               "executed_vs_baseline": per_tok / base_flops, "attention_share": attn_share,
-               "tokens_per_s_infer": speed["infer"], "tokens_per_s_reference": speed["reference"],
-               "tokens_scored": prof["tokens"], "batch": list(batch.shape)}
-        log(f"{name}: {per_tok / 1e6:.2f} MFLOP/token ({row['executed_vs_baseline']:.3f} of baseline), "
-            f"infer {speed['infer']['median']:.0f} tok/s")
+        row = {
+            "model": name,
+            "params": model.num_parameters(),
+            "flops_per_token": per_tok,
+            "dense_flops_per_token": dense_tok,
+            "executed_vs_own_dense": per_tok / dense_tok,
+            "executed_vs_baseline": per_tok / base_flops,
+            "attention_share": attn_share,
+            "tokens_per_s_infer": speed["infer"],
+            "tokens_per_s_reference": speed["reference"],
+            "tokens_scored": prof["tokens"],
+            "batch": list(batch.shape),
+        }
+        log(
+            f"{name}: {per_tok / 1e6:.2f} MFLOP/token ({row['executed_vs_baseline']:.3f} of baseline), "
+            f"infer {speed['infer']['median']:.0f} tok/s"
+        )
         table.append(row)
     print(format_table(table))
     return {"table": table, "paper": PAPER, "device": str(device)}
 
 
 def format_table(table: list[dict[str, Any]]) -> str:
-    header = ["model", "params", "MFLOP/token (infer, executed)", "vs dense baseline", "tokens/s infer (median)",
-              "tokens/s reference (median)"]
-    rows = [[r["model"], f"{r['params']:,}", f"{r['flops_per_token'] / 1e6:.3f}", f"{r['executed_vs_baseline']:.3f}",
-             f"{r['tokens_per_s_infer']['median']:.0f}", f"{r['tokens_per_s_reference']['median']:.0f}"] for r in table]
+    header = [
+        "model",
+        "params",
+        "MFLOP/token (infer, executed)",
+        "vs dense baseline",
+        "tokens/s infer (median)",
+        "tokens/s reference (median)",
+    ]
+    rows = [
+        [
+            r["model"],
+            f"{r['params']:,}",
+            f"{r['flops_per_token'] / 1e6:.3f}",
+            f"{r['executed_vs_baseline']:.3f}",
+            f"{r['tokens_per_s_infer']['median']:.0f}",
+            f"{r['tokens_per_s_reference']['median']:.0f}",
+        ]
+        for r in table
+    ]
     return markdown_table(header, rows)
 
 

@@ -137,13 +137,36 @@ def scrape(url: str) -> Snapshot:
 def run_locust(args: argparse.Namespace, url: str, env: dict[str, str]) -> int:
     """Run locust headless as a subprocess; returns its exit code."""
     locustfile = FLOOD_LOCUSTFILE if args.scenario == "mixed-flood" else LOCUSTFILE
-    cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless",
-           "--users", str(args.users), "--spawn-rate", str(args.spawn_rate), "--run-time", args.run_time,
-           "--host", url, "--csv", str(args.out / "locust"), "--html", str(args.out / "report.html"),
-           "--json-file", str(args.out / "locust_final"), "--stop-timeout", f"{args.stop_timeout:g}", "--only-summary", "--loglevel", "WARNING", *args.user_classes]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(locustfile),
+        "--headless",
+        "--users",
+        str(args.users),
+        "--spawn-rate",
+        str(args.spawn_rate),
+        "--run-time",
+        args.run_time,
+        "--host",
+        url,
+        "--csv",
+        str(args.out / "locust"),
+        "--html",
+        str(args.out / "report.html"),
+        "--json-file",
+        str(args.out / "locust_final"),
+        "--stop-timeout",
+        f"{args.stop_timeout:g}",
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        *args.user_classes,
+    ]
     with (args.out / "locust.log").open("wb") as log:
-        return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                              check=False).returncode
+        return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
 
 
 def read_stats(path: Path) -> tuple[list[Endpoint], Endpoint]:
@@ -161,8 +184,7 @@ def read_stats(path: Path) -> tuple[list[Endpoint], Endpoint]:
     # req/s over the whole run, as locust's own table reports it
     duration = max(e["last_request_timestamp"] or 0 for e in entries) - min(e["start_time"] for e in entries)
     requests = [e for e in entries if e["method"] != DERIVED_TYPE]
-    return ([_endpoint(e["name"], e["method"], [e], duration) for e in entries],
-            _endpoint("Aggregated", "", requests, duration))
+    return ([_endpoint(e["name"], e["method"], [e], duration) for e in entries], _endpoint("Aggregated", "", requests, duration))
 
 
 def _endpoint(name: str, request_type: str, entries: list[dict[str, Any]], duration: float) -> Endpoint:
@@ -181,10 +203,17 @@ def _endpoint(name: str, request_type: str, entries: list[dict[str, Any]], durat
                 return ms
         return float("nan")
 
-    return Endpoint(name=name, request_type=request_type, requests=requests, failures=sum(e["num_failures"] for e in entries),
-                    rps=requests / duration if duration > 0 else float("nan"), p50_ms=percentile(0.5),
-                    p95_ms=percentile(0.95), p99_ms=percentile(0.99),
-                    max_ms=max((e["max_response_time"] or 0 for e in entries), default=0.0))
+    return Endpoint(
+        name=name,
+        request_type=request_type,
+        requests=requests,
+        failures=sum(e["num_failures"] for e in entries),
+        rps=requests / duration if duration > 0 else float("nan"),
+        p50_ms=percentile(0.5),
+        p95_ms=percentile(0.95),
+        p99_ms=percentile(0.99),
+        max_ms=max((e["max_response_time"] or 0 for e in entries), default=0.0),
+    )
 
 
 def timed_request(url: str) -> tuple[int, float]:
@@ -201,8 +230,9 @@ def timed_request(url: str) -> tuple[int, float]:
     return status, time.perf_counter() - start
 
 
-def stress_checks(summary: Summary, url: str, server_env: dict[str, str], rss: list[float],
-                  max_growth_mb: float, during: Snapshot) -> dict[str, dict[str, Any]]:
+def stress_checks(
+    summary: Summary, url: str, server_env: dict[str, str], rss: list[float], max_growth_mb: float, during: Snapshot
+) -> dict[str, dict[str, Any]]:
     """The stress scenario's pass/fail checks (the load has already stopped)."""
     status, seconds = timed_request(url)
     shed = sum(e.requests for e in summary.endpoints if e.name.endswith("[503 shed]"))
@@ -211,36 +241,54 @@ def stress_checks(summary: Summary, url: str, server_env: dict[str, str], rss: l
     growth = (max(rss) - rss[0]) if rss else float("nan")
     return {
         "excess_shed_with_503": {"ok": shed > 0, "detail": f"{shed} requests answered 503 + Retry-After"},
-        "no_other_errors": {"ok": summary.total.failures == 0,
-                            "detail": f"{summary.total.failures} failures (other statuses or bad content)"},
+        "no_other_errors": {
+            "ok": summary.total.failures == 0,
+            "detail": f"{summary.total.failures} failures (other statuses or bad content)",
+        },
         "server_counts_agree": {
             "ok": during.errors.get("overloaded", 0) == shed and not during.errors.get("internal", 0),
             "detail": f"server counted {during.errors.get('overloaded', 0):.0f} overloaded and "
-                      f"{during.errors.get('internal', 0):.0f} internal errors"},
-        "no_wait_beyond_timeout": {"ok": slowest <= timeout_ms + 1000,
-                                   "detail": f"slowest request {slowest:.0f} ms, timeout {timeout_ms:.0f} ms"},
-        "rss_bounded": {"ok": bool(rss) and growth <= max_growth_mb,
-                        "detail": f"RSS {rss[0] if rss else 0:.0f} -> peak {max(rss, default=0):.0f} MiB "
-                                  f"(growth {growth:.0f}, bound {max_growth_mb:.0f})"},
-        "recovers_within_1s": {"ok": status == 200 and seconds < 1.0,
-                               "detail": f"normal request after the load: HTTP {status} in {seconds * 1000:.0f} ms"},
+            f"{during.errors.get('internal', 0):.0f} internal errors",
+        },
+        "no_wait_beyond_timeout": {
+            "ok": slowest <= timeout_ms + 1000,
+            "detail": f"slowest request {slowest:.0f} ms, timeout {timeout_ms:.0f} ms",
+        },
+        "rss_bounded": {
+            "ok": bool(rss) and growth <= max_growth_mb,
+            "detail": f"RSS {rss[0] if rss else 0:.0f} -> peak {max(rss, default=0):.0f} MiB "
+            f"(growth {growth:.0f}, bound {max_growth_mb:.0f})",
+        },
+        "recovers_within_1s": {
+            "ok": status == 200 and seconds < 1.0,
+            "detail": f"normal request after the load: HTTP {status} in {seconds * 1000:.0f} ms",
+        },
     }
 
 
 def markdown(s: Summary) -> str:
     """summary.md text."""
-    lines = [f"# Load test: {s.scenario}", "",
-             f"{s.users} users, spawn rate {s.spawn_rate}/s, run time {s.run_time} ({s.wall_seconds:.1f} s wall), "
-             f"locust exit code {s.locust_exit_code}.", "",
-             "| endpoint | type | requests | failures | req/s | p50 ms | p95 ms | p99 ms | max ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Load test: {s.scenario}",
+        "",
+        f"{s.users} users, spawn rate {s.spawn_rate}/s, run time {s.run_time} ({s.wall_seconds:.1f} s wall), "
+        f"locust exit code {s.locust_exit_code}.",
+        "",
+        "| endpoint | type | requests | failures | req/s | p50 ms | p95 ms | p99 ms | max ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for e in [*s.endpoints, s.total]:
-        lines.append(f"| {e.name} | {e.request_type} | {e.requests} | {e.failures} | {e.rps:.2f} | {e.p50_ms:.0f} "
-                     f"| {e.p95_ms:.0f} | {e.p99_ms:.0f} | {e.max_ms:.0f} |")
-    lines += ["", f"Generated tokens: {s.generated_tokens:.0f} ({s.generated_tokens_per_s:.1f} tokens/s); "
-                  f"prompt/scored tokens: {s.prompt_tokens:.0f}; processed (both): {s.processed_tokens_per_s:.1f} tokens/s.", ""]
-    for label, share in (("before", s.routing_share_before), ("after", s.routing_share_after),
-                         ("during the run", s.routing_share_during)):
+        lines.append(
+            f"| {e.name} | {e.request_type} | {e.requests} | {e.failures} | {e.rps:.2f} | {e.p50_ms:.0f} "
+            f"| {e.p95_ms:.0f} | {e.p99_ms:.0f} | {e.max_ms:.0f} |"
+        )
+    lines += [
+        "",
+        f"Generated tokens: {s.generated_tokens:.0f} ({s.generated_tokens_per_s:.1f} tokens/s); "
+        f"prompt/scored tokens: {s.prompt_tokens:.0f}; processed (both): {s.processed_tokens_per_s:.1f} tokens/s.",
+        "",
+    ]
+    for label, share in (("before", s.routing_share_before), ("after", s.routing_share_after), ("during the run", s.routing_share_during)):
         text = ", ".join(f"{op} {v:.1%}" for op, v in share.items() if v) if share else "no routing-layer tokens"
         lines.append(f"- Routing share in routing layers {label}: {text}")
     if s.rss_mb:
@@ -261,8 +309,11 @@ def run(args: argparse.Namespace) -> Summary:
     server_env = {**(STRESS_SERVER_ENV if stress else {}), **dict(kv.split("=", 1) for kv in args.server_env)}
     counts_path = args.out / "flood_counts.json"
     counts_path.unlink(missing_ok=True)
-    locust_env = {"CHIAR_LOADTEST_WAIT": args.wait, "CHIAR_LOADTEST_SHED": "1" if stress or flooded else "",
-                  "CHIAR_LOADTEST_COUNTS": str(counts_path)}
+    locust_env = {
+        "CHIAR_LOADTEST_WAIT": args.wait,
+        "CHIAR_LOADTEST_SHED": "1" if stress or flooded else "",
+        "CHIAR_LOADTEST_COUNTS": str(counts_path),
+    }
     server = None
     if args.host:
         url = args.host.rstrip("/")
@@ -282,12 +333,22 @@ def run(args: argparse.Namespace) -> Summary:
         endpoints, total = read_stats(args.out / "locust_final.json")
         during = after.minus(before)
         summary = Summary(
-            scenario=args.scenario, users=args.users, spawn_rate=args.spawn_rate, run_time=args.run_time,
-            wall_seconds=wall, locust_exit_code=code, endpoints=endpoints, total=total,
-            generated_tokens=during.generation_tokens, generated_tokens_per_s=during.generation_tokens / wall,
-            prompt_tokens=during.prompt_tokens, routing_share_before=before.routing_share(),
-            routing_share_after=after.routing_share(), routing_share_during=during.routing_share(),
-            rss_mb={"start": rss[0], "peak": max(rss), "end": rss[-1]} if rss else {})
+            scenario=args.scenario,
+            users=args.users,
+            spawn_rate=args.spawn_rate,
+            run_time=args.run_time,
+            wall_seconds=wall,
+            locust_exit_code=code,
+            endpoints=endpoints,
+            total=total,
+            generated_tokens=during.generation_tokens,
+            generated_tokens_per_s=during.generation_tokens / wall,
+            prompt_tokens=during.prompt_tokens,
+            routing_share_before=before.routing_share(),
+            routing_share_after=after.routing_share(),
+            routing_share_during=during.routing_share(),
+            rss_mb={"start": rss[0], "peak": max(rss), "end": rss[-1]} if rss else {},
+        )
         if stress:
             summary.checks = stress_checks(summary, url, server_env, rss, args.max_rss_growth_mb, during)
         if flooded:

@@ -77,7 +77,9 @@ class Block(nn.Module):
         return ctx.kernels.ffn(layer, self, x)
 
     # ------------------------------------------------------------------ the mixer interface
-    def mix_reference(self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch) -> tuple[Tensor, Tensor, Tensor | None]:
+    def mix_reference(
+        self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         raise NotImplementedError
 
     def mix_step(self, u: Tensor, x: Tensor, ctx: StepContext, layer: int) -> Tensor:
@@ -116,7 +118,9 @@ class AttentionBlock(Block):
         super().__init__(config)
         self.attention = CausalSelfAttention(config.d_model, config.n_heads, rope)
 
-    def mix_reference(self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch) -> tuple[Tensor, Tensor, Tensor | None]:
+    def mix_reference(
+        self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         y = self.attention.forward_dense(u, batch.positions, batch.causal_mask)
         return y, torch.full_like(batch.valid, ATTENTION, dtype=torch.int8), None
 
@@ -140,7 +144,9 @@ class GatedDCTBlock(Block):
         super().__init__(config)
         self.dct_mix = DCTMix(config.d_model)
 
-    def mix_reference(self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch) -> tuple[Tensor, Tensor, Tensor | None]:
+    def mix_reference(
+        self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         mixed = self.dct_mix.from_coefficients(coefficients, u.dtype)
         if batch.gate is None:
             return mixed, torch.full_like(batch.valid, DCT, dtype=torch.int8), None
@@ -196,9 +202,11 @@ class RoutedBlock(Block):
         self.router = make_router(config, routing_index)
         self.rbf = RBFLayer(config.d_model, config.rbf_centers) if config.three_operators else None
 
-    def _operator(self, op: Operator, u: Tensor, x: Tensor, coefficients: Tensor, sel: Tensor | None, ctx: StepContext,
-                  layer: int) -> Tensor:
+    def _operator(
+        self, op: Operator, u: Tensor, x: Tensor, coefficients: Tensor, sel: Tensor | None, ctx: StepContext, layer: int
+    ) -> Tensor:
         """x + operator `op` on the flat tokens `sel` (None: all of them); gathers only what `op` reads."""
+
         def pick(t: Tensor) -> Tensor:
             return t if sel is None else t.index_select(0, sel)
 
@@ -213,7 +221,9 @@ class RoutedBlock(Block):
             ctx.keys_seen[layer].index_copy_(0, sel, seen)
         return out
 
-    def mix_reference(self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch) -> tuple[Tensor, Tensor, Tensor | None]:
+    def mix_reference(
+        self, u: Tensor, coefficients: Tensor, entropy: Tensor, batch: ReferenceBatch
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Dense: every operator on every token, blended by the (soft or hard) decision."""
         cfg = self.config
         operators = self.router.operators
@@ -226,9 +236,11 @@ class RoutedBlock(Block):
             mask = routed_mask((operator == ATTENTION) & batch.valid, batch.valid)
         else:
             weights, mask = probs, batch.causal_mask
-        outputs = {DCT: lambda: self.dct_mix.from_coefficients(coefficients, u.dtype),
-                   RBF: lambda: self.rbf(u) if self.rbf is not None else u,
-                   ATTENTION: lambda: self.attention.forward_dense(u, batch.positions, mask)}
+        outputs = {
+            DCT: lambda: self.dct_mix.from_coefficients(coefficients, u.dtype),
+            RBF: lambda: self.rbf(u) if self.rbf is not None else u,
+            ATTENTION: lambda: self.attention.forward_dense(u, batch.positions, mask),
+        }
         weights = weights.to(u.dtype).unsqueeze(-1)
         y = sum(weights[..., i, :] * outputs[op]() for i, op in enumerate(operators))
         penalty = None
@@ -251,7 +263,7 @@ class RoutedBlock(Block):
         start = 0
         for op in Operator:
             if sizes[op]:
-                sel = order[start: start + sizes[op]]
+                sel = order[start : start + sizes[op]]
                 y.index_copy_(0, sel, self._operator(op, u, x, coefficients, sel, ctx, layer))
             start += sizes[op]
         return y
@@ -260,9 +272,12 @@ class RoutedBlock(Block):
         cfg = self.config
         d = cfg.d_model
         router = fl.transform_flops(d, 1) + fl.entropy_flops(d, 1) + (6.0 * d if self.rbf is not None else 0.0)
-        return {"router": router * sum(n), DCT.label: (fl.transform_flops(d, 1) + d) * n[DCT],
-                RBF.label: fl.rbf_flops(d, cfg.rbf_centers, 1) * n[RBF],
-                ATTENTION.label: fl.attention_flops(d, n[ATTENTION], pairs)}
+        return {
+            "router": router * sum(n),
+            DCT.label: (fl.transform_flops(d, 1) + d) * n[DCT],
+            RBF.label: fl.rbf_flops(d, cfg.rbf_centers, 1) * n[RBF],
+            ATTENTION.label: fl.attention_flops(d, n[ATTENTION], pairs),
+        }
 
     def reference_mixer_flops(self, n_tokens: int, pairs: int) -> dict[str, float]:
         cfg = self.config

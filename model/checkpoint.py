@@ -68,7 +68,9 @@ def write_checkpoint_files(model: ChiarLM, tokenizer: Tokenizer, directory: Path
     if config.arch == "chiar":
         config = config.replace(thresholds=model.routing_thresholds(), bands=model.routing_bands() or config.bands)
     if tokenizer.get_vocab_size() > config.vocab_size:
-        raise CheckpointError(directory / TOKENIZER_FILE, f"tokenizer has {tokenizer.get_vocab_size()} tokens but vocab_size is {config.vocab_size}")
+        raise CheckpointError(
+            directory / TOKENIZER_FILE, f"tokenizer has {tokenizer.get_vocab_size()} tokens but vocab_size is {config.vocab_size}"
+        )
     dtype = TORCH_DTYPES[config.weights_dtype]
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in _unique_state(model).items()}
     target = directory
@@ -106,8 +108,7 @@ def save_checkpoint(model: ChiarLM, tokenizer: Tokenizer, path: str | Path) -> P
     except CheckpointError:
         raise
     except OSError as exc:  # the parent cannot be created, or a rename failed
-        raise CheckpointError(Path(exc.filename) if exc.filename else path,
-                              f"cannot write checkpoint directory: {_why(exc)}") from exc
+        raise CheckpointError(Path(exc.filename) if exc.filename else path, f"cannot write checkpoint directory: {_why(exc)}") from exc
     return path
 
 
@@ -164,7 +165,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     except Exception as exc:
         raise CheckpointError(path / TOKENIZER_FILE, f"cannot load tokenizer: {_why(exc)}") from exc
     if tokenizer.get_vocab_size() > config.vocab_size:
-        raise CheckpointError(path / TOKENIZER_FILE, f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than vocab_size {config.vocab_size}")
+        raise CheckpointError(
+            path / TOKENIZER_FILE, f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than vocab_size {config.vocab_size}"
+        )
     try:
         check_hf_files(path)
     except GuardError as exc:

@@ -41,7 +41,9 @@ def generate(model: ChiarLM, input_ids: Tensor, max_new_tokens: int, temperature
     batch = input_ids.shape[0]
     prompt_lengths = attention_mask.sum(1) if attention_mask is not None else torch.full((batch,), input_ids.shape[1])
     if int(prompt_lengths.max()) + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"max_new_tokens: prompt ({int(prompt_lengths.max())}) + {max_new_tokens} exceeds max_seq_len {model.config.max_seq_len}")
+        raise ValueError(
+            f"max_new_tokens: prompt ({int(prompt_lengths.max())}) + {max_new_tokens} exceeds max_seq_len {model.config.max_seq_len}"
+        )
     seeds = seed if isinstance(seed, list) else [None if seed is None else seed + b for b in range(batch)]
     if len(seeds) != batch:
         raise ValueError(f"seed: expected {batch} seeds, got {len(seeds)}")
@@ -57,8 +59,9 @@ def generate(model: ChiarLM, input_ids: Tensor, max_new_tokens: int, temperature
     decode_flops = FlopCount.empty(model.config.n_layers)
     decode_outputs: list[ModelOutput] = []
     while active:
-        next_tokens = sample_next(logits, [temperature] * len(active), [top_k] * len(active), [top_p] * len(active),
-                                  [generators[b] for b in active])
+        next_tokens = sample_next(
+            logits, [temperature] * len(active), [top_k] * len(active), [top_p] * len(active), [generators[b] for b in active]
+        )
         keep = []
         for row, b in enumerate(active):
             token = int(next_tokens[row])

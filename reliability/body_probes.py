@@ -160,29 +160,44 @@ def probe_big_bodies(env: Env) -> ProbeResult:
     return _result(baseline, after, ok, raw + chunked, small, phases, stream_errors)
 
 
-def _result(baseline: float, after: float, ok: bool, big: list, small: list, phases: dict[str, dict], stream_errors: list[str]) -> ProbeResult:
+def _result(baseline: float, after: float, ok: bool, big: list, small: list, phases: dict[str, dict],
+            stream_errors: list[str]) -> ProbeResult:
     statuses = Counter(str(s) for s, _ in big + small)
     wrong = sum(1 for s, _ in big if s != 413) + sum(1 for s, _ in small if s not in (400, 503))
     whole = phases["whole push"]
     peak = whole["peak RSS (MB)"]
-    measured = {"refusal (s)": max(s for _, s in big + small), "RSS peak over baseline (MB)": peak - baseline,
-                "RSS after vs baseline": abs(after - baseline) / baseline, "/health p99 (ms)": whole["/health p99 (ms)"],
-                "stream longest gap (ms)": whole["stream longest gap (ms)"]}
+    measured = {
+        "refusal (s)": max(s for _, s in big + small),
+        "RSS peak over baseline (MB)": peak - baseline,
+        "RSS after vs baseline": abs(after - baseline) / baseline,
+        "/health p99 (ms)": whole["/health p99 (ms)"],
+        "stream longest gap (ms)": whole["stream longest gap (ms)"],
+    }
     missed = [f"{k} {measured[k]:.3g} > {TARGETS[k]:g}" for k in TARGETS if not measured[k] <= TARGETS[k]]
-    figures: dict = {"load average (1 min) at the end": round(os.getloadavg()[0], 2), "statuses": dict(sorted(statuses.items())),
-                     "RSS baseline (MB)": round(baseline, 1), "RSS peak (MB)": round(peak, 1),
-                     "RSS after (MB)": round(after, 1), "slowest refusal, 30 MB bodies (s)": round(max(s for _, s in big), 3),
-                     "slowest refusal, 1 MiB bodies (s)": round(max(s for _, s in small), 3),
-                     "median refusal, 1 MiB bodies (s)": round(statistics.median(s for _, s in small), 3)}
+    figures: dict = {
+        "load average (1 min) at the end": round(os.getloadavg()[0], 2),
+        "statuses": dict(sorted(statuses.items())),
+        "RSS baseline (MB)": round(baseline, 1),
+        "RSS peak (MB)": round(peak, 1),
+        "RSS after (MB)": round(after, 1),
+        "slowest refusal, 30 MB bodies (s)": round(max(s for _, s in big), 3),
+        "slowest refusal, 1 MiB bodies (s)": round(max(s for _, s in small), 3),
+        "median refusal, 1 MiB bodies (s)": round(statistics.median(s for _, s in small), 3),
+    }
     figures |= {f"{k}, {phase}": v for phase, values in phases.items() for k, v in values.items()}
     figures |= {f"target {k} <= {TARGETS[k]:g}": "met" if measured[k] <= TARGETS[k] else f"MISSED ({measured[k]:.3g})" for k in TARGETS}
     return ProbeResult(
-        "big-bodies", "3 concurrent 30 MB bodies to /v1/perplexity/text with Content-Length, 3 more chunked, then rounds of 64 "
+        "big-bodies",
+        "3 concurrent 30 MB bodies to /v1/perplexity/text with Content-Length, 3 more chunked, then rounds of 64 "
         f"concurrent 1 MiB JSON bodies ({len(small) // 64} rounds) over the token limits of generate, completions (text and ids), "
         "chat, perplexity, tokenize and /tokenize; RSS, /health (two pollers, every 20 ms each) and a running stream watched "
-        "throughout", len(big) + len(small),
+        "throughout",
+        len(big) + len(small),
         f"{len(big) + len(small) - wrong} refused with 413/400/503; RSS {baseline:.0f} -> peak {peak:.0f} -> {after:.0f} MB; "
         f"healthy after: {ok}",
         f"{wrong} answered otherwise; stream errors: {len(stream_errors)}"
         + (f"; targets missed: {', '.join(missed)}" if missed else "; every target met"),
-        passed=wrong == 0 and ok and not stream_errors and not missed, figures=figures, failures=stream_errors)
+        passed=wrong == 0 and ok and not stream_errors and not missed,
+        figures=figures,
+        failures=stream_errors,
+    )

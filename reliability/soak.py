@@ -45,24 +45,52 @@ def _requests(text: str, rng: random.Random, context: int, vocab: int) -> list[t
 
     short, new = min(400, context // 2), max(2, min(48, context // 4))
     return [
-        ("generate", "/v1/generate", lambda: json.dumps({"prompt": words(20, short), "max_new_tokens": rng.randrange(1, new),
-                                                          "temperature": 0.8, "seed": seed()}).encode()),
-        ("generate stream", "/v1/generate", lambda: json.dumps({"prompt": words(20, short), "max_new_tokens": rng.randrange(1, new),
-                                                                 "stream": True, "return_logprobs": True}).encode()),
-        ("completions", "/v1/completions", lambda: json.dumps({"prompt": [words(20, short), words(20, short)],
-                                                                "max_tokens": new, "logprobs": 2, "echo": True, "seed": seed()}).encode()),
-        ("chat", "/v1/chat/completions", lambda: json.dumps({"messages": [{"role": "user", "content": words(20, short)}],
-                                                              "max_tokens": new, "stream": rng.random() < 0.5}).encode()),
-        ("perplexity", "/v1/perplexity", lambda: json.dumps({"text": words(500, 6000), "return_logprobs": True,
-                                                             "return_routing": rng.random() < 0.3}).encode()),
+        (
+            "generate",
+            "/v1/generate",
+            lambda: json.dumps(
+                {"prompt": words(20, short), "max_new_tokens": rng.randrange(1, new), "temperature": 0.8, "seed": seed()}
+            ).encode(),
+        ),
+        (
+            "generate stream",
+            "/v1/generate",
+            lambda: json.dumps(
+                {"prompt": words(20, short), "max_new_tokens": rng.randrange(1, new), "stream": True, "return_logprobs": True}
+            ).encode(),
+        ),
+        (
+            "completions",
+            "/v1/completions",
+            lambda: json.dumps(
+                {"prompt": [words(20, short), words(20, short)], "max_tokens": new, "logprobs": 2, "echo": True, "seed": seed()}
+            ).encode(),
+        ),
+        (
+            "chat",
+            "/v1/chat/completions",
+            lambda: json.dumps(
+                {"messages": [{"role": "user", "content": words(20, short)}], "max_tokens": new, "stream": rng.random() < 0.5}
+            ).encode(),
+        ),
+        (
+            "perplexity",
+            "/v1/perplexity",
+            lambda: json.dumps({"text": words(500, 6000), "return_logprobs": True, "return_routing": rng.random() < 0.3}).encode(),
+        ),
         ("tokenize", "/v1/tokenize", lambda: json.dumps({"text": words(100, 20_000)}).encode()),
         ("vllm tokenize", "/tokenize", lambda: json.dumps({"prompt": words(100, 20_000), "return_token_strs": True}).encode()),
-        ("detokenize", "/detokenize", lambda: json.dumps({"tokens": [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 500))]}).encode()),
+        (
+            "detokenize",
+            "/detokenize",
+            lambda: json.dumps({"tokens": [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 500))]}).encode(),
+        ),
     ]
 
 
-def _client(url: str, until: float, seed: int, mix: Callable[[random.Random], list], statuses: Counter, lock: threading.Lock,
-            errors: list[str]) -> None:
+def _client(
+    url: str, until: float, seed: int, mix: Callable[[random.Random], list], statuses: Counter, lock: threading.Lock, errors: list[str]
+) -> None:
     """Requests back to back until `until`; `statuses` counts "<name> <status>" and "failed"."""
     rng = random.Random(seed)
     mix = mix(rng)
@@ -84,6 +112,7 @@ def probe_soak(env: Env) -> ProbeResult:
 
     def mix(rng: random.Random) -> list:
         return _requests(text, rng, env.context, vocab)
+
     server = start(env, "server-soak")
     statuses: Counter = Counter()
     errors: list[str] = []
@@ -93,8 +122,7 @@ def probe_soak(env: Env) -> ProbeResult:
         rss.start()
         began = time.monotonic()
         until = began + 60 * minutes
-        clients = [threading.Thread(target=_client, args=(server.url, until, 23 + i, mix, statuses, lock, errors))
-                   for i in range(CLIENTS)]
+        clients = [threading.Thread(target=_client, args=(server.url, until, 23 + i, mix, statuses, lock, errors)) for i in range(CLIENTS)]
         for t in clients:
             t.start()
         for t in clients:
@@ -109,20 +137,30 @@ def probe_soak(env: Env) -> ProbeResult:
     total = sum(statuses.values())
     met = slope <= SLOPE_TARGET
     return ProbeResult(
-        "soak", f"{CLIENTS} closed-loop clients for {minutes:g} min, a random mix of generate (plain and streamed with logprobs), "
+        "soak",
+        f"{CLIENTS} closed-loop clients for {minutes:g} min, a random mix of generate (plain and streamed with logprobs), "
         "completions (echo + logprobs), chat, perplexity (logprobs, routing), tokenize, /tokenize and /detokenize; "
-        f"RSS every second, slope by least squares after the first {WARM_UP:.0%}", total,
+        f"RSS every second, slope by least squares after the first {WARM_UP:.0%}",
+        total,
         f"{total - failed} of {total} answered 200; RSS slope after warm-up {slope:+.2f} MB/min",
         f"{failed} errors" + ("" if met else f"; target slope <= {SLOPE_TARGET:g} MB/min MISSED"),
         passed=failed == 0 and met,
-        figures={"minutes": minutes, "requests": total, "requests per endpoint and status": dict(sorted(statuses.items())),
-                 "RSS at start (MB)": round(samples[0][1], 1) if samples else "n/a",
-                 "RSS after warm-up (MB)": round(settled[0][1], 1) if settled else "n/a",
-                 "RSS at end (MB)": round(samples[-1][1], 1) if samples else "n/a",
-                 "RSS max (MB)": round(max(v for _, v in samples), 1) if samples else "n/a",
-                 "RSS median per minute (MB)": [round(statistics.median(v for t, v in samples if m * 60 <= t < (m + 1) * 60), 1)
-                                                for m in range(int(minutes)) if any(m * 60 <= t < (m + 1) * 60 for t, _ in samples)],
-                 "RSS slope after warm-up (MB/min)": round(slope, 3),
-                 "load average (1 min) at the end": round(os.getloadavg()[0], 2),
-                 f"target slope <= {SLOPE_TARGET:g} MB/min": "met" if met else "MISSED"},
-        failures=errors)
+        figures={
+            "minutes": minutes,
+            "requests": total,
+            "requests per endpoint and status": dict(sorted(statuses.items())),
+            "RSS at start (MB)": round(samples[0][1], 1) if samples else "n/a",
+            "RSS after warm-up (MB)": round(settled[0][1], 1) if settled else "n/a",
+            "RSS at end (MB)": round(samples[-1][1], 1) if samples else "n/a",
+            "RSS max (MB)": round(max(v for _, v in samples), 1) if samples else "n/a",
+            "RSS median per minute (MB)": [
+                round(statistics.median(v for t, v in samples if m * 60 <= t < (m + 1) * 60), 1)
+                for m in range(int(minutes))
+                if any(m * 60 <= t < (m + 1) * 60 for t, _ in samples)
+            ],
+            "RSS slope after warm-up (MB/min)": round(slope, 3),
+            "load average (1 min) at the end": round(os.getloadavg()[0], 2),
+            f"target slope <= {SLOPE_TARGET:g} MB/min": "met" if met else "MISSED",
+        },
+        failures=errors,
+    )

@@ -81,41 +81,73 @@ class Settings(BaseModel):
                                  "this many times its decode-only time (a perplexity flood cannot slow the streams beyond that)")
     step_target_ms: float = Field(50.0, gt=0, description="target engine step time (bounds the inter-token latency); prefill and "
                                   "scoring chunks are sized from the measured throughput to fit it")
-    kv_cache_mb: float = Field(512.0, gt=0, description="KV-cache memory budget in MiB; admission counts each sequence's actual routed cache against it")
-    prefix_cache: bool = Field(True, description="reuse the routed KV of prompt prefixes already computed (cached inside the KV "
-                               "budget, least recently used evicted first); --no-prefix-cache turns it off")
+    kv_cache_mb: float = Field(
+        512.0, gt=0, description="KV-cache memory budget in MiB; admission counts each sequence's actual routed cache against it"
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="reuse the routed KV of prompt prefixes already computed (cached inside the KV "
+        "budget, least recently used evicted first); --no-prefix-cache turns it off",
+    )
     queue_size: int = Field(64, ge=0, description="most sequences waiting; beyond it requests get 503 + Retry-After")
     request_timeout: float = Field(120.0, gt=0, description="seconds from arrival to the last token before a request is cancelled")
     api_key: ApiKey = Field(None, description="require 'Authorization: Bearer KEY' (prefer the CHIAR_API_KEY variable)")
     cors_origins: CommaList = Field([], description="comma-separated allowed CORS origins")
     max_body_bytes: int = Field(1_048_576, ge=1, description="largest request body; larger ones get 413")
-    max_inflight_body_bytes: int = Field(8_388_608, ge=1, description="most bytes of request bodies all in-flight requests "
-                                         "hold together; a body beyond it gets 503 + Retry-After (one larger than it, 413)")
+    max_inflight_body_bytes: int = Field(
+        8_388_608,
+        ge=1,
+        description="most bytes of request bodies all in-flight requests "
+        "hold together; a body beyond it gets 503 + Retry-After (one larger than it, 413)",
+    )
     max_prompts: int = Field(16, ge=1, description="most prompts/texts in one request")
-    model_name: Annotated[str | None, NoneWord] = Field(None, description="model id in the API (default: checkpoint directory "
-                                                        "name); only with one checkpoint")
-    threads: Annotated[int | None, NoneWord] = Field(None, ge=1, description="intra-op threads of the model's forward (default: "
-                                                     "the cores available minus one, at least one: the HTTP side keeps a core, "
-                                                     "since a parallel step stalls whenever one of its threads loses its core)")
-    serial_below: int = Field(256, ge=0, description="a step carrying fewer tokens than this runs its forward on one thread: "
-                              "small steps lose more to thread hand-offs (and to the HTTP thread taking a core) than a second "
-                              "core gives them; 0: every step on --threads")
-    kernels: Literal["auto", "native", "eager"] = Field("auto", description="the inference step's kernels: native (csrc/, float32 on "
-                                                        "the CPU: batch-invariant, the fast path), eager (PyTorch ops, any device and "
-                                                        "dtype), auto: native where they can run, else eager")
+    model_name: Annotated[str | None, NoneWord] = Field(
+        None, description="model id in the API (default: checkpoint directory name); only with one checkpoint"
+    )
+    threads: Annotated[int | None, NoneWord] = Field(
+        None,
+        ge=1,
+        description="intra-op threads of the model's forward (default: "
+        "the cores available minus one, at least one: the HTTP side keeps a core, "
+        "since a parallel step stalls whenever one of its threads loses its core)",
+    )
+    serial_below: int = Field(
+        256,
+        ge=0,
+        description="a step carrying fewer tokens than this runs its forward on one thread: "
+        "small steps lose more to thread hand-offs (and to the HTTP thread taking a core) than a second "
+        "core gives them; 0: every step on --threads",
+    )
+    kernels: Literal["auto", "native", "eager"] = Field(
+        "auto",
+        description="the inference step's kernels: native (csrc/, float32 on "
+        "the CPU: batch-invariant, the fast path), eager (PyTorch ops, any device and "
+        "dtype), auto: native where they can run, else eager",
+    )
     drain_timeout: float = Field(30.0, gt=0, description="seconds SIGTERM waits for in-flight requests")
     warmup: bool = Field(True, description="run warm-up forwards before /ready turns 200")
     log_level: str = Field("info", description="uvicorn log level")
     body_timeout: float = Field(30.0, gt=0, description="seconds to receive a request body before 408")
     max_new_tokens: Annotated[int | None, NoneWord] = Field(
-        None, ge=1, description="most new tokens one request may ask for per choice (max_tokens, max_completion_tokens, "
-        "max_new_tokens; 400 beyond, and declared in /openapi.json); default: what each model's context leaves")
-    malloc_trim: bool = Field(True, description="give freed heap memory back to the OS after request bursts (glibc "
-                              "malloc_trim whenever the RSS grew by 16 MiB; docs/ARCHITECTURE.md)")
-    max_score_tokens: int = Field(131_072, ge=1, description="most tokens one perplexity or tokenize request may score or "
-                                  "return (400 beyond, refused before the text is tokenized whole)")
+        None,
+        ge=1,
+        description="most new tokens one request may ask for per choice (max_tokens, max_completion_tokens, "
+        "max_new_tokens; 400 beyond, and declared in /openapi.json); default: what each model's context leaves",
+    )
+    malloc_trim: bool = Field(
+        True,
+        description="give freed heap memory back to the OS after request bursts (glibc "
+        "malloc_trim whenever the RSS grew by 16 MiB; docs/ARCHITECTURE.md)",
+    )
+    max_score_tokens: int = Field(
+        131_072,
+        ge=1,
+        description="most tokens one perplexity or tokenize request may score or "
+        "return (400 beyond, refused before the text is tokenized whole)",
+    )
     fault_inject: Annotated[str | None, NoneWord, AfterValidator(_fault_spec)] = Field(
-        None, description="testing only: STAGE:TOKEN_ID makes requests containing that token fail at STAGE (model, sample, score)")
+        None, description="testing only: STAGE:TOKEN_ID makes requests containing that token fail at STAGE (model, sample, score)"
+    )
 
     @property
     def forward_threads(self) -> int:
@@ -137,8 +169,9 @@ class Settings(BaseModel):
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from defaults, then `CHIAR_<NAME>` variables, then flags; validate them."""
-        raw, given_by = layered(cls, argv, os.environ if environ is None else environ,
-                                prog="python -m server", description="CHIAR-Former inference server")
+        raw, given_by = layered(
+            cls, argv, os.environ if environ is None else environ, prog="python -m server", description="CHIAR-Former inference server"
+        )
         try:
             settings = cls.model_validate(raw)
         except ValidationError as exc:
@@ -146,13 +179,17 @@ class Settings(BaseModel):
         if not settings.checkpoint:
             raise SettingsError(f"{flag('checkpoint')} / {env_name('checkpoint')}: is required")
         if settings.model_name and len(settings.checkpoint) > 1:
-            raise SettingsError(f"{flag('model_name')} / {env_name('model_name')}: only with one checkpoint; with several, "
-                                "each model's id is its checkpoint directory name")
+            raise SettingsError(
+                f"{flag('model_name')} / {env_name('model_name')}: only with one checkpoint; with several, "
+                "each model's id is its checkpoint directory name"
+            )
         seen: dict[str, Path] = {}
         for path, model_id in zip(settings.checkpoint, settings.model_ids):
             if model_id in seen:
-                raise SettingsError(f"{flag('checkpoint')} / {env_name('checkpoint')}: {seen[model_id]} and {path} would both be "
-                                    f"served as model {model_id!r} (the id is the directory name); rename one directory")
+                raise SettingsError(
+                    f"{flag('checkpoint')} / {env_name('checkpoint')}: {seen[model_id]} and {path} would both be "
+                    f"served as model {model_id!r} (the id is the directory name); rename one directory"
+                )
             seen[model_id] = path
         return settings
 
@@ -165,8 +202,9 @@ def env_name(name: str) -> str:
     return "CHIAR_" + name.upper()
 
 
-def layered(cls: type[BaseModel], argv: Sequence[str] | None, environ: Mapping[str, str], *, prog: str,
-            description: str) -> tuple[dict[str, Any], dict[str, str]]:
+def layered(
+    cls: type[BaseModel], argv: Sequence[str] | None, environ: Mapping[str, str], *, prog: str, description: str
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Raw text per field, `CHIAR_<NAME>` variables overridden by `--name` flags (defaults: absent),
     and which variable or flag gave each value."""
     raw: dict[str, Any] = {}
@@ -177,13 +215,27 @@ def layered(cls: type[BaseModel], argv: Sequence[str] | None, environ: Mapping[s
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for name, info in cls.model_fields.items():
         if info.annotation is bool:  # `--name` alone means true, `--no-name` false; `--name false` works too
-            parser.add_argument(flag(name), dest=name, default=None, metavar=name.upper(), nargs="?", const="true",
-                                help=f"{info.description} [env {env_name(name)}]")
-            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const="false",
-                                help=f"same as {flag(name)} false")
+            parser.add_argument(
+                flag(name),
+                dest=name,
+                default=None,
+                metavar=name.upper(),
+                nargs="?",
+                const="true",
+                help=f"{info.description} [env {env_name(name)}]",
+            )
+            parser.add_argument(
+                "--no-" + name.replace("_", "-"), dest=name, action="store_const", const="false", help=f"same as {flag(name)} false"
+            )
             continue
-        parser.add_argument(flag(name), dest=name, default=None, metavar=name.upper(), action="append" if name in REPEATABLE else "store",
-                            help=f"{info.description} [env {env_name(name)}]")
+        parser.add_argument(
+            flag(name),
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            action="append" if name in REPEATABLE else "store",
+            help=f"{info.description} [env {env_name(name)}]",
+        )
     for name, value in vars(parser.parse_args(argv)).items():
         if value is not None:
             raw[name], given_by[name] = value, flag(name)

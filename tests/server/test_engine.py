@@ -38,10 +38,13 @@ def logprobs(r: httpx.Response) -> list[float | None]:
 
 
 @pytest.fixture(scope="module", params=["sample", "model", "score"])
-def faulty_server(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess]]:
+def faulty_server(
+    request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, ServerProcess]]:
     stage = request.param
-    proc = ServerProcess(tiny_checkpoint, tmp_path_factory.mktemp("fault") / "server.log",
-                         env={"CHIAR_FAULT_INJECT": f"{stage}:{FAULT_TOKEN}"}).start()
+    proc = ServerProcess(
+        tiny_checkpoint, tmp_path_factory.mktemp("fault") / "server.log", env={"CHIAR_FAULT_INJECT": f"{stage}:{FAULT_TOKEN}"}
+    ).start()
     yield stage, proc
     proc.stop()
 
@@ -63,8 +66,9 @@ def test_a_failing_request_fails_alone(faulty_server: tuple[str, ServerProcess])
         assert [comparable(r) for r in clean] == alone
     # the culprit's stream gets an SSE error event; the server is still healthy afterwards
     if stage != "score":
-        with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": CULPRIT, "max_tokens": 8, "stream": True},
-                          timeout=60) as r:
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json={"prompt": CULPRIT, "max_tokens": 8, "stream": True}, timeout=60
+        ) as r:
             lines = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert "error" in json.loads(lines[-1][6:])
     assert comparable(completion(server.url, CLEAN_PROMPTS[0], **extra)) == alone[0]
@@ -114,8 +118,9 @@ def test_generation_keeps_streaming_during_a_scoring_flood(long_checkpoint: Path
         assert r.json()["results"][0]["perplexity"] == pytest.approx(alone_ppl, rel=1e-4)
     # the metrics prove the policy: no step over its budget; generation and scoring shared steps
     assert metric(after, "chiar_step_over_budget_total") == 0
-    both = metric(after, "chiar_steps_total", generation="true", scoring="true") - \
-        metric(before, "chiar_steps_total", generation="true", scoring="true")
+    both = metric(after, "chiar_steps_total", generation="true", scoring="true") - metric(
+        before, "chiar_steps_total", generation="true", scoring="true"
+    )
     assert both > 0
     assert metric(after, "chiar_step_score_tokens_max") > 0
     windows = metric(after, "chiar_step_tokens_count", kind="score") - metric(before, "chiar_step_tokens_count", kind="score")
@@ -136,8 +141,10 @@ def test_drain_overrun_answers_503_and_sse_errors_and_exits_nonzero(long_checkpo
                     events.append(json.loads(line[6:]))
                     first.set()
 
-    workers = [threading.Thread(target=stream),
-               threading.Thread(target=lambda: plain.append(httpx.post(proc.url + "/v1/generate", json=body, timeout=60)))]
+    workers = [
+        threading.Thread(target=stream),
+        threading.Thread(target=lambda: plain.append(httpx.post(proc.url + "/v1/generate", json=body, timeout=60))),
+    ]
     for w in workers:
         w.start()
     assert first.wait(30)
@@ -181,13 +188,13 @@ def test_ready_reports_draining_and_new_requests_get_503(tiny_checkpoint: Path) 
 
 
 def test_a_body_that_never_arrives_gets_408_and_scoring_is_capped(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    proc = ServerProcess(tiny_checkpoint, tmp_path / "body.log",
-                         env={"CHIAR_BODY_TIMEOUT": "1", "CHIAR_MAX_SCORE_TOKENS": "50"}).start()
+    proc = ServerProcess(tiny_checkpoint, tmp_path / "body.log", env={"CHIAR_BODY_TIMEOUT": "1", "CHIAR_MAX_SCORE_TOKENS": "50"}).start()
     try:
         url = urlparse(proc.url)
         with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            sock.sendall(
+                b'POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"prompt": '
+            )
             raw = b""
             while chunk := sock.recv(4096):  # the server closes the connection after the answer
                 raw += chunk

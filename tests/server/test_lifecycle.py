@@ -77,13 +77,17 @@ def test_ready_is_503_until_warmed_up(tiny_checkpoint: Path) -> None:
     model, tokenizer = load_checkpoint(tiny_checkpoint)
     metrics = Metrics("cpu")
     engine = Engine(model, tokenizer, settings, metrics)
-    client = TestClient(create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics))  # no `with`: lifespan not run
+    client = TestClient(
+        create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics)
+    )  # no `with`: lifespan not run
     assert client.get("/health").status_code == 200
     r = client.get("/ready")
     assert r.status_code == 503 and r.json()["status"] == "loading" and "retry-after" in r.headers
     r = client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 2})
     assert r.status_code == 503 and "retry-after" in r.headers
-    with TestClient(create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics)) as live:  # lifespan starts and warms the engine
+    with TestClient(
+        create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics)
+    ) as live:  # lifespan starts and warms the engine
         deadline = time.monotonic() + 30
         while live.get("/ready").status_code != 200:
             assert time.monotonic() < deadline

@@ -57,7 +57,9 @@ SEQUENCE = st.tuples(st.integers(0, 80), st.lists(st.integers(100, 110), min_siz
 
 @settings(max_examples=25)
 @given(st.lists(SEQUENCE, min_size=1, max_size=8), st.booleans())
-def test_shared_rows_compute_exactly_what_fresh_rows_do_and_no_block_leaks(model: torch.nn.Module, sequences: list, evict_early: bool) -> None:
+def test_shared_rows_compute_exactly_what_fresh_rows_do_and_no_block_leaks(
+    model: torch.nn.Module, sequences: list, evict_early: bool
+) -> None:
     cache = PagedKVCache.for_model(model, rows=4, blocks=BLOCKS, growable=False)
     prefix = PrefixCache(model, cache)
     fresh = PagedKVCache.for_model(model, rows=2, blocks=BLOCKS, growable=False)
@@ -77,7 +79,7 @@ def test_shared_rows_compute_exactly_what_fresh_rows_do_and_no_block_leaks(model
         want = run(model, fresh, None, ref, ids, 0, len(ids))
         fresh.free(ref)
         got = torch.cat(pieces) if pieces else want.logits[:0]
-        assert torch.equal(got, want.logits[start: start + got.shape[0]])  # bit for bit
+        assert torch.equal(got, want.logits[start : start + got.shape[0]])  # bit for bit
         if hit is not None:  # the cached outputs are the prefix's own
             assert np.array_equal(hit.operator, want.operator[:start].numpy())
             assert np.array_equal(hit.entropy, want.entropy[:start].double().numpy(), equal_nan=True)
@@ -107,7 +109,9 @@ def test_a_row_never_writes_into_a_block_it_shares(model: torch.nn.Module) -> No
     second = cache.allocate()
     hit = prefix.attach(second, [*ids[:40], 200, 201, 202], outputs=False)
     assert hit is not None and hit.tokens == 40
-    held = {b for layer in cache.attention_layers for b in cache.tables[first, layer, : -(-int(cache.lengths[first, layer]) // BLOCK)].tolist()}
+    held = {
+        b for layer in cache.attention_layers for b in cache.tables[first, layer, : -(-int(cache.lengths[first, layer]) // BLOCK)].tolist()
+    }
     partly_filled = [layer for layer in cache.attention_layers if cache.lengths[second, layer] % BLOCK]
     assert partly_filled  # the routed layers end mid-block at 40 tokens: their last block is copied, not shared
     run(model, cache, prefix, second, [*ids[:40], 200, 201, 202], 40, 3)

@@ -142,8 +142,10 @@ def test_each_model_of_a_multi_model_server_has_its_own_cache(demo_pair: tuple[S
     assert first.usage.prompt_tokens_details.cached_tokens == 0 and other.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     after = scrape(on.url)
-    hits = {m: metric(after, "chiar_prefix_cache_hit_tokens_total", model=m) - metric(before, "chiar_prefix_cache_hit_tokens_total", model=m)
-            for m in ("chiar-small", "baseline-small")}
+    hits = {
+        m: metric(after, "chiar_prefix_cache_hit_tokens_total", model=m) - metric(before, "chiar_prefix_cache_hit_tokens_total", model=m)
+        for m in ("chiar-small", "baseline-small")
+    }
     assert hits == {"chiar-small": 0, "baseline-small": again.usage.prompt_tokens_details.cached_tokens}
     for m in ("chiar-small", "baseline-small"):
         assert metric(after, "chiar_prefix_cache_tokens", model=m) > 0
