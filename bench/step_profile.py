@@ -66,9 +66,10 @@ class Timers:
 
 def profile(checkpoint: Path, batch: int, steps: int) -> dict[str, float]:
     """Mean milliseconds per decode step for each part."""
+    import server.engine.output as output_module
     from model import load_checkpoint
-    from server.engine import Engine, GenerateJob, GenParams
-    from server.engine import output as output_module
+    from server.engine.engine import Engine
+    from server.engine.requests import GenerateJob, GenParams
     from server.metrics import Metrics
     from server.settings import Settings
     from server.textstream import TextStream

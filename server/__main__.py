@@ -81,7 +81,7 @@ def load_services(settings: Settings, device: Any, metrics: Any) -> list[Any]:
     from model import CheckpointError, load_checkpoint
     from model.hf_tokenizer import stale_files
     from model.storage import TORCH_DTYPES
-    from server.engine import Engine
+    from server.engine.engine import Engine
     from server.engine.turns import DeviceTurns
     from server.service import Service
 

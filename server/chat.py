@@ -19,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.hf_tokenizer import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, chat_template
 from server import routes
-from server.engine import DoneEvent, GenParams, LogprobEntry, TokenEvent
+from server.engine.requests import DoneEvent, GenParams, LogprobEntry, TokenEvent
 from server.errors import ERRORS, invalid
 from server.openai_schemas import (
     AssistantMessage,

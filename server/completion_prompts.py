@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine import LogprobEntry, ScoreResult
+from server.engine.requests import LogprobEntry, ScoreResult
 from server.errors import invalid
 from server.openai_schemas import CompletionLogprobs, CompletionRequest
 from server.service import Service, off_loop

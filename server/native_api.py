@@ -13,8 +13,7 @@ from fastapi.responses import Response
 from model.accounting import attention_share
 from model.scoring import Perplexity, total_nll
 from server import perplexity_text, routes
-from server.engine import DoneEvent, GenerationResult, GenParams, ScoreResult, TokenEvent
-from server.engine.requests import RoutingTrace
+from server.engine.requests import DoneEvent, GenerationResult, GenParams, RoutingTrace, ScoreResult, TokenEvent
 from server.errors import ERRORS, invalid
 from server.metrics import OPERATORS
 from server.native_schemas import (

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 
 from server import routes
 from server.completion_prompts import Logprobs, Prompt, encode_prompts, merged, parse_prompts
-from server.engine import (
+from server.engine.requests import (
     DoneEvent,
     GenerationResult,
     GenParams,

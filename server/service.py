@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from tokenizers import Tokenizer
 
-from server.engine import DoneEvent, ErrorEvent, Event, GenerateJob, GenParams, Job, ScoreJob, Unavailable
+from server.engine.requests import DoneEvent, ErrorEvent, Event, GenerateJob, GenParams, Job, ScoreJob, Unavailable
 from server.errors import APIError, error_body, invalid, overloaded
 from server.id_offsets import IdOffsets
 from server.routes import endpoint_label

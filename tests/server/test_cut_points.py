@@ -39,7 +39,7 @@ def served_routing(checkpoint: Path, prompt: str) -> dict:
     from fastapi.testclient import TestClient
 
     from server.app import create_app
-    from server.engine import Engine
+    from server.engine.engine import Engine
     from server.metrics import Metrics
     from server.service import Service
     from server.settings import Settings

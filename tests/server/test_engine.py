@@ -165,7 +165,7 @@ def test_ready_reports_draining_and_new_requests_get_503(tiny_checkpoint: Path) 
 
     from model import load_checkpoint
     from server.app import create_app
-    from server.engine import Engine
+    from server.engine.engine import Engine
     from server.metrics import Metrics
     from server.service import Service
     from server.settings import Settings

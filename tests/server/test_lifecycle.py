@@ -68,7 +68,7 @@ def test_ready_is_503_until_warmed_up(tiny_checkpoint: Path) -> None:
     """The app before its engine has started (no lifespan yet): /health 200, /ready and the API 503."""
     from model import load_checkpoint
     from server.app import create_app
-    from server.engine import Engine
+    from server.engine.engine import Engine
     from server.metrics import Metrics
     from server.service import Service
     from server.settings import Settings

@@ -14,7 +14,7 @@ from server import routes
 def test_the_registry_lists_exactly_the_apps_routes(tiny_checkpoint: Path) -> None:
     from model import load_checkpoint
     from server.app import create_app
-    from server.engine import Engine
+    from server.engine.engine import Engine
     from server.metrics import Metrics
     from server.service import Service
     from server.settings import Settings
