@@ -17,7 +17,8 @@ from loadtests.server_process import ServerProcess, free_port
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-__all__ = ["REPO", "WIKI", "Samples", "ServerProcess", "free_port", "metric", "save_tiny_checkpoint", "scrape"]
+__all__ = ["REPO", "WIKI", "Samples", "ServerProcess", "free_port", "in_process_app", "metric", "save_tiny_checkpoint", "scrape",
+           "wait_ready"]
 
 WIKI = REPO / "data" / "wikitext-2"  # valid.txt, test.txt
 TINY = {"d_model": 32, "n_layers": 4, "n_heads": 2, "d_ff": 64}
@@ -73,3 +74,30 @@ def ran(out: Any, seconds_per_token: float) -> Any:
     scored = [part(c.job, c, c.end - c.start) for c in out.score]
     tokens = len(decode) + out.prefill_tokens + out.score_tokens
     return RunnerOutput(decode, prefill, scored, [], [], tokens * seconds_per_token, [], None)
+
+
+def in_process_app(checkpoint: Path, argv: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """(app, engine): the server's app over one checkpoint in this process (for TestClient); the engine
+    starts with the app's lifespan."""
+    from model import load_checkpoint
+    from server.app import create_app
+    from server.engine.engine import Engine
+    from server.metrics import Metrics
+    from server.service import Service
+    from server.settings import Settings
+
+    settings = Settings.from_sources(["--checkpoint", str(checkpoint), *argv], environ={})
+    model, tokenizer = load_checkpoint(checkpoint)
+    metrics = Metrics("cpu")
+    engine = Engine(model, tokenizer, settings, metrics)
+    return create_app(settings, [Service(settings, engine, tokenizer, checkpoint)], metrics), engine
+
+
+def wait_ready(client: Any, seconds: float = 60.0) -> None:
+    """Poll a TestClient's /ready until 200 (the engine warmed up)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, "/ready never answered 200"
+        time.sleep(0.05)

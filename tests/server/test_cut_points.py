@@ -8,7 +8,6 @@ model without `bands`, whose routers use the band (tau - 0.05, tau + 0.05).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from tokenizers import Tokenizer
 
 from model import ChiarConfig, ChiarLM, load_checkpoint, save_checkpoint
 from model.routing import UNCALIBRATED_BAND
+from tests.support import in_process_app, wait_ready
 from training.calibrate import calibrate_evenly
 
 THREE = ["dct", "rbf", "attention"]
@@ -38,21 +38,9 @@ def build(config: ChiarConfig, probe: torch.Tensor, kind: str) -> ChiarLM:
 def served_routing(checkpoint: Path, prompt: str) -> dict:
     from fastapi.testclient import TestClient
 
-    from server.app import create_app
-    from server.engine.engine import Engine
-    from server.metrics import Metrics
-    from server.service import Service
-    from server.settings import Settings
-
-    settings = Settings.from_sources(["--checkpoint", str(checkpoint)], environ={})
-    model, tokenizer = load_checkpoint(checkpoint)
-    metrics = Metrics("cpu")
-    engine = Engine(model, tokenizer, settings, metrics)
-    with TestClient(create_app(settings, [Service(settings, engine, tokenizer, checkpoint)], metrics)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    app, _ = in_process_app(checkpoint)
+    with TestClient(app) as client:
+        wait_ready(client)
         r = client.post("/v1/generate", json={"prompt": prompt, "max_new_tokens": 8, "temperature": 0, "ignore_eos": True,
                                               "return_routing": True})
         assert r.status_code == 200, r.text

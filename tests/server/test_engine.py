@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import REPO, ServerProcess, metric, scrape
+from tests.support import in_process_app, wait_ready
 
 FAULT_TOKEN = 7  # token id that marks the culprit request
 CLEAN_PROMPTS = [[1, 20 + i, 30 + 2 * i, 40, 50 + i] for i in range(5)]  # no FAULT_TOKEN in any of them
@@ -163,22 +164,9 @@ def test_ready_reports_draining_and_new_requests_get_503(tiny_checkpoint: Path) 
     """In process (once SIGTERM closes the socket no new connection reaches /ready): the app's view of a drain."""
     from fastapi.testclient import TestClient
 
-    from model import load_checkpoint
-    from server.app import create_app
-    from server.engine.engine import Engine
-    from server.metrics import Metrics
-    from server.service import Service
-    from server.settings import Settings
-
-    settings = Settings.from_sources(["--checkpoint", str(tiny_checkpoint)], environ={})
-    model, tokenizer = load_checkpoint(tiny_checkpoint)
-    metrics = Metrics("cpu")
-    engine = Engine(model, tokenizer, settings, metrics)
-    with TestClient(create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics)) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    app, engine = in_process_app(tiny_checkpoint)
+    with TestClient(app) as client:
+        wait_ready(client, 30)
         engine.begin_drain()
         r = client.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "draining"

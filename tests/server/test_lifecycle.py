@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.server.conftest import REPO, ServerProcess
+from tests.support import in_process_app, wait_ready
 
 
 def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -66,32 +67,15 @@ def test_bad_settings_exit_2(tiny_checkpoint: Path) -> None:
 
 def test_ready_is_503_until_warmed_up(tiny_checkpoint: Path) -> None:
     """The app before its engine has started (no lifespan yet): /health 200, /ready and the API 503."""
-    from model import load_checkpoint
-    from server.app import create_app
-    from server.engine.engine import Engine
-    from server.metrics import Metrics
-    from server.service import Service
-    from server.settings import Settings
-
-    settings = Settings.from_sources(["--checkpoint", str(tiny_checkpoint)], environ={})
-    model, tokenizer = load_checkpoint(tiny_checkpoint)
-    metrics = Metrics("cpu")
-    engine = Engine(model, tokenizer, settings, metrics)
-    client = TestClient(
-        create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics)
-    )  # no `with`: lifespan not run
+    app, _ = in_process_app(tiny_checkpoint)
+    client = TestClient(app)  # no `with`: lifespan not run
     assert client.get("/health").status_code == 200
     r = client.get("/ready")
     assert r.status_code == 503 and r.json()["status"] == "loading" and "retry-after" in r.headers
     r = client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 2})
     assert r.status_code == 503 and "retry-after" in r.headers
-    with TestClient(
-        create_app(settings, [Service(settings, engine, tokenizer, tiny_checkpoint)], metrics)
-    ) as live:  # lifespan starts and warms the engine
-        deadline = time.monotonic() + 30
-        while live.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with TestClient(app) as live:  # lifespan starts and warms the engine
+        wait_ready(live, 30)
         assert live.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 2}).status_code == 200
 
 

@@ -9,21 +9,11 @@ from pathlib import Path
 from starlette.routing import Mount
 
 from server import routes
+from tests.support import in_process_app
 
 
 def test_the_registry_lists_exactly_the_apps_routes(tiny_checkpoint: Path) -> None:
-    from model import load_checkpoint
-    from server.app import create_app
-    from server.engine.engine import Engine
-    from server.metrics import Metrics
-    from server.service import Service
-    from server.settings import Settings
-
-    settings = Settings.from_sources(["--checkpoint", str(tiny_checkpoint)], environ={})
-    model, tokenizer = load_checkpoint(tiny_checkpoint)
-    metrics = Metrics("cpu")
-    app = create_app(settings, [Service(settings, Engine(model, tokenizer, settings, metrics), tokenizer, tiny_checkpoint)],
-                     metrics)
+    app, _ = in_process_app(tiny_checkpoint)
     paths = {re.sub(r":\w+}", "}", route.path) for route in app.routes if not isinstance(route, Mount)}
     mounts = {route.path + "/" for route in app.routes if isinstance(route, Mount)}
     files = {path for path in paths if path.startswith(routes.STATIC_PREFIXES)}  # a static file served by a route
