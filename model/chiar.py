@@ -2,15 +2,13 @@
 
 Two forward paths over one set of weights:
 - `forward` (reference, training): dense compute with masks; soft or hard routing per mode.
-- `infer` / `prefill` / `extend` / `decode_step` (inference): hard gating with real savings. Tokens
-  are packed into a flat [N, d] list of valid tokens, so per-token work never touches padding; each
-  operator runs only on the tokens routed to it. FLOPs are priced from the routing result after
+- `forward_step` (inference; `infer` / `prefill` / `extend` / `decode_step` wrap it, model/batch_api.py):
+  hard gating with real savings. Tokens are packed into a flat [N, d] list of valid tokens, so per-token
+  work never touches padding; each operator runs only on the tokens routed to it. FLOPs are priced from the routing result after
   the forward (`model.accounting`), never inside it.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -19,19 +17,21 @@ from torch import Tensor, nn
 from . import flops as fl
 from .accounting import routing_counts
 from .attention import RotaryEmbedding
+from .batch_api import BatchAPI
 from .blocks import AttentionBlock, Block, GatedDCTBlock, ReferenceBatch, RoutedBlock, routed_mask
 from .config import ChiarConfig
+from .inputs import check_inputs
 from .kernels import Kernels, choose_kernels
-from .kv_cache import BLOCK, DecodeState, PagedKVCache
+from .kv_cache import PagedKVCache
 from .layers import RMSNorm
 from .operators import PAD, Operator
-from .output import ModelOutput, RoutingInfo, assemble
+from .output import ModelOutput, RoutingInfo
 from .routing import MetaRouter
 from .spectral import spectral_dtype
 from .step import StepContext, StepOutput, TokenBatch
 
 
-class ChiarLM(nn.Module):
+class ChiarLM(BatchAPI, nn.Module):
     """CHIAR-Former (arch="chiar") or its full-attention baseline (arch="baseline")."""
 
     def __init__(self, config: ChiarConfig) -> None:
@@ -92,34 +92,6 @@ class ChiarLM(nn.Module):
         cuts = self.routing_cut_points()
         return [cuts[layer] for layer in self.config.routing_layers] if self.config.three_operators else None
 
-    def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """Validate the batch; returns the boolean validity mask [B, T]."""
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
-            raise ValueError(f"input_ids: expected an integer tensor [batch, seq], got {tuple(input_ids.shape)} {input_ids.dtype}")
-        batch, seq = input_ids.shape
-        if batch == 0 or seq == 0:
-            raise ValueError("input_ids: empty batch or sequence")
-        if seq > self.config.max_seq_len:
-            raise ValueError(f"input_ids: sequence length {seq} exceeds max_seq_len {self.config.max_seq_len}")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"input_ids: token ids must lie in [0, {self.config.vocab_size})")
-        if attention_mask is None:
-            return torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        valid = attention_mask.bool()
-        if not torch.equal(valid.to(attention_mask.dtype), attention_mask):
-            raise ValueError("attention_mask: values must be 0 or 1")
-        if not bool(valid[:, 0].all()):
-            raise ValueError("attention_mask: every sequence needs at least one token (right padding only)")
-        if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
-            raise ValueError("attention_mask: only right padding is supported (ones, then zeros)")
-        return valid
-
-    def _check_tokens(self, tokens: Tensor) -> None:
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
-            raise ValueError(f"tokens: token ids must lie in [0, {self.config.vocab_size})")
-
     def _dense_per_layer(self, n_tokens: int, pairs: float) -> list[float]:
         """Dense-baseline-equivalent per layer: full attention + FFN."""
         cfg = self.config
@@ -131,7 +103,7 @@ class ChiarLM(nn.Module):
         """Reference (training) path. hard=None: SpectralRouter per routing mode, MetaRouter soft;
         hard=True: both routers hard (what inference runs); hard=False: both soft."""
         cfg = self.config
-        valid = self._check_inputs(input_ids, attention_mask)
+        valid = check_inputs(self.config, input_ids, attention_mask)
         batch, seq = input_ids.shape
         x = self.embed(input_ids)
         gate = self.metarouter(x) if self.metarouter is not None else None
@@ -246,63 +218,3 @@ class ChiarLM(nn.Module):
             index = torch.repeat_interleave(torch.arange(len(spans), device=operator.device),
                                             torch.tensor([n for _, n in spans], device=operator.device))
         return routing_counts(operator.T, index, len(spans)).tolist()
-
-    # ------------------------------------------------------------------ the batch-shaped API (tests, eval, generate)
-    @torch.no_grad()
-    def infer(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> ModelOutput:
-        """Hard-gated inference of a right-padded batch: logits at every position [B, T, V]."""
-        output, state = self.prefill(input_ids, attention_mask, all_logits=True)
-        state.release()
-        return output
-
-    @torch.no_grad()
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, all_logits: bool = False,
-                skip_logits: bool = False, cache: PagedKVCache | None = None) -> tuple[ModelOutput, DecodeState]:
-        """`infer` that keeps each sequence's cache (new rows of `cache`, or of a new cache). Logits at
-        each sequence's last token ([B, 1, V]) unless all_logits; none ([B, 0, V]) with skip_logits."""
-        valid = self._check_inputs(input_ids, attention_mask)
-        batch, width = input_ids.shape
-        lengths = valid.sum(1).tolist()
-        cache = cache if cache is not None else self.new_cache(batch, max(lengths) + BLOCK)
-        rows = [cache.allocate() for _ in range(batch)]
-        ids = input_ids.tolist()
-        ends = list(itertools.accumulate(lengths))
-        wanted = [] if skip_logits else None if all_logits else [end - 1 for end in ends]
-        step = TokenBatch.build(cache, [(row, ids[b][: lengths[b]]) for b, row in enumerate(rows)], wanted, input_ids.device)
-        out = self.forward_step(step, cache)
-        heads = [0] * batch if skip_logits else lengths if all_logits else [1] * batch
-        shape = "none" if skip_logits else "all" if all_logits else "last"
-        return assemble(self, out, lengths, [0] * batch, heads, width, shape), DecodeState(cache, rows)
-
-    @torch.no_grad()
-    def extend(self, tokens: Tensor, state: DecodeState, all_logits: bool = False, skip_logits: bool = False) -> ModelOutput:
-        """Continue the one sequence of `state` by the n tokens `tokens` [n] (chunked prefill); equal to
-        prefilling the whole sequence at once. Logits [1, n, V] (all_logits), [1, 1, V] or [1, 0, V]."""
-        if len(state) != 1:
-            raise ValueError(f"state: extend continues one sequence, got {len(state)}")
-        if tokens.dim() != 1 or tokens.numel() == 0:
-            raise ValueError(f"tokens: expected a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
-        self._check_tokens(tokens)
-        (row,) = state.rows
-        n, start = tokens.numel(), state.cache.positions[row]
-        if start + n > self.config.max_seq_len:
-            raise ValueError(f"tokens: {start} + {n} tokens exceed max_seq_len {self.config.max_seq_len}")
-        wanted = [] if skip_logits else None if all_logits else [n - 1]
-        out = self.forward_step(TokenBatch.build(state.cache, [(row, tokens.tolist())], wanted, tokens.device), state.cache)
-        shape = "none" if skip_logits else "all" if all_logits else "last"
-        return assemble(self, out, [n], [start], [0 if skip_logits else n if all_logits else 1], n, shape)
-
-    @torch.no_grad()
-    def decode_step(self, tokens: Tensor, state: DecodeState) -> ModelOutput:
-        """One new token per sequence of `state` (tokens [B]); extends the cache in place.
-        Returns logits [B, 1, V] and the routing of these tokens."""
-        batch = len(state)
-        if tokens.shape != (batch,):
-            raise ValueError(f"tokens: expected shape ({batch},), got {tuple(tokens.shape)}")
-        starts = [state.cache.positions[row] for row in state.rows]
-        if max(starts) >= self.config.max_seq_len:
-            raise ValueError(f"state: a sequence reached max_seq_len {self.config.max_seq_len}")
-        self._check_tokens(tokens)
-        step = TokenBatch.build(state.cache, [(row, [t]) for row, t in zip(state.rows, tokens.tolist())], None, tokens.device)
-        out = self.forward_step(step, state.cache)
-        return assemble(self, out, [1] * batch, starts, [1] * batch, 1, "all")

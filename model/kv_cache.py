@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-BLOCK = 8  # entries per block: the attention kernel scores keys 8 at a time, one block per group
+from .kv_sharing import BLOCK, SharedBlocks
 
 
 @dataclass
@@ -43,7 +43,7 @@ class CacheSnapshot:
     n_blocks: int
 
 
-class PagedKVCache:
+class PagedKVCache(SharedBlocks):
     """Blocks of K/V entries [blocks, heads, BLOCK, head_dim], block tables [rows, layers, max_blocks]
     (int32, -1 = none), entries per (row, layer), and per row its position and embedding sum."""
 
@@ -195,56 +195,6 @@ class PagedKVCache:
         self.free_stack = stack
         self.free_top[0] = top + new - old
         self.shared = np.concatenate([self.shared, np.zeros(new - old, dtype=np.int32)])
-
-    # ------------------------------------------------------------------ sharing
-    def hold(self, blocks: np.ndarray) -> None:
-        """One more holder for each of `blocks` (distinct ids, all in use)."""
-        self.shared[blocks] += 1
-
-    def drop(self, blocks: np.ndarray) -> int:
-        """One holder fewer for each of `blocks` (distinct ids); those nobody holds go back to the free
-        stack. Returns how many did."""
-        blocks = np.asarray(blocks, dtype=np.int32)
-        last = blocks[self.shared[blocks] == 0]
-        self.shared[blocks] = np.maximum(self.shared[blocks] - 1, 0)
-        if last.size:
-            top = self.free_blocks
-            self.free_stack[top: top + last.size] = torch.from_numpy(last)
-            self.free_top[0] = top + last.size
-        return int(last.size)
-
-    def attach(self, row: int, tables: list[list[int]], lengths: list[int], position: int, embed_sum: Tensor,
-               copy: bool = False) -> None:
-        """Start the empty row `row` from a cached prefix: per layer its block ids and entries, the tokens it
-        covers and the MetaRouter sum after them. Full blocks are shared; each layer's partly filled last
-        block is copied, since this row will append to it (with `copy`, every block is: the alternative
-        design, measured in docs/ARCHITECTURE.md). The caller made sure enough blocks are free."""
-        for layer, (ids, n) in enumerate(zip(tables, lengths)):
-            if not ids:
-                continue
-            own = len(ids) if copy else (1 if n % BLOCK else 0)  # blocks this row gets its own copy of
-            shared = np.asarray(ids[: len(ids) - own], dtype=np.int32)
-            if shared.size:
-                self.hold(shared)
-            if own:
-                src = torch.tensor(ids[len(ids) - own:], dtype=torch.long)
-                dst = self.take(own)
-                self.keys[dst.long()] = self.keys[src]
-                self.values[dst.long()] = self.values[src]
-                ids = [*ids[: len(ids) - own], *dst.tolist()]
-            self.tables[row, layer, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-            self.lengths[row, layer] = n
-            self.entries[row][layer] = n
-        self.positions[row] = position
-        self.embed_sum[row] = embed_sum
-
-    def take(self, n: int) -> Tensor:
-        """Pop n blocks off the free stack (the attention kernel pops the same way)."""
-        top = self.free_blocks
-        if n > top:
-            raise RuntimeError(f"KV cache: {n} free blocks needed, {top} left")
-        self.free_top[0] = top - n
-        return self.free_stack[top - n: top].flip(0).clone()
 
     # ------------------------------------------------------------------ undo
     def snapshot(self, rows: list[int]) -> CacheSnapshot:

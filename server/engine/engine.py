@@ -1,6 +1,5 @@
-"""The engine: one thread owns the model and loops `step()`: schedule() -> run -> process -> update_from_output().
-
-Asyncio handlers submit jobs and read typed events from an asyncio.Queue per request.
+"""The engine: one thread owns the model and loops `EngineCore.step()`; request handlers submit jobs,
+cancel them and read typed events from an asyncio.Queue per request (vLLM v1's EngineCoreProc shape).
 """
 
 from __future__ import annotations
@@ -13,21 +12,15 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
-from model.kv_cache import PagedKVCache
-from model.step import TokenBatch
-from server.engine.output import OutputProcessor
-from server.engine.outputs import RunnerOutput, SchedulerOutput, ScoreChunk
-from server.engine.preemption import make_room
-from server.engine.prefix_cache import PrefixCache
+from server.engine.core import MAX_AUTO_BATCH, EngineCore, StepReport, auto_batch_cap
 from server.engine.requests import Job, Outbox, Unavailable
-from server.engine.runner import FaultInjector, ModelRunner
-from server.engine.scheduler import Scheduler, SchedulerLimits, StepStats
 from server.engine.turns import DeviceTurns
 from server.metrics import Metrics
 from server.settings import Settings
 
+__all__ = ["MAX_AUTO_BATCH", "Engine", "EngineStatus", "StepReport", "auto_batch_cap"]
+
 log = logging.getLogger("server.engine")
-MAX_AUTO_BATCH = 256
 
 
 @dataclass
@@ -47,68 +40,17 @@ class EngineStatus:
     cut_requests: int
 
 
-def auto_batch_cap(model: torch.nn.Module, budget: int) -> int:
-    """`--max-batch-size 0`: sequences the budget holds at full length in the layers every token attends
-    in (all of the baseline's, CHIAR's full-attention ones); the routed cache is left to admission, so
-    the cap never hides CHIAR's smaller cache (at most MAX_AUTO_BATCH)."""
-    per_seq = max(model.kv_bytes_per_token(always=True), 1) * model.config.max_seq_len
-    return max(1, min(MAX_AUTO_BATCH, int(budget // per_seq)))
-
-
-@dataclass
-class StepReport:
-    """What one `Engine.step()` did (benchmarks read it)."""
-
-    decode_tokens: int
-    chunk_tokens: int
-    forward_seconds: float
-    seconds: float
-
-
-class Engine:
-    """Continuous batching around one ChiarLM: decode first, then budgeted prefill and scoring chunks.
-
-    A server with several models runs one Engine per model; they share the device through `turns`
-    (one step per turn, FIFO) and split `--kv-cache-mb` (`kv_cache_mb` is this engine's share)."""
+class Engine(EngineCore):
+    """An EngineCore with its thread: start, drain, stop, and the calls request handlers make."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, settings: Settings, metrics: Metrics, *,
                  name: str | None = None, kv_cache_mb: float | None = None, turns: DeviceTurns | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.settings = settings
-        self.name = name or settings.served_model_name
-        self.metrics = metrics.for_model(self.name, model.config.n_layers)
-        self.turns = turns or DeviceTurns()
-        self.config = model.config
-        self.device = next(model.parameters()).device
-        per_token = model.kv_bytes_per_token()
-        budget = int((settings.kv_cache_mb if kv_cache_mb is None else kv_cache_mb) * 2**20)
-        max_batch = settings.max_batch_size or auto_batch_cap(model, budget)
-        # the cache is a fixed pool of the budget's blocks, cached prefixes included: used KV never exceeds
-        # the limit; when the running sequences outgrow it the engine preempts (`_make_room`)
-        blocks = max(1, budget // PagedKVCache.bytes_per_block(model))
-        cache = PagedKVCache.for_model(model, rows=max_batch, blocks=blocks, growable=False)
-        self.scheduler = Scheduler(SchedulerLimits(
-            max_batch_size=max_batch, queue_size=settings.queue_size, max_step_tokens=settings.max_tokens_per_step,
-            step_target_seconds=settings.step_target_ms / 1000.0, kv_budget_bytes=budget, kv_bytes_per_token=per_token,
-            max_seq_len=self.config.max_seq_len, kv_rounding_bytes=model.attention_layers() * PagedKVCache.bytes_per_block(model),
-            score_stretch=settings.score_stretch))
-        faults = FaultInjector.parse(settings.fault_inject)
-        model.set_kernels(settings.kernels)
-        model.kernels.freeze()  # served weights never change: no per-step check for edited weights
-        self.runner = ModelRunner(model, cache, faults, PrefixCache(model, cache) if settings.prefix_cache else None,
-                                  settings.serial_below)
-        self.scheduler.prefix = self.runner  # rows are taken at admission, from the prefix cache where it has them
-        self.preemptions = 0
-        self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults,
-                                      lambda cost: cost.price(model))
-        self._cv = threading.Condition()
+        super().__init__(model, tokenizer, settings, metrics, name=name, kv_cache_mb=kv_cache_mb, turns=turns)
         self._ready = threading.Event()
         self._draining = False
         self._drain_deadline: float | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._record = True
         self.fatal: BaseException | None = None
         self.cut_requests = 0
         self.outbox = Outbox()
@@ -210,132 +152,7 @@ class Engine:
     def _cut_all(self) -> None:
         """The drain timed out: every in-flight request gets a 'shutdown' error."""
         jobs = [j for j in self.scheduler.all_jobs() if not j.done]
-        for job in jobs:
-            job.fail("shutdown", "the server shut down before the request finished")
         self.cut_requests += len(jobs)
         if jobs:
             log.error("drain timed out: %d requests cut", len(jobs))
-        self.scheduler.drop(jobs)
-        self.runner.release(jobs)
-
-    def _fail_step(self, out: SchedulerOutput, message: str) -> None:
-        jobs: list[Job] = [*out.decode, *(c.job for c in out.prefill), *(c.job for c in out.score)]
-        for job in jobs:
-            job.fail("internal", message)
-        with self._cv:
-            self.scheduler.drop(jobs)
-        self.runner.release(jobs)
-
-    def step(self) -> StepReport | None:
-        """One engine step: schedule, one forward, sampling and outputs, then the scheduler learns.
-        A bug outside the per-request guards fails what the step touched, not the engine."""
-        with self._cv:
-            if not self.scheduler.has_work:
-                return None
-            out = self.scheduler.schedule(time.perf_counter())
-            self.preemptions += make_room(self.scheduler, self.runner, out)
-        t0 = time.perf_counter()
-        try:
-            ro = self._run(out)
-        except Exception as exc:
-            log.error("engine step failed: %s", type(exc).__name__)
-            log.debug("traceback", exc_info=True)
-            self._fail_step(out, f"internal error: {type(exc).__name__}")
-            return None
-        seconds = time.perf_counter() - t0
-        if self._record:
-            self.metrics.record_step(len(ro.decode), sum(len(p.tokens) for p in ro.prefill), sum(len(p.tokens) for p in ro.score),
-                                     out.budget, seconds, self.runner.kv_used_bytes(), self.scheduler.limits.kv_budget_bytes)
-            prefix = self.runner.prefix
-            self.metrics.record_prefix(self.runner.stats.queries, self.runner.stats.hits, prefix.evicted if prefix else 0,
-                                       prefix.cached_bytes if prefix else 0, prefix.cached_tokens if prefix else 0, self.preemptions)
-        self._update_gauges()
-        return StepReport(len(ro.decode), ro.tokens - len(ro.decode), ro.seconds, seconds)
-
-    def _run(self, out: SchedulerOutput) -> RunnerOutput:
-        for job, reason in out.expired:
-            job.fail(reason, f"request {reason}" + ("" if job.admitted else " while waiting"))
-        self.runner.release([j for j, _ in out.expired])
-        for reuse in out.reused:  # outputs of cached prefixes come first, in order
-            self.output.book_reuse(reuse)
-        bad = [r.job for r in out.reused if r.job.done]
-        for job in bad:
-            out.drop(job, None)
-        self.runner.release(bad)
-        if self._record:
-            for job in [*(c.job for c in out.prefill), *(c.job for c in out.score)]:
-                if not job.wait_recorded and job.admitted is not None:
-                    job.wait_recorded = True
-                    self.metrics.queue_wait.observe(job.admitted - job.arrival)
-        ro = self.runner.run(out)
-        self._record_forward(ro)
-        ended, started = self.output.process(ro)
-        ended += self.output.score_nothing(self.scheduler.scoring)  # they get no chunk, so nothing else ends them
-        for part in ro.score:
-            chunk = part.chunk
-            assert isinstance(chunk, ScoreChunk)
-            if chunk.last:
-                self.runner.release_window(chunk.job, chunk.window.index)
-        self.runner.release(ended)
-        ended += bad
-        with self._cv:
-            self.scheduler.update_from_output(out, ro, ended, started, self.runner.kv_held_bytes(), self.runner.kv_tokens())
-        return ro
-
-    def _update_gauges(self) -> None:
-        # every step: only the counts the gauges show, not status()'s backlog and KV sums
-        sched = self.scheduler
-        with self._cv:
-            waiting_generate, waiting_score = sched.waiting_counts()
-            active = len(sched.prefilling) + len(sched.running) + len(sched.scoring)
-            budget = sched.budget()
-        self.metrics.update_queues(waiting_generate, waiting_score, active, budget)
-
-    def _record_forward(self, ro: RunnerOutput) -> None:
-        """The step's forward: a forward that carries prompt or scoring tokens counts as prefill."""
-        if not self._record or not ro.tokens:
-            return
-        chunks = len(ro.prefill) + len(ro.score)
-        phase, batch = ("prefill", chunks) if chunks else ("decode", len(ro.decode))
-        self.metrics.record_forward(phase, ro.seconds, batch, ro.counts, ro.gate, ro.executed_flops, ro.dense_flops)
-
-    def _warmup(self) -> None:
-        """A prompt, a chunk and decode steps through the real cache; their timings seed the cost model."""
-        self._record = False
-        self.output.record = False
-        cache, model = self.runner.cache, self.model
-        try:
-            n = min(64, self.config.max_seq_len - 8)
-            while n > 4 and sum(cache.blocks_needed([(None, n + 3), (None, 7)])) > cache.n_blocks:  # a small pool: a shorter prompt
-                n -= 1
-            ids = [(3 + i) % (self.config.vocab_size - 1) for i in range(n)]
-            rows = [cache.allocate() for _ in range(2)]
-            for _ in range(2):  # the second round's timings count (the first pays for first-call costs)
-                for row in rows:
-                    cache.free(row)
-                rows = [cache.allocate() for _ in range(2)]
-                t0 = time.perf_counter()
-                out = model.forward_step(TokenBatch.build(cache, [(rows[0], ids)], [n - 1], self.device), cache)
-                long = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                model.forward_step(TokenBatch.build(cache, [(rows[1], ids[:4])], [3], self.device), cache)
-                short = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for token in range(3):
-                    model.forward_step(TokenBatch.build(cache, [(row, [token]) for row in rows], None, self.device), cache)
-                decode = (time.perf_counter() - t0) / 3
-            cost = self.scheduler.cost
-            cost.observe(StepStats(0, n, long))
-            cost.observe(StepStats(0, 4, short))
-            cost.observe(StepStats(2, 0, decode))
-            # first estimate of the attending share (admission's estimate until steps measure it)
-            seen = float(n + 3) * self.scheduler.limits.kv_bytes_per_token
-            self.scheduler.kv_share = min(1.0, max(0.05, cache.entry_bytes([rows[0]]) / seen))
-            del out
-            for row in rows:
-                cache.free(row)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        finally:
-            self._record = True
-            self.output.record = True
+        self._fail(jobs, "shutdown", "the server shut down before the request finished")

@@ -15,9 +15,9 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from model import FinishReason, Operator, StoppingCriteria, make_generator, sample_tokens
-from server.engine.outputs import Part, PrefillChunk, Reuse, RunnerOutput, ScoreChunk
-from server.engine.prefix_cache import TOP, CachedPrefix
+from model import FinishReason, StoppingCriteria, make_generator, sample_tokens
+from server.engine.outputs import Part, PrefillChunk, Reuse, RunnerOutput
+from server.engine.prefix_cache import TOP
 from server.engine.requests import (
     DoneEvent,
     GenerateJob,
@@ -27,32 +27,14 @@ from server.engine.requests import (
     PromptEvent,
     RequestCost,
     ScoreJob,
-    ScoreResult,
     TokenEvent,
-    Window,
 )
 from server.engine.runner import FaultInjector
+from server.engine.score_output import ScoreOutput, cached_top, nan_to_none
 from server.metrics import ModelMetrics
 from server.textstream import TextStream
 
 log = logging.getLogger("server.engine")
-N_OPERATORS = len(Operator)
-
-
-def nan_to_none(values: list) -> list:
-    if values and isinstance(values[0], list):
-        return [nan_to_none(v) for v in values]
-    return [None if (v is None or v != v) else v for v in values]
-
-
-def cached_top(prefix: CachedPrefix, position: int, top_n: int) -> dict[int, float] | None:
-    """The top `top_n` alternatives a cached prefix kept at `position` (it keeps TOP, the API's most)."""
-    if top_n <= 0:
-        return None
-    assert prefix.top_ids is not None and prefix.top_logprobs is not None
-    return dict(zip(prefix.top_ids[position, :top_n].tolist(), prefix.top_logprobs[position, :top_n].tolist()))
-
-
 def logprob_entries(logp: Tensor, targets: list[int], top_n: int) -> list[LogprobEntry]:
     """logp [T, V] log-probabilities; one entry per target token."""
     chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
@@ -75,23 +57,6 @@ def book_prompt(job: GenerateJob, lo: int, hi: int, operator: Any, entropy: Any,
     job.booked = hi
 
 
-def book_scored(job: ScoreJob, win: Window, lo: int, hi: int, chosen: list[float], tops: list[dict] | None, ops: Tensor, entropy: Any,
-                gate: Any) -> None:
-    """Scored input positions [lo, hi) of a window: log-likelihoods, alternatives, routing counts and trace."""
-    job.logprobs[win.seq][lo: hi] = chosen
-    if tops is not None and job.top is not None:
-        job.top[win.seq][lo: hi] = tops
-    counts = torch.zeros(ops.shape[1], N_OPERATORS, dtype=torch.long)
-    layer_idx = torch.arange(ops.shape[1]).expand_as(ops)
-    counts.index_put_((layer_idx.reshape(-1), ops.reshape(-1)), torch.ones(ops.numel(), dtype=torch.long), accumulate=True)
-    job.counts[win.seq] = counts if job.counts[win.seq] is None else job.counts[win.seq] + counts
-    if job.routing is not None:
-        trace = job.routing[win.seq]
-        trace.operator[lo:hi] = ops.tolist()
-        trace.entropy[lo:hi] = nan_to_none(entropy.tolist())
-        trace.gate[lo:hi] = [None] * (hi - lo) if gate is None else nan_to_none(gate.tolist())
-
-
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int, eos: int, metrics: ModelMetrics, faults: FaultInjector,
                  price: Callable[[RequestCost], tuple[float, float]]) -> None:
@@ -101,8 +66,17 @@ class OutputProcessor:
         self.metrics = metrics
         self.faults = faults
         self.price = price  # (executed, dense) FLOPs of a request's routing totals
-        self.record = True
-        self.completed_seconds: list[float] = []  # arrival -> done of finished requests (retry estimates)
+        self.scoring = ScoreOutput(metrics, price, self._fail)
+        self._record = True
+
+    @property
+    def record(self) -> bool:
+        """Whether finished work counts in the metrics (off during warm-up)."""
+        return self._record
+
+    @record.setter
+    def record(self, on: bool) -> None:
+        self._record = self.scoring.record = on
 
     # ------------------------------------------------------------------ guards
     def _fail(self, job: Job, message: str) -> None:
@@ -135,7 +109,7 @@ class OutputProcessor:
                 ended.append(job)
         if sample:
             ended += self._sample_and_accept(sample)
-        ended += self.score(ro.score)
+        ended += self.scoring.score(ro.score)
         return ended, [j for j in started if not j.done]
 
     def _start(self, job: GenerateJob) -> None:
@@ -184,7 +158,7 @@ class OutputProcessor:
 
     def _book_prompt(self, job: GenerateJob, lo: int, hi: int, operator: Any, entropy: Any, gate: Any,
                      entries: list[LogprobEntry] | None) -> None:
-        if self.record:
+        if self._record:
             self.metrics.prompt_tokens.inc(hi - lo)
         book_prompt(job, lo, hi, operator, entropy, gate, entries)
 
@@ -194,7 +168,7 @@ class OutputProcessor:
         try:
             if window is not None:
                 assert isinstance(job, ScoreJob)
-                self._book_cached_window(job, window, prefix)
+                self.scoring.book_cached_window(job, window, prefix)
                 return
             assert isinstance(job, GenerateJob)
             lo, hi = job.booked, min(prefix.tokens, len(job.prompt_ids))
@@ -232,7 +206,7 @@ class OutputProcessor:
     def _accept(self, job: GenerateJob, token: int, logits: Tensor) -> bool:
         """Append a sampled token, post it, and return True when the request finished."""
         now = time.perf_counter()
-        if self.record:
+        if self._record:
             if job.first_token is None:
                 self.metrics.ttft.observe(now - job.arrival)
             else:
@@ -261,7 +235,6 @@ class OutputProcessor:
 
     def _finish(self, job: GenerateJob, finish: FinishReason, now: float) -> None:
         job.done = True
-        self.completed_seconds.append(now - job.arrival)
         executed, dense = self.price(job.cost)
         assert job.stream is not None
         result = GenerationResult(
@@ -271,77 +244,3 @@ class OutputProcessor:
             flops_executed=executed, flops_dense=dense, routing=job.routing, prompt_logprobs=job.prompt_logprobs,
             token_logprobs=job.token_logprobs if job.params.logprobs is not None else None, cached_tokens=job.cached_tokens)
         job.post(DoneEvent(job.index, result))
-
-    # ------------------------------------------------------------------ scoring
-    def score(self, parts: list[Part]) -> list[Job]:
-        """Book log-likelihoods of scored chunks; returns the scoring requests now complete."""
-        ended: list[Job] = []
-        for part in parts:
-            job = part.job
-            assert isinstance(job, ScoreJob) and isinstance(part.chunk, ScoreChunk)
-            if job.done:
-                continue
-            try:
-                self._book_score_chunk(job, part)
-                if job.windows_left == 0:
-                    self._finish_score(job)
-                    ended.append(job)
-            except Exception as exc:
-                self._fail(job, f"scoring failed: {type(exc).__name__}")
-                ended.append(job)
-        return ended
-
-    def score_nothing(self, jobs: list[ScoreJob]) -> list[Job]:
-        """Admitted scoring requests with no target at all (each sequence is BOS alone): done at once."""
-        ended: list[Job] = [j for j in jobs if not j.done and j.windows_left == 0]
-        for job in ended:
-            self._finish_score(job)  # type: ignore[arg-type]
-        return ended
-
-    def _book_score_chunk(self, job: ScoreJob, part: Part) -> None:
-        chunk = part.chunk
-        assert isinstance(chunk, ScoreChunk) and part.logits is not None
-        win = chunk.window
-        first = win.begin + chunk.start  # input position of the chunk's first row
-        computed = first + part.logits_from  # first input position whose logits the runner computed
-        lo, hi = max(computed, win.begin + win.booked), win.begin + chunk.end  # a recompute books nothing twice
-        if self.record:
-            self.metrics.prompt_tokens.inc(max(0, chunk.end - max(chunk.start, win.booked)))
-        if hi > lo:
-            logp = part.log_probs()[lo - computed: hi - computed]
-            targets = job.seqs[win.seq][lo + 1: hi + 1]
-            chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
-            tops = None
-            if job.top is not None and job.top_n:
-                values, indices = logp.topk(TOP, dim=-1)  # TOP, then the first top_n: as a cached prefix keeps them
-                tops = [dict(zip(ix[: job.top_n], vs[: job.top_n])) for ix, vs in zip(indices.tolist(), values.tolist())]
-            operator, entropy, gate = part.routing()
-            rows = slice(lo - first, hi - first)
-            book_scored(job, win, lo, hi, chosen, tops, operator[rows].long().cpu(), entropy[rows],
-                              None if gate is None else gate[rows])
-        win.booked = max(win.booked, chunk.end)
-        if chunk.last:
-            job.windows_left -= 1
-
-    def _book_cached_window(self, job: ScoreJob, win: Window, prefix: CachedPrefix) -> None:
-        """A window started from a cached prefix: its scored positions among the cached ones."""
-        if self.record:
-            self.metrics.prompt_tokens.inc(max(0, prefix.tokens - win.booked))
-        lo, hi = max(win.score_from - 1, win.begin + win.booked), win.begin + prefix.tokens
-        if hi > lo:
-            assert prefix.logprob is not None
-            rows = slice(lo - win.begin, hi - win.begin)
-            tops = [cached_top(prefix, p, job.top_n) or {} for p in range(rows.start, rows.stop)] \
-                if job.top is not None and job.top_n else None
-            book_scored(job, win, lo, hi, prefix.logprob[rows].tolist(), tops, torch.from_numpy(prefix.operator[rows]).long(),
-                              prefix.entropy[rows], None if prefix.gate is None else prefix.gate[rows])
-        win.booked = max(win.booked, prefix.tokens)
-
-    def _finish_score(self, job: ScoreJob) -> None:
-        now = time.perf_counter()
-        job.done = True
-        self.completed_seconds.append(now - job.arrival)
-        job.post(DoneEvent(job.index, ScoreResult(
-            logprobs=job.logprobs, top=job.top, counts=[c.tolist() if c is not None else [] for c in job.counts], windows=job.n_windows,
-            queue_seconds=(job.admitted or now) - job.arrival, total_seconds=now - job.arrival, routing=job.routing,
-            flops=[list(self.price(cost)) for cost in job.costs], cached_tokens=job.cached_tokens)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from server.engine.outputs import SchedulerOutput, ScoreChunk
-from server.engine.requests import Job, Window
+from server.engine.requests import GenerateJob, Job, Window
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 
@@ -42,9 +42,9 @@ def make_room(scheduler: Scheduler, runner: ModelRunner, out: SchedulerOutput) -
         need, owner = step_need(runner, out)
         if runner.make_room(need):
             return preempted
-        victims = [(job, window) for job, window in scheduler.victims()
+        candidates = [(job, window) for job, window in victims(scheduler)
                    if runner.holds(job, window) and not (owner and job is owner[0] and window is owner[1])]
-        if not victims:
+        if not candidates:
             assert owner is not None  # decoding sequences hold rows, so they would be victims
             job = owner[0]
             job.fail("kv_cache_exceeded", "the sequence needs more KV cache than the server's budget holds "
@@ -53,9 +53,31 @@ def make_room(scheduler: Scheduler, runner: ModelRunner, out: SchedulerOutput) -
             runner.release([job])
             out.drop(job, None)
             continue
-        job, window = victims[0]
-        scheduler.preempt(job, window)
+        job, window = candidates[0]
+        preempt(scheduler, job, window)
         runner.release_sequence(job, window)
         out.drop(job, window)
         preempted += 1
         log.info("preempted request %s to free KV cache", job.id)
+
+
+def victims(scheduler: Scheduler) -> list[tuple[Job, Window | None]]:
+    """Sequences that hold a cache row, the most recently admitted first (a scoring window is one)."""
+    held: list[tuple[int, Job, Window | None]] = [(j.admission, j, None) for j in (*scheduler.running, *scheduler.prefilling)]
+    held += [(w.admission, j, w) for j in scheduler.scoring for w in j.pending if w.started]
+    return [(job, window) for _, job, window in sorted(held, key=lambda h: -h[0])]
+
+
+def preempt(scheduler: Scheduler, job: Job, window: Window | None) -> None:
+    """Back to the queue (a window: back to its start), to be recomputed from its tokens; what it
+    already booked stays booked. A generation request that sampled resumes with its next decode input."""
+    if window is not None:
+        window.done, window.started = 0, False
+        return
+    assert isinstance(job, GenerateJob)
+    scheduler.running = [j for j in scheduler.running if j is not job]
+    scheduler.prefilling = [j for j in scheduler.prefilling if j is not job]
+    job.prefilled = 0
+    job.input_ids = job.prompt_ids + job.tokens[:-1] if job.tokens else job.prompt_ids
+    job.preemptions += 1
+    scheduler.waiting.insert(0, job)

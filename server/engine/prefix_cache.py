@@ -133,8 +133,7 @@ class PrefixCache:
         self.cached_blocks = 0  # blocks at least one node holds
         self.evicted = 0  # nodes evicted since start
         self._ids = itertools.count(1)
-        self._clock = itertools.count(1)
-        self._lru: list[tuple[int, int, Node]] = []  # (used, id, node) of evictable nodes; stale entries skipped
+        self.order = EvictionOrder(self.root, self.nodes)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -190,17 +189,15 @@ class PrefixCache:
             sum(-(-int(node.lengths[layer]) // BLOCK) for layer in self.layers)
         if not self.make_room(tails):
             node.locks -= 1
-            self._maybe_evictable(node)
+            self.order.offer(node)
             return None
         tables = block_tables(path[:depth], self.layers, self.n_layers)
         self.cache.attach(row, tables, [int(n) for n in node.lengths], depth * TOKENS, node.embed_sum, copy=self.copy)
         for n in path[: depth + 1]:
-            self._touch(n)
-        trace = self.rows[row]
-        trace.node = node
-        hit = cached_outputs(path, depth, outputs, self.gated)
-        self._start_targets(trace, path[depth] if len(path) > depth else None)
-        return hit
+            self.order.touch(n)
+        self.rows[row].node = node
+        self._start_targets(self.rows[row], path[depth] if len(path) > depth else None)
+        return cached_outputs(path, depth, outputs, self.gated)
 
     # ------------------------------------------------------------------ recording
     def _start_targets(self, trace: RowTrace, next_node: Node | None) -> None:
@@ -260,7 +257,7 @@ class PrefixCache:
             node.locks += 1  # the row's sequence now ends here
             if parent is not self.root:
                 parent.locks -= 1
-            self._touch(node)
+            self.order.touch(node)
             trace.node = node
         keep = blocks * TOKENS
         trace.tokens = trace.tokens[keep:]
@@ -286,7 +283,7 @@ class PrefixCache:
         trace = self.rows.pop(row, None)
         if trace is not None and trace.node is not self.root:
             trace.node.locks -= 1
-            self._maybe_evictable(trace.node)
+            self.order.offer(trace.node)
 
     # ------------------------------------------------------------------ rows and eviction
     def release_row(self, row: int) -> None:
@@ -300,7 +297,7 @@ class PrefixCache:
     def make_room(self, blocks: int) -> bool:
         """Evict least recently used unlocked prefixes until `blocks` blocks are free; False if they cannot be."""
         while self.cache.free_blocks < blocks:
-            node = self._pop_lru()
+            node = self.order.pop()
             if node is None:
                 return False
             self._evict(node)
@@ -316,26 +313,37 @@ class PrefixCache:
         parent = node.parent
         assert parent is not None
         parent.children -= 1
-        self._maybe_evictable(parent)
+        self.order.offer(parent)
 
-    def _touch(self, node: Node) -> None:
+
+class EvictionOrder:
+    """Least recently used first among the unlocked leaves of the prefix tree (a lazy heap: entries that
+    went stale, because the node was used again, got a child or a lock, or was evicted, are skipped)."""
+
+    def __init__(self, root: Node, nodes: dict[tuple, Node]) -> None:
+        self.root, self.nodes = root, nodes
+        self._clock = itertools.count(1)
+        self._heap: list[tuple[int, int, Node]] = []  # (used, id, node)
+
+    def touch(self, node: Node) -> None:
         node.used = next(self._clock)
-        self._maybe_evictable(node)
+        self.offer(node)
 
-    def _maybe_evictable(self, node: Node) -> None:
+    def offer(self, node: Node) -> None:
+        """Queue the node if it can be evicted now (a leaf nothing locks)."""
         if node is not self.root and node.children == 0 and node.locks == 0:
-            heapq.heappush(self._lru, (node.used, node.id, node))
-            if len(self._lru) > 4 * len(self.nodes) + 64:  # drop stale entries now and then
-                self._lru = [e for e in self._lru if self._valid(e)]
-                heapq.heapify(self._lru)
+            heapq.heappush(self._heap, (node.used, node.id, node))
+            if len(self._heap) > 4 * len(self.nodes) + 64:  # drop stale entries now and then
+                self._heap = [e for e in self._heap if self._valid(e)]
+                heapq.heapify(self._heap)
 
     def _valid(self, entry: tuple[int, int, Node]) -> bool:
         used, _, node = entry
         return self.nodes.get(node.key) is node and node.children == 0 and node.locks == 0 and node.used == used
 
-    def _pop_lru(self) -> Node | None:
-        while self._lru:
-            entry = heapq.heappop(self._lru)
+    def pop(self) -> Node | None:
+        while self._heap:
+            entry = heapq.heappop(self._heap)
             if self._valid(entry):
                 return entry[2]
         return None

@@ -22,10 +22,11 @@ import torch
 
 from model.kv_cache import PagedKVCache
 from model.step import StepOutput, TokenBatch
-from server.engine.costs import account, cost_cached
+from server.engine.costs import account
 from server.engine.outputs import Part, PrefillChunk, RunnerOutput, SchedulerOutput, ScoreChunk
-from server.engine.prefix_cache import CachedPrefix, PrefixCache, Processed
-from server.engine.requests import GenerateJob, Job, ScoreJob, Window
+from server.engine.prefix_cache import PrefixCache, Processed
+from server.engine.requests import GenerateJob, Job
+from server.engine.rows import RowTable
 
 log = logging.getLogger("server.engine")
 
@@ -53,95 +54,17 @@ class FaultInjector:
             raise InjectedFault(f"injected {stage} fault")
 
 
-@dataclass
-class PrefixStats:
-    """What the prefix cache did for clients' sequences (a recompute after preemption is not counted)."""
+class ModelRunner(RowTable):
+    """One forward per engine step over the rows of the cache (RowTable: which request holds which row)."""
 
-    queries: int = 0  # input tokens looked up
-    hits: int = 0  # of those, tokens taken from the cache
-
-
-class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, faults: FaultInjector, prefix: PrefixCache | None = None,
                  serial_below: int = 0) -> None:
+        super().__init__(cache, prefix)
         self.model = model
-        self.cache = cache
         self.faults = faults
-        self.prefix = prefix
-        self.stats = PrefixStats()
         self.serial_below = serial_below  # steps of fewer tokens run on one thread
         self.threads = torch.get_num_threads()
         self.device = next(model.parameters()).device
-        self.rows: dict[tuple[str, int], int] = {}
-
-    # ------------------------------------------------------------------ rows
-    def _free(self, key: tuple[str, int]) -> None:
-        row = self.rows.pop(key, None)
-        if row is None:
-            return
-        if self.prefix is not None:
-            self.prefix.release_row(row)
-        self.cache.free(row)
-
-    def release(self, jobs: list[Job]) -> None:
-        """Give back every row the jobs hold (finished, failed or cancelled)."""
-        ids = {j.id for j in jobs}
-        for key in [k for k in self.rows if k[0] in ids]:
-            self._free(key)
-
-    def release_window(self, job: ScoreJob, window: int) -> None:
-        self._free((job.id, window))
-
-    def release_sequence(self, job: Job, window: Window | None) -> None:
-        """Give back one sequence's row (a preempted one)."""
-        self._free((job.id, -1 if window is None else window.index))
-
-    def holds(self, job: Job, window: Window | None) -> bool:
-        return (job.id, -1 if window is None else window.index) in self.rows
-
-    def row_of(self, job: Job) -> int | None:
-        return self.rows.get((job.id, -1))
-
-    # ------------------------------------------------------------------ the prefix cache (the scheduler's PrefixHook)
-    @staticmethod
-    def _sequence(job: Job, window: Window | None) -> tuple[list[int], bool, int]:
-        """A sequence's tokens to look up, whether a cached prefix must carry log-probabilities for it, and how
-        many of the tokens are its inputs (a window's last target follows them: a block it completes counts)."""
-        if window is not None:
-            assert isinstance(job, ScoreJob)
-            return job.seqs[window.seq][window.begin: window.end + 1], True, window.length
-        assert isinstance(job, GenerateJob)
-        return job.input_ids, job.params.prompt_logprobs is not None and job.booked < len(job.prompt_ids) - 1, len(job.input_ids)
-
-    def peek(self, job: GenerateJob) -> int:
-        return 0 if self.prefix is None else self.prefix.peek(*self._sequence(job, None)[:2])
-
-    def attach(self, job: Job, window: Window | None) -> CachedPrefix | None:
-        """The sequence's row, started from the longest usable cached prefix of its tokens."""
-        key = (job.id, -1 if window is None else window.index)
-        assert key not in self.rows
-        row = self.rows[key] = self.cache.allocate()
-        if self.prefix is None:
-            return None
-        ids, outputs, inputs = self._sequence(job, window)
-        hit = self.prefix.attach(row, ids, outputs, inputs)
-        if hit is not None:
-            cost_cached(job, window, hit)
-        cached = hit.tokens if hit is not None else 0
-        if window is not None and not window.queried:
-            window.queried = True
-            self.stats.queries, self.stats.hits = self.stats.queries + inputs, self.stats.hits + cached
-            job.cached_tokens[window.seq] += cached  # type: ignore[attr-defined]
-        elif isinstance(job, GenerateJob) and job.preemptions == 0:
-            self.stats.queries, self.stats.hits = self.stats.queries + len(ids), self.stats.hits + cached
-            job.cached_tokens = cached
-        return hit
-
-    def make_room(self, blocks: int) -> bool:
-        """At least `blocks` free blocks, evicting cached prefixes if needed; False if even that is not enough."""
-        if self.prefix is None:
-            return self.cache.free_blocks >= blocks
-        return self.prefix.make_room(blocks)
 
     # ------------------------------------------------------------------ step
     def run(self, out: SchedulerOutput) -> RunnerOutput:

@@ -20,16 +20,17 @@ budget goes to chunks of work: prompt prefill (generation lane) and scoring wind
 - A sequence takes its cache row when admitted (a scoring window: with its first chunk), starting from
   the longest cached prefix of its tokens (`PrefixHook`, the runner's prefix cache); only the rest is
   prefilled. When the running sequences outgrow the KV pool the engine preempts the most recently
-  admitted one (`victims`, `preempt`): it goes back to the queue and is recomputed from its tokens.
+  admitted one (server/engine/preemption.py): it goes back to the queue and is recomputed from its tokens.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from server.engine.cost_model import CostModel, StepStats
 from server.engine.outputs import PrefillChunk, Reuse, RunnerOutput, SchedulerOutput, ScoreChunk
+from server.engine.queues import QueueViews, SchedulerStatus
 from server.engine.requests import GenerateJob, Job, ScoreJob, Unavailable, Window
 
 MIN_CHUNK = 16  # no chunk smaller than this unless it ends the prompt, and no remainder smaller than this is left
@@ -53,85 +54,6 @@ class SchedulerLimits:
     score_stretch: float = 1.25  # while sequences decode, a step with scoring takes at most this x its decode-only time
 
 
-@dataclass
-class StepStats:
-    """What one step ran and what it cost (the runner measures, the scheduler learns)."""
-
-    decode_tokens: int
-    chunk_tokens: int
-    seconds: float
-
-
-@dataclass
-class CostModel:
-    """Measured step cost: seconds = fixed + per_decode * decode tokens + per_token * chunk tokens,
-    fitted by least squares over exponentially forgotten (tokens, seconds) samples of every step."""
-
-    fixed_seconds: float = 0.0
-    decode_seconds_per_token: float = 2e-4
-    chunk_seconds_per_token: float = 2e-4
-    alpha: float = 0.1
-    samples: int = 0
-    _xx: list[list[float]] = field(default_factory=lambda: [[0.0] * 3 for _ in range(3)])
-    _xy: list[float] = field(default_factory=lambda: [0.0] * 3)
-
-    def observe(self, stats: StepStats) -> None:
-        x = (1.0, float(stats.decode_tokens), float(stats.chunk_tokens))
-        if x[1] + x[2] == 0:
-            return
-        a = self.alpha if self.samples else 1.0
-        for i in range(3):
-            self._xy[i] += a * (x[i] * stats.seconds - self._xy[i])
-            for j in range(3):
-                self._xx[i][j] += a * (x[i] * x[j] - self._xx[i][j])
-        self.samples += 1
-        self._solve()
-
-    def _solve(self) -> None:
-        """The least-squares fit, with a small ridge so one step shape so far still gives an answer;
-        a negative coefficient (noise, too few shapes) keeps the previous estimate."""
-        scale = max(self._xx[0][0], 1e-12)
-        m = [[self._xx[i][j] + (1e-3 * scale * (self._xx[i][i] or 1.0) if i == j else 0.0) for j in range(3)] for i in range(3)]
-        theta = _solve3(m, list(self._xy))
-        if theta is None:
-            return
-        fixed, per_decode, per_chunk = theta
-        if per_decode > 0:
-            self.decode_seconds_per_token = per_decode
-        if per_chunk > 0:
-            self.chunk_seconds_per_token = per_chunk
-        self.fixed_seconds = max(0.0, fixed)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return 1.0 / max(self.chunk_seconds_per_token, 1e-9)
-
-    def decode_seconds(self, running: int) -> float:
-        return self.fixed_seconds + self.decode_seconds_per_token * running
-
-    def budget(self, spare_seconds: float, least: int, most: int) -> int:
-        """Chunk tokens that fit `spare_seconds`, within [least, most]."""
-        return int(max(least, min(most, spare_seconds / max(self.chunk_seconds_per_token, 1e-9))))
-
-
-def _solve3(m: list[list[float]], y: list[float]) -> list[float] | None:
-    """Gaussian elimination with partial pivoting for a 3x3 system (None if singular)."""
-    a = [[*row, v] for row, v in zip(m, y)]
-    for col in range(3):
-        pivot = max(range(col, 3), key=lambda r: abs(a[r][col]))
-        if abs(a[pivot][col]) < 1e-300:
-            return None
-        a[col], a[pivot] = a[pivot], a[col]
-        for r in range(col + 1, 3):
-            f = a[r][col] / a[col][col]
-            for c in range(col, 4):
-                a[r][c] -= f * a[col][c]
-    out = [0.0] * 3
-    for r in (2, 1, 0):
-        out[r] = (a[r][3] - sum(a[r][c] * out[c] for c in range(r + 1, 3))) / a[r][r]
-    return out
-
-
 class PrefixHook(Protocol):
     """The prefix cache as admission sees it (the engine wires the runner's in; no torch here)."""
 
@@ -145,20 +67,7 @@ class PrefixHook(Protocol):
 
 
 @dataclass
-class SchedulerStatus:
-    waiting_generate: int
-    waiting_score: int
-    prefilling: int
-    running: int
-    scoring: int
-    budget_tokens: int
-    kv_reserved_bytes: int
-    kv_budget_bytes: int
-    retry_after: int
-
-
-@dataclass
-class Scheduler:
+class Scheduler(QueueViews):
     limits: SchedulerLimits
     cost: CostModel = field(default_factory=CostModel)
     waiting: list[Job] = field(default_factory=list)
@@ -178,24 +87,6 @@ class Scheduler:
             raise Unavailable(f"queue is full ({queued} waiting, queue size {self.limits.queue_size})",
                               retry_after=self.retry_after())
         self.waiting.extend(jobs)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self.scoring)
-
-    def all_jobs(self) -> list[Job]:
-        return [*self.waiting, *self.prefilling, *self.running, *self.scoring]
-
-    def backlog_tokens(self) -> int:
-        """Input tokens queued or admitted but not processed, plus tokens still to generate."""
-        chunks = sum(j.remaining_tokens() for j in (*self.waiting, *self.prefilling, *self.scoring))
-        new = sum(max(0, j.params.max_new_tokens - len(j.tokens)) for j in (*self.prefilling, *self.running))
-        return chunks + new
-
-    def retry_after(self) -> int:
-        """Seconds until the backlog drains at the measured throughput (1..60)."""
-        seconds = self.backlog_tokens() / self.cost.tokens_per_second + self.cost.decode_seconds(len(self.running))
-        return max(1, min(60, math.ceil(seconds)))
 
     # ------------------------------------------------------------------ budget
     def budget(self) -> int:
@@ -335,26 +226,6 @@ class Scheduler:
         return SchedulerOutput(list(self.running), prefill, score, expired, budget, reused)
 
     # ------------------------------------------------------------------ preemption
-    def victims(self) -> list[tuple[Job, Window | None]]:
-        """Sequences that hold a cache row, the most recently admitted first (a scoring window is one)."""
-        held: list[tuple[int, Job, Window | None]] = [(j.admission, j, None) for j in (*self.running, *self.prefilling)]
-        held += [(w.admission, j, w) for j in self.scoring for w in j.pending if w.started]
-        return [(job, window) for _, job, window in sorted(held, key=lambda h: -h[0])]
-
-    def preempt(self, job: Job, window: Window | None) -> None:
-        """Back to the queue (a window: back to its start), to be recomputed from its tokens; what it
-        already booked stays booked. A generation request that sampled resumes with its next decode input."""
-        if window is not None:
-            window.done, window.started = 0, False
-            return
-        assert isinstance(job, GenerateJob)
-        self.running = [j for j in self.running if j is not job]
-        self.prefilling = [j for j in self.prefilling if j is not job]
-        job.prefilled = 0
-        job.input_ids = job.prompt_ids + job.tokens[:-1] if job.tokens else job.prompt_ids
-        job.preemptions += 1
-        self.waiting.insert(0, job)
-
     # ------------------------------------------------------------------ update
     def update_from_output(self, out: SchedulerOutput, ro: RunnerOutput, finished: list[Job], started: list[GenerateJob],
                            kv_used_bytes: int, kv_sample: tuple[int, int]) -> None:
@@ -381,19 +252,6 @@ class Scheduler:
         if tokens:
             measured = entry_bytes / (tokens * self.limits.kv_bytes_per_token)
             self.kv_share = min(1.0, max(0.05, 0.8 * self.kv_share + 0.2 * measured))
-
-    def drop(self, jobs: list[Job]) -> None:
-        """Forget failed jobs wherever they are."""
-        gone = {id(j) for j in jobs}
-        self.waiting = [j for j in self.waiting if id(j) not in gone]
-        self.prefilling = [j for j in self.prefilling if id(j) not in gone]
-        self.running = [j for j in self.running if id(j) not in gone]
-        self.scoring = [j for j in self.scoring if id(j) not in gone]
-
-    def waiting_counts(self) -> tuple[int, int]:
-        """(generation, scoring) requests waiting for admission."""
-        score = sum(isinstance(j, ScoreJob) for j in self.waiting)
-        return len(self.waiting) - score, score
 
     def status(self) -> SchedulerStatus:
         waiting_generate, waiting_score = self.waiting_counts()
