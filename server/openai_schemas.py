@@ -48,8 +48,19 @@ StopText = Annotated[str, Field(min_length=1)]
 Unsupported = "not supported: only the neutral value is accepted"
 
 
+class OpenAISampling(BaseModel):
+    """The sampling and streaming fields /v1/completions and /v1/chat/completions share (one declaration)."""
+
+    temperature: Temperature | None = 1.0
+    top_p: TopP | None = 1.0
+    top_k: TopK | None = None
+    n: Int = Field(1, ge=1, le=8)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+
 # ---------------------------------------------------------------- completions
-class CompletionRequest(StrictRequest):
+class CompletionRequest(StrictRequest, OpenAISampling):
     """OpenAI /v1/completions; unknown fields are ignored, unsupported ones rejected."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -57,12 +68,6 @@ class CompletionRequest(StrictRequest):
     model: ModelId = None
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
-    temperature: Temperature | None = 1.0
-    top_p: TopP | None = 1.0
-    top_k: TopK | None = None
-    n: int = Field(1, ge=1, le=8)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past EOS (load generators such as "
                              "guidellm send it to get exactly max_tokens)")
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -193,7 +198,7 @@ class ResponseFormat(BaseModel):
     type: Literal["text"] = Field(description="only plain text is supported")
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAISampling):
     """OpenAI /v1/chat/completions."""
 
     model_config = LAX
@@ -203,12 +208,6 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: NewTokens | None = Field(None, description="new tokens at most (default: the rest of the context); "
                                               "the rendered chat + these must fit max_model_len")
     max_tokens: NewTokens | None = Field(None, description="older name of max_completion_tokens (which wins when both are sent)")
-    temperature: Temperature | None = 1.0
-    top_p: TopP | None = 1.0
-    top_k: TopK | None = None
-    n: Int = Field(1, ge=1, le=8)
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = Field(False, description="vLLM's extension: keep generating past EOS (load generators such as "
                                    "guidellm send it to get exactly max_completion_tokens)")
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = Field(
