@@ -54,6 +54,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def git_commit() -> str:
+    """The checked-out commit (short hash), or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def machine_line() -> str:
     """Machine, date and commit for every benchmark table."""
     import torch
@@ -66,10 +74,7 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     device = f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU (CPU numbers only)"
     return (f"{platform.node()}: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}; date {dt.date.today().isoformat()}; commit {commit}; {device}")

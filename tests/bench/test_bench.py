@@ -113,3 +113,16 @@ def test_bench_prefix_writes_its_section(tiny_checkpoint: Path, tiny_baseline: P
     load = next(line for line in section.splitlines() if line.startswith("| 9 |"))  # the mixed load's row
     assert load.split(" | ")[1:3] == ["0", "0"]  # no request failed, none for the budget
     assert "| share |" in section and "| copy |" in section and "nan" not in section
+
+
+def test_bench_step_writes_its_section(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`make bench-step` end to end on a tiny checkpoint: the step table, the op counts and the commit."""
+    out = tmp_path / "BENCH.md"
+    out.write_text("<!-- bench-step:start -->\nold\n<!-- bench-step:end -->\n")
+    result = subprocess.run([sys.executable, "-m", "bench.step_profile", "--checkpoint", str(tiny_checkpoint), "--steps", "2",
+                             "--batches", "1", "2", "--decode-threads", "--write", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    assert "old" not in text and "| step total |" in text and "aten ops in one decode forward" in text
+    assert "### After (commit " in text and "batch 2: ms (share)" in text
