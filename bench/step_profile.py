@@ -38,7 +38,7 @@ model, _ = load_checkpoint(sys.argv[1])
 torch.set_grad_enabled(False)
 counts = {}
 for batch in map(int, sys.argv[2:]):
-    _, state = model.prefill(torch.randint(3, 8000, (batch, 24), generator=torch.Generator().manual_seed(0)))
+    _, state = model.prefill(torch.randint(3, model.config.vocab_size, (batch, 24), generator=torch.Generator().manual_seed(0)))
     tokens = torch.full((batch,), 5)
     for _ in range(3):
         model.decode_step(tokens, state)
