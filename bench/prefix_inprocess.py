@@ -36,7 +36,8 @@ def processed(row: int, start: int, ids: list[int], step: object, logp: object =
     from server.engine.prefix_cache import Processed
 
     n = len(step.operator)  # type: ignore[attr-defined]
-    return Processed(row, start, ids[start: start + n], ids, step.operator.numpy(), step.entropy.numpy(),  # type: ignore[attr-defined]
+    return Processed(row, start, ids[start: start + n], ids[start + 1: start + n + 1], step.operator.numpy(),  # type: ignore[attr-defined]
+                     step.entropy.numpy(),  # type: ignore[attr-defined]
                      None if step.gate is None else step.gate.numpy(), (step.keys_seen > 0).numpy(),  # type: ignore[attr-defined]
                      logp, n if logits_from is None else logits_from)  # type: ignore[arg-type]
 

@@ -95,7 +95,7 @@ class Processed:
     row: int
     start: int  # the row's position before these tokens
     tokens: list[int]
-    inputs: list[int]  # the row's sequence as far as known: position p's target is inputs[p + 1]
+    next_tokens: list[int]  # the known targets of `tokens`: next_tokens[i] follows tokens[i] (may be fewer)
     operator: np.ndarray  # [n, L]
     entropy: np.ndarray
     gate: np.ndarray | None
@@ -384,18 +384,16 @@ UNKNOWN = np.array([0.0] + [np.nan] * (1 + 2 * TOP))  # a target whose log-proba
 def targets_of(done: Processed) -> np.ndarray:
     """[n, 2 + 2 TOP] per target start + 1 ... start + n: known, log-probability, top ids, top log-probabilities."""
     n = len(done.tokens)
-    known = min(n, len(done.inputs) - 1 - done.start) - done.logits_from  # positions with logits and a known target
+    known = min(n, len(done.next_tokens)) - done.logits_from  # positions with logits and a known target
     if done.logp is None or known <= 0:
         return np.broadcast_to(UNKNOWN, (n, UNKNOWN.size))
     out = np.tile(UNKNOWN, (n, 1))
-    if known > 0:
-        logp = done.logp()[:known]
-        first = done.start + done.logits_from + 1
-        targets = torch.tensor(done.inputs[first: first + known])
-        rows = slice(done.logits_from, done.logits_from + known)
-        out[rows, 0] = 1.0
-        out[rows, 1] = logp.gather(1, targets.to(logp.device)[:, None])[:, 0].double().cpu().numpy()
-        values, indices = logp.topk(TOP, dim=-1)
-        out[rows, 2: 2 + TOP] = indices.cpu().numpy()
-        out[rows, 2 + TOP:] = values.double().cpu().numpy()
+    logp = done.logp()[:known]
+    targets = torch.tensor(done.next_tokens[done.logits_from: done.logits_from + known])
+    rows = slice(done.logits_from, done.logits_from + known)
+    out[rows, 0] = 1.0
+    out[rows, 1] = logp.gather(1, targets.to(logp.device)[:, None])[:, 0].double().cpu().numpy()
+    values, indices = logp.topk(TOP, dim=-1)
+    out[rows, 2: 2 + TOP] = indices.cpu().numpy()
+    out[rows, 2 + TOP:] = values.double().cpu().numpy()
     return out

@@ -205,13 +205,15 @@ class ModelRunner(RowTable):
         gate = None if step.gate is None else step.gate.double().cpu().numpy()
         attended = (step.keys_seen > 0).cpu().numpy()
         for part in parts:
-            if isinstance(part.chunk, ScoreChunk):
+            lo, hi = part.start + 1, part.start + 1 + len(part.tokens)  # positions of the tokens' targets
+            if isinstance(part.chunk, ScoreChunk):  # a window's inputs: its last input's target is not among them
                 w = part.chunk.window
-                inputs = part.job.seqs[w.seq][w.begin: w.end]  # type: ignore[attr-defined]
-            else:
-                inputs = part.job.prompt_ids + part.job.tokens  # type: ignore[attr-defined]
+                following = part.job.seqs[w.seq][w.begin + lo: w.begin + min(hi, w.end - w.begin)]  # type: ignore[attr-defined]
+            else:  # prompt, then generated tokens (a decode token's target is not known yet: none)
+                prompt, generated = part.job.prompt_ids, part.job.tokens  # type: ignore[attr-defined]
+                following = prompt[lo:hi] + generated[max(0, lo - len(prompt)): max(0, hi - len(prompt))]
             logp = part.log_probs if part.logits is not None and part.logits.shape[0] else None
-            self.prefix.record(Processed(part.row, part.start, part.tokens, inputs, operator[part.span], entropy[part.span],
+            self.prefix.record(Processed(part.row, part.start, part.tokens, following, operator[part.span], entropy[part.span],
                                          None if gate is None else gate[part.span], attended[part.span], logp, part.logits_from),
                                complete=part.chunk is not None)
 

@@ -31,7 +31,7 @@ def run(model: torch.nn.Module, cache: PagedKVCache, prefix: PrefixCache | None,
     out = model.forward_step(TokenBatch.build(cache, [(row, ids[start: start + n])]), cache)
     if prefix is not None:
         logp = torch.log_softmax(out.logits.float(), dim=-1)
-        prefix.record(Processed(row, start, ids[start: start + n], ids, out.operator.numpy(), out.entropy.numpy(),
+        prefix.record(Processed(row, start, ids[start: start + n], ids[start + 1: start + n + 1], out.operator.numpy(), out.entropy.numpy(),
                                 None if out.gate is None else out.gate.numpy(), (out.keys_seen > 0).numpy(), lambda: logp, 0))
     return out
 
