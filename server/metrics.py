@@ -170,6 +170,7 @@ class ModelMetrics:
     def __init__(self, metrics: Metrics, name: str, n_layers: int) -> None:
         self.name = name
         self.device = metrics.device
+        self.recording = True  # off during the engine's warm-up: its steps are not traffic
         self.ttft = metrics.ttft.labels(name)
         self.inter_token = metrics.inter_token.labels(name)
         self.queue_wait = metrics.queue_wait.labels(name)

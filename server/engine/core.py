@@ -69,7 +69,7 @@ class EngineCore:
         budget = int((settings.kv_cache_mb if kv_cache_mb is None else kv_cache_mb) * 2**20)
         max_batch = settings.max_batch_size or auto_batch_cap(model, budget)
         # the cache is a fixed pool of the budget's blocks, cached prefixes included: used KV never exceeds
-        # the limit; when the running sequences outgrow it the engine preempts (`_make_room`)
+        # the limit; when the running sequences outgrow it the engine preempts (server/engine/preemption.py)
         blocks = max(1, budget // PagedKVCache.bytes_per_block(model))
         cache = PagedKVCache.for_model(model, rows=max_batch, blocks=blocks, growable=False)
         self.scheduler = Scheduler(SchedulerLimits(
@@ -87,7 +87,6 @@ class EngineCore:
         self.output = OutputProcessor(tokenizer, self.config.max_seq_len, self.config.eos_token_id, self.metrics, faults,
                                       lambda cost: cost.price(model))
         self._cv = threading.Condition()  # guards the scheduler: the engine thread and request handlers share it
-        self._record = True
 
     def _fail(self, jobs: list[Job], reason: str, message: str) -> None:
         """End `jobs` with an error event; their queue places and cache rows are freed."""
@@ -115,7 +114,7 @@ class EngineCore:
                        f"internal error: {type(exc).__name__}")
             return None
         seconds = time.perf_counter() - t0
-        if self._record:
+        if self.metrics.recording:
             self.metrics.record_step(len(ro.decode), sum(len(p.tokens) for p in ro.prefill), sum(len(p.tokens) for p in ro.score),
                                      out.budget, seconds, self.runner.kv_used_bytes(), self.scheduler.limits.kv_budget_bytes)
             prefix = self.runner.prefix
@@ -134,7 +133,7 @@ class EngineCore:
         for job in bad:
             out.drop(job, None)
         self.runner.release(bad)
-        if self._record:
+        if self.metrics.recording:
             for job in [*(c.job for c in out.prefill), *(c.job for c in out.score)]:
                 if not job.wait_recorded and job.admitted is not None:
                     job.wait_recorded = True
@@ -165,7 +164,7 @@ class EngineCore:
 
     def _record_forward(self, ro: RunnerOutput) -> None:
         """The step's forward: a forward that carries prompt or scoring tokens counts as prefill."""
-        if not self._record or not ro.tokens:
+        if not self.metrics.recording or not ro.tokens:
             return
         chunks = len(ro.prefill) + len(ro.score)
         phase, batch = ("prefill", chunks) if chunks else ("decode", len(ro.decode))
@@ -173,8 +172,8 @@ class EngineCore:
 
     def _warmup(self) -> None:
         """Warm-up steps through the real cache (server/engine/warmup.py), not counted in the metrics."""
-        self._record = self.output.record = False
+        self.metrics.recording = False
         try:
             warm_up(self.model, self.runner.cache, self.scheduler, self.device)
         finally:
-            self._record = self.output.record = True
+            self.metrics.recording = True

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from model import FinishReason, StoppingCriteria, make_generator, sample_tokens
 from server.engine.outputs import Part, PrefillChunk, Reuse, RunnerOutput
-from server.engine.prefix_cache import TOP
 from server.engine.requests import (
     DoneEvent,
     GenerateJob,
@@ -30,19 +29,15 @@ from server.engine.requests import (
     TokenEvent,
 )
 from server.engine.runner import FaultInjector
-from server.engine.score_output import ScoreOutput, cached_top, nan_to_none
+from server.engine.score_output import ScoreOutput, cached_top, chosen_and_top, nan_to_none
 from server.metrics import ModelMetrics
 from server.textstream import TextStream
 
 log = logging.getLogger("server.engine")
 def logprob_entries(logp: Tensor, targets: list[int], top_n: int) -> list[LogprobEntry]:
     """logp [T, V] log-probabilities; one entry per target token."""
-    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
-    if top_n > 0:
-        values, indices = logp.topk(max(TOP, top_n), dim=-1)  # TOP, then the first top_n: as a cached prefix keeps them
-        tops = [dict(zip(ix[:top_n], vs[:top_n])) for ix, vs in zip(indices.tolist(), values.tolist())]
-        return [LogprobEntry(t, lp, top) for t, lp, top in zip(targets, chosen, tops)]
-    return [LogprobEntry(t, lp) for t, lp in zip(targets, chosen)]
+    chosen, tops = chosen_and_top(logp, targets, top_n)
+    return [LogprobEntry(t, lp, None if tops is None else tops[i]) for i, (t, lp) in enumerate(zip(targets, chosen))]
 
 
 def book_prompt(job: GenerateJob, lo: int, hi: int, operator: Any, entropy: Any, gate: Any, entries: list[LogprobEntry] | None) -> None:
@@ -67,16 +62,6 @@ class OutputProcessor:
         self.faults = faults
         self.price = price  # (executed, dense) FLOPs of a request's routing totals
         self.scoring = ScoreOutput(metrics, price, self._fail)
-        self._record = True
-
-    @property
-    def record(self) -> bool:
-        """Whether finished work counts in the metrics (off during warm-up)."""
-        return self._record
-
-    @record.setter
-    def record(self, on: bool) -> None:
-        self._record = self.scoring.record = on
 
     # ------------------------------------------------------------------ guards
     def _fail(self, job: Job, message: str) -> None:
@@ -158,7 +143,7 @@ class OutputProcessor:
 
     def _book_prompt(self, job: GenerateJob, lo: int, hi: int, operator: Any, entropy: Any, gate: Any,
                      entries: list[LogprobEntry] | None) -> None:
-        if self._record:
+        if self.metrics.recording:
             self.metrics.prompt_tokens.inc(hi - lo)
         book_prompt(job, lo, hi, operator, entropy, gate, entries)
 
@@ -206,7 +191,7 @@ class OutputProcessor:
     def _accept(self, job: GenerateJob, token: int, logits: Tensor) -> bool:
         """Append a sampled token, post it, and return True when the request finished."""
         now = time.perf_counter()
-        if self._record:
+        if self.metrics.recording:
             if job.first_token is None:
                 self.metrics.ttft.observe(now - job.arrival)
             else:

@@ -33,6 +33,16 @@ def cached_top(prefix: CachedPrefix, position: int, top_n: int) -> dict[int, flo
     return dict(zip(prefix.top_ids[position, :top_n].tolist(), prefix.top_logprobs[position, :top_n].tolist()))
 
 
+def chosen_and_top(logp: Tensor, targets: list[int], top_n: int) -> tuple[list[float], list[dict[int, float]] | None]:
+    """logp [T, V]: each target's log-probability, and per position its top_n alternatives (None for top_n 0),
+    the first top_n of the TOP best: as a cached prefix keeps them, so cached and computed ones agree."""
+    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+    if top_n <= 0:
+        return chosen, None
+    values, indices = logp.topk(max(TOP, top_n), dim=-1)
+    return chosen, [dict(zip(ix[:top_n], vs[:top_n])) for ix, vs in zip(indices.tolist(), values.tolist())]
+
+
 def book_scored(job: ScoreJob, win: Window, lo: int, hi: int, chosen: list[float], tops: list[dict] | None, ops: Tensor, entropy: Any,
                 gate: Any) -> None:
     """Scored input positions [lo, hi) of a window: log-likelihoods, alternatives, routing counts and trace."""
@@ -58,7 +68,6 @@ class ScoreOutput:
         self.metrics = metrics
         self.price = price
         self.fail = fail
-        self.record = True
 
     def score(self, parts: list[Part]) -> list[Job]:
         """Book log-likelihoods of scored chunks; returns the scoring requests now complete."""
@@ -92,27 +101,23 @@ class ScoreOutput:
         first = win.begin + chunk.start  # input position of the chunk's first row
         computed = first + part.logits_from  # first input position whose logits the runner computed
         lo, hi = max(computed, win.begin + win.booked), win.begin + chunk.end  # a recompute books nothing twice
-        if self.record:
+        if self.metrics.recording:
             self.metrics.prompt_tokens.inc(max(0, chunk.end - max(chunk.start, win.booked)))
         if hi > lo:
             logp = part.log_probs()[lo - computed: hi - computed]
             targets = job.seqs[win.seq][lo + 1: hi + 1]
-            chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
-            tops = None
-            if job.top is not None and job.top_n:
-                values, indices = logp.topk(TOP, dim=-1)  # TOP, then the first top_n: as a cached prefix keeps them
-                tops = [dict(zip(ix[: job.top_n], vs[: job.top_n])) for ix, vs in zip(indices.tolist(), values.tolist())]
+            chosen, tops = chosen_and_top(logp, targets, job.top_n if job.top is not None else 0)
             operator, entropy, gate = part.routing()
             rows = slice(lo - first, hi - first)
             book_scored(job, win, lo, hi, chosen, tops, operator[rows].long().cpu(), entropy[rows],
-                              None if gate is None else gate[rows])
+                        None if gate is None else gate[rows])
         win.booked = max(win.booked, chunk.end)
         if chunk.last:
             job.windows_left -= 1
 
     def book_cached_window(self, job: ScoreJob, win: Window, prefix: CachedPrefix) -> None:
         """A window started from a cached prefix: its scored positions among the cached ones."""
-        if self.record:
+        if self.metrics.recording:
             self.metrics.prompt_tokens.inc(max(0, prefix.tokens - win.booked))
         lo, hi = max(win.score_from - 1, win.begin + win.booked), win.begin + prefix.tokens
         if hi > lo:
@@ -121,7 +126,7 @@ class ScoreOutput:
             tops = [cached_top(prefix, p, job.top_n) or {} for p in range(rows.start, rows.stop)] \
                 if job.top is not None and job.top_n else None
             book_scored(job, win, lo, hi, prefix.logprob[rows].tolist(), tops, torch.from_numpy(prefix.operator[rows]).long(),
-                              prefix.entropy[rows], None if prefix.gate is None else prefix.gate[rows])
+                        prefix.entropy[rows], None if prefix.gate is None else prefix.gate[rows])
         win.booked = max(win.booked, prefix.tokens)
 
     def finish(self, job: ScoreJob) -> None:
