@@ -75,8 +75,7 @@ def preempt(scheduler: Scheduler, job: Job, window: Window | None) -> None:
         window.done, window.started = 0, False
         return
     assert isinstance(job, GenerateJob)
-    scheduler.running = [j for j in scheduler.running if j is not job]
-    scheduler.prefilling = [j for j in scheduler.prefilling if j is not job]
+    scheduler.drop([job])
     job.prefilled = 0
     job.input_ids = job.prompt_ids + job.tokens[:-1] if job.tokens else job.prompt_ids
     job.preemptions += 1

@@ -50,7 +50,7 @@ class QueueViews:
         return max(1, min(60, math.ceil(seconds)))
 
     def drop(self, jobs: list[Job]) -> None:
-        """Forget failed jobs wherever they are."""
+        """Forget jobs wherever they are (failed, or preempted before they are queued again)."""
         gone = {id(j) for j in jobs}
         self.waiting = [j for j in self.waiting if id(j) not in gone]
         self.prefilling = [j for j in self.prefilling if id(j) not in gone]
