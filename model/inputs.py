@@ -17,8 +17,7 @@ def check_inputs(config: ChiarConfig, input_ids: Tensor, attention_mask: Tensor 
         raise ValueError("input_ids: empty batch or sequence")
     if seq > config.max_seq_len:
         raise ValueError(f"input_ids: sequence length {seq} exceeds max_seq_len {config.max_seq_len}")
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size:
-        raise ValueError(f"input_ids: token ids must lie in [0, {config.vocab_size})")
+    check_tokens(config, input_ids, "input_ids")
     if attention_mask is None:
         return torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
     if attention_mask.shape != input_ids.shape:
@@ -33,6 +32,7 @@ def check_inputs(config: ChiarConfig, input_ids: Tensor, attention_mask: Tensor 
     return valid
 
 
-def check_tokens(config: ChiarConfig, tokens: Tensor) -> None:
+def check_tokens(config: ChiarConfig, tokens: Tensor, param: str = "tokens") -> None:
+    """Every id in [0, vocab_size); the error names `param`."""
     if int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size:
-        raise ValueError(f"tokens: token ids must lie in [0, {config.vocab_size})")
+        raise ValueError(f"{param}: token ids must lie in [0, {config.vocab_size})")
