@@ -139,18 +139,14 @@ class Service:
             return
         prompt_alone, _, _ = self.engine.kv_needed(n_prompt)
         param = prompt_param if prompt_alone > budget else new_param
-        raise invalid(param, f"prompt ({n_prompt} tokens) + {new_param} ({new_tokens}) needs about {need / 2**20:.2f} MiB of "
-                      f"KV cache at the measured attention share {share:.2f}; the server's KV-cache budget "
-                      f"(--kv-cache-mb) is {budget / 2**20:.2f} MiB", code="kv_cache_exceeded")
+        raise kv_exceeded(param, f"prompt ({n_prompt} tokens) + {new_param} ({new_tokens}) needs", need, budget, share)
 
     def check_score_kv(self, seqs: list[list[int]], param: str) -> None:
         """A scoring request whose longest window could never fit the KV budget is refused (400) like a generation."""
         longest = max((min(len(ids) - 1, self.context) for ids in seqs), default=0)
         need, budget, share = self.engine.kv_needed(longest)
         if longest and need > budget:
-            raise invalid(param, f"has a window of {longest} tokens that needs about {need / 2**20:.2f} MiB of KV cache at the "
-                          f"measured attention share {share:.2f}; the server's KV-cache budget (--kv-cache-mb) is "
-                          f"{budget / 2**20:.2f} MiB", code="kv_cache_exceeded")
+            raise kv_exceeded(param, f"has a window of {longest} tokens that needs", need, budget, share)
 
     # ---------------------------------------------------------------- jobs
     def submit(self, jobs: Jobs) -> None:
@@ -278,6 +274,12 @@ async def off_loop(size: int, fn: Callable[[], Any]) -> Any:
 
 def timeout_error() -> APIError:
     return APIError(504, "request timed out", code="timeout", type_="timeout_error", reason="timeout")
+
+
+def kv_exceeded(param: str, what: str, need: int, budget: int, share: float) -> APIError:
+    """400 kv_cache_exceeded: `what` (a sequence) needs more KV cache than the whole budget holds."""
+    return invalid(param, f"{what} about {need / 2**20:.2f} MiB of KV cache at the measured attention share {share:.2f}; "
+                   f"the server's KV-cache budget (--kv-cache-mb) is {budget / 2**20:.2f} MiB", code="kv_cache_exceeded")
 
 
 def engine_error(event: ErrorEvent) -> APIError:
