@@ -46,6 +46,8 @@ void sample_rows(const float* logits, int64_t rows, int64_t vocab, const float* 
 CHIAR_AVX2 void exp8_shifted_avx2(float* v, float shift, float keep_from);
 CHIAR_AVX2 void divide8_avx2(const float* v, float t, float* e);
 CHIAR_AVX2 float block_sum_avx2(const float* v, int64_t n);
+CHIAR_AVX2 void buckets8_avx2(const float* e, int64_t n, float floor, int32_t* bucket);
+CHIAR_AVX2 void members8_avx2(const int32_t* bucket, int64_t n, int32_t b, std::vector<int64_t>& members);
 CHIAR_AVX2 void kept_block_sums_avx2(float* e, int64_t n, float threshold, float* blocks);
 CHIAR_AVX2 bool finite_range_avx2(const float* v, int64_t n, float& low, float& top);
 #endif

@@ -23,14 +23,45 @@ namespace {
 constexpr int OCTAVE_STEPS = 32;
 constexpr int BUCKETS = 128 * OCTAVE_STEPS;
 
-// e in (0, 1]: bucket 0 holds the largest values; OCTAVE_STEPS sub-buckets per factor of two
-inline int bucket_of(float e) {
+// e in (0, 1]: bucket 0 holds the largest values; OCTAVE_STEPS sub-buckets per factor of two. For a
+// positive float, bits >> 18 is exponent * 32 + the top five mantissa bits, so the bucket is
+// (127 - exponent) * 32 + 31 - sub = 4095 - (bits >> 18).
+// Values at or below the floor go to one of eight dump slots after the buckets (never a nucleus
+// bucket; lane i % 8), so their adds do not form one serial chain through a single slot.
+constexpr int DUMP = BUCKETS;
+constexpr int SLOTS = BUCKETS + LANES;
+
+inline int32_t bucket_of(float e, float floor, int64_t i) {
+    if (!(e > floor)) return DUMP + static_cast<int32_t>(i % LANES);
     uint32_t bits;
     std::memcpy(&bits, &e, sizeof(bits));
-    const int exponent = static_cast<int>(bits >> 23) & 0xff;
-    const int sub = static_cast<int>((bits >> 18) & (OCTAVE_STEPS - 1));
-    const int b = (127 - exponent) * OCTAVE_STEPS + (OCTAVE_STEPS - 1 - sub);
-    return std::clamp(b, 0, BUCKETS - 1);
+    return std::clamp(4095 - static_cast<int32_t>(bits >> 18), 0, BUCKETS - 1);
+}
+
+// bucket[i] = bucket_of(e[i], floor)
+void buckets_of(const float* e, int64_t n, float floor, int32_t* bucket) {
+    int64_t i = 0;
+#if CHIAR_X86
+    if (use_avx2()) {
+        buckets8_avx2(e, n - n % LANES, floor, bucket);
+        i = n - n % LANES;
+    }
+#endif
+    for (; i < n; ++i) bucket[i] = bucket_of(e[i], floor, i);
+}
+
+// the indices i with bucket[i] == b, ascending
+void members_of(const int32_t* bucket, int64_t n, int32_t b, std::vector<int64_t>& members) {
+    members.clear();
+    int64_t i = 0;
+#if CHIAR_X86
+    if (use_avx2()) {
+        members8_avx2(bucket, n - n % LANES, b, members);
+        i = n - n % LANES;
+    }
+#endif
+    for (; i < n; ++i)
+        if (bucket[i] == b) members.push_back(i);
 }
 
 // min and max of the row; false if any value is not finite
@@ -107,12 +138,12 @@ float kth_largest(const float* v, int64_t n, int64_t k, std::vector<float>& scra
 
 // the smallest kept value: tokens with e >= it make up the most probable mass reaching target
 float top_p_threshold(const float* e, int64_t n, float target, float floor, std::vector<float>& mass, std::vector<int64_t>& members,
-                      std::vector<int16_t>& bucket) {
-    mass.assign(BUCKETS, 0.0f);
-    for (int64_t i = 0; i < n; ++i) {
-        bucket[i] = static_cast<int16_t>(e[i] > floor ? bucket_of(e[i]) : -1);
-        if (bucket[i] >= 0) mass[bucket[i]] += e[i];
-    }
+                      std::vector<int32_t>& bucket) {
+    // branch-free: a value at or below the floor goes to a dump slot (a branch mispredicts on real
+    // logits, ~69% of whose tokens clear the floor)
+    buckets_of(e, n, floor, bucket.data());
+    mass.assign(SLOTS, 0.0f);
+    for (int64_t i = 0; i < n; ++i) mass[bucket[i]] += e[i];
     float cum = 0.0f;
     int b = 0;
     for (; b < BUCKETS; ++b) {
@@ -120,9 +151,7 @@ float top_p_threshold(const float* e, int64_t n, float target, float floor, std:
         cum += mass[b];
     }
     if (b == BUCKETS) return 0.0f;  // rounding: keep every token
-    members.clear();
-    for (int64_t i = 0; i < n; ++i)
-        if (bucket[i] == b) members.push_back(i);
+    members_of(bucket.data(), n, b, members);
     std::sort(members.begin(), members.end(), [e](int64_t a, int64_t c) { return e[a] > e[c] || (e[a] == e[c] && a < c); });
     float threshold = e[members.back()];
     for (int64_t i : members) {
@@ -138,8 +167,8 @@ float top_p_threshold(const float* e, int64_t n, float target, float floor, std:
 struct Scratch {
     std::vector<float> e, heap, mass, blocks;
     std::vector<int64_t> members;
-    std::vector<int16_t> bucket;
-    explicit Scratch(int64_t n) : e(n), mass(BUCKETS), blocks((n + LANES - 1) / LANES), bucket(n) {}
+    std::vector<int32_t> bucket;
+    explicit Scratch(int64_t n) : e(n), mass(SLOTS), blocks((n + LANES - 1) / LANES), bucket(n) {}
 };
 
 // zero the values below `threshold` and return the tree8 sum of each block of 8 (zero-padded)
@@ -229,6 +258,31 @@ CHIAR_AVX2 void kept_block_sums_avx2(float* e, int64_t n, float threshold, float
         v = _mm256_and_ps(v, _mm256_cmp_ps(v, t, _CMP_GE_OQ));
         _mm256_storeu_ps(e + g, v);
         blocks[g / LANES] = tree8(v);
+    }
+}
+
+CHIAR_AVX2 void buckets8_avx2(const float* e, int64_t n, float floor, int32_t* bucket) {
+    const __m256 f = _mm256_set1_ps(floor);
+    const __m256i top = _mm256_set1_epi32(4095), low = _mm256_setzero_si256(), high = _mm256_set1_epi32(BUCKETS - 1);
+    const __m256i dump = _mm256_setr_epi32(DUMP, DUMP + 1, DUMP + 2, DUMP + 3, DUMP + 4, DUMP + 5, DUMP + 6, DUMP + 7);
+    for (int64_t i = 0; i < n; i += LANES) {
+        const __m256 x = _mm256_loadu_ps(e + i);
+        __m256i b = _mm256_sub_epi32(top, _mm256_srli_epi32(_mm256_castps_si256(x), 18));
+        b = _mm256_min_epi32(_mm256_max_epi32(b, low), high);
+        const __m256i kept = _mm256_castps_si256(_mm256_cmp_ps(x, f, _CMP_GT_OQ));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bucket + i), _mm256_blendv_epi8(dump, b, kept));
+    }
+}
+
+CHIAR_AVX2 void members8_avx2(const int32_t* bucket, int64_t n, int32_t b, std::vector<int64_t>& members) {
+    const __m256i want = _mm256_set1_epi32(b);
+    for (int64_t i = 0; i < n; i += LANES) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bucket + i));
+        int hits = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(v, want)));
+        while (hits) {
+            members.push_back(i + __builtin_ctz(hits));
+            hits &= hits - 1;
+        }
     }
 }
 

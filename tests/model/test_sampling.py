@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import SamplingError, make_generator, sample_next, sample_tokens, sampling
+from model import SamplingError, make_generator, native, sample_next, sample_tokens, sampling
 
 
 def reference(row: torch.Tensor, temperature: float, k: int | None, p: float | None, u: float) -> int:
@@ -69,3 +69,20 @@ def test_rows_without_a_distribution_fail_alone() -> None:
     assert bad == [0]
     with pytest.raises(SamplingError):
         sample_next(logits, [1.0] * 3, [None] * 3, [None] * 3, [make_generator(i) for i in range(3)])
+
+
+@pytest.mark.parametrize("vocab", [8192, 8189])
+def test_the_native_samplers_scalar_path_picks_the_avx2_tokens(vocab: int) -> None:
+    """The top-p histogram (vector bucketing, dump slots, member scan) has a scalar twin; both pick the same tokens."""
+    lib = native.load()
+    assert lib is not None
+    logits = torch.randn(24, vocab, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.5, 6, 24).unsqueeze(1)
+    temps, ks, ps = [0.7, 1.0, 1.4] * 8, [None, 50, None] * 8, [0.9, 0.95, 0.3] * 8
+    fast, _ = sample_tokens(logits, temps, ks, ps, [make_generator(i) for i in range(24)])
+    lib.set_scalar(True)
+    try:
+        slow, _ = sample_tokens(logits, temps, ks, ps, [make_generator(i) for i in range(24)])
+    finally:
+        lib.set_scalar(False)
+    fallback, _ = sampling._sample_tokens_torch(logits, temps, ks, ps, [make_generator(i) for i in range(24)])
+    assert fast == slow == fallback
