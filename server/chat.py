@@ -121,7 +121,7 @@ class ChatServing(OpenAIServing):
         ids = await asyncio.get_running_loop().run_in_executor(POOL, template.encode, svc, body.messages)
         serving = cls(svc, body, ids)
         serving.make_jobs(template.stop)
-        svc.submit(serving.jobs)
+        svc.submit(serving.jobs, stream=body.stream)
         return serving
 
     # ---------------------------------------------------------------- request -> jobs

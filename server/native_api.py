@@ -69,7 +69,7 @@ async def run_generate(svc: Service, body: GenerateRequest, request: Request) ->
         max_new_tokens=new_tokens, **asdict(engine_sampling(body.temperature, body.top_p, body.top_k)), seed=body.seed,
         stop=body.stop, ignore_eos=body.ignore_eos, return_routing=body.return_routing, logprobs=logprobs,
         prompt_logprobs=logprobs))
-    svc.submit(jobs)
+    svc.submit(jobs, stream=body.stream)
     rid = "gen-" + job.id
     if not body.stream:
         return generate_response(svc, rid, ids, (await svc.collect(jobs, request))[0])
@@ -99,7 +99,7 @@ async def run_perplexity(svc: Service, body: PerplexityRequest, request: Request
     svc.check_score_kv(seqs, "text")
     jobs = Jobs(svc)
     jobs.score(seqs, svc.context, stride, None, routing=body.return_routing)
-    svc.submit(jobs)
+    svc.submit(jobs, stream=False)
     result: ScoreResult = (await svc.collect(jobs, request))[0]
 
     def render() -> bytes:

@@ -78,7 +78,7 @@ class CompletionServing(OpenAIServing):
         serving = cls(svc, body, await encode_prompts(svc, parse_prompts(svc, body)))
         serving.make_jobs()
         if serving.jobs:
-            svc.submit(serving.jobs)
+            svc.submit(serving.jobs, stream=body.stream)
         return serving
 
     # ---------------------------------------------------------------- request -> jobs

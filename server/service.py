@@ -149,7 +149,10 @@ class Service:
             raise kv_exceeded(param, f"has a window of {longest} tokens that needs", need, budget, share)
 
     # ---------------------------------------------------------------- jobs
-    def submit(self, jobs: Jobs) -> None:
+    def submit(self, jobs: Jobs, stream: bool) -> None:
+        """Hand the jobs to the engine; a request that is not streamed gets only each job's final event."""
+        for job in jobs.items:
+            job.final_only = not stream
         try:
             self.engine.submit(jobs.items)
         except Unavailable as exc:
@@ -163,10 +166,13 @@ class Service:
         next_check = loop.time() + 0.25
         try:
             while remaining:
-                try:
-                    event = await asyncio.wait_for(queue.get(), timeout=0.25)
-                except TimeoutError:
-                    event = None
+                if not queue.empty():  # a step's events arrive together: no timer for those already here
+                    event = queue.get_nowait()
+                else:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), timeout=0.25)
+                    except TimeoutError:
+                        event = None
                 if loop.time() >= next_check:
                     next_check = loop.time() + 0.25
                     if request is not None and await request.is_disconnected():

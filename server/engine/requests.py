@@ -199,6 +199,9 @@ class Job:
         self.admission = 0  # order of the latest admission (preemption frees the most recent first)
         self.wait_recorded = False  # queue wait observed in the metrics
         self.outbox: Outbox | None = None  # set by the engine: events leave once per step
+        # only the final event reaches the caller (a non-streamed request, vLLM's FINAL_ONLY outputs): the
+        # event loop is not woken every step to take tokens nobody reads, which cost the engine thread the GIL
+        self.final_only = False
         self.cancel_reason: str | None = None
         self.done = False
 
