@@ -128,12 +128,16 @@ def test_metrics_show_kv_bytes_used_and_the_limit_and_admission_keeps_within_it(
     assert decodes >= 11 and at_most_4 == decodes
 
 
-def test_the_automatic_batch_cap_leaves_the_routed_cache_to_admission(tiny_checkpoint: Path) -> None:
+def test_the_automatic_batch_cap_leaves_the_cache_to_admission(tiny_checkpoint: Path) -> None:
     from model import load_checkpoint
-    from server.engine.engine import auto_batch_cap
+    from model.kv_cache import PagedKVCache
+    from server.engine.engine import MAX_AUTO_BATCH, auto_batch_cap
 
     model, _ = load_checkpoint(tiny_checkpoint)
     full_seq = model.kv_bytes_per_token() * model.config.max_seq_len  # 3 attention layers x 128 tokens
-    # CHIAR: only the last layer attends for every token, so the cap is 3x what full attention would allow
-    assert auto_batch_cap(model, int(10 * full_seq)) == 30
+    smallest = model.attention_layers() * PagedKVCache.bytes_per_block(model)  # one block per attending layer
+    # a budget of 2 full-context sequences still runs 32 short ones together: their KV is admission's to count
+    assert auto_batch_cap(model, int(2 * full_seq)) == 2 * model.config.max_seq_len // 8 == 32
+    assert auto_batch_cap(model, 5 * smallest) == 5
+    assert auto_batch_cap(model, 10**12) == MAX_AUTO_BATCH
     assert auto_batch_cap(model, 1) == 1
