@@ -31,12 +31,18 @@ log = logging.getLogger("server.engine")
 MAX_AUTO_BATCH = 256
 
 
+def smallest_sequence_bytes(model: torch.nn.Module) -> int:
+    """KV bytes of one block in each attending layer: the least a sequence holds, and the partly filled
+    last blocks admission adds to every reservation."""
+    return model.attention_layers() * PagedKVCache.bytes_per_block(model)
+
+
 def auto_batch_cap(model: torch.nn.Module, budget: int) -> int:
     """`--max-batch-size 0`: sequences the budget can hold at all (one block in each attending layer), at
     most MAX_AUTO_BATCH. The KV each request will need is admission's to count (its own prompt and new
     tokens at the measured attending share, preemption beyond): a cap at full-context sequences held
     the baseline to 21 of 32 short requests at 512 MiB and cost it a third of its tokens/s."""
-    per_seq = max(model.attention_layers() * PagedKVCache.bytes_per_block(model), 1)
+    per_seq = max(smallest_sequence_bytes(model), 1)
     return max(1, min(MAX_AUTO_BATCH, int(budget // per_seq)))
 
 
@@ -76,7 +82,7 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerLimits(
             max_batch_size=max_batch, queue_size=settings.queue_size, max_step_tokens=settings.max_tokens_per_step,
             step_target_seconds=settings.step_target_ms / 1000.0, kv_budget_bytes=budget, kv_bytes_per_token=per_token,
-            max_seq_len=self.config.max_seq_len, kv_rounding_bytes=model.attention_layers() * PagedKVCache.bytes_per_block(model),
+            max_seq_len=self.config.max_seq_len, kv_rounding_bytes=smallest_sequence_bytes(model),
             score_stretch=settings.score_stretch))
         faults = FaultInjector.parse(settings.fault_inject)
         model.set_kernels(settings.kernels)

@@ -104,7 +104,7 @@ class OutputProcessor:
         job.stream = TextStream(self.tokenizer, job.params.stop)
         job.generator = make_generator(job.params.seed)
         job.criteria = StoppingCriteria(job.params.max_new_tokens, self.max_seq_len, None if job.params.ignore_eos else self.eos)
-        if job.prompt_logprobs is not None and not job.final_only:
+        if job.prompt_logprobs is not None:
             job.post(PromptEvent(job.index, job.prompt_logprobs))
 
     def _sample_and_accept(self, parts: list[Part]) -> list[Job]:
@@ -212,8 +212,7 @@ class OutputProcessor:
         finish = criteria.check(token, len(job.tokens), len(job.prompt_ids) + len(job.tokens), stream.stopped)
         if finish is not None:
             delta += stream.finish()
-        if not job.final_only:
-            job.post(TokenEvent(job.index, [token], delta, entries))
+        job.post(TokenEvent(job.index, [token], delta, entries))
         if finish is None:
             return False
         self._finish(job, finish, now)

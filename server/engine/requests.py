@@ -206,6 +206,8 @@ class Job:
         self.done = False
 
     def post(self, event: Event) -> None:
+        if self.final_only and not isinstance(event, (DoneEvent, ErrorEvent)):
+            return
         if self.outbox is not None:
             self.outbox.put(self, event)
             return

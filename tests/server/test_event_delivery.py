@@ -7,17 +7,19 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from server.engine.requests import Outbox
+import pytest
+
+from server.engine.requests import Event, Job, Outbox
 from tests.support import in_process_app, wait_ready
 
 
-def test_only_streams_get_token_events(tiny_checkpoint: Path, monkeypatch) -> None:
+def test_only_streams_get_token_events(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fastapi.testclient import TestClient
 
     posted: Counter[tuple[bool, str]] = Counter()
     put = Outbox.put
 
-    def counting(self: Outbox, job, event) -> None:  # type: ignore[no-untyped-def]
+    def counting(self: Outbox, job: Job, event: Event) -> None:
         posted[(job.final_only, type(event).__name__)] += 1
         put(self, job, event)
 
