@@ -3,8 +3,9 @@
 #include <torch/extension.h>
 
 #include <atomic>
-#include <cmath>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -12,13 +13,6 @@ namespace chiar {
 
 namespace {
 std::atomic<bool> force_scalar{false};
-
-void check_rows(const torch::Tensor& x, int64_t width, const char* name) {
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, name, ": expected a float32 CPU tensor, got ",
-                x.scalar_type(), " on ", x.device());
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == width, name, ": expected [n, ", width, "], got ", x.sizes());
-    TORCH_CHECK(x.stride(1) == 1, name, ": the last axis must be contiguous");
-}
 }  // namespace
 
 bool cpu_has_avx2() {
@@ -33,119 +27,52 @@ bool cpu_has_avx2() {
 bool use_avx2() { return cpu_has_avx2() && !force_scalar.load(std::memory_order_relaxed); }
 void set_scalar(bool scalar) { force_scalar.store(scalar); }
 
-torch::Tensor linear(const torch::Tensor& x, const PackedWeight& w, const std::optional<torch::Tensor>& residual) {
-    check_rows(x, w.K, "linear: x");
-    auto y = torch::empty({x.size(0), w.N}, x.options());
-    const float* r = nullptr;
-    int64_t ldr = 0;
-    if (residual.has_value()) {
-        check_rows(*residual, w.N, "linear: residual");
-        TORCH_CHECK(residual->size(0) == x.size(0), "linear: residual rows ", residual->size(0), " != ", x.size(0));
-        r = residual->data_ptr<float>();
-        ldr = residual->stride(0);
-    }
-    linear_into(w, x.data_ptr<float>(), x.size(0), x.stride(0), y.data_ptr<float>(), w.N, r, ldr);
-    return y;
+void add_step_layer(StepModel& m, int64_t kind, const torch::Tensor& mixer_norm, double mixer_eps, const torch::Tensor& ffn_norm,
+                    double ffn_eps, const PackedWeight& w_in, const PackedWeight& w_out, const std::optional<PackedWeight>& qkv,
+                    const std::optional<PackedWeight>& out, const std::optional<torch::Tensor>& filter, double tau) {
+    TORCH_CHECK(kind >= 0 && kind <= 2, "add_layer: kind must be 0 (gated DCT), 1 (routed) or 2 (attention), got ", kind);
+    TORCH_CHECK(kind == 0 || (qkv.has_value() && out.has_value()), "add_layer: an attending layer needs qkv and out");
+    TORCH_CHECK(kind == 2 || filter.has_value(), "add_layer: a DCT layer needs its filter");
+    StepLayer l;
+    l.kind = kind;
+    l.mixer_norm = mixer_norm.contiguous();
+    l.ffn_norm = ffn_norm.contiguous();
+    l.mixer_eps = mixer_eps;
+    l.ffn_eps = ffn_eps;
+    l.w_in = w_in;
+    l.w_out = w_out;
+    if (qkv.has_value()) l.qkv = *qkv;
+    if (out.has_value()) l.out = *out;
+    if (filter.has_value()) l.filter = *filter;
+    l.tau = tau;
+    m.layers.push_back(l);
 }
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-    const int64_t d = weight.size(0);
-    check_rows(x, d, "rms_norm: x");
-    auto w = weight.contiguous();
-    auto y = torch::empty({x.size(0), d}, x.options());
-    rms_norm_into(x.data_ptr<float>(), x.size(0), d, x.stride(0), w.data_ptr<float>(), static_cast<float>(eps), y.data_ptr<float>());
-    return y;
+void set_step_head(StepModel& m, const torch::Tensor& embed, const torch::Tensor& final_norm, double final_eps, const PackedWeight& lm_head,
+                   const PackedWeight& dct, const PackedWeight& idct, const std::optional<torch::Tensor>& gate_weight, double gate_bias,
+                   double entropy_eps) {
+    m.embed = embed;
+    m.final_norm = final_norm.contiguous();
+    m.final_eps = final_eps;
+    m.lm_head = lm_head;
+    m.dct = dct;
+    m.idct = idct;
+    m.gate_weight = gate_weight.has_value() ? gate_weight->contiguous() : torch::Tensor();
+    m.gate_bias = gate_bias;
+    m.entropy_eps = entropy_eps;
 }
 
-// x + W_out(silu(g) * u) with [g, u] = W_in(rms_norm(x)): the whole feed-forward half of a block
-torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps, const PackedWeight& w_in,
-                  const PackedWeight& w_out) {
-    const int64_t d = norm_weight.size(0), M = x.size(0), F = w_out.K;
-    check_rows(x, d, "ffn: x");
-    TORCH_CHECK(w_in.K == d && w_in.N == 2 * F && w_out.N == d, "ffn: weight shapes do not fit");
-    auto u = torch::empty({M, d}, x.options());
-    auto h = torch::empty({M, 2 * F}, x.options());
-    auto a = torch::empty({M, F}, x.options());
-    auto y = torch::empty({M, d}, x.options());
-    auto w = norm_weight.contiguous();
-    rms_norm_into(x.data_ptr<float>(), M, d, x.stride(0), w.data_ptr<float>(), static_cast<float>(eps), u.data_ptr<float>());
-    linear_into(w_in, u.data_ptr<float>(), M, d, h.data_ptr<float>(), 2 * F, nullptr, 0);
-    swiglu_into(h.data_ptr<float>(), M, F, a.data_ptr<float>());
-    linear_into(w_out, a.data_ptr<float>(), M, F, y.data_ptr<float>(), d, x.data_ptr<float>(), x.stride(0));
-    return y;
-}
+using StepTuple = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, std::optional<torch::Tensor>, torch::Tensor,
+                             torch::Tensor>;
 
-// DCT coefficients and spectral entropy of u; with a finite tau also the decision (attention id where
-// entropy >= tau, else dct id) into `op` and the count per operator id.
-std::tuple<torch::Tensor, std::vector<int64_t>> route(const torch::Tensor& u, const PackedWeight& dct, double eps, double tau,
-                                                      torch::Tensor& entropy, torch::Tensor& op, int64_t dct_id,
-                                                      int64_t attention_id, int64_t n_ids) {
-    check_rows(u, dct.K, "route: u");
-    const int64_t M = u.size(0);
-    TORCH_CHECK(entropy.is_contiguous() && entropy.numel() == M && entropy.scalar_type() == torch::kFloat32, "route: entropy out");
-    auto coef = torch::empty({M, dct.N}, u.options());
-    linear_into(dct, u.data_ptr<float>(), M, u.stride(0), coef.data_ptr<float>(), dct.N, nullptr, 0);
-    entropy_into(coef.data_ptr<float>(), M, dct.N, static_cast<float>(eps), entropy.data_ptr<float>());
-    std::vector<int64_t> counts(n_ids, 0);
-    if (std::isfinite(tau)) {
-        TORCH_CHECK(op.is_contiguous() && op.numel() == M && op.scalar_type() == torch::kInt8, "route: op out");
-        const float t = static_cast<float>(tau);
-        const float* e = entropy.data_ptr<float>();
-        int8_t* o = op.data_ptr<int8_t>();
-        for (int64_t m = 0; m < M; ++m) {
-            o[m] = static_cast<int8_t>(e[m] >= t ? attention_id : dct_id);
-            counts[o[m]] += 1;
-        }
-    }
-    return {coef, counts};
-}
-
-torch::Tensor gate(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& positions, torch::Tensor& embed_sum,
-                   const torch::Tensor& weight, double bias) {
-    const int64_t d = weight.size(0), n = x.size(0);
-    check_rows(x, d, "gate: x");
-    TORCH_CHECK(x.is_contiguous() && embed_sum.is_contiguous() && embed_sum.size(1) == d, "gate: contiguous [n, d] inputs");
-    TORCH_CHECK(rows.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64, "gate: int64 rows/positions");
-    auto w = weight.contiguous();
-    auto g = torch::empty({n}, x.options());
-    gate_into(x.data_ptr<float>(), rows.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), n, d, embed_sum.data_ptr<float>(),
-              w.data_ptr<float>(), static_cast<float>(bias), g.data_ptr<float>());
-    return g;
-}
-
-std::tuple<torch::Tensor, torch::Tensor> attend_py(const torch::Tensor& qkv, const torch::Tensor& rows, const torch::Tensor& positions,
-                                                   int64_t layer, torch::Tensor keys, torch::Tensor values, torch::Tensor tables,
-                                                   torch::Tensor lengths, torch::Tensor free_stack, torch::Tensor free_top,
-                                                   const torch::Tensor& cos, const torch::Tensor& sin) {
-    TORCH_CHECK(qkv.is_contiguous() && qkv.scalar_type() == torch::kFloat32, "attend: qkv must be contiguous float32");
-    TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.scalar_type() == torch::kFloat32, "attend: pool");
-    TORCH_CHECK(tables.is_contiguous() && tables.scalar_type() == torch::kInt32, "attend: tables must be contiguous int32");
-    TORCH_CHECK(lengths.is_contiguous() && lengths.scalar_type() == torch::kInt32, "attend: lengths must be contiguous int32");
-    TORCH_CHECK(free_stack.scalar_type() == torch::kInt32 && free_top.scalar_type() == torch::kInt64, "attend: free stack");
-    TORCH_CHECK(rows.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64, "attend: int64 rows/positions");
-    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == keys.size(3), "attend: rotary tables");
-    const int64_t n = qkv.size(0);
-    auto y = torch::empty({n, keys.size(1) * keys.size(3)}, qkv.options());
-    auto seen = torch::empty({n}, torch::kInt32);
-    PagedCache cache{keys, values, tables, lengths, free_stack, free_top};
-    attend(qkv, rows, positions, layer, cache, cos, sin, y, seen);
-    return {y, seen};
-}
-
-torch::Tensor sample(const torch::Tensor& logits, const torch::Tensor& temperature, const torch::Tensor& top_k,
-                     const torch::Tensor& top_p, const torch::Tensor& uniform) {
-    TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == torch::kFloat32 && logits.device().is_cpu(),
-                "sample: logits must be a contiguous float32 CPU tensor [rows, vocab]");
-    const int64_t rows = logits.size(0);
-    auto f32 = [rows](const torch::Tensor& t, const char* name) {
-        TORCH_CHECK(t.numel() == rows && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), "sample: ", name, " must be float32 [rows]");
-        return t.data_ptr<float>();
-    };
-    TORCH_CHECK(top_k.numel() == rows && top_k.scalar_type() == torch::kInt64 && top_k.is_contiguous(), "sample: top_k must be int64 [rows]");
-    auto out = torch::empty({rows}, torch::kInt64);
-    sample_rows(logits.data_ptr<float>(), rows, logits.size(1), f32(temperature, "temperature"), top_k.data_ptr<int64_t>(),
-                f32(top_p, "top_p"), f32(uniform, "uniform"), out.data_ptr<int64_t>());
-    return out;
+StepTuple step_py(const StepModel& m, const torch::Tensor& tokens, const torch::Tensor& rows, const torch::Tensor& positions,
+                  const std::optional<torch::Tensor>& logits_at, const std::vector<int64_t>& span_lengths, torch::Tensor keys,
+                  torch::Tensor values, torch::Tensor tables, torch::Tensor lengths, torch::Tensor free_stack, torch::Tensor free_top,
+                  torch::Tensor embed_sum, const torch::Tensor& cos, const torch::Tensor& sin) {
+    TORCH_CHECK(!m.layers.empty() && m.embed.defined(), "step: the model has no layers or no head (add_layer, set_head)");
+    StepCache c{PagedCache{keys, values, tables, lengths, free_stack, free_top}, embed_sum, cos, sin};
+    auto r = model_step(m, tokens, rows, positions, logits_at, span_lengths, c);
+    return {r.logits, r.operator_ids, r.entropy, r.keys_seen, r.gate, r.counts, r.span_counts};
 }
 
 }  // namespace chiar
@@ -168,6 +95,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gate", &gate, nogil);
     m.def("attend", &attend_py, nogil);
     m.def("sample", &sample, "one token per row: temperature (0: greedy), top-k (0: off), top-p, uniform draw", nogil);
+    py::class_<StepModel>(m, "StepModel", "a native model's weights for `step`: the whole forward in one call")
+        .def(py::init<>())
+        .def("add_layer", &add_step_layer, py::arg("kind"), py::arg("mixer_norm"), py::arg("mixer_eps"), py::arg("ffn_norm"),
+             py::arg("ffn_eps"), py::arg("w_in"), py::arg("w_out"), py::arg("qkv"), py::arg("out"), py::arg("filter"), py::arg("tau"))
+        .def("set_head", &set_step_head, py::arg("embed"), py::arg("final_norm"), py::arg("final_eps"), py::arg("lm_head"),
+             py::arg("dct"), py::arg("idct"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("entropy_eps"))
+        .def("step", &step_py, nogil);
     m.def("has_avx2", &cpu_has_avx2);
     m.def("set_scalar", &set_scalar, "force the scalar path (tests: it must give the AVX2 path's bits)");
     m.def("uses_avx2", &use_avx2);

@@ -3,6 +3,9 @@
 
 #include <torch/extension.h>
 
+#include <optional>
+#include <vector>
+
 #include "simd.h"
 
 namespace chiar {
@@ -66,5 +69,58 @@ struct PagedCache {
 // attend each token's query causally over its row's cache; y [n, H hd]. keys_seen[i] = entries token i attended.
 void attend(const torch::Tensor& qkv, const torch::Tensor& rows, const torch::Tensor& positions, int64_t layer, PagedCache& cache,
             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& y, torch::Tensor& keys_seen);
+
+// ---------------------------------------------------------------- ops.cpp: the tensor-level ops (checked, allocating)
+torch::Tensor linear(const torch::Tensor& x, const PackedWeight& w, const std::optional<torch::Tensor>& residual);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps, const PackedWeight& w_in,
+                  const PackedWeight& w_out);
+std::tuple<torch::Tensor, std::vector<int64_t>> route(const torch::Tensor& u, const PackedWeight& dct, double eps, double tau,
+                                                      torch::Tensor& entropy, torch::Tensor& op, int64_t dct_id,
+                                                      int64_t attention_id, int64_t n_ids);
+torch::Tensor gate(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& positions, torch::Tensor& embed_sum,
+                   const torch::Tensor& weight, double bias);
+std::tuple<torch::Tensor, torch::Tensor> attend_py(const torch::Tensor& qkv, const torch::Tensor& rows, const torch::Tensor& positions,
+                                                   int64_t layer, torch::Tensor keys, torch::Tensor values, torch::Tensor tables,
+                                                   torch::Tensor lengths, torch::Tensor free_stack, torch::Tensor free_top,
+                                                   const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor sample(const torch::Tensor& logits, const torch::Tensor& temperature, const torch::Tensor& top_k,
+                     const torch::Tensor& top_p, const torch::Tensor& uniform);
+
+// ---------------------------------------------------------------- step.cpp: a whole forward in one call
+// One layer of a native model: kind 0 = layer 1's gated DCT, 1 = routed DCT / attention (entropy >= tau:
+// attention), 2 = attention. Tensors are the model's own parameters (shared storage).
+struct StepLayer {
+    int64_t kind = 0;
+    torch::Tensor mixer_norm, ffn_norm, filter;  // filter: the DCT layers' spectral filter [d]
+    double mixer_eps = 0, ffn_eps = 0, tau = 0;
+    PackedWeight w_in, w_out, qkv, out;  // qkv / out: the attending layers'
+};
+
+struct StepModel {
+    std::vector<StepLayer> layers;
+    torch::Tensor embed, final_norm, gate_weight;  // gate_weight undefined: no MetaRouter (layer 1 always mixes)
+    double final_eps = 0, gate_bias = 0, entropy_eps = 0;
+    PackedWeight dct, idct, lm_head;
+};
+
+// The cache a step extends (PagedCache) and reads (embed_sum, rotary tables).
+struct StepCache {
+    PagedCache pool;
+    torch::Tensor embed_sum, cos, sin;
+};
+
+struct StepResult {
+    torch::Tensor logits;       // [R, V] at logits_at (every token when undefined)
+    torch::Tensor operator_ids; // [L, n] int8
+    torch::Tensor entropy;      // [L, n] float32, NaN where a layer computes none
+    torch::Tensor keys_seen;    // [L, n] int32
+    std::optional<torch::Tensor> gate;  // [n]
+    torch::Tensor counts;       // [L, 4] int64: tokens per layer and operator id
+    torch::Tensor span_counts;  // [S, L, 4] int64: the same per span of `span_lengths`
+};
+
+StepResult model_step(const StepModel& model, const torch::Tensor& tokens, const torch::Tensor& rows, const torch::Tensor& positions,
+                      const std::optional<torch::Tensor>& logits_at, const std::vector<int64_t>& span_lengths, StepCache& cache);
 
 }  // namespace chiar

@@ -9,9 +9,11 @@ across its steps and prices their sums once, when the request ends (`server.engi
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,6 +59,37 @@ def executed_flops(blocks: Sequence, counts: list[list[list[int]]], pairs: list[
                 flops.per_layer[layer][key] += value
                 per_sequence[b] += value
     return flops, per_sequence
+
+
+class LinearPrice:
+    """Executed FLOPs as one dot product. Pricing is linear in the counts and the attended pairs, so
+    the price of one token per (layer, operator) and of one attended pair per layer is computed once per
+    model, and a table prices without the per-layer Python of `executed_flops` (an engine prices every step)."""
+
+    def __init__(self, blocks: Sequence, gated: bool) -> None:
+        self.per_token = np.zeros((len(blocks), N_OPERATORS))
+        self.per_pair = np.zeros(len(blocks))
+        for layer, block in enumerate(blocks):
+            for op in range(N_OPERATORS):
+                one = [0] * N_OPERATORS
+                one[op] = 1
+                self.per_token[layer, op] = sum(block.executed_flops(one, 0.0, gated).values())
+            self.per_pair[layer] = sum(block.executed_flops([0] * N_OPERATORS, 1.0, gated).values())
+
+    def __call__(self, counts: np.ndarray, pairs: np.ndarray) -> float:
+        """Executed FLOPs (LM head excluded) of counts [L, 4] and pairs [L]."""
+        return float((counts * self.per_token).sum() + (pairs * self.per_pair).sum())
+
+
+_PRICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def linear_price(model: torch.nn.Module) -> LinearPrice:
+    """The model's `LinearPrice` (built on first use; its blocks and gating never change)."""
+    price = _PRICES.get(model)
+    if price is None:
+        price = _PRICES[model] = LinearPrice(model.blocks, model.metarouter is not None)  # type: ignore[attr-defined]
+    return price
 
 
 def dense_flops(d_model: int, d_ff: int, n_layers: int, tokens: float, pairs: float) -> float:

@@ -10,6 +10,7 @@ Two forward paths over one set of weights:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -193,6 +194,23 @@ class ChiarLM(BatchAPI, nn.Module):
         kernels.refresh()
         if not batch.fitted:
             cache.reserve(sum(cache.blocks_needed(batch.spans)))
+        native = kernels.step_model()
+        out = self._step_native(native, batch, cache) if native is not None else self._step_layers(kernels, batch, cache)
+        cache.advance(batch.spans, out.span_counts[:, :, Operator.ATTENTION].tolist())
+        return out
+
+    def _step_native(self, native: object, batch: TokenBatch, cache: PagedKVCache) -> StepOutput:
+        """The whole forward in one native call (csrc/step.cpp): the per-layer path's ops and bits,
+        without the Python between them and with one GIL release instead of one per op."""
+        logits, operator, entropy, keys_seen, gate, counts, span_counts = native.step(  # type: ignore[attr-defined]
+            batch.tokens, batch.rows, batch.positions, batch.logits_at, [n for _, n in batch.spans], cache.keys, cache.values,
+            cache.tables, cache.lengths, cache.free_stack, cache.free_top, cache.embed_sum, self.rope.cos, self.rope.sin)
+        return StepOutput(logits, operator.T, entropy.T, gate, counts.tolist(), keys_seen.T, span_counts.numpy())
+
+    def _step_layers(self, kernels: Kernels, batch: TokenBatch, cache: PagedKVCache) -> StepOutput:
+        """The forward layer by layer through `kernels` (the eager reference, and models the native step does not cover)."""
+        cfg = self.config
+        n = len(batch)
         x = F.embedding(batch.tokens, self.embed.weight)
         gate = None if self.metarouter is None else kernels.gate(self.metarouter, x, batch.rows, batch.positions, cache)
         layers = cfg.n_layers
@@ -204,17 +222,16 @@ class ChiarLM(BatchAPI, nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block.forward_step(x, ctx, layer)
         span_counts = self._span_counts(ctx.operator, batch.spans)
-        cache.advance(batch.spans, [[layer[Operator.ATTENTION] for layer in span] for span in span_counts])
         h = x if batch.logits_at is None else x.index_select(0, batch.logits_at)
         logits = kernels.logits(self, h) if h.shape[0] else x.new_zeros((0, cfg.vocab_size))
         return StepOutput(logits, ctx.operator.T, ctx.entropy.T, gate, ctx.counts, ctx.keys_seen.T, span_counts)
 
     @staticmethod
-    def _span_counts(operator: Tensor, spans: list[tuple[int, int]]) -> list[list[list[int]]]:
+    def _span_counts(operator: Tensor, spans: list[tuple[int, int]]) -> np.ndarray:
         """Tokens per (span, layer, operator id) from operator [L, N]: one bincount, one read."""
         if len(spans) == operator.shape[1]:  # one token per span (decode)
             index = torch.arange(len(spans), device=operator.device)
         else:
             index = torch.repeat_interleave(torch.arange(len(spans), device=operator.device),
                                             torch.tensor([n for _, n in spans], device=operator.device))
-        return routing_counts(operator.T, index, len(spans)).tolist()
+        return routing_counts(operator.T, index, len(spans)).cpu().numpy()

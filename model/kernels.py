@@ -47,6 +47,10 @@ class EagerKernels:
     def freeze(self) -> None:
         pass
 
+    def step_model(self) -> None:
+        """No whole-forward call: the eager forward runs layer by layer."""
+        return None
+
     def rms_norm(self, norm: RMSNorm, x: Tensor) -> Tensor:
         return norm(x)
 
@@ -141,15 +145,45 @@ class NativeKernels:
             if projection is not None:
                 self.packs.add(f"{layer}.router", [projection.weight], lambda p=projection: p.weight)
         self.packs.add("lm_head", [model.lm_head.weight], lambda: model.lm_head.weight)
+        self.whole_step = True  # run a forward in one native call where the model allows it (tests turn it off to compare)
+        self._step_model: object | None = None  # False: the model is not covered
 
     def refresh(self) -> None:
         if not self.frozen:
             self.packs.refresh()
+            self._step_model = None  # weights or thresholds may have changed: rebuilt on the next forward
 
     def freeze(self) -> None:
         """The weights will not change any more (a server): skip the per-forward check for edited weights."""
         self.packs.refresh()
+        self._step_model = None
         self.frozen = True
+
+    def step_model(self) -> object | None:
+        """The model's weights for the whole forward in one native call (csrc/step.cpp), or None where it
+        does not cover the model: a router that reads more than the entropy (three operators)."""
+        if not self.whole_step:
+            return None
+        if self._step_model is None:
+            covered = all(not block.routed or block.router.entropy_threshold() is not None for block in self.model.blocks)
+            self._step_model = self._build_step_model() if covered else False
+        return self._step_model or None
+
+    def _build_step_model(self) -> object:
+        model, packs = self.model, self.packs
+        step = self.native.StepModel()
+        for layer, block in enumerate(model.blocks):
+            kind = 1 if block.routed else 2 if block.has_attention else 0
+            attends = block.has_attention
+            step.add_layer(kind, block.mixer_norm.weight.detach(), block.mixer_norm.eps, block.ffn_norm.weight.detach(),
+                           block.ffn_norm.eps, packs[f"{layer}.w_in"], packs[f"{layer}.w_out"],
+                           packs[f"{layer}.qkv"] if attends else None, packs[f"{layer}.out"] if attends else None,
+                           None if kind == 2 else block.dct_mix.filter.detach(), block.router.entropy_threshold() if block.routed else 0.0)
+        gate = model.metarouter
+        step.set_head(model.embed.weight.detach(), model.final_norm.weight.detach(), model.final_norm.eps, packs["lm_head"],
+                      packs["dct"], packs["idct"], None if gate is None else gate.weight.detach(),
+                      0.0 if gate is None else float(gate.bias.detach()), model.config.entropy_eps)
+        return step
 
     def rms_norm(self, norm: RMSNorm, x: Tensor) -> Tensor:
         return self.native.rms_norm(x, norm.weight.detach(), norm.eps)

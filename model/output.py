@@ -69,7 +69,7 @@ def assemble(model: ChiarLM, out: StepOutput, tokens: list[int], starts: list[in
         full_logits = out.logits.new_zeros((batch, 0, cfg.vocab_size))
     gate = padded(out.gate, float("nan")) if out.gate is not None else torch.full((batch, width), float("nan"), device=device)
     routing = RoutingInfo(padded(out.operator, PAD), padded(out.entropy, float("nan")), gate, torch.tensor(out.counts))
-    counts = out.span_counts  # one span per sequence
+    counts = out.span_counts.tolist()  # one span per sequence
     pairs = attended_pairs(out.keys_seen, seq, batch).tolist()
     flops, per_sequence = executed_flops(model.blocks, counts, pairs, model.metarouter is not None)
     head = fl.lm_head_flops(cfg.d_model, cfg.vocab_size, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -77,4 +78,4 @@ class StepOutput:
     gate: Tensor | None  # [N]
     counts: list[list[int]]  # [L][4]
     keys_seen: Tensor  # [N, L] int32
-    span_counts: list[list[list[int]]]  # [S][L][4]: tokens per operator id of each span (TokenBatch.spans)
+    span_counts: np.ndarray  # [S, L, 4] int64: tokens per operator id of each span (TokenBatch.spans)

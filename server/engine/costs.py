@@ -31,19 +31,19 @@ def account(parts: list[Part], step: StepOutput, result: RunnerOutput, model: to
     (pricing is linear, so the step prices from its sums)."""
     skips = [min(len(p.tokens), max(0, _holder(p).costed - p.start)) for p in parts]  # type: ignore[union-attr]
     counts, pairs = _per_part(parts, skips, step)
-    total = RequestCost()
-    total.add(counts.sum(0), pairs.sum(0), 0, 0, 0)
-    decode = np.zeros(counts.shape[1:], dtype=np.int64)
+    total = RequestCost(counts.sum(0), pairs.sum(0))
+    decode_parts = []
     for k, (part, skip) in enumerate(zip(parts, skips)):
         n = len(part.tokens)
-        total.add(0 * counts[k], 0 * pairs[k], n, part.start, n - part.logits_from)
+        total.add_tokens(n, part.start, n - part.logits_from)
         seq = part.chunk.window.seq if isinstance(part.chunk, ScoreChunk) else 0
         part.job.cost_of(seq).add(counts[k], pairs[k], n - skip, part.start + skip, n - max(part.logits_from, skip))
         holder = _holder(part)
         holder.costed = max(holder.costed, part.start + n)  # type: ignore[union-attr]
         if part.chunk is None:
-            decode += counts[k]
+            decode_parts.append(k)
     assert total.counts is not None
+    decode = counts[decode_parts].sum(0)
     result.counts = [decode.tolist(), (total.counts - decode).tolist()]
     result.executed_flops, result.dense_flops = total.price(model)
 
@@ -55,7 +55,7 @@ def _per_part(parts: list[Part], skips: list[int], step: StepOutput) -> tuple[np
     if not any(skips):  # the usual step: spans are the parts, in order
         sizes = [len(p.tokens) for p in parts]
         index = torch.arange(n) if len(sizes) == len(step.operator) else torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))
-        counts = np.asarray(step.span_counts, dtype=np.int64)
+        counts = step.span_counts
         counts = np.concatenate([counts, np.zeros_like(counts[:1])])
         return counts, attended_pairs(step.keys_seen, index, n + 1).numpy()
     index = torch.cat([torch.tensor([n] * skip + [k] * (len(p.tokens) - skip), dtype=torch.long)

@@ -379,6 +379,7 @@ def cached_outputs(path: list[Node], depth: int, outputs: bool, gated: bool) -> 
 
 
 UNKNOWN = np.array([0.0] + [np.nan] * (1 + 2 * TOP))  # a target whose log-probability nobody computed
+UNKNOWN_ONE = np.broadcast_to(UNKNOWN, (1, UNKNOWN.size))  # a decode token's (read-only, built once: every step has them)
 
 
 def targets_of(done: Processed) -> np.ndarray:
@@ -386,7 +387,7 @@ def targets_of(done: Processed) -> np.ndarray:
     n = len(done.tokens)
     known = min(n, len(done.next_tokens)) - done.logits_from  # positions with logits and a known target
     if done.logp is None or known <= 0:
-        return np.broadcast_to(UNKNOWN, (n, UNKNOWN.size))
+        return UNKNOWN_ONE if n == 1 else np.broadcast_to(UNKNOWN, (n, UNKNOWN.size))
     out = np.tile(UNKNOWN, (n, 1))
     logp = done.logp()[:known]
     targets = torch.tensor(done.next_tokens[done.logits_from: done.logits_from + known])

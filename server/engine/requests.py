@@ -43,6 +43,10 @@ class RequestCost:
         else:
             self.counts += counts
             self.pairs += pairs
+        self.add_tokens(tokens, start, heads)
+
+    def add_tokens(self, tokens: int, start: int, heads: int) -> None:
+        """The token totals of `add` alone (a step's sum has its tables already)."""
         self.tokens += tokens
         self.dense_pairs += tokens * start + tokens * (tokens + 1) / 2
         self.heads += heads
@@ -50,13 +54,13 @@ class RequestCost:
     def price(self, model: Any) -> tuple[float, float]:
         """(executed, dense-equivalent) FLOPs, the LM head included."""
         from model import flops as fl  # here, not at the top: the scheduler imports this module without torch
-        from model.accounting import dense_flops, executed_flops
+        from model.accounting import dense_flops, linear_price
 
         cfg = model.config
         head = fl.lm_head_flops(cfg.d_model, cfg.vocab_size, self.heads)
         if self.counts is None or self.pairs is None:
             return head, head
-        _, (executed,) = executed_flops(model.blocks, [self.counts.tolist()], [self.pairs.tolist()], model.metarouter is not None)
+        executed = linear_price(model)(self.counts, self.pairs)
         return executed + head, dense_flops(cfg.d_model, cfg.d_ff, cfg.n_layers, self.tokens, self.dense_pairs) + head
 
 

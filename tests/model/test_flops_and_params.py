@@ -1,8 +1,13 @@
 import itertools
 
+import numpy as np
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model import ChiarConfig, ChiarLM
+from model.accounting import executed_flops, linear_price
 from model.generate import generate
 from model.kv_cache import DecodeState
 from tests.model.helpers import make_model, tiny_config
@@ -125,3 +130,16 @@ def test_per_sequence_flops_sum_to_total_and_ignore_batch_neighbours() -> None:
             alone_step = model.decode_step(torch.tensor([b + 1]), alone_state)
             assert alone_step.flops.per_sequence_executed == [step.flops.per_sequence_executed[b]]
             assert alone_step.flops.per_sequence_dense == [step.flops.per_sequence_dense[b]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(arch=st.sampled_from(["chiar", "baseline"]), metarouter=st.booleans(), three=st.booleans(),
+       counts=st.lists(st.integers(0, 10_000), min_size=4 * 4, max_size=4 * 4),
+       pairs=st.lists(st.floats(0, 1e7), min_size=4, max_size=4))
+def test_the_linear_price_is_the_per_layer_price(arch: str, metarouter: bool, three: bool, counts: list[int], pairs: list[float]) -> None:
+    """The engine prices every step with one dot product; it must be `executed_flops` to rounding."""
+    operators = ("dct", "rbf", "attention") if three else ("dct", "attention")
+    model = ChiarLM(tiny_config(arch=arch, metarouter=metarouter, operators=operators))
+    table = np.array(counts).reshape(4, 4)
+    _, (expected,) = executed_flops(model.blocks, [table.tolist()], [pairs], model.metarouter is not None)
+    assert linear_price(model)(table, np.array(pairs)) == pytest.approx(expected, rel=1e-12, abs=1e-6)
