@@ -49,14 +49,12 @@ void add_step_layer(StepModel& m, int64_t kind, const torch::Tensor& mixer_norm,
 }
 
 void set_step_head(StepModel& m, const torch::Tensor& embed, const torch::Tensor& final_norm, double final_eps, const PackedWeight& lm_head,
-                   const PackedWeight& dct, const PackedWeight& idct, const std::optional<torch::Tensor>& gate_weight, double gate_bias,
-                   double entropy_eps) {
+                   const SplitDct& dct, const std::optional<torch::Tensor>& gate_weight, double gate_bias, double entropy_eps) {
     m.embed = embed;
     m.final_norm = final_norm.contiguous();
     m.final_eps = final_eps;
     m.lm_head = lm_head;
     m.dct = dct;
-    m.idct = idct;
     m.gate_weight = gate_weight.has_value() ? gate_weight->contiguous() : torch::Tensor();
     m.gate_bias = gate_bias;
     m.entropy_eps = entropy_eps;
@@ -88,6 +86,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def_readonly("bf16", &PackedWeight::bf16);
     auto nogil = py::call_guard<py::gil_scoped_release>();
     m.def("pack", &pack_weight, "pack a [N, K] weight into 16-column panels", py::arg("weight"), py::arg("bf16"), nogil);
+    py::class_<SplitDct>(m, "SplitDct", "the DCT-II through its even/odd split: E, O and their transposes, each [d/2, d/2]")
+        .def(py::init([](const PackedWeight& even, const PackedWeight& odd, const PackedWeight& even_t, const PackedWeight& odd_t) {
+                 return SplitDct{even, odd, even_t, odd_t};
+             }),
+             py::arg("even"), py::arg("odd"), py::arg("even_t"), py::arg("odd_t"));
+    m.def("dct", &dct_split, "DCT-II coefficients of each row", py::arg("u"), py::arg("dct"), nogil);
+    m.def("idct", &idct_split, "residual + IDCT(filter * coefficients) of each row", py::arg("coefficients"), py::arg("filter"),
+          py::arg("dct"), py::arg("residual"), nogil);
     m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("residual") = std::nullopt, nogil);
     m.def("rms_norm", &rms_norm, nogil);
     m.def("ffn", &ffn, nogil);
@@ -100,7 +106,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("add_layer", &add_step_layer, py::arg("kind"), py::arg("mixer_norm"), py::arg("mixer_eps"), py::arg("ffn_norm"),
              py::arg("ffn_eps"), py::arg("w_in"), py::arg("w_out"), py::arg("qkv"), py::arg("out"), py::arg("filter"), py::arg("tau"))
         .def("set_head", &set_step_head, py::arg("embed"), py::arg("final_norm"), py::arg("final_eps"), py::arg("lm_head"),
-             py::arg("dct"), py::arg("idct"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("entropy_eps"))
+             py::arg("dct"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("entropy_eps"))
         .def("step", &step_py, nogil);
     m.def("has_avx2", &cpu_has_avx2);
     m.def("set_scalar", &set_scalar, "force the scalar path (tests: it must give the AVX2 path's bits)");

@@ -71,11 +71,22 @@ void attend(const torch::Tensor& qkv, const torch::Tensor& rows, const torch::Te
             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& y, torch::Tensor& keys_seen);
 
 // ---------------------------------------------------------------- ops.cpp: the tensor-level ops (checked, allocating)
+// The orthonormal DCT-II of width d = 2h through its even/odd split: C[k][d-1-n] = (-1)^k C[k][n], so the
+// even coefficients are E s and the odd ones O a, with s[n] = x[n] + x[d-1-n] and a[n] = x[n] - x[d-1-n]
+// (n < h): two h x h matrices read instead of one d x d, half the bytes and half the multiply-adds.
+struct SplitDct {
+    PackedWeight even, odd;      // E[j][n] = C[2j][n], O[j][n] = C[2j+1][n]
+    PackedWeight even_t, odd_t;  // E^T and O^T: the inverse
+};
+// coefficients [M, d] of the rows of u
+torch::Tensor dct_split(const torch::Tensor& u, const SplitDct& dct);
+// residual + IDCT(filter * coefficients), per row
+torch::Tensor idct_split(const torch::Tensor& coef, const torch::Tensor& filter, const SplitDct& dct, const torch::Tensor& residual);
 torch::Tensor linear(const torch::Tensor& x, const PackedWeight& w, const std::optional<torch::Tensor>& residual);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps, const PackedWeight& w_in,
                   const PackedWeight& w_out);
-std::tuple<torch::Tensor, std::vector<int64_t>> route(const torch::Tensor& u, const PackedWeight& dct, double eps, double tau,
+std::tuple<torch::Tensor, std::vector<int64_t>> route(const torch::Tensor& u, const SplitDct& dct, double eps, double tau,
                                                       torch::Tensor& entropy, torch::Tensor& op, int64_t dct_id,
                                                       int64_t attention_id, int64_t n_ids);
 torch::Tensor gate(const torch::Tensor& x, const torch::Tensor& rows, const torch::Tensor& positions, torch::Tensor& embed_sum,
@@ -101,7 +112,8 @@ struct StepModel {
     std::vector<StepLayer> layers;
     torch::Tensor embed, final_norm, gate_weight;  // gate_weight undefined: no MetaRouter (layer 1 always mixes)
     double final_eps = 0, gate_bias = 0, entropy_eps = 0;
-    PackedWeight dct, idct, lm_head;
+    PackedWeight lm_head;
+    SplitDct dct;
 };
 
 // The cache a step extends (PagedCache) and reads (embed_sum, rotary tables).

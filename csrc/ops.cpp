@@ -59,17 +59,79 @@ torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& norm_weight, doub
     return y;
 }
 
+torch::Tensor dct_split(const torch::Tensor& u, const SplitDct& t) {
+    const int64_t M = u.size(0), h = t.even.K, d = 2 * h;
+    TORCH_CHECK(t.even.N == h && t.odd.N == h && t.odd.K == h, "dct: the split matrices must be [d/2, d/2]");
+    check_rows(u, d, "dct: u");
+    auto buf = torch::empty({4, M, h}, u.options());  // s, a, then E s, O a
+    float* s = buf.data_ptr<float>();
+    float* a = s + M * h;
+    float* e = a + M * h;
+    float* o = e + M * h;
+    const float* x = u.data_ptr<float>();
+    const int64_t ldx = u.stride(0);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < h; ++n) {
+            const float lo = x[m * ldx + n], hi = x[m * ldx + d - 1 - n];
+            s[m * h + n] = lo + hi;
+            a[m * h + n] = lo - hi;
+        }
+    linear_into(t.even, s, M, h, e, h, nullptr, 0);
+    linear_into(t.odd, a, M, h, o, h, nullptr, 0);
+    auto coef = torch::empty({M, d}, u.options());
+    float* c = coef.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < h; ++j) {
+            c[m * d + 2 * j] = e[m * h + j];
+            c[m * d + 2 * j + 1] = o[m * h + j];
+        }
+    return coef;
+}
+
+torch::Tensor idct_split(const torch::Tensor& coef, const torch::Tensor& filter, const SplitDct& t, const torch::Tensor& residual) {
+    const int64_t M = coef.size(0), h = t.even_t.K, d = 2 * h;
+    TORCH_CHECK(t.even_t.N == h && t.odd_t.N == h && t.odd_t.K == h, "idct: the split matrices must be [d/2, d/2]");
+    check_rows(coef, d, "idct: coefficients");
+    check_rows(residual, d, "idct: residual");
+    TORCH_CHECK(residual.size(0) == M, "idct: residual rows ", residual.size(0), " != ", M);
+    TORCH_CHECK(filter.numel() == d && filter.scalar_type() == torch::kFloat32, "idct: filter must be float32 [", d, "]");
+    auto w = filter.contiguous();
+    const float* f = w.data_ptr<float>();
+    auto buf = torch::empty({4, M, h}, coef.options());  // filtered even and odd coefficients, then E^T ce, O^T co
+    float* ce = buf.data_ptr<float>();
+    float* co = ce + M * h;
+    float* e = co + M * h;
+    float* o = e + M * h;
+    const float* c = coef.data_ptr<float>();
+    const int64_t ldc = coef.stride(0);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < h; ++j) {
+            ce[m * h + j] = c[m * ldc + 2 * j] * f[2 * j];
+            co[m * h + j] = c[m * ldc + 2 * j + 1] * f[2 * j + 1];
+        }
+    linear_into(t.even_t, ce, M, h, e, h, nullptr, 0);
+    linear_into(t.odd_t, co, M, h, o, h, nullptr, 0);
+    auto y = torch::empty({M, d}, coef.options());
+    float* out = y.data_ptr<float>();
+    const float* r = residual.data_ptr<float>();
+    const int64_t ldr = residual.stride(0);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < h; ++n) {
+            out[m * d + n] = r[m * ldr + n] + (e[m * h + n] + o[m * h + n]);
+            out[m * d + d - 1 - n] = r[m * ldr + d - 1 - n] + (e[m * h + n] - o[m * h + n]);
+        }
+    return y;
+}
+
 // DCT coefficients and spectral entropy of u; with a finite tau also the decision (attention id where
 // entropy >= tau, else dct id) into `op` and the count per operator id.
-std::tuple<torch::Tensor, std::vector<int64_t>> route(const torch::Tensor& u, const PackedWeight& dct, double eps, double tau,
+std::tuple<torch::Tensor, std::vector<int64_t>> route(const torch::Tensor& u, const SplitDct& dct, double eps, double tau,
                                                       torch::Tensor& entropy, torch::Tensor& op, int64_t dct_id,
                                                       int64_t attention_id, int64_t n_ids) {
-    check_rows(u, dct.K, "route: u");
     const int64_t M = u.size(0);
     TORCH_CHECK(entropy.is_contiguous() && entropy.numel() == M && entropy.scalar_type() == torch::kFloat32, "route: entropy out");
-    auto coef = torch::empty({M, dct.N}, u.options());
-    linear_into(dct, u.data_ptr<float>(), M, u.stride(0), coef.data_ptr<float>(), dct.N, nullptr, 0);
-    entropy_into(coef.data_ptr<float>(), M, dct.N, static_cast<float>(eps), entropy.data_ptr<float>());
+    auto coef = dct_split(u, dct);
+    entropy_into(coef.data_ptr<float>(), M, coef.size(1), static_cast<float>(eps), entropy.data_ptr<float>());
     std::vector<int64_t> counts(n_ids, 0);
     if (std::isfinite(tau)) {
         TORCH_CHECK(op.is_contiguous() && op.numel() == M && op.scalar_type() == torch::kInt8, "route: op out");

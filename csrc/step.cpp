@@ -21,7 +21,7 @@ struct Tokens {
 
 // residual + DCT mixing of tokens whose coefficients are given: IDCT(filter * c), one matmul
 torch::Tensor dct_mix(const StepModel& m, const StepLayer& l, const torch::Tensor& coefficients, const torch::Tensor& residual) {
-    return linear(coefficients * l.filter, m.idct, residual);
+    return idct_split(coefficients, l.filter, m.dct, residual);
 }
 
 // residual + attention of u (appended to its rows' caches first); the entries each token attended
@@ -37,7 +37,7 @@ std::tuple<torch::Tensor, torch::Tensor> attention(const StepLayer& l, int64_t l
 torch::Tensor gated_layer(const StepModel& m, const StepLayer& l, const torch::Tensor& u, const torch::Tensor& x,
                           const std::optional<torch::Tensor>& gate_values, torch::Tensor op, int64_t* counts) {
     const int64_t n = x.size(0);
-    auto mix = [&](const torch::Tensor& uu, const torch::Tensor& xx) { return dct_mix(m, l, linear(uu, m.dct, std::nullopt), xx); };
+    auto mix = [&](const torch::Tensor& uu, const torch::Tensor& xx) { return dct_mix(m, l, dct_split(uu, m.dct), xx); };
     if (!gate_values.has_value()) {
         op.fill_(DCT);
         counts[DCT] = n;
