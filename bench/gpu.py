@@ -112,8 +112,13 @@ def server_smoke(checkpoint: Path | None, log_dir: Path, device: str = "cuda") -
 
 # ------------------------------------------------------------------------ 3. layer timings
 def block_times(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> tuple[dict[int, float], float]:
-    """Median ms of each block (timed around Block.forward_step inside model.infer) and of the whole forward."""
+    """Median ms of each block (timed around Block.forward_step inside model.infer) and of the whole forward.
+    Blocks have no boundaries inside the native whole-forward call, so it runs layer by layer here."""
     cuda = ids.device.type == "cuda"
+    kernels = model.kernels
+    whole_step = getattr(kernels, "whole_step", None)
+    if whole_step is not None:
+        kernels.whole_step = False
     marks: list[tuple[int, Any, Any]] = []
 
     def clock() -> Any:
@@ -156,6 +161,8 @@ def block_times(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> tupl
     finally:
         for block in model.blocks:
             del block.forward_step
+        if whole_step is not None:
+            kernels.whole_step = whole_step
     return {i: statistics.median(v) for i, v in per_block.items()}, statistics.median(whole)
 
 

@@ -36,6 +36,7 @@ def test_block_times_covers_every_block_and_restores_the_model() -> None:
     assert sorted(per_block) == [0, 1, 2, 3] and all(ms > 0 for ms in per_block.values())
     assert whole >= sum(per_block.values())
     assert all("forward_step" not in vars(block) for block in model.blocks)  # the timing wrappers are gone
+    assert getattr(model.kernels, "whole_step", True)  # the native whole-forward call is back on
 
 
 def test_the_server_smoke_test_passes_on_a_real_server(tiny_checkpoint: Path, tmp_path: Path) -> None:
