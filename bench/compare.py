@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from bench import llamacpp
-from bench.load import Sample, closed_loop, completion_once, model_id
+from bench.load import Sample, closed_loop, closed_loop_for, completion_once, model_id
 from bench.peers import LlamaCppServer, TransformersServe, same_size_llama
 from loadtests.rss import RssSampler
 from loadtests.server_process import LoopbackProcess, ServerProcess
@@ -36,6 +36,7 @@ class Workload:
     levels: list[int]
     requests_per_client: int
     min_requests: int
+    min_seconds: float = 0.0  # a level shorter than this is measured again, longer (load.closed_loop_for)
 
 
 @dataclass
@@ -70,7 +71,7 @@ def measure(name: str, server: LoopbackProcess, work: Workload, levels: list[int
         rss = RssSampler(server.pid, interval=0.2, tree=True)
         rss.start()
         try:
-            row = {"server": name, **asyncio.run(closed_loop(server.url, clients, per_client, one))}
+            row = {"server": name, **asyncio.run(closed_loop_for(server.url, clients, per_client, one, work.min_seconds))}
         finally:
             rss.stop()
         row_peak = row["peak_rss_mib"] = rss.peak

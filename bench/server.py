@@ -36,7 +36,7 @@ import httpx
 
 from bench import compare, server_long
 from bench.checkpoints import random_checkpoints
-from bench.load import Sample, closed_loop, generate_once, perplexity_once, summarise
+from bench.load import Sample, closed_loop_for, generate_once, perplexity_once, summarise
 from bench.report import fmt, machine_line, median_seconds, relative, write_section
 from loadtests.server_process import ROOT, ServerProcess
 
@@ -61,7 +61,8 @@ def bench_server(name: str, checkpoint: Path, prompts: list[str], texts: list[st
                 return await perplexity_once(client, texts[i % len(texts)])
 
             for workload, make in (("generate", gen), ("perplexity", ppl)):
-                row = {"model": name, "workload": workload, **asyncio.run(closed_loop(server.url, clients, per_client, make))}
+                row = {"model": name, "workload": workload,
+                       **asyncio.run(closed_loop_for(server.url, clients, per_client, make, args.min_seconds))}
                 rows.append(row)
                 print(f"{name:>9} {workload:>10} c={clients:<3} {row['req_per_s']:7.2f} req/s {row['tokens_per_s']:9.1f} tok/s "
                       f"p50 {row['lat_p50']:8.1f} ms p95 {row['lat_p95']:8.1f} ms ttft p50 {row['ttft_p50']:7.1f} ms", flush=True)
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-requests", type=int, default=16, help="at least this many requests per level")
+    p.add_argument("--min-seconds", type=float, default=2.0, help="a level that took less is measured again, about this long")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--hf-requests", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (servers and HF loop); default: torch's choice")
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     server_long.add_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
-        args.clients, args.requests_per_client, args.min_requests, args.hf_requests = [1, 2], 2, 4, 4
+        args.clients, args.requests_per_client, args.min_requests, args.hf_requests, args.min_seconds = [1, 2], 2, 4, 4, 0.0
         server_long.quick(args)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
@@ -311,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         levels=args.clients,
         requests_per_client=args.requests_per_client,
         min_requests=args.min_requests,
+        min_seconds=args.min_seconds,
     )
     peers = None
     if not args.no_peers or args.peers_only:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import compare
-from bench.load import closed_loop, completion_once, model_id
+from bench.load import Sample, closed_loop, closed_loop_for, completion_once, model_id
 from bench.report import percentile, write_section
 from loadtests.rss import RssSampler
 from loadtests.server_process import ROOT, ServerProcess
@@ -33,6 +33,17 @@ def test_percentile_interpolates() -> None:
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert percentile([0.0, 10.0], 0.95) == pytest.approx(9.5)
     assert percentile([], 0.5) != percentile([], 0.5)  # NaN
+
+
+def test_a_level_too_short_to_measure_is_measured_again_longer() -> None:
+    async def one(client: object, i: int) -> Sample:
+        await asyncio.sleep(0.01)
+        return Sample(latency=0.01, ttft=float("nan"), tokens=1)
+
+    quick = asyncio.run(closed_loop_for("http://127.0.0.1:9", 2, 1, one, min_seconds=0.0))
+    assert quick["requests"] == 2
+    row = asyncio.run(closed_loop_for("http://127.0.0.1:9", 2, 1, one, min_seconds=0.3))
+    assert row["requests"] > 2 * 10 and row["wall_s"] >= 0.2  # the reported pass is the longer one
 
 
 def test_model_package_does_not_import_transformers() -> None:
