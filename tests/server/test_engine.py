@@ -104,10 +104,18 @@ def test_generation_keeps_streaming_during_a_scoring_flood(long_checkpoint: Path
                         tokens += json.loads(line[6:])["token_ids"]
             return tokens
 
+        def scoring_steps() -> float:
+            return metric(scrape(proc.url), "chiar_steps_total", generation="false", scoring="true")
+
         with ThreadPoolExecutor(7) as pool:
-            streamed = pool.submit(stream)
-            time.sleep(0.2)
+            # the flood first, the stream once scoring runs: a fast engine can finish a 200-token stream
+            # before a flood sent after it has begun, and then they would share no step
+            scored_before = scoring_steps()
             flood = [pool.submit(httpx.post, proc.url + "/v1/perplexity", json={"text": text}, timeout=120) for _ in range(6)]
+            deadline = time.perf_counter() + 60
+            while scoring_steps() == scored_before and time.perf_counter() < deadline:
+                time.sleep(0.002)
+            streamed = pool.submit(stream)
             results = [f.result() for f in flood]
             tokens = streamed.result()
         after = scrape(proc.url)
